@@ -1,0 +1,823 @@
+#!/usr/bin/env python3
+"""relaygate's submission benchmark (what ``make bench`` runs).
+
+Starts relaygate from a throw-away configuration (temporary directory, two
+loopback listeners on free ports, capture delivery), creates the bench users
+with the ``relaygate user add`` command, runs the scenarios with
+``bench/loadgen.py`` and reports, per scenario: messages per second, latency and
+the server's CPU time per accepted message, measured two ways:
+
+* process: utime + stime (+ reaped children) of the server's process tree,
+  read from /proc/<pid>/stat before and after the run;
+* machine: busy CPU of the whole machine from /proc/stat, minus the load
+  generator's own CPU (its ``client_cpu_s``).
+
+With ``--compare-postfix`` the same scenarios also run, interleaved in the same
+run, against Postfix + Dovecot on 127.0.0.1:11587 (``bench/postfix/``), and the
+ratios relaygate / Postfix are reported.  Results go to the terminal and to
+``bench/results/<timestamp>.json``.  All traffic stays on the loopback interface.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+LOADGEN = BENCH_DIR / "loadgen.py"
+POSTFIX_DIR = BENCH_DIR / "postfix"
+RESULTS_DIR = BENCH_DIR / "results"
+POSTFIX_ROOT = Path(os.environ.get("BENCH_PF_ROOT", "/var/lib/relaygate-bench-postfix"))
+POSTFIX_PORT = 11587
+USER_PATTERN = "user{i}@example.test"
+PASSWORD_PATTERN = "pw-user{i}-bench"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+# name -> (concurrency, messages per connection, what it shows)
+SCENARIOS: dict[str, tuple[int, int, str]] = {
+    "a": (20, 50, "sustained: 20 connections, 50 messages each"),
+    "b": (20, 1, "one message per connection, incl. TLS + AUTH"),
+}
+
+
+class BenchError(Exception):
+    """Something stopped the benchmark; the message says what."""
+
+
+# ---------------------------------------------------------------- /proc readings
+
+
+def parse_proc_stat(text: str) -> tuple[int, int]:
+    """(ppid, utime+stime+cutime+cstime in clock ticks) from a /proc/<pid>/stat line.
+
+    The command name (field 2) may contain spaces and parentheses, so fields
+    are counted from the last ')'.
+    """
+    rest = text[text.rindex(")") + 2 :].split()
+    # rest[0] is field 3 (state); field n is rest[n - 3].
+    ppid = int(rest[1])
+    ticks = int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14])
+    return ppid, ticks
+
+
+def read_processes(proc: Path = Path("/proc")) -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, CPU ticks incl. reaped children) for every live process."""
+    table: dict[int, tuple[int, int]] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            table[int(entry.name)] = parse_proc_stat((entry / "stat").read_text())
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+    return table
+
+
+def tree_members(table: dict[int, tuple[int, int]], roots: Sequence[int]) -> set[int]:
+    """The roots and all their live descendants."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    members: set[int] = set()
+    pending = [pid for pid in roots if pid in table]
+    while pending:
+        pid = pending.pop()
+        if pid in members:
+            continue
+        members.add(pid)
+        pending.extend(children.get(pid, ()))
+    return members
+
+
+def tree_cpu_seconds(roots: Sequence[int], proc: Path = Path("/proc")) -> float:
+    """CPU seconds used so far by the process trees under ``roots``.
+
+    A live process's own time plus the time of children it has reaped: a worker
+    that exits during the run moves its time into its parent's cutime/cstime,
+    so the total stays right as long as the roots themselves live.
+    """
+    table = read_processes(proc)
+    return sum(table[pid][1] for pid in tree_members(table, roots)) / CLOCK_TICKS
+
+
+def parse_machine_busy(text: str) -> float:
+    """Busy CPU seconds (all cores) from /proc/stat: everything but idle and iowait."""
+    for line in text.splitlines():
+        if line.startswith("cpu "):
+            values = [int(v) for v in line.split()[1:]]
+            user, nice, system, _idle, _iowait, irq, softirq = values[:7]
+            steal = values[7] if len(values) > 7 else 0
+            return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+    raise ValueError("no 'cpu' line in /proc/stat")
+
+
+def machine_busy_seconds() -> float:
+    return parse_machine_busy(Path("/proc/stat").read_text())
+
+
+def listening_pids(port: int, proc: Path = Path("/proc")) -> list[int]:
+    """Pids holding a listening TCP socket on ``port`` (any local address)."""
+    inodes: set[str] = set()
+    for table in ("net/tcp", "net/tcp6"):
+        try:
+            lines = (proc / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if (
+                len(fields) > 9
+                and fields[3] == "0A"
+                and int(fields[1].rsplit(":", 1)[1], 16) == port
+            ):
+                inodes.add(fields[9])
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    pids: list[int] = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                if os.readlink(fd) in wanted:
+                    pids.append(int(entry.name))
+                    break
+        except OSError:
+            continue
+    return pids
+
+
+def topmost_same_program(pid: int, proc: Path = Path("/proc")) -> int:
+    """Walk up from ``pid`` while the parent runs the same kind of program."""
+
+    def cmdline(p: int) -> str:
+        try:
+            return (proc / str(p) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            return ""
+
+    own = cmdline(pid)
+    marker = "relaygate" if "relaygate" in own else own.split(" ", 1)[0]
+    current = pid
+    for _ in range(64):
+        try:
+            ppid = parse_proc_stat((proc / str(current) / "stat").read_text())[0]
+        except (OSError, ValueError, IndexError):
+            break
+        if ppid <= 1 or not marker or marker not in cmdline(ppid):
+            break
+        current = ppid
+    return current
+
+
+def read_pid_file(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_accepts(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def ratio(ours: float | None, theirs: float | None) -> float | None:
+    if ours is None or theirs is None or theirs == 0:
+        return None
+    return round(ours / theirs, 3)
+
+
+@dataclass
+class Target:
+    """A server under test: where it listens and which process trees are its."""
+
+    name: str
+    port: int
+    mode: str
+    roots: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Measurement:
+    target: str
+    scenario: str
+    ok: bool
+    error: str = ""
+    load: dict[str, Any] = field(default_factory=dict)
+    wall_s: float = 0.0
+    server_cpu_s: float = 0.0
+    machine_busy_s: float = 0.0
+
+    @property
+    def accepted(self) -> int:
+        return int(self.load.get("accepted", 0))
+
+    def cpu_ms_per_msg_process(self) -> float | None:
+        if not self.ok or self.accepted == 0:
+            return None
+        return round(self.server_cpu_s / self.accepted * 1000, 3)
+
+    def cpu_ms_per_msg_machine(self) -> float | None:
+        if not self.ok or self.accepted == 0:
+            return None
+        server = self.machine_busy_s - float(self.load.get("client_cpu_s", 0.0))
+        return round(server / self.accepted * 1000, 3)
+
+    def figures(self) -> dict[str, Any]:
+        latency = self.load.get("latency", {})
+        message = latency.get("message", {})
+        connection = latency.get("connection", {})
+        return {
+            "msgs_per_s": self.load.get("msgs_per_s"),
+            "accepted": self.accepted,
+            "failed": self.load.get("failed", {}),
+            "msg_p50_ms": message.get("p50_ms"),
+            "msg_p99_ms": message.get("p99_ms"),
+            "conn_p50_ms": connection.get("p50_ms"),
+            "conn_p99_ms": connection.get("p99_ms"),
+            "server_cpu_ms_per_msg_process": self.cpu_ms_per_msg_process(),
+            "server_cpu_ms_per_msg_machine": self.cpu_ms_per_msg_machine(),
+            "server_cpu_s": round(self.server_cpu_s, 3),
+            "machine_busy_s": round(self.machine_busy_s, 3),
+            "client_cpu_s": self.load.get("client_cpu_s"),
+            "wall_s": round(self.wall_s, 3),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "scenario": self.scenario,
+            "ok": self.ok,
+            "error": self.error,
+            "figures": self.figures(),
+            "loadgen": self.load,
+        }
+
+
+# ---------------------------------------------------------------- relaygate
+
+
+class RelaygateServer:
+    """relaygate started from a temporary configuration, stopped with SIGTERM."""
+
+    def __init__(self, python: str, workers: int, users: int, log_level: str) -> None:
+        self.python = python
+        self.workers = workers
+        self.users = users
+        self.log_level = log_level
+        self.tmp = Path(tempfile.mkdtemp(prefix="relaygate-bench-"))
+        self.config = self.tmp / "relaygate.toml"
+        self.log_file = self.tmp / "relaygate.log"
+        self.output_file = self.tmp / "serve-output.log"
+        self.starttls_port = free_port()
+        self.implicit_port = free_port()
+        while self.implicit_port == self.starttls_port:
+            self.implicit_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.exit_code: int | None = None
+
+    def write_config(self) -> None:
+        self.config.write_text(
+            "# written by bench/run.py\n"
+            "[server]\n"
+            'hostname = "bench.relaygate.test"\n'
+            f'data_dir = "{self.tmp / "data"}"\n'
+            f"workers = {self.workers}\n\n"
+            "[[listeners]]\n"
+            f'address = "127.0.0.1:{self.starttls_port}"\n'
+            'tls = "starttls"\n\n'
+            "[[listeners]]\n"
+            f'address = "127.0.0.1:{self.implicit_port}"\n'
+            'tls = "implicit"\n\n'
+            "[delivery]\n"
+            'mode = "capture"\n\n'
+            "[log]\n"
+            f'level = "{self.log_level}"\n'
+            f'file = "{self.log_file}"\n',
+            encoding="utf-8",
+        )
+
+    def cli(self, *args: str) -> list[str]:
+        return [self.python, "-m", "relaygate", "--config", str(self.config), *args]
+
+    def _add_user(self, i: int) -> str:
+        address = USER_PATTERN.format(i=i)
+        done = subprocess.run(
+            self.cli("user", "add", address, "--password-stdin", "--sender", address),
+            input=PASSWORD_PATTERN.format(i=i) + "\n",
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            return f"user add {address}: exit {done.returncode}: {done.stderr.strip()[-300:]}"
+        return ""
+
+    def create_users(self) -> None:
+        # The first one alone (it creates the database), then the rest in parallel.
+        problems = [self._add_user(1)]
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            problems += list(pool.map(self._add_user, range(2, self.users + 1)))
+        problems = [p for p in problems if p]
+        if problems:
+            raise BenchError("creating users failed:\n  " + "\n  ".join(problems[:5]))
+
+    def start(self, timeout: float = 60.0) -> None:
+        with self.output_file.open("wb") as output:
+            self.process = subprocess.Popen(
+                self.cli("serve"),
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        limit = time.monotonic() + timeout
+        while time.monotonic() < limit:
+            if self.process.poll() is not None:
+                raise BenchError(
+                    f"relaygate serve exited with {self.process.returncode} while starting:\n"
+                    + self.tail_output()
+                )
+            if port_accepts(self.starttls_port) and port_accepts(self.implicit_port):
+                return
+            time.sleep(0.1)
+        raise BenchError(f"relaygate did not open its ports within {timeout:g} s")
+
+    def stop(self, timeout: float = 30.0) -> str:
+        """SIGTERM, wait; returns a problem description or ''."""
+        if self.process is None:
+            return ""
+        process, self.process = self.process, None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            self.exit_code = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            self.exit_code = process.wait(timeout=10)
+            return f"relaygate did not exit within {timeout:g} s of SIGTERM (killed)"
+        if self.exit_code != 0:
+            return f"relaygate exited with {self.exit_code} after SIGTERM"
+        return ""
+
+    def tail_output(self, lines: int = 15) -> str:
+        try:
+            text = self.output_file.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def log_problems(self, limit: int = 20) -> list[str]:
+        """Lines of the server's log and output that look like trouble."""
+        pattern = re.compile(r"\b(error|critical|traceback|exception)\b", re.IGNORECASE)
+        found: list[str] = []
+        for path in (self.log_file, self.output_file):
+            try:
+                with path.open(errors="replace") as handle:
+                    for line in handle:
+                        if pattern.search(line):
+                            found.append(line.rstrip()[:300])
+                            if len(found) >= limit:
+                                return found
+            except OSError:
+                continue
+        return found
+
+    def version(self) -> str:
+        done = subprocess.run(
+            [self.python, "-c", "import importlib.metadata as m; print(m.version('relaygate'))"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        return done.stdout.strip() or "unknown"
+
+    def cleanup(self, keep: bool) -> None:
+        if keep:
+            print(f"kept {self.tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- postfix
+
+
+class PostfixServer:
+    """Postfix + Dovecot from bench/postfix/, started here if not yet running."""
+
+    def __init__(self) -> None:
+        self.started_here = False
+
+    def _script(self, name: str, timeout: float) -> None:
+        done = subprocess.run(
+            ["bash", str(POSTFIX_DIR / name)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise BenchError(
+                f"bench/postfix/{name} failed ({done.returncode}):\n{done.stderr[-1500:]}"
+            )
+
+    def roots(self) -> list[int]:
+        pids = [
+            read_pid_file(POSTFIX_ROOT / "postfix-queue" / "pid" / "master.pid"),
+            read_pid_file(POSTFIX_ROOT / "dovecot" / "run" / "master.pid"),
+        ]
+        return [pid for pid in pids if pid is not None and Path(f"/proc/{pid}").exists()]
+
+    def start(self) -> None:
+        if port_accepts(POSTFIX_PORT) and len(self.roots()) == 2:
+            return
+        if os.geteuid() != 0:
+            raise BenchError("--compare-postfix needs root (it installs and runs Postfix)")
+        self._script("setup.sh", 1800)
+        self._script("start.sh", 120)
+        self.started_here = True
+        if len(self.roots()) != 2:
+            raise BenchError("Postfix or Dovecot is not running after start.sh")
+
+    def stop(self) -> str:
+        if not self.started_here:
+            return ""
+        try:
+            self._script("stop.sh", 90)
+        except (BenchError, subprocess.TimeoutExpired) as exc:
+            return str(exc)
+        return ""
+
+    @staticmethod
+    def version() -> str:
+        try:
+            done = subprocess.run(
+                ["postconf", "-d", "-h", "mail_version"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        except OSError:
+            return "unknown"
+        return done.stdout.strip() or "unknown"
+
+
+# ---------------------------------------------------------------- running
+
+
+def loadgen_command(
+    args: argparse.Namespace, target: Target, scenario: str, duration: float
+) -> list[str]:
+    concurrency, messages, _ = SCENARIOS[scenario]
+    command = [
+        args.python,
+        str(LOADGEN),
+        "--json",
+        "--port",
+        str(target.port),
+        "--mode",
+        target.mode,
+        "-c",
+        str(concurrency),
+        "-m",
+        str(messages),
+        "-n",
+        str(args.max_connections),
+        "--duration",
+        str(duration),
+        "--size",
+        str(args.size),
+        "--user-pattern",
+        USER_PATTERN,
+        "--password-pattern",
+        PASSWORD_PATTERN,
+        "--user-count",
+        str(args.users),
+        "--procs",
+        str(args.procs),
+        "--timeout",
+        str(args.step_timeout),
+    ]
+    if args.no_uvloop:
+        command.append("--no-uvloop")
+    return command
+
+
+def run_loadgen(command: list[str], duration: float, step_timeout: float) -> dict[str, Any]:
+    limit = duration + 2 * step_timeout + 120
+    done = subprocess.run(command, capture_output=True, text=True, timeout=limit, check=False)
+    try:
+        data: dict[str, Any] = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        raise BenchError(
+            f"loadgen exit {done.returncode}, no JSON: {done.stderr.strip()[-800:]}"
+        ) from None
+    return data
+
+
+def measure(args: argparse.Namespace, target: Target, scenario: str) -> Measurement:
+    result = Measurement(target=target.name, scenario=scenario, ok=False)
+    try:
+        if args.warmup > 0:
+            run_loadgen(
+                loadgen_command(args, target, scenario, args.warmup), args.warmup, args.step_timeout
+            )
+        command = loadgen_command(args, target, scenario, args.duration)
+        cpu_before = tree_cpu_seconds(target.roots)
+        busy_before = machine_busy_seconds()
+        started = time.monotonic()
+        result.load = run_loadgen(command, args.duration, args.step_timeout)
+        result.wall_s = time.monotonic() - started
+        result.machine_busy_s = machine_busy_seconds() - busy_before
+        result.server_cpu_s = tree_cpu_seconds(target.roots) - cpu_before
+        result.ok = result.accepted > 0
+        if not result.ok:
+            result.error = f"no message accepted; failures: {result.load.get('failed')}"
+    except (BenchError, subprocess.TimeoutExpired, OSError) as exc:
+        result.error = str(exc)
+    return result
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+COLUMNS = (
+    ("msgs_per_s", "msg/s"),
+    ("msg_p50_ms", "msg p50 ms"),
+    ("msg_p99_ms", "msg p99 ms"),
+    ("conn_p50_ms", "conn p50 ms"),
+    ("conn_p99_ms", "conn p99 ms"),
+    ("server_cpu_ms_per_msg_process", "CPU ms/msg (proc)"),
+    ("server_cpu_ms_per_msg_machine", "CPU ms/msg (machine)"),
+    ("accepted", "accepted"),
+)
+
+
+def table_rows(
+    measurements: list[Measurement], ratios: dict[str, dict[str, float | None]]
+) -> list[list[str]]:
+    rows: list[list[str]] = []
+    for scenario in SCENARIOS:
+        for m in (m for m in measurements if m.scenario == scenario):
+            figures = m.figures()
+            failed = sum(int(v) for v in figures["failed"].values())
+            row = [scenario, m.target] + [_cell(figures[key]) for key, _ in COLUMNS]
+            row.append(str(failed) if m.ok else f"ERROR: {m.error[:60]}")
+            rows.append(row)
+        if scenario in ratios:
+            rows.append(
+                [scenario, "ratio r/p"]
+                + [_cell(ratios[scenario].get(key)) for key, _ in COLUMNS[:-1]]
+                + ["", ""]
+            )
+    return rows
+
+
+def format_table(rows: list[list[str]]) -> str:
+    header = ["scen", "server", *(title for _, title in COLUMNS), "failed"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.rjust(w) if i > 1 else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in [header, *rows]
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def compute_ratios(measurements: list[Measurement]) -> dict[str, dict[str, float | None]]:
+    ratios: dict[str, dict[str, float | None]] = {}
+    for scenario in SCENARIOS:
+        ours = next(
+            (m for m in measurements if m.scenario == scenario and m.target == "relaygate"), None
+        )
+        theirs = next(
+            (m for m in measurements if m.scenario == scenario and m.target == "postfix"), None
+        )
+        if ours is None or theirs is None or not ours.ok or not theirs.ok:
+            continue
+        a, b = ours.figures(), theirs.figures()
+        ratios[scenario] = {key: ratio(a[key], b[key]) for key, _ in COLUMNS[:-1]}
+    return ratios
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench/run.py",
+        description=(
+            "relaygate submission benchmark: starts relaygate (temporary config, capture "
+            "delivery), runs scenario a (-c 20 -m 50) and b (-c 20 -m 1) with 4 KB "
+            "messages over STARTTLS + AUTH PLAIN, reports msg/s, latency and server CPU "
+            "per message; --compare-postfix runs the same against Postfix + Dovecot."
+        ),
+    )
+    parser.add_argument("--scenario", choices=("a", "b", "all"), default="all")
+    parser.add_argument(
+        "--duration", type=float, default=15.0, help="seconds of load per scenario (default 15)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=2.0, help="unmeasured seconds before each (0 = none)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="relaygate [server] workers (0 = one per CPU)"
+    )
+    parser.add_argument("--users", type=int, default=20, help="bench users (default 20)")
+    parser.add_argument("--size", type=int, default=4096, help="message size in bytes")
+    parser.add_argument(
+        "--mode", choices=("starttls", "implicit"), default="starttls", help="relaygate TLS"
+    )
+    parser.add_argument("--procs", type=int, default=1, help="load generator processes")
+    parser.add_argument("--no-uvloop", action="store_true", help="load generator without uvloop")
+    parser.add_argument("--compare-postfix", action="store_true", help="also bench Postfix")
+    parser.add_argument(
+        "--relaygate-only-port",
+        type=int,
+        metavar="PORT",
+        help="bench an already running relaygate on 127.0.0.1:PORT (users must exist)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
+    parser.add_argument("--max-connections", type=int, default=100_000, help=argparse.SUPPRESS)
+    parser.add_argument("--step-timeout", type=float, default=30.0, help=argparse.SUPPRESS)
+    parser.add_argument("--python", default=sys.executable, help="Python with relaygate installed")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--keep-temp", action="store_true", help="keep the temporary directory")
+    return parser
+
+
+@contextlib.contextmanager
+def interrupts_as_errors() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so the finally blocks still run."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.duration <= 0 or args.warmup < 0 or args.users < 1 or args.workers < 0:
+        parser.error("--duration must be > 0, --warmup >= 0, --users >= 1, --workers >= 0")
+    if args.compare_postfix and args.mode != "starttls":
+        parser.error("--compare-postfix needs --mode starttls (Postfix listens with STARTTLS)")
+    if args.compare_postfix and args.users > 100:
+        parser.error("the Postfix bench has 100 users; use --users 100 or fewer")
+    scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+
+    problems: list[str] = []
+    measurements: list[Measurement] = []
+    server: RelaygateServer | None = None
+    postfix: PostfixServer | None = None
+    info: dict[str, Any] = {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "openssl": ssl.OPENSSL_VERSION,
+        "settings": {
+            key: (str(value) if isinstance(value, Path) else value)
+            for key, value in vars(args).items()
+        },
+    }
+    with interrupts_as_errors():
+        try:
+            targets: list[Target] = []
+            if args.relaygate_only_port:
+                port = args.relaygate_only_port
+                pids = listening_pids(port)
+                if not pids:
+                    raise BenchError(f"nothing listens on port {port}")
+                roots = sorted({topmost_same_program(pid) for pid in pids})
+                targets.append(Target("relaygate", port, args.mode, roots))
+                info["relaygate"] = {"port": port, "pids": roots}
+            else:
+                server = RelaygateServer(args.python, args.workers, args.users, args.log_level)
+                server.write_config()
+                print(f"creating {args.users} users ...", file=sys.stderr)
+                server.create_users()
+                server.start()
+                assert server.process is not None
+                port = server.starttls_port if args.mode == "starttls" else server.implicit_port
+                targets.append(Target("relaygate", port, args.mode, [server.process.pid]))
+                info["relaygate"] = {
+                    "version": server.version(),
+                    "workers": args.workers,
+                    "config": server.config.read_text(),
+                }
+            if args.compare_postfix:
+                postfix = PostfixServer()
+                print("starting Postfix + Dovecot ...", file=sys.stderr)
+                postfix.start()
+                targets.append(Target("postfix", POSTFIX_PORT, "starttls", postfix.roots()))
+                info["postfix"] = {"version": PostfixServer.version(), "port": POSTFIX_PORT}
+
+            for scenario in scenarios:
+                for target in targets:
+                    print(
+                        f"scenario {scenario} ({SCENARIOS[scenario][2]}) on {target.name}"
+                        f" for {args.duration:g} s ...",
+                        file=sys.stderr,
+                    )
+                    measurement = measure(args, target, scenario)
+                    measurements.append(measurement)
+                    if measurement.error:
+                        problems.append(f"{target.name} scenario {scenario}: {measurement.error}")
+        except BenchError as exc:
+            problems.append(str(exc))
+        except KeyboardInterrupt:
+            problems.append("interrupted")
+        finally:
+            if server is not None:
+                stop_problem = server.stop()
+                if stop_problem:
+                    problems.append(stop_problem)
+                info.setdefault("relaygate", {})["exit_code"] = server.exit_code
+                log_lines = server.log_problems()
+                if log_lines:
+                    info["relaygate"]["log_problems"] = log_lines
+                server.cleanup(args.keep_temp or bool(problems))
+            if postfix is not None:
+                stop_problem = postfix.stop()
+                if stop_problem:
+                    problems.append(stop_problem)
+
+    ratios = compute_ratios(measurements)
+    if measurements:
+        print()
+        print(format_table(table_rows(measurements, ratios)))
+        print()
+        for m in measurements:
+            for reason, count in sorted(m.load.get("failed", {}).items()):
+                print(f"{m.target} scenario {m.scenario}: failed {reason}: {count}")
+    log_problems = info.get("relaygate", {}).get("log_problems", [])
+    if log_problems:
+        print("relaygate log lines that look like trouble:")
+        for line in log_problems:
+            print("  " + line)
+    for problem in problems:
+        print(f"PROBLEM: {problem}")
+
+    report = {
+        "info": info,
+        "scenarios": {name: SCENARIOS[name][2] for name in scenarios},
+        "results": [m.to_json() for m in measurements],
+        "ratios_relaygate_over_postfix": ratios,
+        "problems": problems,
+    }
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    out = args.results_dir / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(f"results written to {out}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

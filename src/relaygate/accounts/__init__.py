@@ -1,0 +1,1 @@
+"""Accounts: who may log in (credentials, password hashing) and as which senders."""

@@ -1,0 +1,108 @@
+"""Checking a login: account look-up, argon2id off the event loop, a verified cache.
+
+- The account row is read on every AUTH, so a password change, a disabled
+  account or a removed one made with the CLI counts at once, in every worker.
+- argon2id costs milliseconds of CPU; it runs in a thread pool (argon2-cffi
+  releases the GIL), never on the event loop.
+- A client that logs in for every message should not pay the hash each time:
+  after a successful verify we remember HMAC(process key, user NUL password)
+  together with the stored hash it matched. The cache never holds the secret,
+  and an entry only counts while the account still has that very hash and is
+  enabled, so changing the password or disabling the account drops it.
+- Unknown user, wrong password and disabled account all cost one full verify
+  and give the same answer, so neither reply nor timing tells them apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import sqlite3
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from relaygate.accounts.passwords import PasswordHasher
+from relaygate.accounts.store import Account, AccountStore
+
+CACHE_SIZE = 10000
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResult:
+    account: Account | None
+    outcome: str  # ok | unknown_user | bad_password | disabled | error
+    cached: bool = False
+
+
+class Authenticator:
+    def __init__(
+        self,
+        store: AccountStore,
+        hasher: PasswordHasher,
+        executor: Executor,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._store = store
+        self._hasher = hasher
+        self._executor = executor
+        self._loop = loop
+        self._key = os.urandom(32)
+        self._cache: dict[bytes, str] = {}
+
+    def _cache_key(self, username: str, password: str) -> bytes:
+        material = username.lower().encode() + b"\0" + password.encode()
+        return hmac.new(self._key, material, hashlib.sha256).digest()
+
+    def verify(self, username: str, password: str) -> asyncio.Future[AuthResult]:
+        """A future with the result; already done on a cache hit."""
+        future: asyncio.Future[AuthResult] = self._loop.create_future()
+        try:
+            account = self._store.get(username)
+        except (sqlite3.Error, ValueError):
+            account = None
+            future.set_result(AuthResult(None, "error"))
+            return future
+        key = self._cache_key(username, password)
+        if account is not None and not account.disabled:
+            cached_hash = self._cache.get(key)
+            if cached_hash is not None and hmac.compare_digest(
+                cached_hash.encode(), account.password_hash.encode()
+            ):
+                future.set_result(AuthResult(account, "ok", cached=True))
+                return future
+        self._cache.pop(key, None)
+        work = self._loop.run_in_executor(self._executor, self._slow_verify, account, password)
+        work.add_done_callback(lambda done: self._finish(done, future, key, account))
+        return future
+
+    def _slow_verify(self, account: Account | None, password: str) -> str:
+        if account is None:
+            self._hasher.verify_dummy(password)
+            return "unknown_user"
+        matched = self._hasher.verify(account.password_hash, password)
+        if not matched:
+            return "bad_password"
+        return "disabled" if account.disabled else "ok"
+
+    def _finish(
+        self,
+        done: asyncio.Future[str],
+        future: asyncio.Future[AuthResult],
+        key: bytes,
+        account: Account | None,
+    ) -> None:
+        if future.done():
+            return
+        if done.cancelled() or done.exception() is not None:
+            future.set_result(AuthResult(None, "error"))
+            return
+        outcome = done.result()
+        if outcome == "ok" and account is not None:
+            if len(self._cache) >= CACHE_SIZE:
+                self._cache.pop(next(iter(self._cache)))  # drop the oldest entry
+            self._cache[key] = account.password_hash
+            future.set_result(AuthResult(account, "ok"))
+        else:
+            future.set_result(AuthResult(None, outcome))

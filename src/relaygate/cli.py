@@ -1,0 +1,434 @@
+"""The ``relaygate`` command: run the server, manage accounts, read captured mail.
+
+Account commands write straight to the database and need no running server:
+the server reads the account afresh on every AUTH, so changes apply at once.
+
+Every mistake a user can make ends with one line per problem on standard
+error, prefixed ``relaygate: ``, and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sqlite3
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import closing
+from datetime import UTC, datetime
+from typing import Any
+
+from relaygate.accounts.passwords import PasswordHasher
+from relaygate.accounts.store import (
+    Account,
+    AccountError,
+    AccountStore,
+    normalize_address,
+    normalize_sender_pattern,
+)
+from relaygate.config import ENV_VAR, Config, ConfigError, load_config
+from relaygate.storage.sqlite import DatabaseError, connect
+
+PROG = "relaygate"
+EXIT_USER_ERROR = 2  # the same status argparse uses for a bad command line
+SUBJECT_WIDTH = 50  # longer subjects are cut in `messages list` to keep rows on one line
+
+
+class CommandError(Exception):
+    """A user mistake a command finds itself (unknown message id, empty password)."""
+
+
+Handler = Callable[[argparse.Namespace, Config], int]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        config = load_config(getattr(args, "config", None))
+        return handler(args, config)
+    except ConfigError as exc:
+        return _fail(*exc.problems)
+    except (AccountError, CommandError, DatabaseError) as exc:
+        return _fail(str(exc))
+    except sqlite3.Error as exc:
+        return _fail(f"database error: {exc}")
+    except BrokenPipeError:
+        # The reader went away (`relaygate messages list | head`): stop quietly
+        # like other Unix tools, and point stdout at /dev/null so Python's own
+        # flush at exit does not report the broken pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        return _fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
+    except KeyboardInterrupt:
+        return 130  # what a shell reports for a command ended by Ctrl-C
+
+
+def _fail(*problems: str) -> int:
+    for problem in problems:
+        print(f"{PROG}: {problem}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+# ----------------------------------------------------------------- arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Every parser shares this parent so --config works before or after the
+    # subcommand. SUPPRESS keeps a subcommand's parser from overwriting a
+    # value given earlier on the line with its own default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help=f"configuration file (default: ${ENV_VAR}; if unset, quickstart settings)",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        parents=[common],
+        description="Authenticated SMTP submission server and relay.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", parents=[common], help="run the SMTP server")
+    serve.set_defaults(handler=_serve)
+
+    _add_user_commands(commands, common)
+    _add_message_commands(commands, common)
+    return parser
+
+
+def _add_user_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    user = commands.add_parser("user", parents=[common], help="manage accounts")
+    actions = user.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, parents=[common], help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    password_help = (
+        "read the password from the first line of standard input"
+        " (default: generate one and print it once)"
+    )
+    add = action("add", _user_add, "create an account")
+    add.add_argument("address", metavar="ADDRESS")
+    add.add_argument("--password-stdin", action="store_true", help=password_help)
+    add.add_argument(
+        "--sender",
+        action="append",
+        metavar="PATTERN",
+        help="an address or @domain this account may send as; repeat for more"
+        " (default: the account's own address)",
+    )
+
+    passwd = action("passwd", _user_passwd, "set a new password")
+    passwd.add_argument("address", metavar="ADDRESS")
+    passwd.add_argument("--password-stdin", action="store_true", help=password_help)
+
+    for name, handler, help_text in (
+        ("disable", _user_disable, "refuse logins for an account, keeping it"),
+        ("enable", _user_enable, "allow logins for a disabled account again"),
+        ("remove", _user_remove, "delete an account"),
+    ):
+        action(name, handler, help_text).add_argument("address", metavar="ADDRESS")
+
+    senders = action("senders", _user_senders, "replace the addresses an account may send as")
+    senders.add_argument("address", metavar="ADDRESS")
+    senders.add_argument("patterns", metavar="PATTERN", nargs="+", help="a full address or @domain")
+
+    listing = action("list", _user_list, "show all accounts")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _add_message_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    messages = commands.add_parser("messages", parents=[common], help="read captured messages")
+    actions = messages.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    listing = actions.add_parser("list", parents=[common], help="show the newest messages")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.add_argument(
+        "--limit", type=_positive_int, default=50, metavar="N", help="at most N (default: 50)"
+    )
+    listing.set_defaults(handler=_messages_list)
+
+    show = actions.add_parser("show", parents=[common], help="show one message")
+    show.add_argument("message_id", metavar="ID")
+    show.add_argument(
+        "--raw", action="store_true", help="write the exact stored bytes and nothing else"
+    )
+    show.set_defaults(handler=_messages_show)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (got {text!r})")
+    return value
+
+
+# ------------------------------------------------------------------ commands
+
+
+def _serve(args: argparse.Namespace, config: Config) -> int:
+    # Imported here so account and message commands never load the server stack.
+    from relaygate.server.supervisor import serve  # noqa: PLC0415
+
+    return serve(config)
+
+
+def _open_database(config: Config) -> closing[sqlite3.Connection]:
+    return closing(connect(config.database_path))
+
+
+def _new_password(from_stdin: bool) -> tuple[str, bool]:
+    """The password to set, and whether we generated it (and so must show it)."""
+    if not from_stdin:
+        return secrets.token_urlsafe(18), True
+    password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise CommandError("no password on standard input (the first line is empty)")
+    return password, False
+
+
+def _user_add(args: argparse.Namespace, config: Config) -> int:
+    # Check everything cheap first, so a typo costs neither the password on
+    # stdin nor a slow hash.
+    address = normalize_address(args.address)
+    senders = [normalize_sender_pattern(p) for p in args.sender] if args.sender else None
+    with _open_database(config) as db:
+        store = AccountStore(db)
+        if store.get(address) is not None:
+            raise AccountError(f"account already exists: {address}")
+        password, generated = _new_password(args.password_stdin)
+        password_hash = PasswordHasher(config.password_hash).hash(password)
+        account = store.add(address, password_hash, senders)
+    print(f"added {account.address}, may send as: {', '.join(account.senders)}")
+    if generated:
+        print(f"password: {password}")
+    return 0
+
+
+def _user_passwd(args: argparse.Namespace, config: Config) -> int:
+    with _open_database(config) as db:
+        store = AccountStore(db)
+        account = store.get(args.address)
+        if account is None:
+            raise AccountError(f"no such account: {args.address}")
+        password, generated = _new_password(args.password_stdin)
+        store.set_password_hash(
+            account.address, PasswordHasher(config.password_hash).hash(password)
+        )
+    print(f"password changed for {account.address}")
+    if generated:
+        print(f"password: {password}")
+    return 0
+
+
+def _user_disable(args: argparse.Namespace, config: Config) -> int:
+    return _set_disabled(args.address, config, disabled=True)
+
+
+def _user_enable(args: argparse.Namespace, config: Config) -> int:
+    return _set_disabled(args.address, config, disabled=False)
+
+
+def _set_disabled(address: str, config: Config, *, disabled: bool) -> int:
+    with _open_database(config) as db:
+        AccountStore(db).set_disabled(address, disabled)
+    print(f"{'disabled' if disabled else 'enabled'} {address}")
+    return 0
+
+
+def _user_remove(args: argparse.Namespace, config: Config) -> int:
+    with _open_database(config) as db:
+        AccountStore(db).remove(args.address)
+    print(f"removed {args.address}")
+    return 0
+
+
+def _user_senders(args: argparse.Namespace, config: Config) -> int:
+    with _open_database(config) as db:
+        store = AccountStore(db)
+        store.set_senders(args.address, args.patterns)
+        account = store.get(args.address)
+    senders = account.senders if account is not None else ()
+    print(f"{args.address} may send as: {', '.join(senders)}")
+    return 0
+
+
+def _user_list(args: argparse.Namespace, config: Config) -> int:
+    with _open_database(config) as db:
+        accounts = AccountStore(db).list()
+    if args.json:
+        print(json.dumps([_account_json(a) for a in accounts], indent=2))
+    elif not accounts:
+        print("no accounts yet; add one with: relaygate user add ADDRESS")
+    else:
+        _print_table(
+            ("ADDRESS", "STATUS", "SENDERS", "CREATED"),
+            [
+                (
+                    a.address,
+                    "disabled" if a.disabled else "enabled",
+                    ", ".join(a.senders),
+                    _local_time(a.created_at),
+                )
+                for a in accounts
+            ],
+        )
+    return 0
+
+
+def _account_json(account: Account) -> dict[str, Any]:
+    # Deliberately without the password hash: this output gets pasted around.
+    return {
+        "id": account.id,
+        "address": account.address,
+        "disabled": account.disabled,
+        "senders": list(account.senders),
+        "created_at": account.created_at,
+        "updated_at": account.updated_at,
+    }
+
+
+_MESSAGE_COLUMNS = "id, created_at, account, client_ip, mail_from, rcpt_to, subject, size, status"
+
+
+def _message_json(row: tuple[Any, ...]) -> dict[str, Any]:
+    id_, created_at, account, client_ip, mail_from, rcpt_to, subject, size, status = row
+    return {
+        "id": id_,
+        "created_at": created_at,
+        "account": account,
+        "client_ip": client_ip,
+        "mail_from": mail_from,
+        "rcpt_to": _recipients(rcpt_to),
+        "subject": subject,
+        "size": size,
+        "status": status,
+    }
+
+
+def _messages_list(args: argparse.Namespace, config: Config) -> int:
+    with _open_database(config) as db:
+        rows = db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages"  # noqa: S608 (constant column list)
+            " ORDER BY created_at DESC, id DESC LIMIT ?",
+            (args.limit,),
+        ).fetchall()
+    messages = [_message_json(row) for row in rows]
+    if args.json:
+        print(json.dumps(messages, indent=2))
+    elif not messages:
+        print("no messages captured yet")
+    else:
+        _print_table(
+            ("ID", "CREATED", "USER", "FROM", "TO", "SUBJECT", "SIZE", "STATUS"),
+            [
+                (
+                    m["id"],
+                    _local_time(m["created_at"]),
+                    m["account"],
+                    m["mail_from"] or "<>",
+                    ", ".join(m["rcpt_to"]),
+                    _shorten(m["subject"], SUBJECT_WIDTH),
+                    str(m["size"]),
+                    m["status"],
+                )
+                for m in messages
+            ],
+        )
+    return 0
+
+
+def _messages_show(args: argparse.Namespace, config: Config) -> int:
+    with _open_database(config) as db:
+        row = db.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?",  # noqa: S608
+            (args.message_id,),
+        ).fetchone()
+        if row is None:
+            raise CommandError(f"no such message: {args.message_id}")
+        body_row = db.execute(
+            "SELECT body FROM message_bodies WHERE id = ?", (args.message_id,)
+        ).fetchone()
+    body: bytes | None = bytes(body_row[0]) if body_row is not None else None
+    if args.raw:
+        if body is None:
+            raise CommandError(f"message {args.message_id} has no stored body")
+        sys.stdout.flush()
+        sys.stdout.buffer.write(body)
+        sys.stdout.buffer.flush()
+        return 0
+    message = _message_json(row)
+    for label, value in (
+        ("id", message["id"]),
+        ("created", _local_time(message["created_at"])),
+        ("user", message["account"]),
+        ("client ip", message["client_ip"]),
+        ("from", message["mail_from"] or "<>"),
+        ("to", ", ".join(message["rcpt_to"])),
+        ("subject", message["subject"]),
+        ("size", str(message["size"])),
+        ("status", message["status"]),
+    ):
+        print(f"{label}: {_printable(value)}")
+    print()
+    if body is None:
+        print("(no stored body)")
+    else:
+        text = body.decode("utf-8", errors="replace").replace("\r\n", "\n")
+        print(_printable(text, keep="\n\t"), end="" if text.endswith("\n") else "\n")
+    return 0
+
+
+# ------------------------------------------------------------------- output
+
+
+def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    cells = [list(headers), *([_printable(cell) for cell in row] for row in rows)]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(headers))]
+    for line in cells:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        )
+
+
+def _printable(text: str, keep: str = "") -> str:
+    """Show control characters as escapes.
+
+    Subjects and bodies come from clients; raw escape sequences printed to a
+    terminal could rewrite what the admin sees.
+    """
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _local_time(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=UTC).astimezone().isoformat(timespec="seconds")
+
+
+def _recipients(rcpt_to: str) -> list[str]:
+    try:
+        value = json.loads(rcpt_to)
+    except ValueError:
+        return [rcpt_to]  # not JSON after all: show what is stored rather than fail
+    return [str(item) for item in value] if isinstance(value, list) else [str(value)]

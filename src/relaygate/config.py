@@ -1,0 +1,344 @@
+"""Configuration: one TOML file, validated on load.
+
+Every problem is reported as one line (``ConfigError.problems``) so an admin
+sees all of them at once. No file at all means quickstart mode: loopback
+listeners, self-signed TLS, capture delivery, data in ./relaygate-data.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+TLSMode = Literal["starttls", "implicit", "none"]
+DeliveryMode = Literal["capture"]
+
+ENV_VAR = "RELAYGATE_CONFIG"
+
+
+class ConfigError(Exception):
+    """Raised with every problem found, one human-readable line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    host: str
+    port: int
+    tls: TLSMode = "starttls"
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class PasswordHashConfig:
+    """argon2id parameters; defaults are OWASP's minimum (m=19 MiB, t=2, p=1)."""
+
+    memory_kib: int = 19456
+    time_cost: int = 2
+    parallelism: int = 1
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_message_size: int = 26214400
+    max_recipients: int = 100
+    max_bad_commands: int = 10
+    max_connections: int = 1000  # per worker process
+    idle_timeout: float = 300.0  # no bytes from the client at all
+    command_timeout: float = 60.0  # one command line, from its first byte to its end
+    data_timeout: float = 600.0  # one whole message body (DATA or all BDAT chunks)
+    shutdown_grace: float = 10.0  # SIGTERM: how long transactions in flight may finish
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    mode: DeliveryMode = "capture"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: Literal["logfmt", "json"] = "logfmt"
+    file: Path | None = None  # None: standard error
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str
+    data_dir: Path
+    workers: int = 0
+    listeners: tuple[ListenerConfig, ...] = ()
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    password_hash: PasswordHashConfig = field(default_factory=PasswordHashConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    quickstart: bool = False
+    source: Path | None = None  # the file this came from, None in quickstart
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "relaygate.db"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.data_dir / "tls"
+
+    def worker_count(self) -> int:
+        return self.workers if self.workers > 0 else (os.cpu_count() or 1)
+
+
+QUICKSTART_LISTENERS = (
+    ListenerConfig("127.0.0.1", 2587, "starttls"),
+    ListenerConfig("127.0.0.1", 2465, "implicit"),
+)
+
+
+def quickstart_config() -> Config:
+    return Config(
+        hostname="localhost",
+        data_dir=Path("relaygate-data").absolute(),
+        listeners=QUICKSTART_LISTENERS,
+        quickstart=True,
+    )
+
+
+def default_hostname() -> str:
+    return socket.getfqdn() or "localhost"
+
+
+# --------------------------------------------------------------------- loading
+
+_TOP_KEYS = {"server", "listeners", "tls", "delivery", "limits", "password_hash", "log"}
+
+
+class _Checker:
+    """Collects problems while reading typed values out of parsed TOML."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def problem(self, where: str, text: str) -> None:
+        self.problems.append(f"{where}: {text}")
+
+    def table(self, data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            self.problem(where, "must be a table")
+            return {}
+        return value
+
+    def unknown(self, data: dict[str, Any], allowed: set[str], where: str) -> None:
+        for key in sorted(set(data) - allowed):
+            self.problem(f"{where}.{key}" if where else key, "unknown setting")
+
+    def string(self, data: dict[str, Any], key: str, where: str, default: str) -> str:
+        value = data.get(key, default)
+        if not isinstance(value, str) or not value:
+            self.problem(f"{where}.{key}", f"must be a non-empty string (got {value!r})")
+            return default
+        return value
+
+    def integer(
+        self, data: dict[str, Any], key: str, where: str, default: int, minimum: int = 0
+    ) -> int:
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.problem(f"{where}.{key}", f"must be a whole number >= {minimum} (got {value!r})")
+            return default
+        return value
+
+    def number(self, data: dict[str, Any], key: str, where: str, default: float) -> float:
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            self.problem(f"{where}.{key}", f"must be a number of seconds > 0 (got {value!r})")
+            return default
+        return float(value)
+
+    def choice(
+        self, data: dict[str, Any], key: str, where: str, default: str, choices: tuple[str, ...]
+    ) -> str:
+        value = data.get(key, default)
+        if value not in choices:
+            self.problem(f"{where}.{key}", f"must be one of {', '.join(choices)} (got {value!r})")
+            return default
+        return str(value)
+
+    def path(
+        self, data: dict[str, Any], key: str, where: str, base: Path, readable: bool = False
+    ) -> Path | None:
+        if key not in data:
+            return None
+        value = data[key]
+        if not isinstance(value, str) or not value:
+            self.problem(f"{where}.{key}", f"must be a path (got {value!r})")
+            return None
+        path = (base / value).resolve() if not Path(value).is_absolute() else Path(value)
+        if readable and not os.access(path, os.R_OK):
+            self.problem(f"{where}.{key}", f"cannot read {path}")
+        return path
+
+
+def parse_address(text: str) -> tuple[str, int] | None:
+    """``host:port`` or ``[v6]:port`` -> (host, port); None when malformed."""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            return None
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            return None
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        return None
+    return host, int(port_text)
+
+
+def _listeners(raw: Any, check: _Checker) -> tuple[ListenerConfig, ...]:
+    if raw is None:
+        return QUICKSTART_LISTENERS
+    if not isinstance(raw, list) or not raw:
+        check.problem("listeners", "must be a non-empty array of tables ([[listeners]])")
+        return ()
+    result = []
+    for index, item in enumerate(raw):
+        where = f"listeners[{index}]"
+        if not isinstance(item, dict):
+            check.problem(where, "must be a table")
+            continue
+        check.unknown(item, {"address", "tls"}, where)
+        address = item.get("address")
+        parsed = parse_address(address) if isinstance(address, str) else None
+        if parsed is None:
+            check.problem(f"{where}.address", f"must be host:port or [v6]:port (got {address!r})")
+            continue
+        tls = check.choice(item, "tls", where, "starttls", ("starttls", "implicit", "none"))
+        result.append(ListenerConfig(parsed[0], parsed[1], tls))  # type: ignore[arg-type]
+    seen: set[tuple[str, int]] = set()
+    for listener in result:
+        if (listener.host, listener.port) in seen:
+            check.problem("listeners", f"{listener.address} is listed twice")
+        seen.add((listener.host, listener.port))
+    return tuple(result)
+
+
+def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = None) -> Config:
+    """Validate parsed TOML; raise ConfigError with every problem found."""
+    check = _Checker()
+    check.unknown(data, _TOP_KEYS, "")
+    server = check.table(data, "server", "server")
+    check.unknown(server, {"hostname", "data_dir", "workers"}, "server")
+    hostname = check.string(server, "hostname", "server", default_hostname())
+    data_dir_text = check.string(server, "data_dir", "server", "./relaygate-data")
+    data_dir = (base / data_dir_text).resolve()
+    workers = check.integer(server, "workers", "server", 0)
+
+    listeners = _listeners(data.get("listeners"), check)
+
+    tls_raw = check.table(data, "tls", "tls")
+    check.unknown(tls_raw, {"cert_file", "key_file"}, "tls")
+    cert = check.path(tls_raw, "cert_file", "tls", base, readable=True)
+    key = check.path(tls_raw, "key_file", "tls", base, readable=True)
+    if (cert is None) != (key is None):
+        check.problem("tls", "cert_file and key_file must be given together")
+
+    delivery_raw = check.table(data, "delivery", "delivery")
+    check.unknown(delivery_raw, {"mode"}, "delivery")
+    mode = check.choice(delivery_raw, "mode", "delivery", "capture", ("capture",))
+
+    limits_raw = check.table(data, "limits", "limits")
+    defaults = LimitsConfig()
+    check.unknown(limits_raw, set(LimitsConfig.__dataclass_fields__), "limits")
+    limits = LimitsConfig(
+        max_message_size=check.integer(
+            limits_raw, "max_message_size", "limits", defaults.max_message_size, 1024
+        ),
+        max_recipients=check.integer(
+            limits_raw, "max_recipients", "limits", defaults.max_recipients, 1
+        ),
+        max_bad_commands=check.integer(
+            limits_raw, "max_bad_commands", "limits", defaults.max_bad_commands, 1
+        ),
+        max_connections=check.integer(
+            limits_raw, "max_connections", "limits", defaults.max_connections, 1
+        ),
+        idle_timeout=check.number(limits_raw, "idle_timeout", "limits", defaults.idle_timeout),
+        command_timeout=check.number(
+            limits_raw, "command_timeout", "limits", defaults.command_timeout
+        ),
+        data_timeout=check.number(limits_raw, "data_timeout", "limits", defaults.data_timeout),
+        shutdown_grace=check.number(
+            limits_raw, "shutdown_grace", "limits", defaults.shutdown_grace
+        ),
+    )
+
+    hash_raw = check.table(data, "password_hash", "password_hash")
+    check.unknown(hash_raw, {"memory_kib", "time_cost", "parallelism"}, "password_hash")
+    hashing = PasswordHashConfig(
+        memory_kib=check.integer(hash_raw, "memory_kib", "password_hash", 19456, 8192),
+        time_cost=check.integer(hash_raw, "time_cost", "password_hash", 2, 1),
+        parallelism=check.integer(hash_raw, "parallelism", "password_hash", 1, 1),
+    )
+
+    log_raw = check.table(data, "log", "log")
+    check.unknown(log_raw, {"level", "format", "file"}, "log")
+    log = LogConfig(
+        level=check.choice(log_raw, "level", "log", "info", ("debug", "info", "warning", "error")),
+        format=check.choice(log_raw, "format", "log", "logfmt", ("logfmt", "json")),  # type: ignore[arg-type]
+        file=check.path(log_raw, "file", "log", base),
+    )
+
+    if check.problems:
+        raise ConfigError(check.problems)
+    return Config(
+        hostname=hostname,
+        data_dir=data_dir,
+        workers=workers,
+        listeners=listeners,
+        tls=TLSConfig(cert, key),
+        delivery=DeliveryConfig(mode),  # type: ignore[arg-type]
+        limits=limits,
+        password_hash=hashing,
+        log=log,
+        source=source,
+    )
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load ``path`` (or $RELAYGATE_CONFIG); neither given means quickstart."""
+    if path is None:
+        path = os.environ.get(ENV_VAR) or None
+    if path is None:
+        return quickstart_config()
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{file}: not UTF-8 text"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{file}: TOML syntax error: {exc}"]) from None
+    try:
+        return config_from_dict(data, file.parent.resolve(), source=file.resolve())
+    except ConfigError as exc:
+        raise ConfigError([f"{file}: {p}" for p in exc.problems]) from None

@@ -1,0 +1,1 @@
+"""Server glue: TLS, listeners, the connection driver and worker processes."""

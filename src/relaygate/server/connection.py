@@ -1,0 +1,397 @@
+"""The connection driver: feeds a socket's bytes to the SMTP session and acts on its events.
+
+Thin on purpose: SMTP rules live in ``relaygate.smtp.session``; here we only
+move bytes, start TLS, ask the services (accounts, policy, spool) and pass
+their answers back. While a decision is pending (a password hash, a disk
+commit) reading is paused, so a client cannot pile up input meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import time
+from typing import TYPE_CHECKING, cast
+
+from relaygate import logs, message, policy
+from relaygate.accounts.authenticator import AuthResult
+from relaygate.accounts.store import Account
+from relaygate.server.tls import cipher_info
+from relaygate.smtp import replies
+from relaygate.smtp.events import (
+    AuthRequest,
+    Close,
+    MessageReady,
+    RecipientRequest,
+    Refused,
+    SenderRequest,
+    StartTLS,
+)
+from relaygate.smtp.session import Session, Settings, State
+from relaygate.spool import SpooledMessage, SpoolError, new_queue_id
+
+if TYPE_CHECKING:
+    from relaygate.server.worker import Worker
+
+# Refusals worth a log line at info level; syntax noise goes to debug.
+_LOGGED_REFUSALS = frozenset({"MAIL", "RCPT", "DATA", "BDAT", "AUTH"})
+
+
+class SMTPConnection(asyncio.Protocol):
+    def __init__(self, worker: Worker, settings: Settings, implicit_tls: bool) -> None:
+        self.worker = worker
+        self.settings = settings
+        self.implicit_tls = implicit_tls
+        self.session = Session(settings, tls_active=implicit_tls)
+        self.transport: asyncio.Transport | None = None
+        self.session_id = os.urandom(5).hex()
+        self.client_ip = "?"
+        self.account: Account | None = None
+        self.tls_version: str | None = None
+        self.tls_cipher: str | None = None
+        self.waiting = False
+        self.lost = False
+        self.started = time.time()
+        self.last_activity = 0.0
+        self.partial_since: float | None = None
+        self.message_since: float | None = None
+        self._tls_task: asyncio.Future[None] | None = None
+
+    # -------------------------------------------------------------- asyncio
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client_ip = str(peer[0]) if peer else "?"
+        self.last_activity = self.worker.loop.time()
+        if self.implicit_tls:
+            self.tls_version, self.tls_cipher = cipher_info(transport.get_extra_info("ssl_object"))
+        if self.worker.draining or len(self.worker.connections) >= self.worker.max_connections:
+            reply = replies.SHUTTING_DOWN if self.worker.draining else replies.TOO_BUSY
+            logs.event(
+                "connect.refused",
+                session=self.session_id,
+                client_ip=self.client_ip,
+                reply=reply[:3].decode(),
+            )
+            transport.write(reply)
+            transport.close()
+            self.lost = True
+            return
+        self.worker.connections.add(self)
+        logs.event(
+            "connect",
+            session=self.session_id,
+            client_ip=self.client_ip,
+            tls=self.tls_version,
+            cipher=self.tls_cipher,
+        )
+        self.session.greeting()
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self.worker.loop.time()
+        self.session.receive(data)
+        self._drive()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        self.worker.connections.discard(self)
+        logs.event(
+            "disconnect",
+            session=self.session_id,
+            client_ip=self.client_ip,
+            user=self.account.address if self.account else None,
+            messages=self.session.messages_accepted,
+            auth_failures=self.session.auth_failures or None,
+            seconds=round(time.time() - self.started, 3),
+        )
+
+    # -------------------------------------------------------------- driving
+
+    def _flush(self) -> None:
+        out = self.session.take_output()
+        if out and self.transport is not None and not self.lost:
+            self.transport.write(out)
+
+    def _drive(self) -> None:
+        session = self.session
+        while not self.waiting:
+            event = session.next_event()
+            if event is None:
+                break
+            kind = type(event)
+            if kind is RecipientRequest:
+                session.accept_recipient()
+            elif kind is SenderRequest:
+                assert isinstance(event, SenderRequest)
+                self._on_sender(event)
+            elif kind is MessageReady:
+                assert isinstance(event, MessageReady)
+                self._on_message(event)
+            elif kind is AuthRequest:
+                assert isinstance(event, AuthRequest)
+                self._on_auth(event)
+            elif kind is Refused:
+                assert isinstance(event, Refused)
+                self._on_refused(event)
+            elif kind is StartTLS:
+                self._flush()
+                self._wait()
+                self._tls_task = asyncio.ensure_future(self._start_tls())
+                return
+            elif kind is Close:
+                self._flush()
+                if self.transport is not None:
+                    self.transport.close()
+                return
+        self._flush()
+        now = self.worker.loop.time()
+        if session.has_partial_input:
+            if self.partial_since is None:
+                self.partial_since = now
+        else:
+            self.partial_since = None
+        if session.in_message:
+            if self.message_since is None:
+                self.message_since = now
+        else:
+            self.message_since = None
+
+    def _wait(self) -> None:
+        self.waiting = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        self.waiting = False
+        if self.lost:
+            return
+        if self.transport is not None:
+            self.transport.resume_reading()
+        self._drive()
+
+    # -------------------------------------------------------------- decisions
+
+    def _on_auth(self, event: AuthRequest) -> None:
+        credentials = event.credentials
+        if credentials.authzid and credentials.authzid.lower() != credentials.username.lower():
+            # Acting as another user (proxy authorization) is not offered.
+            self._auth_done(AuthResult(None, "authzid_mismatch"), event)
+            return
+        future = self.worker.authenticator.verify(credentials.username, credentials.password)
+        if future.done():
+            self._auth_done(future.result(), event)
+            return
+        self._wait()
+        future.add_done_callback(lambda f: self._auth_finished(f, event))
+
+    def _auth_finished(self, future: asyncio.Future[AuthResult], event: AuthRequest) -> None:
+        if self.lost:
+            return
+        self._auth_done(future.result(), event)
+        self._resume()
+
+    def _auth_done(self, result: AuthResult, event: AuthRequest) -> None:
+        fields = {
+            "session": self.session_id,
+            "client_ip": self.client_ip,
+            "mechanism": event.mechanism,
+            "user": event.credentials.username,
+        }
+        if result.account is not None:
+            self.account = result.account
+            self.session.auth_succeeded(result.account.address)
+            logs.event("auth.ok", **fields, cached=result.cached or None)
+        elif result.outcome == "error":
+            self.session.auth_failed(replies.AUTH_TEMPORARY_FAILURE)
+            logs.event("auth.error", logging.WARNING, **fields, reply="454")
+        else:
+            self.session.auth_failed()
+            logs.event("auth.fail", logging.WARNING, **fields, reason=result.outcome, reply="535")
+
+    def _on_sender(self, event: SenderRequest) -> None:
+        account = self.account
+        assert account is not None  # the session asks only once authenticated
+        reply = policy.envelope_sender_refusal(account.senders, event.address)
+        if reply is None:
+            self.session.accept_sender()
+            return
+        self.session.refuse(reply)
+        logs.event(
+            "mail.refused",
+            session=self.session_id,
+            client_ip=self.client_ip,
+            user=account.address,
+            mail_from=event.address,
+            reply=reply[:9].decode().strip(),
+        )
+
+    def _on_message(self, event: MessageReady) -> None:
+        account = self.account
+        assert account is not None
+        summary = message.summarize(event.body)
+        refusal = policy.header_sender_refusal(account.senders, summary)
+        if refusal is not None:
+            self.session.refuse(refusal)
+            logs.event(
+                "message.refused",
+                session=self.session_id,
+                client_ip=self.client_ip,
+                user=account.address,
+                mail_from=event.mail_from,
+                reply=refusal[:9].decode().strip(),
+                reason=refusal[10:].decode().strip(),
+            )
+            return
+        now = time.time()
+        queue_id = new_queue_id(now)
+        date = message.rfc5322_date(now)
+        received = message.received_header(
+            message.ReceivedInfo(
+                helo=self.session.helo_name,
+                client_ip=self.client_ip,
+                hostname=self.settings.hostname,
+                queue_id=queue_id,
+                esmtp=self.session.esmtp,
+                tls_version=self.tls_version,
+                tls_cipher=self.tls_cipher,
+                user=account.address,
+                recipients=tuple(event.recipients),
+                smtputf8=event.smtputf8,
+            ),
+            date,
+        )
+        added = message.added_fields(
+            summary, queue_id=queue_id, hostname=self.settings.hostname, date=date
+        )
+        stored = SpooledMessage(
+            id=queue_id,
+            account=account.address,
+            client_ip=self.client_ip,
+            mail_from=event.mail_from,
+            recipients=event.recipients,
+            subject=summary.subject,
+            body=received + added + event.body,
+            created_at=now,
+        )
+        future = self.worker.spool.store(stored)
+        self._wait()
+        future.add_done_callback(lambda f: self._stored(f, stored))
+
+    def _stored(self, future: asyncio.Future[None], stored: SpooledMessage) -> None:
+        error = future.exception()
+        if error is None:
+            logs.event(
+                "message.accepted",
+                session=self.session_id,
+                client_ip=self.client_ip,
+                user=stored.account,
+                queue_id=stored.id,
+                mail_from=stored.mail_from,
+                rcpts=len(stored.recipients),
+                size=len(stored.body),
+            )
+            if not self.lost:
+                self.session.message_queued(stored.id)
+        else:
+            reason = str(error) if isinstance(error, SpoolError) else repr(error)
+            logs.event(
+                "message.error",
+                logging.ERROR,
+                session=self.session_id,
+                client_ip=self.client_ip,
+                user=stored.account,
+                reason=reason,
+                reply="451",
+            )
+            if not self.lost:
+                self.session.refuse(replies.LOCAL_ERROR)
+        self._resume()
+
+    def _on_refused(self, event: Refused) -> None:
+        level = logging.INFO if event.command in _LOGGED_REFUSALS else logging.DEBUG
+        logs.event(
+            "command.refused",
+            level,
+            session=self.session_id,
+            client_ip=self.client_ip,
+            command=event.command or None,
+            reply=event.reply[:9].decode(errors="replace").strip(),
+        )
+
+    async def _start_tls(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        try:
+            new_transport = await self.worker.loop.start_tls(
+                transport,
+                self,
+                self.worker.tls_context,
+                server_side=True,
+                ssl_handshake_timeout=self.worker.config.limits.command_timeout,
+            )
+        except (TimeoutError, OSError, ssl.SSLError, RuntimeError) as exc:
+            logs.event(
+                "tls.fail",
+                logging.WARNING,
+                session=self.session_id,
+                client_ip=self.client_ip,
+                reason=type(exc).__name__,
+            )
+            transport.abort()
+            return
+        if new_transport is None or self.lost:
+            return
+        self.transport = new_transport
+        self.tls_version, self.tls_cipher = cipher_info(new_transport.get_extra_info("ssl_object"))
+        logs.event(
+            "tls",
+            session=self.session_id,
+            client_ip=self.client_ip,
+            version=self.tls_version,
+            cipher=self.tls_cipher,
+        )
+        self.session.tls_started()
+        self.last_activity = self.worker.loop.time()
+        self.waiting = False
+        self._drive()
+
+    # -------------------------------------------------------------- timers
+
+    def check_timeouts(self, now: float) -> None:
+        """Called about once a second by the worker's sweeper."""
+        if self.waiting or self.lost or self.session.state is State.WAITING:
+            return
+        limits = self.worker.config.limits
+        expired = now - self.last_activity > limits.idle_timeout
+        if self.message_since is not None:
+            expired = expired or now - self.message_since > limits.data_timeout
+        elif self.partial_since is not None:
+            expired = expired or now - self.partial_since > limits.command_timeout
+        if expired:
+            logs.event("timeout", session=self.session_id, client_ip=self.client_ip)
+            self.session.timeout()
+            self._drive()
+
+    def drain(self, force: bool) -> None:
+        """Shutdown: close now if idle between transactions, or when ``force``."""
+        if self.lost:
+            return
+        session = self.session
+        busy = self.waiting or session.state in (State.MAIL, State.RCPT) or session.in_message
+        if force or not busy:
+            if self.waiting:
+                if self.transport is not None:
+                    self.transport.abort()
+                return
+            session.shutdown()
+            self._drive()

@@ -1,0 +1,205 @@
+"""``relaygate serve``: check everything, bind the listeners, run the workers.
+
+The supervisor does all that can fail for a reason an admin must fix (data
+directory, database, certificates, ports) before any worker starts, and
+reports each problem as one line with exit status 2. Then it forks the
+workers, which share the listening sockets (the kernel hands each new
+connection to whichever worker accepts first, so a busy worker takes fewer).
+A worker that dies is restarted; SIGTERM is passed on and awaited.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from types import FrameType
+
+from relaygate import logs
+from relaygate.accounts.passwords import PasswordHasher
+from relaygate.accounts.store import AccountStore
+from relaygate.config import Config, ListenerConfig
+from relaygate.server.tls import TLSSetupError, certificate_pairs, server_context
+from relaygate.server.worker import BoundListener, run_worker
+from relaygate.storage import sqlite as storage
+
+QUICKSTART_ADDRESS = "dev@example.test"
+QUICKSTART_SENDERS = ("@example.test",)
+
+
+class StartupError(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _bind(listener: ListenerConfig, index: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((listener.host, listener.port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        reason = {
+            errno.EADDRINUSE: "address already in use",
+            errno.EACCES: "permission denied (ports below 1024 need privileges)",
+            errno.EADDRNOTAVAIL: "address not available on this machine",
+        }.get(exc.errno or 0, exc.strerror or str(exc))
+        raise StartupError([f"listeners[{index}] {listener.address}: {reason}"]) from None
+    except (socket.gaierror, UnicodeError) as exc:
+        sock.close()
+        raise StartupError([f"listeners[{index}] {listener.address}: {exc}"]) from None
+    return sock
+
+
+def bind_all(config: Config) -> list[BoundListener]:
+    bound: list[BoundListener] = []
+    problems: list[str] = []
+    for index, listener in enumerate(config.listeners):
+        try:
+            bound.append((_bind(listener, index), listener))
+        except StartupError as exc:
+            problems += exc.problems
+    if problems:
+        for sock, _ in bound:
+            sock.close()
+        raise StartupError(problems)
+    return bound
+
+
+def prepare(config: Config) -> None:
+    """Data directory, database schema, certificates, quickstart account."""
+    try:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError([f"data_dir {config.data_dir}: {exc.strerror or exc}"]) from None
+    try:
+        db = storage.connect(config.database_path)
+    except storage.DatabaseError as exc:
+        raise StartupError([f"database {exc}"]) from None
+    try:
+        if config.quickstart and AccountStore(db).count() == 0:
+            _create_quickstart_account(config, AccountStore(db))
+    finally:
+        db.close()
+    try:
+        server_context(certificate_pairs(config))
+    except (TLSSetupError, OSError) as exc:
+        raise StartupError([f"tls: {exc}"]) from None
+
+
+def _create_quickstart_account(config: Config, store: AccountStore) -> None:
+    password = secrets.token_urlsafe(18)
+    store.add(
+        QUICKSTART_ADDRESS,
+        PasswordHasher(config.password_hash).hash(password),
+        senders=[QUICKSTART_ADDRESS, *QUICKSTART_SENDERS],
+    )
+    print(
+        "relaygate: created a quickstart account (the password is shown only this once):\n"
+        f"    login:    {QUICKSTART_ADDRESS}\n"
+        f"    password: {password}\n"
+        f"    may send as: {QUICKSTART_ADDRESS}, any address {QUICKSTART_SENDERS[0]}\n"
+        "  more: relaygate user add ADDRESS --sender @yourdomain.example",
+        flush=True,
+    )
+
+
+def _describe(config: Config) -> str:
+    kinds = {"starttls": "STARTTLS", "implicit": "implicit TLS", "none": "no TLS"}
+    listeners = ", ".join(f"{item.address} ({kinds[item.tls]})" for item in config.listeners)
+    return (
+        f"relaygate: listening on {listeners}; {config.worker_count()} worker(s); "
+        f"delivery: {config.delivery.mode}; data: {config.data_dir}"
+    )
+
+
+def serve(config: Config) -> int:
+    logs.setup(config.log.level, config.log.format, config.log.file)
+    try:
+        prepare(config)
+        listeners = bind_all(config)
+    except StartupError as exc:
+        for problem in exc.problems:
+            print(f"relaygate: {problem}", file=sys.stderr)
+        return 2
+    print(_describe(config), flush=True)
+    logs.event("start", workers=config.worker_count(), pid=os.getpid())
+    count = config.worker_count()
+    if count == 1:
+        return run_worker(config, 0, listeners)
+    return _supervise(config, listeners, count)
+
+
+def _fork_worker(config: Config, index: int, listeners: list[BoundListener]) -> int:
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            status = run_worker(config, index, listeners)
+        except BaseException as exc:  # a worker must never return into the parent's code
+            logs.event("worker.crash", worker=index, error=repr(exc))
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    return pid
+
+
+def _supervise(config: Config, listeners: list[BoundListener], count: int) -> int:
+    workers: dict[int, int] = {}  # pid -> worker index
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(workers):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for index in range(count):
+        workers[_fork_worker(config, index, listeners)] = index
+    restarts: list[float] = []
+    failed = False
+    while workers:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        if pid not in workers:
+            continue
+        index = workers.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            failed = failed or code != 0
+            continue
+        logs.event("worker.exit", worker=index, pid=pid, status=code)
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < 60] + [now]
+        if len(restarts) > 10:
+            print(
+                "relaygate: workers keep dying (10 restarts in a minute); stopping", file=sys.stderr
+            )
+            stop(signal.SIGTERM, None)
+            failed = True
+            continue
+        workers[_fork_worker(config, index, listeners)] = index
+    for sock, _ in listeners:
+        sock.close()
+    logs.event("stop")
+    return 1 if failed else 0

@@ -1,0 +1,149 @@
+"""One worker process: an event loop serving the shared listening sockets.
+
+Each worker owns its services (account look-ups, argon2 thread pool, spool
+writer thread) and its connections. SIGTERM drains it: listeners close,
+idle sessions get 421, transactions in flight may finish within
+``limits.shutdown_grace``, the spool commits what it holds, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from relaygate import logs
+from relaygate.accounts.authenticator import Authenticator
+from relaygate.accounts.passwords import PasswordHasher
+from relaygate.accounts.store import AccountStore
+from relaygate.config import Config, ListenerConfig
+from relaygate.server.connection import SMTPConnection
+from relaygate.server.tls import certificate_pairs, server_context
+from relaygate.smtp.session import Settings
+from relaygate.spool import Spool
+from relaygate.storage import sqlite as storage
+
+BoundListener = tuple[socket.socket, ListenerConfig]
+
+
+def session_settings(config: Config, listener: ListenerConfig) -> Settings:
+    limits = config.limits
+    return Settings(
+        hostname=config.hostname,
+        max_message_size=limits.max_message_size,
+        max_recipients=limits.max_recipients,
+        max_bad_commands=limits.max_bad_commands,
+        starttls_available=listener.tls == "starttls",
+    )
+
+
+class Worker:
+    def __init__(self, config: Config, index: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.index = index
+        self.loop = loop
+        self.connections: set[SMTPConnection] = set()
+        self.max_connections = config.limits.max_connections
+        self.draining = False
+        self._stopped = asyncio.Event()
+        self.tls_context: ssl.SSLContext = server_context(certificate_pairs(config))
+        self._db = storage.connect(config.database_path)
+        self._executor = ThreadPoolExecutor(
+            max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="password-hash"
+        )
+        self.authenticator = Authenticator(
+            AccountStore(self._db), PasswordHasher(config.password_hash), self._executor, loop
+        )
+        self.spool = Spool(config.database_path, loop)
+        self._servers: list[asyncio.Server] = []
+
+    async def run(self, listeners: list[BoundListener]) -> None:
+        loop = self.loop
+        loop.set_exception_handler(_quiet_exception_handler)
+        for sock, listener in listeners:
+            settings = session_settings(self.config, listener)
+            implicit = listener.tls == "implicit"
+
+            def factory(settings: Settings = settings, implicit: bool = implicit) -> SMTPConnection:
+                return SMTPConnection(self, settings, implicit)
+
+            server = await loop.create_server(
+                factory,
+                sock=sock,
+                ssl=self.tls_context if implicit else None,
+                ssl_handshake_timeout=self.config.limits.command_timeout if implicit else None,
+                backlog=1024,
+            )
+            self._servers.append(server)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.begin_shutdown)
+        sweeper = asyncio.ensure_future(self._sweep())
+        await self._stopped.wait()
+        sweeper.cancel()
+        self.spool.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._db.close()
+
+    def begin_shutdown(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        logs.event("shutdown.start", worker=self.index, connections=len(self.connections))
+        for server in self._servers:
+            server.close()
+
+    async def _sweep(self) -> None:
+        deadline: float | None = None
+        while True:
+            await asyncio.sleep(0.1 if self.draining else 1.0)
+            now = self.loop.time()
+            for connection in list(self.connections):
+                connection.check_timeouts(now)
+            if not self.draining:
+                continue
+            if deadline is None:
+                deadline = now + self.config.limits.shutdown_grace
+            force = now >= deadline
+            for connection in list(self.connections):
+                connection.drain(force)
+            if not self.connections or now >= deadline + 2:
+                logs.event("shutdown.done", worker=self.index)
+                self._stopped.set()
+                return
+
+
+def _quiet_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """TLS handshake failures and resets by clients are routine: one debug line."""
+    exc = context.get("exception")
+    if isinstance(exc, ssl.SSLError | ConnectionError | TimeoutError | asyncio.TimeoutError):
+        logs.event("connection.error", logging.DEBUG, reason=type(exc).__name__)
+        return
+    logs.event(
+        "internal.error",
+        logging.ERROR,
+        message=str(context.get("message")),
+        exception=repr(exc) if exc else None,
+    )
+
+
+def run_worker(config: Config, index: int, listeners: list[BoundListener]) -> int:
+    """Run one worker until it is told to stop; returns the exit status."""
+    loop: asyncio.AbstractEventLoop
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up, plain asyncio works too
+
+        loop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        worker = Worker(config, index, loop)
+        loop.run_until_complete(worker.run(listeners))
+    finally:
+        loop.close()
+    return 0

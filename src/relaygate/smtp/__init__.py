@@ -1,0 +1,1 @@
+"""The SMTP protocol core: a sans-IO session, replies and address syntax."""

@@ -1,0 +1,1 @@
+"""Storage: the embedded SQLite database (WAL) that holds accounts and messages."""

@@ -1,0 +1,460 @@
+"""The relaygate command, run in-process with a throwaway config and database."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from relaygate.accounts.passwords import PasswordHasher
+from relaygate.accounts.store import Account, AccountStore
+from relaygate.cli import main
+from relaygate.config import ENV_VAR, PasswordHashConfig
+from relaygate.storage.sqlite import connect
+
+CONFIG = """
+[server]
+hostname = "mx.test"
+data_dir = "data"
+
+[password_hash]
+memory_kib = 8192
+time_cost = 1
+"""
+
+HASHER = PasswordHasher(PasswordHashConfig(memory_kib=8192, time_cost=1))
+ISO_TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No stray $RELAYGATE_CONFIG, and a quickstart run would write under tmp_path.
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "relaygate.toml"
+    path.write_text(CONFIG, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def cfg(config_file: Path) -> list[str]:
+    return ["--config", str(config_file)]
+
+
+@pytest.fixture
+def db(config_file: Path) -> Iterator[sqlite3.Connection]:
+    connection = connect(config_file.parent / "data" / "relaygate.db")
+    yield connection
+    connection.close()
+
+
+def run(
+    capsys: pytest.CaptureFixture[str], *argv: str, stdin: str | None = None
+) -> tuple[int, str, str]:
+    if stdin is not None:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sys, "stdin", io.StringIO(stdin))
+            status = main(list(argv))
+    else:
+        status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def account(db: sqlite3.Connection, address: str) -> Account:
+    found = AccountStore(db).get(address)
+    assert found is not None
+    return found
+
+
+# ------------------------------------------------------------------ accounts
+
+
+def test_user_add_generates_and_prints_password(
+    capsys: pytest.CaptureFixture[str], cfg: list[str], db: sqlite3.Connection
+) -> None:
+    status, out, err = run(capsys, *cfg, "user", "add", "Alice@Example.com")
+    assert (status, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == "added Alice@example.com, may send as: Alice@example.com"
+    assert lines[1].startswith("password: ")
+    password = lines[1].removeprefix("password: ")
+    assert len(password) == 24  # token_urlsafe(18)
+    stored = account(db, "alice@example.com")
+    assert HASHER.verify(stored.password_hash, password)
+    assert "$m=8192,t=1," in stored.password_hash  # the configured cost was used
+
+
+def test_user_add_password_from_stdin(
+    capsys: pytest.CaptureFixture[str], cfg: list[str], db: sqlite3.Connection
+) -> None:
+    status, out, _ = run(
+        capsys,
+        *cfg,
+        "user",
+        "add",
+        "bob@example.com",
+        "--password-stdin",
+        "--sender",
+        "@Example.org",
+        "--sender",
+        "bob@example.com",
+        stdin="s3cret pass\r\nsecond line ignored\n",
+    )
+    assert status == 0
+    assert "password" not in out  # nothing to show: the admin chose it
+    stored = account(db, "bob@example.com")
+    assert HASHER.verify(stored.password_hash, "s3cret pass")
+    assert stored.senders == ("@example.org", "bob@example.com")
+
+
+@pytest.mark.parametrize("stdin", ["", "\n"])
+def test_user_add_refuses_empty_password(
+    capsys: pytest.CaptureFixture[str], cfg: list[str], db: sqlite3.Connection, stdin: str
+) -> None:
+    status, out, err = run(
+        capsys, *cfg, "user", "add", "bob@example.com", "--password-stdin", stdin=stdin
+    )
+    assert (status, out) == (2, "")
+    assert err == "relaygate: no password on standard input (the first line is empty)\n"
+    assert AccountStore(db).get("bob@example.com") is None
+
+
+def test_user_add_twice(capsys: pytest.CaptureFixture[str], cfg: list[str]) -> None:
+    assert run(capsys, *cfg, "user", "add", "alice@example.com")[0] == 0
+    status, out, err = run(capsys, *cfg, "user", "add", "ALICE@example.com")
+    assert (status, out) == (2, "")
+    assert err == "relaygate: account already exists: ALICE@example.com\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["user", "add", "alice"], "relaygate: invalid address: 'alice': "),
+        (
+            ["user", "add", "a@example.com", "--sender", "example.com"],
+            "relaygate: invalid sender pattern: 'example.com': ",
+        ),
+    ],
+)
+def test_user_add_bad_input(
+    capsys: pytest.CaptureFixture[str], cfg: list[str], argv: list[str], error: str
+) -> None:
+    status, out, err = run(capsys, *cfg, *argv)
+    assert (status, out) == (2, "")
+    assert err.startswith(error)
+    assert err.count("\n") == 1
+
+
+def test_config_option_after_subcommand_and_from_environment(
+    capsys: pytest.CaptureFixture[str],
+    config_file: Path,
+    db: sqlite3.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert run(capsys, "user", "add", "a@example.com", "--config", str(config_file))[0] == 0
+    assert run(capsys, "user", "--config", str(config_file), "add", "b@example.com")[0] == 0
+    monkeypatch.setenv(ENV_VAR, str(config_file))
+    assert run(capsys, "user", "add", "c@example.com")[0] == 0
+    assert AccountStore(db).count() == 3
+
+
+def test_user_passwd(
+    capsys: pytest.CaptureFixture[str], cfg: list[str], db: sqlite3.Connection
+) -> None:
+    run(capsys, *cfg, "user", "add", "alice@example.com")
+    old_hash = account(db, "alice@example.com").password_hash
+
+    status, out, _ = run(capsys, *cfg, "user", "passwd", "ALICE@example.com")
+    assert status == 0
+    assert out.splitlines()[0] == "password changed for alice@example.com"
+    generated = out.splitlines()[1].removeprefix("password: ")
+    new_hash = account(db, "alice@example.com").password_hash
+    assert new_hash != old_hash
+    assert HASHER.verify(new_hash, generated)
+
+    status, out, _ = run(
+        capsys, *cfg, "user", "passwd", "alice@example.com", "--password-stdin", stdin="chosen\n"
+    )
+    assert (status, out) == (0, "password changed for alice@example.com\n")
+    assert HASHER.verify(account(db, "alice@example.com").password_hash, "chosen")
+
+
+def test_user_passwd_unknown_account(capsys: pytest.CaptureFixture[str], cfg: list[str]) -> None:
+    status, out, err = run(capsys, *cfg, "user", "passwd", "nobody@example.com")
+    assert (status, out) == (2, "")  # and no password printed for nobody
+    assert err == "relaygate: no such account: nobody@example.com\n"
+
+
+def test_disable_enable_remove(
+    capsys: pytest.CaptureFixture[str], cfg: list[str], db: sqlite3.Connection
+) -> None:
+    run(capsys, *cfg, "user", "add", "alice@example.com")
+    assert run(capsys, *cfg, "user", "disable", "alice@example.com") == (
+        0,
+        "disabled alice@example.com\n",
+        "",
+    )
+    assert account(db, "alice@example.com").disabled
+    assert run(capsys, *cfg, "user", "enable", "alice@example.com")[0] == 0
+    assert not account(db, "alice@example.com").disabled
+    assert run(capsys, *cfg, "user", "remove", "alice@example.com")[0] == 0
+    assert AccountStore(db).get("alice@example.com") is None
+    for action in ("disable", "enable", "remove"):
+        status, _, err = run(capsys, *cfg, "user", action, "alice@example.com")
+        assert (status, err) == (2, "relaygate: no such account: alice@example.com\n")
+
+
+def test_user_senders(
+    capsys: pytest.CaptureFixture[str], cfg: list[str], db: sqlite3.Connection
+) -> None:
+    run(capsys, *cfg, "user", "add", "alice@example.com")
+    status, out, _ = run(
+        capsys, *cfg, "user", "senders", "alice@example.com", "@Example.com", "a@example.org"
+    )
+    assert (status, out) == (0, "alice@example.com may send as: @example.com, a@example.org\n")
+    assert account(db, "alice@example.com").senders == ("@example.com", "a@example.org")
+    status, _, err = run(capsys, *cfg, "user", "senders", "alice@example.com", "nope")
+    assert status == 2
+    assert err.startswith("relaygate: invalid sender pattern: 'nope'")
+    with pytest.raises(SystemExit) as caught:  # at least one pattern, says argparse
+        main([*cfg, "user", "senders", "alice@example.com"])
+    assert caught.value.code == 2
+
+
+def test_user_list(capsys: pytest.CaptureFixture[str], cfg: list[str]) -> None:
+    assert run(capsys, *cfg, "user", "list")[1].startswith("no accounts yet")
+    assert run(capsys, *cfg, "user", "list", "--json")[1] == "[]\n"
+
+    run(capsys, *cfg, "user", "add", "bob@example.com", "--sender", "@example.com")
+    run(capsys, *cfg, "user", "add", "alice@example.com")
+    run(capsys, *cfg, "user", "disable", "bob@example.com")
+
+    status, out, _ = run(capsys, *cfg, "user", "list")
+    assert status == 0
+    header, alice, bob = out.splitlines()
+    assert header.split() == ["ADDRESS", "STATUS", "SENDERS", "CREATED"]
+    assert re.fullmatch(rf"alice@example\.com +enabled +alice@example\.com +{ISO_TIME}", alice)
+    assert re.fullmatch(rf"bob@example\.com +disabled +@example\.com +{ISO_TIME}", bob)
+
+    status, out, _ = run(capsys, *cfg, "user", "list", "--json")
+    listed = json.loads(out)
+    assert [(a["address"], a["disabled"], a["senders"]) for a in listed] == [
+        ("alice@example.com", False, ["alice@example.com"]),
+        ("bob@example.com", True, ["@example.com"]),
+    ]
+    assert "argon2" not in out
+    assert all("password_hash" not in a for a in listed)
+
+
+# ------------------------------------------------------------------ messages
+
+
+def add_message(
+    db: sqlite3.Connection,
+    message_id: str,
+    created_at: float,
+    body: bytes = b"Subject: hi\r\n\r\nhello\r\n",
+    subject: str = "hi",
+) -> None:
+    db.execute(
+        "INSERT INTO messages (id, account, client_ip, mail_from, rcpt_to, subject, size,"
+        " status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            message_id,
+            "alice@example.com",
+            "192.0.2.7",
+            "alice@example.com",
+            json.dumps(["x@example.net", "y@example.net"]),
+            subject,
+            len(body),
+            "captured",
+            created_at,
+        ),
+    )
+    db.execute("INSERT INTO message_bodies (id, body) VALUES (?, ?)", (message_id, body))
+
+
+def test_messages_list(
+    capsys: pytest.CaptureFixture[str], cfg: list[str], db: sqlite3.Connection
+) -> None:
+    assert run(capsys, *cfg, "messages", "list")[1] == "no messages captured yet\n"
+    add_message(db, "OLD1", 1_700_000_000.0)
+    add_message(db, "NEW2", 1_700_000_100.0, subject="evil \x1b[2J subject")
+    add_message(db, "MID3", 1_700_000_050.0)
+
+    status, out, _ = run(capsys, *cfg, "messages", "list")
+    assert status == 0
+    header, *rows = out.splitlines()
+    assert header.split() == ["ID", "CREATED", "USER", "FROM", "TO", "SUBJECT", "SIZE", "STATUS"]
+    assert [row.split()[0] for row in rows] == ["NEW2", "MID3", "OLD1"]
+    assert "x@example.net, y@example.net" in rows[0]
+    assert "\x1b" not in out and "evil \\x1b[2J subject" in rows[0]
+    assert re.search(ISO_TIME, rows[0])
+
+    status, out, _ = run(capsys, *cfg, "messages", "list", "--limit", "1", "--json")
+    (only,) = json.loads(out)
+    assert only["id"] == "NEW2"
+    assert only["rcpt_to"] == ["x@example.net", "y@example.net"]
+    assert only["created_at"] == 1_700_000_100.0
+    assert only["status"] == "captured"
+
+
+@pytest.mark.parametrize("limit", ["0", "-3", "many"])
+def test_messages_list_bad_limit(
+    capsys: pytest.CaptureFixture[str], cfg: list[str], limit: str
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main([*cfg, "messages", "list", "--limit", limit])
+    assert caught.value.code == 2
+    assert "must be a whole number >= 1" in capsys.readouterr().err
+
+
+def test_messages_show(
+    capsys: pytest.CaptureFixture[str], cfg: list[str], db: sqlite3.Connection
+) -> None:
+    add_message(db, "ABC", 1_700_000_000.0, body=b"Subject: hi\r\n\r\ncaf\xc3\xa9 \xff\r\n")
+    status, out, _ = run(capsys, *cfg, "messages", "show", "ABC")
+    assert status == 0
+    fields, text = out.split("\n\n", 1)
+    assert fields.splitlines()[0] == "id: ABC"
+    assert "user: alice@example.com" in fields
+    assert "client ip: 192.0.2.7" in fields
+    assert "to: x@example.net, y@example.net" in fields
+    assert re.search(rf"^created: {ISO_TIME}$", fields, re.MULTILINE)
+    assert text == "Subject: hi\n\ncafé \ufffd\n"
+
+
+def test_messages_show_raw(
+    capsysbinary: pytest.CaptureFixture[bytes], cfg: list[str], db: sqlite3.Connection
+) -> None:
+    body = b"Subject: raw\r\n\r\n\xff\x00 bytes\r\n.\r\n"
+    add_message(db, "RAW", 1_700_000_000.0, body=body)
+    assert main([*cfg, "messages", "show", "RAW", "--raw"]) == 0
+    assert capsysbinary.readouterr().out == body
+
+
+def test_messages_show_unknown(capsys: pytest.CaptureFixture[str], cfg: list[str]) -> None:
+    status, out, err = run(capsys, *cfg, "messages", "show", "NOPE")
+    assert (status, out, err) == (2, "", "relaygate: no such message: NOPE\n")
+
+
+# -------------------------------------------------------------------- errors
+
+
+def test_bad_config_one_line_per_problem(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('typo = 1\n[[listeners]]\naddress = "x"\ntls = "maybe"\n')
+    status, out, err = run(capsys, "--config", str(path), "user", "list")
+    assert (status, out) == (2, "")
+    assert err.splitlines() == [
+        f"relaygate: {path}: typo: unknown setting",
+        f"relaygate: {path}: listeners[0].address: must be host:port or [v6]:port (got 'x')",
+    ]
+
+
+def test_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "missing.toml"
+    status, _, err = run(capsys, "--config", str(path), "user", "list")
+    assert (status, err) == (2, f"relaygate: {path}: cannot read: No such file or directory\n")
+
+
+def test_unusable_data_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "blocker").write_text("a file where the data directory should be")
+    path = tmp_path / "relaygate.toml"
+    path.write_text('[server]\ndata_dir = "blocker"\n')
+    status, out, err = run(capsys, "--config", str(path), "user", "list")
+    assert (status, out) == (2, "")
+    assert err.startswith(f"relaygate: {tmp_path / 'blocker' / 'relaygate.db'}: ")
+    assert err.count("\n") == 1
+
+
+def test_quickstart_uses_current_directory(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert run(capsys, "messages", "list")[0] == 0
+    assert (tmp_path / "relaygate-data" / "relaygate.db").exists()
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in ([], ["user"], ["frobnicate"], ["user", "add"]):
+        with pytest.raises(SystemExit) as caught:
+            main(argv)
+        assert caught.value.code == 2
+    assert "usage: relaygate" in capsys.readouterr().err
+
+
+# ------------------------------------------------- the real installed command
+
+
+def commands() -> list[list[str]]:
+    found = [[sys.executable, "-m", "relaygate"]]
+    script = Path(sys.executable).parent / "relaygate"
+    if script.exists():
+        found.append([str(script)])
+    return found
+
+
+@pytest.fixture(params=commands(), ids=lambda command: Path(command[-1]).name)
+def command(request: pytest.FixtureRequest) -> list[str]:
+    value: list[str] = request.param
+    return value
+
+
+def run_process(command: list[str], *argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    return subprocess.run(
+        [*command, *argv], check=False, capture_output=True, text=True, cwd=cwd, env=env, timeout=60
+    )
+
+
+def test_process_bad_config(command: list[str], tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[server\n")
+    result = run_process(command, "--config", str(path), "user", "list", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"relaygate: {path}: TOML syntax error: ")
+
+
+def test_process_passwd_unknown_account(
+    command: list[str], config_file: Path, tmp_path: Path
+) -> None:
+    result = run_process(
+        command, "user", "passwd", "ghost@example.com", "--config", str(config_file), cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr == "relaygate: no such account: ghost@example.com\n"
+
+
+def test_process_add_then_list(command: list[str], config_file: Path, tmp_path: Path) -> None:
+    added = run_process(
+        command, "--config", str(config_file), "user", "add", "a@b.example", cwd=tmp_path
+    )
+    assert added.returncode == 0, added.stderr
+    listed = run_process(
+        command, "--config", str(config_file), "user", "list", "--json", cwd=tmp_path
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert [a["address"] for a in json.loads(listed.stdout)] == ["a@b.example"]
+    with closing(connect(tmp_path / "data" / "relaygate.db")) as db:
+        assert AccountStore(db).count() == 1

@@ -1,0 +1,236 @@
+"""load_config: quickstart, a full file, and one line per problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relaygate.config import (
+    ENV_VAR,
+    QUICKSTART_LISTENERS,
+    ConfigError,
+    ListenerConfig,
+    load_config,
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_config_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+
+
+def write(tmp_path: Path, text: str, name: str = "relaygate.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problems(path: Path | str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    return caught.value.problems
+
+
+def test_no_file_means_quickstart() -> None:
+    config = load_config()
+    assert config.quickstart
+    assert config.source is None
+    assert config.listeners == QUICKSTART_LISTENERS
+    assert config.data_dir == Path("relaygate-data").absolute()
+    assert config.database_path == config.data_dir / "relaygate.db"
+
+
+def test_full_valid_file(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("cert")
+    (tmp_path / "key.pem").write_text("key")
+    path = write(
+        tmp_path,
+        """
+[server]
+hostname = "mail.example.com"
+data_dir = "data"
+workers = 3
+
+[[listeners]]
+address = "0.0.0.0:587"
+tls = "starttls"
+
+[[listeners]]
+address = "[::1]:465"
+tls = "implicit"
+
+[tls]
+cert_file = "cert.pem"
+key_file = "key.pem"
+
+[delivery]
+mode = "capture"
+
+[limits]
+max_message_size = 1048576
+max_recipients = 5
+idle_timeout = 30
+command_timeout = 7.5
+
+[password_hash]
+memory_kib = 8192
+time_cost = 1
+parallelism = 2
+
+[log]
+level = "debug"
+format = "json"
+file = "relaygate.log"
+""",
+    )
+    config = load_config(path)
+    assert not config.quickstart
+    assert config.source == path.resolve()
+    assert config.hostname == "mail.example.com"
+    assert config.data_dir == (tmp_path / "data").resolve()
+    assert config.worker_count() == 3
+    assert config.listeners == (
+        ListenerConfig("0.0.0.0", 587, "starttls"),
+        ListenerConfig("::1", 465, "implicit"),
+    )
+    assert config.listeners[1].address == "[::1]:465"
+    assert config.tls.cert_file == (tmp_path / "cert.pem").resolve()
+    assert config.tls.key_file == (tmp_path / "key.pem").resolve()
+    assert config.limits.max_message_size == 1048576
+    assert config.limits.max_recipients == 5
+    assert config.limits.idle_timeout == 30.0
+    assert config.limits.command_timeout == 7.5
+    assert config.limits.data_timeout == 600.0  # untouched default
+    assert (config.password_hash.memory_kib, config.password_hash.time_cost) == (8192, 1)
+    assert config.password_hash.parallelism == 2
+    assert (config.log.level, config.log.format) == ("debug", "json")
+    assert config.log.file == (tmp_path / "relaygate.log").resolve()
+
+
+def test_empty_file_uses_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, ""))
+    assert not config.quickstart
+    assert config.listeners == QUICKSTART_LISTENERS
+    assert config.data_dir == (tmp_path / "relaygate-data").resolve()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[server]\nhostnme = "x"\n', "server.hostnme: unknown setting"),
+        ('colour = "blue"\n', "colour: unknown setting"),
+        ('[[listeners]]\naddress = "127.0.0.1:25"\ntls = "ssl"\n', "listeners[0].tls: must be"),
+        ('[[listeners]]\naddress = "localhost"\n', "listeners[0].address: must be host:port"),
+        ('[[listeners]]\naddress = "[::1]:0"\n', "listeners[0].address: must be host:port"),
+        ("[server]\nworkers = -1\n", "server.workers: must be a whole number >= 0"),
+        ('[server]\nhostname = ""\n', "server.hostname: must be a non-empty string"),
+        ("[limits]\nidle_timeout = 0\n", "limits.idle_timeout: must be a number of seconds"),
+        ("[password_hash]\nmemory_kib = 1024\n", "password_hash.memory_kib: must be"),
+        ('[log]\nlevel = "loud"\n', "log.level: must be one of"),
+        ('[tls]\ncert_file = "missing.pem"\n', "tls.cert_file: cannot read"),
+        ("server = 1\n", "server: must be a table"),
+    ],
+)
+def test_each_problem_is_one_line(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    found = problems(path)
+    assert any(line.startswith(f"{path}: {expected}") for line in found), found
+    assert all("\n" not in line for line in found)
+
+
+def test_all_problems_reported_together(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+typo = 1
+[[listeners]]
+address = "nonsense"
+[[listeners]]
+address = "127.0.0.1:587"
+tls = "sometimes"
+[limits]
+max_recipients = 0
+""",
+    )
+    found = problems(path)
+    assert len(found) == 4, found
+    assert [line.split(": ")[1] for line in found] == [
+        "typo",
+        "listeners[0].address",
+        "listeners[1].tls",
+        "limits.max_recipients",
+    ]
+
+
+def test_listener_listed_twice(tmp_path: Path) -> None:
+    text = '[[listeners]]\naddress = "127.0.0.1:587"\n' * 2
+    assert problems(write(tmp_path, text)) == [
+        f"{tmp_path / 'relaygate.toml'}: listeners: 127.0.0.1:587 is listed twice"
+    ]
+
+
+def test_cert_without_key(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("cert")
+    found = problems(write(tmp_path, '[tls]\ncert_file = "cert.pem"\n'))
+    assert found == [
+        f"{tmp_path / 'relaygate.toml'}: tls: cert_file and key_file must be given together"
+    ]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    assert problems(path) == [f"{path}: cannot read: No such file or directory"]
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    (found,) = problems(tmp_path)
+    assert found.startswith(f"{tmp_path}: cannot read: ")
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[server]\nhostname = "caf\xe9"\n')
+    assert problems(path) == [f"{path}: not UTF-8 text"]
+
+
+def test_toml_syntax_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server\nhostname = 'x'\n")
+    (found,) = problems(path)
+    assert found.startswith(f"{path}: TOML syntax error: ")
+    assert "line 1" in found
+
+
+def test_environment_variable_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, '[server]\nhostname = "env.example"\n')
+    monkeypatch.setenv(ENV_VAR, str(path))
+    config = load_config()
+    assert config.hostname == "env.example"
+    assert config.source == path.resolve()
+
+
+def test_explicit_path_beats_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "missing.toml"))
+    path = write(tmp_path, '[server]\nhostname = "explicit.example"\n', "explicit.toml")
+    assert load_config(path).hostname == "explicit.example"
+
+
+def test_environment_variable_to_missing_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "missing.toml"
+    monkeypatch.setenv(ENV_VAR, str(missing))
+    assert problems_from_env() == [f"{missing}: cannot read: No such file or directory"]
+
+
+def test_empty_environment_variable_means_quickstart(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_VAR, "")
+    assert load_config().quickstart
+
+
+def problems_from_env() -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_config()
+    return caught.value.problems
