@@ -10,6 +10,7 @@ A worker that dies is restarted; SIGTERM is passed on and awaited.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import secrets
@@ -27,6 +28,7 @@ from relaygate.server.tls import TLSSetupError, certificate_pairs, server_contex
 from relaygate.server.worker import BoundListener, run_worker
 from relaygate.storage import sqlite as storage
 
+PR_SET_PDEATHSIG = 1
 QUICKSTART_ADDRESS = "dev@example.test"
 QUICKSTART_SENDERS = ("@example.test",)
 
@@ -147,6 +149,7 @@ def _fork_worker(config: Config, index: int, listeners: list[BoundListener]) -> 
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _die_with_parent()
             status = run_worker(config, index, listeners)
         except BaseException as exc:  # a worker must never return into the parent's code
             logs.event("worker.crash", worker=index, error=repr(exc))
@@ -155,6 +158,15 @@ def _fork_worker(config: Config, index: int, listeners: list[BoundListener]) -> 
             sys.stderr.flush()
             os._exit(status)
     return pid
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM if the supervisor dies, so no orphan keeps the ports."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: an orphaned worker still drains on its own SIGTERM
 
 
 def _supervise(config: Config, listeners: list[BoundListener], count: int) -> int:

@@ -71,7 +71,7 @@ def check_mailbox(path: str, *, smtputf8: bool) -> str:
         _, sep, path = path.partition(":")
         if not sep:
             raise AddressSyntaxError("malformed source route")
-    if len(path) > MAX_ADDRESS:
+    if len(path.encode()) > MAX_ADDRESS:  # octets, not characters (RFC 6531 3.3)
         raise AddressSyntaxError("address too long")
     local, sep, domain = path.rpartition("@")
     if not sep or not local or not domain:
@@ -98,6 +98,8 @@ def _check_literal(domain: str) -> None:
     if not domain.endswith("]"):
         raise AddressSyntaxError("malformed address literal")
     inner = domain[1:-1]
+    if "%" in inner:  # ipaddress accepts IPv6 zone ids ("fe80::1%anything"); RFC 5321 does not
+        raise AddressSyntaxError("malformed address literal")
     try:
         if inner[:5].lower() == "ipv6:":
             ipaddress.IPv6Address(inner[5:])

@@ -189,17 +189,18 @@ class Session:
         while not events:
             state = self.state
             if state in _COMMAND_STATES or state is State.AUTH:
-                if not self._next_line():
-                    return None
+                progressed = self._next_line()
             elif state is State.DATA:
-                if not self._read_data():
-                    return None
+                progressed = self._read_data()
             elif state is State.BDAT:
-                if not self._read_chunk():
-                    return None
+                progressed = self._read_chunk()
             else:
-                return None
-        return events.pop(0)
+                progressed = False
+            if not progressed:
+                break
+        # A step may queue an event and still want more input (an over-long
+        # line without its LF yet): the event must come out now, not later.
+        return events.pop(0) if events else None
 
     def take_output(self) -> bytes:
         """Everything to send now (replies are batched for pipelined input)."""
@@ -358,6 +359,9 @@ class Session:
         if b"\0" in raw:
             self._refuse_command("", replies.NUL_IN_COMMAND, bad=True)
             return
+        if b"\r" in raw:  # a bare CR must not reach helo_name, addresses, parameters
+            self._refuse_command("", replies.BARE_CR_IN_COMMAND, bad=True)
+            return
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -460,7 +464,8 @@ class Session:
     def _check_mail_parameters(self, params: dict[str, str | None]) -> bytes | None:
         for key, value in params.items():
             if key == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
+                # isascii: str.isdigit() also accepts digits int() rejects ("\u00b2")
+                if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
                     return replies.BAD_PARAMETER
                 if int(value) > self.settings.max_message_size:
                     return replies.SIZE_EXCEEDED
@@ -518,7 +523,11 @@ class Session:
         buffer = self._buffer
         end = buffer.find(b"\r\n.\r\n", self._data_scan)
         if end < 0:
-            limit = self.settings.max_message_size + 2
+            # The content ends at most 2 bytes before the buffer does (a partial
+            # terminator ".\r" may follow its CRLF), and may be max + 2 long
+            # (the leading CRLF): only then is it sure to be too big, whatever
+            # way the input was split.
+            limit = self.settings.max_message_size + 4
             if len(buffer) > limit:
                 # Too big: keep scanning for the terminator, keep no content.
                 self._message_too_big = True
@@ -563,7 +572,7 @@ class Session:
         if (
             not parts
             or len(parts) > 2
-            or not parts[0].isdigit()
+            or not (parts[0].isascii() and parts[0].isdigit())
             or len(parts[0]) > 18
             or (len(parts) == 2 and parts[1].upper() != "LAST")
         ):

@@ -1,0 +1,1 @@
+"""End-to-end tests: the real relaygate process, real sockets, real TLS, real clients."""

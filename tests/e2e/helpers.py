@@ -1,0 +1,773 @@
+"""Building blocks for the end-to-end tests.
+
+- ``Server``: one real ``relaygate serve`` process with its own config, data
+  directory and log file, plus helpers to run the CLI against it and to read
+  its log as parsed events.
+- ``RawSMTP``: a byte-exact SMTP client over a real socket (plain or TLS), for
+  dialogs that no well-behaved client library would produce.
+- Every password and AUTH payload a test sends is remembered in
+  ``SENT_SECRETS`` so the fixtures can check that no log line ever holds one.
+
+Every wait here is bounded in time, and all traffic goes to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import email.utils
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+HOST = "127.0.0.1"
+TLS_NAME = "localhost"  # the server's hostname, in its self-signed certificates
+PROCESS_TIMEOUT = 30.0  # one CLI command
+START_TIMEOUT = 10.0  # until both listeners greet
+STOP_TIMEOUT = 15.0  # SIGTERM until exit
+IO_TIMEOUT = 10.0  # one SMTP reply
+QUEUE_ID = re.compile(r"queued as ([0-9A-Z]{17})\b")
+ENV_VAR = "RELAYGATE_CONFIG"
+
+# Every secret a test has sent to any server: no log may contain one.
+SENT_SECRETS: set[str] = set()
+
+
+def b64(data: str | bytes) -> str:
+    raw = data.encode() if isinstance(data, str) else data
+    return base64.b64encode(raw).decode("ascii")
+
+
+def remember_credentials(user: str, password: str) -> None:
+    """Note a password and every AUTH payload a client could derive from it."""
+    SENT_SECRETS.add(password)
+    for payload in (
+        f"\0{user}\0{password}",  # PLAIN without authzid
+        f"{user}\0{user}\0{password}",  # PLAIN with authzid
+        password,  # LOGIN, second step
+        user,  # LOGIN, first step
+    ):
+        SENT_SECRETS.add(b64(payload))
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for child processes, without $RELAYGATE_CONFIG."""
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    env.update(extra)
+    return env
+
+
+# ------------------------------------------------------------------ ports
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 right now (all held at once, so distinct)."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((HOST, 0))
+            socks.append(sock)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def port_is_free(port: int) -> bool:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((HOST, port))
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout: float, interval: float = 0.05, what: str = "condition"
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(interval)
+
+
+# ------------------------------------------------------------------ logs
+
+_LOG_LINE = re.compile(
+    r"^(?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) "
+    r"(?P<level>debug|info|warning|error|critical) (?P<rest>event=\S.*)$"
+)
+_PAIR = re.compile(r'([A-Za-z_][\w.]*)=("(?:[^"\\]|\\.)*"|[^\s"]+)')
+
+
+def parse_log_line(line: str) -> dict[str, str]:
+    """``TS level event=NAME key=value ...`` -> dict; ValueError if malformed."""
+    match = _LOG_LINE.match(line)
+    if match is None:
+        raise ValueError(f"not a logfmt event line: {line!r}")
+    fields = {"ts": match["ts"], "level": match["level"]}
+    rest = match["rest"]
+    pos = 0
+    while pos < len(rest):
+        pair = _PAIR.match(rest, pos)
+        if pair is None:
+            raise ValueError(f"bad key=value at {pos} in {line!r}")
+        key, value = pair.group(1), pair.group(2)
+        if key in fields:
+            raise ValueError(f"key {key} twice in {line!r}")
+        fields[key] = str(json.loads(value)) if value.startswith('"') else value
+        pos = pair.end()
+        if pos < len(rest):
+            if rest[pos] != " ":
+                raise ValueError(f"no space after {key}= in {line!r}")
+            pos += 1
+    return fields
+
+
+# ------------------------------------------------------------------ messages
+
+
+def make_message(
+    *,
+    from_addr: str,
+    to: Sequence[str],
+    subject: str,
+    body: str = "Hello from an end-to-end test.\r\n",
+    date: bool = True,
+    message_id: bool = True,
+    extra_headers: Sequence[str] = (),
+) -> bytes:
+    """An RFC 5322 message with CRLF line ends."""
+    lines = [f"From: {from_addr}", f"To: {', '.join(to)}", f"Subject: {subject}"]
+    if date:
+        lines.append(f"Date: {email.utils.formatdate(localtime=True)}")
+    if message_id:
+        lines.append(f"Message-ID: {email.utils.make_msgid(domain='client.test')}")
+    lines += extra_headers
+    text = "\r\n".join(lines) + "\r\n\r\n" + body.replace("\r\n", "\n").replace("\n", "\r\n")
+    return text.encode()
+
+
+def header_fields(raw: bytes) -> list[tuple[str, str]]:
+    """The header section as (name, unfolded value) pairs, in order."""
+    end = raw.find(b"\r\n\r\n")
+    block = raw if end < 0 else raw[: end + 2]
+    fields: list[tuple[str, str]] = []
+    for line in block.decode("utf-8", "replace").split("\r\n"):
+        if not line:
+            continue
+        if line[0] in " \t" and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, value + " " + line.strip())
+            continue
+        name, _, value = line.partition(":")
+        fields.append((name.strip(), value.strip()))
+    return fields
+
+
+def field_values(raw: bytes, name: str) -> list[str]:
+    return [v for n, v in header_fields(raw) if n.lower() == name.lower()]
+
+
+def queue_id_of(text: str) -> str:
+    match = QUEUE_ID.search(text)
+    if match is None:
+        raise AssertionError(f"no 'queued as <id>' in {text!r}")
+    return match.group(1)
+
+
+# ------------------------------------------------------------------ accounts
+
+
+@dataclass(frozen=True)
+class User:
+    address: str
+    password: str
+    senders: tuple[str, ...] = ()
+    disabled: bool = False
+
+
+# ------------------------------------------------------------------ the server
+
+
+class Server:
+    """One ``relaygate serve`` process on two free ports (STARTTLS, implicit TLS)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        workers: int = 1,
+        limits: Mapping[str, int | float] | None = None,
+    ) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.data_dir = directory / "data"
+        self.log_path = directory / "relaygate.log"
+        self.config_path = directory / "relaygate.toml"
+        self.stdout_path = directory / "serve.stdout"
+        self.stderr_path = directory / "serve.stderr"
+        self.workers = workers
+        self.limits = dict(limits or {})
+        self.starttls_port, self.implicit_port = free_ports(2)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.users: dict[str, User] = {}
+        self.write_config()
+
+    def __repr__(self) -> str:
+        return f"Server({self.directory.name}, ports {self.starttls_port}/{self.implicit_port})"
+
+    # configuration and CLI
+
+    def write_config(self) -> None:
+        lines = [
+            "[server]",
+            'hostname = "localhost"',
+            f"data_dir = {json.dumps(str(self.data_dir))}",
+            f"workers = {self.workers}",
+            "",
+            "[[listeners]]",
+            f'address = "{HOST}:{self.starttls_port}"',
+            'tls = "starttls"',
+            "",
+            "[[listeners]]",
+            f'address = "{HOST}:{self.implicit_port}"',
+            'tls = "implicit"',
+            "",
+            "[password_hash]",
+            "memory_kib = 8192",
+            "time_cost = 1",
+            "",
+            "[log]",
+            f"file = {json.dumps(str(self.log_path))}",
+        ]
+        if self.limits:
+            lines += ["", "[limits]"] + [f"{k} = {v!r}" for k, v in self.limits.items()]
+        self.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "relaygate", "--config", str(self.config_path), *args]
+
+    def cli(
+        self, *args: str, stdin: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            self.command(*args),
+            input=stdin if stdin is not None else "",
+            capture_output=True,
+            text=True,
+            timeout=PROCESS_TIMEOUT,
+            env=clean_env(),
+            cwd=self.directory,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"relaygate {' '.join(args)} exited {result.returncode}: {result.stderr}"
+            )
+        return result
+
+    def add_user(self, user: User) -> None:
+        remember_credentials(user.address, user.password)
+        args = ["user", "add", user.address, "--password-stdin"]
+        for pattern in user.senders:
+            args += ["--sender", pattern]
+        self.cli(*args, stdin=user.password + "\n")
+        if user.disabled:
+            self.cli("user", "disable", user.address)
+        self.users[user.address] = user
+
+    def set_password(self, address: str, password: str) -> None:
+        remember_credentials(address, password)
+        self.cli("user", "passwd", address, "--password-stdin", stdin=password + "\n")
+
+    def messages(self, limit: int = 100000) -> list[dict[str, Any]]:
+        out = self.cli("messages", "list", "--json", "--limit", str(limit)).stdout
+        return cast(list[dict[str, Any]], json.loads(out))
+
+    def message(self, queue_id: str) -> dict[str, Any]:
+        for entry in self.messages():
+            if entry["id"] == queue_id:
+                return entry
+        raise AssertionError(f"message {queue_id} is not in `messages list`")
+
+    def subjects(self) -> set[str]:
+        return {str(m["subject"]) for m in self.messages()}
+
+    def raw(self, queue_id: str) -> bytes:
+        result = subprocess.run(
+            self.command("messages", "show", queue_id, "--raw"),
+            capture_output=True,
+            timeout=PROCESS_TIMEOUT,
+            env=clean_env(),
+            check=False,
+        )
+        if result.returncode != 0:
+            raise AssertionError(f"messages show {queue_id} --raw: {result.stderr!r}")
+        return result.stdout
+
+    # TLS
+
+    @property
+    def ecdsa_cert(self) -> Path:
+        return self.data_dir / "tls" / "selfsigned-ecdsa.crt"
+
+    @property
+    def rsa_cert(self) -> Path:
+        return self.data_dir / "tls" / "selfsigned-rsa.crt"
+
+    def ca_bundle(self) -> Path:
+        """Both self-signed certificates in one PEM file (for curl, msmtp, swaks)."""
+        bundle = self.directory / "ca-bundle.pem"
+        bundle.write_bytes(self.ecdsa_cert.read_bytes() + self.rsa_cert.read_bytes())
+        return bundle
+
+    def client_context(self, *, max_version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+        """Verifies the server's self-signed certificates, host name "localhost"."""
+        context = ssl.create_default_context(cafile=str(self.ecdsa_cert))
+        context.load_verify_locations(cafile=str(self.rsa_cert))
+        if max_version is not None:
+            context.maximum_version = max_version
+        return context
+
+    # process
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "server not started"
+        return self.process.pid
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        assert self.process is None or self.process.poll() is not None, "already running"
+        with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
+            self.process = subprocess.Popen(
+                self.command("serve"),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=clean_env(),
+                cwd=self.directory,
+                start_new_session=True,  # its own process group: killpg reaches the workers
+            )
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.kill()
+            raise
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until both listeners send their 220 greeting (the workers are serving)."""
+        deadline = time.monotonic() + timeout
+        ready = {self.starttls_port: False, self.implicit_port: False}
+        while not all(ready.values()):
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"relaygate serve exited {self.process.returncode} during start:\n"
+                    + self.stderr_path.read_text(errors="replace")
+                )
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"relaygate serve not ready within {timeout}s")
+            for port, done in ready.items():
+                if not done:
+                    ready[port] = self._greets(port)
+            if not all(ready.values()):
+                time.sleep(0.05)
+
+    def _greets(self, port: int) -> bool:
+        try:
+            tls = self.client_context() if port == self.implicit_port else None
+            with RawSMTP.connect(port, tls=tls, timeout=2.0) as client:
+                client.send(b"QUIT\r\n")
+                return client.greeting.code == 220
+        except (OSError, ssl.SSLError, SMTPClosed, AssertionError):
+            return False
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM and wait: the exit status, or None if it had to be killed."""
+        process = self.process
+        if process is None:
+            return 0
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (supervisor and workers); wait for the ports."""
+        process = self.process
+        if process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(10)
+        wait_until(
+            lambda: port_is_free(self.starttls_port) and port_is_free(self.implicit_port),
+            10.0,
+            what="the killed server's ports to be free",
+        )
+
+    def worker_pids(self) -> list[int]:
+        """The processes that serve connections (the supervisor's children, if any)."""
+        pid = self.pid
+        children: list[int] = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                children.append(int(entry.name))
+        return children or [pid]
+
+    def worker_for(self, client_port: int) -> int | None:
+        """Which server process holds the connection from our ``client_port``."""
+        inode = None
+        server_ports = {self.starttls_port, self.implicit_port}
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            parts = line.split()
+            local_port = int(parts[1].rsplit(":", 1)[1], 16)
+            remote_port = int(parts[2].rsplit(":", 1)[1], 16)
+            if local_port in server_ports and remote_port == client_port:
+                inode = parts[9]
+        if inode is None:
+            return None
+        target = f"socket:[{inode}]"
+        for pid in self.worker_pids():
+            with contextlib.suppress(OSError):
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    with contextlib.suppress(OSError):
+                        if os.readlink(fd) == target:
+                            return pid
+        return None
+
+    # logs
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return ""
+
+    def log_mark(self) -> int:
+        """A position in the log; pass it as ``since`` to see only later events."""
+        return len(self.log_text())
+
+    def log_events(self, name: str | None = None, since: int = 0) -> list[dict[str, str]]:
+        events = [parse_log_line(line) for line in self.log_text()[since:].splitlines() if line]
+        return [e for e in events if name is None or e["event"] == name]
+
+    def wait_for_event(
+        self,
+        name: str,
+        match: Callable[[dict[str, str]], bool] = lambda e: True,
+        since: int = 0,
+        timeout: float = 5.0,
+    ) -> dict[str, str]:
+        found: list[dict[str, str]] = []
+
+        def look() -> bool:
+            found[:] = [e for e in self.log_events(name, since) if match(e)]
+            return bool(found)
+
+        wait_until(look, timeout, what=f"log event {name}")
+        return found[0]
+
+    def secrets_in_log(self, secrets: Iterable[str] | None = None) -> list[str]:
+        text = self.log_text()
+        return sorted(s for s in (SENT_SECRETS if secrets is None else secrets) if s in text)
+
+
+# ------------------------------------------------------------------ raw SMTP
+
+
+class SMTPClosed(Exception):
+    """The server closed the connection."""
+
+
+_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    lines: tuple[str, ...]  # the text of each line, after "250-" or "250 "
+
+    @property
+    def enhanced(self) -> str:
+        first = self.lines[-1].split(" ", 1)[0]
+        return first if _ENHANCED.match(first) else ""
+
+    @property
+    def text(self) -> str:
+        last = self.lines[-1]
+        return last.split(" ", 1)[1] if self.enhanced and " " in last else last
+
+    @property
+    def status(self) -> str:
+        """``"250 2.0.0"``: the code and enhanced code, as tests compare them."""
+        return f"{self.code} {self.enhanced}".strip()
+
+    def __str__(self) -> str:
+        return " | ".join(f"{self.code} {line}" for line in self.lines)
+
+
+@dataclass
+class RawSMTP:
+    """A byte-exact SMTP client; every read is bounded by ``timeout``."""
+
+    sock: socket.socket
+    timeout: float = IO_TIMEOUT
+    buffer: bytearray = field(default_factory=bytearray)
+    greeting: Reply = field(default_factory=lambda: Reply(0, ("",)))
+
+    @classmethod
+    def connect(
+        cls, port: int, *, tls: ssl.SSLContext | None = None, timeout: float = IO_TIMEOUT
+    ) -> RawSMTP:
+        sock = socket.create_connection((HOST, port), timeout=timeout)
+        try:
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_hostname=TLS_NAME)
+            client = cls(sock, timeout)
+            client.greeting = client.reply()
+        except BaseException:
+            sock.close()
+            raise
+        return client
+
+    def __enter__(self) -> RawSMTP:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    @property
+    def local_port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    @property
+    def tls_version(self) -> str | None:
+        return self.sock.version() if isinstance(self.sock, ssl.SSLSocket) else None
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no complete reply in time")
+        self.sock.settimeout(remaining)
+        try:
+            data = self.sock.recv(65536)
+        except (ConnectionResetError, ssl.SSLEOFError, BrokenPipeError) as exc:
+            raise SMTPClosed(str(exc)) from None
+        if not data:
+            raise SMTPClosed("connection closed by the server")
+        self.buffer += data
+
+    def read_line(self, timeout: float | None = None) -> bytes:
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            end = self.buffer.find(b"\r\n")
+            if end >= 0:
+                line = bytes(self.buffer[:end])
+                del self.buffer[: end + 2]
+                return line
+            self._fill(deadline)
+
+    def reply(self, timeout: float | None = None) -> Reply:
+        lines: list[str] = []
+        code = 0
+        for _ in range(1000):
+            line = self.read_line(timeout).decode("utf-8", "replace")
+            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
+                raise AssertionError(f"not an SMTP reply line: {line!r}")
+            code = int(line[:3])
+            lines.append(line[4:])
+            if line[3:4] != "-":
+                return Reply(code, tuple(lines))
+        raise AssertionError("reply of more than 1000 lines")
+
+    def command(self, line: str | bytes) -> Reply:
+        self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        return self.reply()
+
+    def pending(self, wait: float = 0.3) -> bytes:
+        """Whatever else arrives within ``wait`` seconds (b"" if nothing)."""
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        deadline = time.monotonic() + wait
+        while (remaining := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except (TimeoutError, ssl.SSLError, ConnectionError):
+                break
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    def wait_closed(self, timeout: float = 5.0) -> bool:
+        """True when the server closes the connection within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                return False
+            except (ConnectionError, ssl.SSLError, OSError):
+                return True
+            if not chunk:
+                return True
+            self.buffer += chunk
+        return False
+
+    # dialogs
+
+    def ehlo(self, name: str = "client.test") -> Reply:
+        reply = self.command(f"EHLO {name}")
+        assert reply.code == 250, str(reply)
+        return reply
+
+    def starttls(self, context: ssl.SSLContext) -> None:
+        reply = self.command("STARTTLS")
+        assert reply.status == "220 2.0.0", str(reply)
+        assert not self.buffer, f"plaintext after the STARTTLS reply: {bytes(self.buffer)!r}"
+        self.sock = context.wrap_socket(self.sock, server_hostname=TLS_NAME)
+
+    def auth_plain(self, user: str, password: str) -> Reply:
+        remember_credentials(user, password)
+        payload = b64("\0" + user + "\0" + password)
+        return self.command(f"AUTH PLAIN {payload}")
+
+    def auth_login(self, user: str, password: str) -> Reply:
+        remember_credentials(user, password)
+        first = self.command("AUTH LOGIN")
+        if first.code != 334:
+            return first
+        second = self.command(b64(user))
+        if second.code != 334:
+            return second
+        return self.command(b64(password))
+
+    def login(self, user: str, password: str) -> None:
+        reply = self.auth_plain(user, password)
+        assert reply.status == "235 2.7.0", str(reply)
+
+    def transaction(self, mail_from: str, rcpts: Sequence[str]) -> None:
+        reply = self.command(f"MAIL FROM:<{mail_from}>")
+        assert reply.status == "250 2.1.0", str(reply)
+        for rcpt in rcpts:
+            reply = self.command(f"RCPT TO:<{rcpt}>")
+            assert reply.status == "250 2.1.5", str(reply)
+
+    def data(self, message: bytes) -> Reply:
+        """DATA with dot-stuffing; the reply to the end of data."""
+        reply = self.command("DATA")
+        assert reply.code == 354, str(reply)
+        body = message if message.endswith(b"\r\n") else message + b"\r\n"
+        stuffed = b"\r\n".join(
+            b"." + line if line.startswith(b".") else line for line in body.split(b"\r\n")
+        )
+        self.send(stuffed + b".\r\n")
+        return self.reply()
+
+    def send_mail(self, mail_from: str, rcpts: Sequence[str], message: bytes) -> str:
+        """A whole transaction; returns the queue id of the 250 reply."""
+        self.transaction(mail_from, rcpts)
+        reply = self.data(message)
+        assert reply.status == "250 2.0.0", str(reply)
+        return queue_id_of(reply.text)
+
+
+@contextlib.contextmanager
+def session(
+    server: Server,
+    *,
+    implicit: bool = True,
+    user: User | None = None,
+    ehlo: bool = True,
+) -> Iterator[RawSMTP]:
+    """A TLS session (implicit, or STARTTLS), greeted and optionally logged in."""
+    context = server.client_context()
+    if implicit:
+        client = RawSMTP.connect(server.implicit_port, tls=context)
+    else:
+        client = RawSMTP.connect(server.starttls_port)
+    try:
+        if not implicit:
+            client.ehlo()
+            client.starttls(context)
+        if ehlo or user is not None:
+            client.ehlo()
+        if user is not None:
+            client.login(user.address, user.password)
+        yield client
+    finally:
+        client.close()
+
+
+def check_stored(
+    server: Server,
+    queue_id: str,
+    *,
+    user: str,
+    mail_from: str,
+    rcpts: Sequence[str],
+    subject: str,
+    tls_version: str | None = None,
+) -> bytes:
+    """The message is listed as expected and starts with our Received field; its raw bytes."""
+    entry = server.message(queue_id)
+    assert entry["account"] == user, entry
+    assert entry["mail_from"] == mail_from, entry
+    assert entry["rcpt_to"] == list(rcpts), entry
+    assert entry["subject"] == subject, entry
+    assert entry["status"] == "captured", entry
+    assert entry["client_ip"] == HOST, entry
+    raw = server.raw(queue_id)
+    assert entry["size"] == len(raw), entry
+    assert raw.startswith(b"Received: "), raw[:200]
+    name, received = header_fields(raw)[0]
+    assert name == "Received"
+    assert "with ESMTPSA" in received, received
+    assert f" id {queue_id}" in received, received
+    assert f"(authenticated user {user})" in received, received
+    version = re.search(r"version=(TLSv1\.[23]) ", received)
+    assert version is not None, received
+    if tls_version is not None:
+        assert version.group(1) == tls_version, received
+    return raw
