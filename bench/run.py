@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -186,6 +187,13 @@ def topmost_same_program(pid: int, proc: Path = Path("/proc")) -> int:
     return current
 
 
+def background_load(seconds: float = 1.0) -> float:
+    """How many CPUs' worth of work the machine does while we wait ``seconds``."""
+    before = machine_busy_seconds()
+    time.sleep(seconds)
+    return round((machine_busy_seconds() - before) / seconds, 2)
+
+
 def read_pid_file(path: Path) -> int | None:
     try:
         return int(path.read_text().split()[0])
@@ -194,6 +202,14 @@ def read_pid_file(path: Path) -> int | None:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def default_python() -> str:
+    """This interpreter if it has relaygate, else the project's .venv one when present."""
+    if importlib.util.find_spec("relaygate") is not None:
+        return sys.executable
+    venv = BENCH_DIR.parent / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
 
 
 def free_port() -> int:
@@ -252,6 +268,13 @@ class Measurement:
         server = self.machine_busy_s - float(self.load.get("client_cpu_s", 0.0))
         return round(server / self.accepted * 1000, 3)
 
+    def other_cpu_s(self) -> float | None:
+        """Busy CPU that was neither the server's nor the load generator's (noise)."""
+        if not self.ok:
+            return None
+        client = float(self.load.get("client_cpu_s", 0.0))
+        return round(self.machine_busy_s - client - self.server_cpu_s, 3)
+
     def figures(self) -> dict[str, Any]:
         latency = self.load.get("latency", {})
         message = latency.get("message", {})
@@ -269,6 +292,7 @@ class Measurement:
             "server_cpu_s": round(self.server_cpu_s, 3),
             "machine_busy_s": round(self.machine_busy_s, 3),
             "client_cpu_s": self.load.get("client_cpu_s"),
+            "other_cpu_s": self.other_cpu_s(),
             "wall_s": round(self.wall_s, 3),
         }
 
@@ -441,17 +465,26 @@ class PostfixServer:
         self.started_here = False
 
     def _script(self, name: str, timeout: float) -> None:
-        done = subprocess.run(
-            ["bash", str(POSTFIX_DIR / name)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise BenchError(
-                f"bench/postfix/{name} failed ({done.returncode}):\n{done.stderr[-1500:]}"
-            )
+        # Output to a file, not a pipe: the daemons that start.sh starts inherit
+        # it and would keep a pipe open forever.
+        with tempfile.TemporaryFile() as output:
+            try:
+                done = subprocess.run(
+                    ["bash", str(POSTFIX_DIR / name)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    timeout=timeout,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                raise BenchError(f"bench/postfix/{name} took more than {timeout:g} s") from None
+            if done.returncode != 0:
+                output.seek(0)
+                text = output.read().decode(errors="replace")
+                raise BenchError(
+                    f"bench/postfix/{name} failed ({done.returncode}):\n{text[-1500:]}"
+                )
 
     def roots(self) -> list[int]:
         pids = [
@@ -466,8 +499,8 @@ class PostfixServer:
         if os.geteuid() != 0:
             raise BenchError("--compare-postfix needs root (it installs and runs Postfix)")
         self._script("setup.sh", 1800)
-        self._script("start.sh", 120)
         self.started_here = True
+        self._script("start.sh", 120)
         if len(self.roots()) != 2:
             raise BenchError("Postfix or Dovecot is not running after start.sh")
 
@@ -476,7 +509,7 @@ class PostfixServer:
             return ""
         try:
             self._script("stop.sh", 90)
-        except (BenchError, subprocess.TimeoutExpired) as exc:
+        except BenchError as exc:
             return str(exc)
         return ""
 
@@ -680,7 +713,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-connections", type=int, default=100_000, help=argparse.SUPPRESS)
     parser.add_argument("--step-timeout", type=float, default=30.0, help=argparse.SUPPRESS)
-    parser.add_argument("--python", default=sys.executable, help="Python with relaygate installed")
+    parser.add_argument(
+        "--python",
+        default=default_python(),
+        help="Python with relaygate installed (default: this one, else .venv/bin/python)",
+    )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--keep-temp", action="store_true", help="keep the temporary directory")
     return parser
@@ -759,6 +796,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 targets.append(Target("postfix", POSTFIX_PORT, "starttls", postfix.roots()))
                 info["postfix"] = {"version": PostfixServer.version(), "port": POSTFIX_PORT}
 
+            quiet = background_load()
+            info["background_cpus_busy"] = quiet
+            if quiet > 0.2:
+                print(
+                    f"warning: before the run the machine was already busy ({quiet:.2f} CPUs);"
+                    " msg/s and the machine-wide CPU figure will be off",
+                    file=sys.stderr,
+                )
             for scenario in scenarios:
                 for target in targets:
                     print(
@@ -770,8 +815,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     measurements.append(measurement)
                     if measurement.error:
                         problems.append(f"{target.name} scenario {scenario}: {measurement.error}")
-        except BenchError as exc:
-            problems.append(str(exc))
+        except (BenchError, OSError, subprocess.SubprocessError) as exc:
+            problems.append(f"{type(exc).__name__}: {exc}")
         except KeyboardInterrupt:
             problems.append("interrupted")
         finally:
@@ -797,6 +842,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for m in measurements:
             for reason, count in sorted(m.load.get("failed", {}).items()):
                 print(f"{m.target} scenario {m.scenario}: failed {reason}: {count}")
+    for m in measurements:
+        other = m.other_cpu_s()
+        if other is not None and m.machine_busy_s > 0 and other > 0.1 * m.machine_busy_s:
+            print(
+                f"note: during {m.target} scenario {m.scenario}, other processes used {other:.2f}"
+                f" CPU-s ({other / m.machine_busy_s:.0%} of the busy CPU): the machine-wide"
+                " CPU figure counts them, the process figure does not"
+            )
     log_problems = info.get("relaygate", {}).get("log_problems", [])
     if log_problems:
         print("relaygate log lines that look like trouble:")

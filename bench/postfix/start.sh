@@ -14,13 +14,13 @@ fi
 if [ -f "$DC_RUN/master.pid" ] && kill -0 "$(cat "$DC_RUN/master.pid")" 2>/dev/null; then
     echo "start.sh: dovecot already running"
 else
-    dovecot -c "$DC_CONF"
+    dovecot -c "$DC_CONF" </dev/null
 fi
 
 if postfix -c "$PF_CONF" status >/dev/null 2>&1; then
     echo "start.sh: postfix already running"
 else
-    postfix -c "$PF_CONF" start
+    postfix -c "$PF_CONF" start </dev/null
 fi
 
 for _ in $(seq 1 60); do

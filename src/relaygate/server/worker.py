@@ -9,6 +9,7 @@ idle sessions get 421, transactions in flight may finish within
 from __future__ import annotations
 
 import asyncio
+import cProfile
 import logging
 import os
 import signal
@@ -141,9 +142,16 @@ def run_worker(config: Config, index: int, listeners: list[BoundListener]) -> in
     except ImportError:
         loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    profile_path = os.environ.get("RELAYGATE_PROFILE")  # bench/: where the CPU goes
+    profiler = cProfile.Profile() if profile_path else None
     try:
         worker = Worker(config, index, loop)
+        if profiler is not None:
+            profiler.enable()
         loop.run_until_complete(worker.run(listeners))
     finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(f"{profile_path}.{index}")
         loop.close()
     return 0
