@@ -229,7 +229,7 @@ def mutate(data: bytes, rng: random.Random, corpus: list[bytes]) -> bytes:
             buf = buf[:pos] + other[rng.randint(0, len(other)) :]
         else:  # replace a byte with an interesting one
             if buf:
-                buf[rng.randrange(len(buf))] = rng.choice(b"\r\n.\0 :<>@\"\\=\x80")
+                buf[rng.randrange(len(buf))] = rng.choice(b'\r\n.\0 :<>@"\\=\x80')
     return bytes(buf[:20000])
 
 

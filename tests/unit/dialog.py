@@ -7,15 +7,17 @@ test/t-12-minor_dialogs)::
     C~ hi\\n.\\nQUIT\\r\\n        client sends raw bytes (Python escapes, no CRLF added)
     S: 250 2.1.0               the next reply line starts with this text
     S~ 250 CHUNKING            skip reply lines until one starts with this text
-    # a comment; blank lines are ignored
+    # a comment; blank lines and spaces around a step are ignored
 
 Consecutive ``C`` steps go out in one ``receive`` call, like a pipelining
-client writing before it reads. Every ``S`` step reads the next reply line;
-when the script ends, no reply line may be left unread.
+client writing before it reads. Every ``S`` step reads the next reply line.
+A script that ends with an ``S`` step must have read every reply; one that
+ends with ``C`` steps leaves their replies to the caller (``Dialog.replies``).
 
 The ``Driver`` answers the session's questions: by default it accepts every
 login, sender, recipient and message and finishes every TLS handshake at
 once. Give it callbacks returning a reply (bytes) to refuse instead.
+The banner is checked and consumed before the script starts.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ class Dialog:
         self.session.greeting()
         self._unread: list[str] = []
         self._collect()
+        self.expect(f"220 {self.settings.hostname} ")  # scripts start after the banner
 
     def send(self, data: bytes) -> None:
         """Feed bytes and let the driver answer until the session needs more input."""
@@ -186,7 +189,8 @@ class Dialog:
                 raise ValueError(f"bad script step {raw_step!r}")
         if pending:
             self.send(pending)
-        assert not self._unread, f"unread replies: {self._unread}"
+        else:
+            assert not self._unread, f"unread replies: {self._unread}"
         return self
 
     def of_type(self, kind: type[_E]) -> list[_E]:

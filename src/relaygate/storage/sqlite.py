@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -43,6 +43,63 @@ CREATE TABLE IF NOT EXISTS message_bodies (
     body BLOB NOT NULL
 );
 """
+
+
+# Each entry upgrades the schema by one version; never edit a released one.
+_MIGRATIONS: dict[int, str] = {
+    2: """
+ALTER TABLE accounts ADD COLUMN scram_sha256 TEXT;   -- "i:salt:stored_key:server_key", base64
+ALTER TABLE accounts ADD COLUMN limits TEXT;         -- JSON sending-limit overrides
+ALTER TABLE messages ADD COLUMN credential TEXT;     -- app credential name, NULL = the password
+ALTER TABLE messages ADD COLUMN recipients INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE secrets (
+    name  TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+CREATE TABLE credentials (
+    id           INTEGER PRIMARY KEY,
+    account_id   INTEGER NOT NULL REFERENCES accounts(id) ON DELETE CASCADE,
+    name         TEXT NOT NULL,
+    secret_hash  BLOB NOT NULL UNIQUE,   -- HMAC-SHA256(secrets.credential_key, secret)
+    senders      TEXT,                   -- JSON list, NULL = the account's patterns
+    networks     TEXT,                   -- JSON list of CIDRs, NULL = any network
+    limits       TEXT,                   -- JSON sending-limit overrides
+    expires_at   REAL,
+    created_at   REAL NOT NULL,
+    last_used_at REAL,
+    revoked_at   REAL,
+    UNIQUE (account_id, name)
+);
+CREATE TABLE auth_failures (
+    ts      REAL NOT NULL,
+    ip      TEXT NOT NULL,
+    network TEXT NOT NULL,               -- the /24 (IPv4) or /64 (IPv6) of ip
+    account TEXT NOT NULL COLLATE NOCASE -- the user name tried, known or not
+);
+CREATE INDEX auth_failures_network ON auth_failures(network, ts);
+CREATE INDEX auth_failures_account ON auth_failures(account, ts);
+CREATE TABLE auth_successes (
+    account TEXT NOT NULL COLLATE NOCASE,
+    network TEXT NOT NULL,
+    ts      REAL NOT NULL,
+    PRIMARY KEY (account, network)
+);
+CREATE TABLE send_counters (
+    scope          TEXT NOT NULL,        -- "account:<address>" or "credential:<id>"
+    window         TEXT NOT NULL,        -- "h2026112901" (UTC hour) or "d20261129" (UTC day)
+    messages       INTEGER NOT NULL DEFAULT 0,
+    recipients     INTEGER NOT NULL DEFAULT 0,
+    new_recipients INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (scope, window)
+);
+CREATE TABLE known_recipients (
+    account    TEXT NOT NULL COLLATE NOCASE,
+    recipient  TEXT NOT NULL COLLATE NOCASE,
+    first_seen REAL NOT NULL,
+    PRIMARY KEY (account, recipient)
+);
+""",
+}
 
 
 class DatabaseError(Exception):
@@ -79,12 +136,22 @@ def _migrate(db: sqlite3.Connection) -> None:
     db.execute("BEGIN IMMEDIATE")
     try:
         (version,) = db.execute("PRAGMA user_version").fetchone()
-        if version < SCHEMA_VERSION:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if version == 0:
+            _run_script(db, _SCHEMA)
+            version = 1
+        while version < SCHEMA_VERSION:
+            version += 1
+            _run_script(db, _MIGRATIONS[version])
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
         raise
+
+
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    # executescript() would COMMIT our transaction; run statement by statement.
+    for statement in script.split(";"):
+        lines = [line.split("--")[0] for line in statement.splitlines()]
+        if "".join(lines).strip():
+            db.execute("\n".join(lines))
