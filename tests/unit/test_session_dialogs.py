@@ -96,13 +96,13 @@ def test_ehlo_after_tls_offers_auth_not_starttls() -> None:
     )
     lines = d.replies()
     assert lines[0] == "250-mx.example"
-    assert lines[-1] == "250 AUTH PLAIN LOGIN"
+    assert lines[-1] == "250 AUTH PLAIN LOGIN SCRAM-SHA-256"
     assert not any("STARTTLS" in line for line in lines)
 
 
 def test_ehlo_on_implicit_tls_listener() -> None:
     d = dialog("C: EHLO client.example")
-    assert d.replies()[-2:] == ["250-CHUNKING", "250 AUTH PLAIN LOGIN"]
+    assert d.replies()[-2:] == ["250-CHUNKING", "250 AUTH PLAIN LOGIN SCRAM-SHA-256"]
 
 
 def test_ehlo_without_tls_or_starttls_offers_neither() -> None:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import Account, AccountStore
+from relaygate.sasl import StoredKeys
+from relaygate.sasl.scram import DEFAULT_ITERATIONS
 
 CACHE_SIZE = 10000
 
@@ -106,3 +108,38 @@ class Authenticator:
             future.set_result(AuthResult(account, "ok"))
         else:
             future.set_result(AuthResult(None, outcome))
+
+    # ------------------------------------------------------------ SCRAM
+
+    def stored_keys(self, username: str) -> StoredKeys:
+        """The user's SCRAM keys, or decoys that fail the proof just the same.
+
+        Decoys are derived from the user name with our process key, so asking
+        twice gives the same salt and nothing tells a missing user apart.
+        """
+        try:
+            account = self._store.get(username)
+        except (sqlite3.Error, ValueError):
+            account = None
+        if account is not None and account.scram is not None and not account.disabled:
+            return account.scram
+        seed = hmac.new(self._key, b"scram-decoy\0" + username.lower().encode(), hashlib.sha256)
+        digest = seed.digest()
+        return StoredKeys(
+            salt=digest[:16],
+            stored_key=hashlib.sha256(digest + b"stored").digest(),
+            server_key=hashlib.sha256(digest + b"server").digest(),
+            iterations=DEFAULT_ITERATIONS,
+        )
+
+    def scram_verified(self, username: str) -> AuthResult:
+        """The mechanism checked the proof; the account must still exist and be enabled."""
+        try:
+            account = self._store.get(username)
+        except (sqlite3.Error, ValueError):
+            return AuthResult(None, "error")
+        if account is None or account.scram is None:
+            return AuthResult(None, "unknown_user")
+        if account.disabled:
+            return AuthResult(None, "disabled")
+        return AuthResult(account, "ok")

@@ -8,6 +8,7 @@ editing at once cannot interleave half-done changes.
 
 from __future__ import annotations
 
+import base64
 import sqlite3
 import string
 import time
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from relaygate.policy import sender_allowed
+from relaygate.sasl.steps import StoredKeys
 
 __all__ = [
     "Account",
@@ -40,6 +42,7 @@ class Account:
     senders: tuple[str, ...]  # patterns: full addresses or "@domain", sorted
     created_at: float  # unix time
     updated_at: float
+    scram: StoredKeys | None = None  # SCRAM-SHA-256 keys, set with the password
 
     def may_send_as(self, address: str) -> bool:
         """Sender binding: may this account use ``address`` as MAIL FROM?"""
@@ -165,15 +168,15 @@ def _normalize_senders(senders: Sequence[str]) -> list[str]:
 # a valid pattern, so it is a safe separator.
 _SELECT_ACCOUNT = """
     SELECT a.id, a.address, a.password_hash, a.disabled, a.created_at, a.updated_at,
-           group_concat(s.pattern, char(10))
+           group_concat(s.pattern, char(10)), a.scram_sha256
     FROM accounts AS a LEFT JOIN account_senders AS s ON s.account_id = a.id
 """
 
-_Row = tuple[int, str, str, int, float, float, str | None]
+_Row = tuple[int, str, str, int, float, float, str | None, str | None]
 
 
 def _account_from_row(row: _Row) -> Account:
-    id_, address, password_hash, disabled, created_at, updated_at, patterns = row
+    id_, address, password_hash, disabled, created_at, updated_at, patterns, scram = row
     return Account(
         id=id_,
         address=address,
@@ -182,7 +185,29 @@ def _account_from_row(row: _Row) -> Account:
         senders=tuple(sorted(patterns.split("\n"))) if patterns else (),
         created_at=created_at,
         updated_at=updated_at,
+        scram=decode_scram(scram),
     )
+
+
+def encode_scram(keys: StoredKeys) -> str:
+    """``iterations:salt:stored_key:server_key``, the binary parts in base64."""
+    parts = (keys.salt, keys.stored_key, keys.server_key)
+    return ":".join([str(keys.iterations), *(base64.b64encode(p).decode() for p in parts)])
+
+
+def decode_scram(text: str | None) -> StoredKeys | None:
+    if not text:
+        return None
+    try:
+        iterations, salt, stored, server = text.split(":")
+        return StoredKeys(
+            base64.b64decode(salt),
+            base64.b64decode(stored),
+            base64.b64decode(server),
+            int(iterations),
+        )
+    except ValueError:
+        return None  # unreadable keys: SCRAM fails, PLAIN and LOGIN still work
 
 
 class AccountStore:
@@ -203,7 +228,11 @@ class AccountStore:
         return _account_from_row(row) if row is not None else None
 
     def add(
-        self, address: str, password_hash: str, senders: Sequence[str] | None = None
+        self,
+        address: str,
+        password_hash: str,
+        senders: Sequence[str] | None = None,
+        scram: StoredKeys | None = None,
     ) -> Account:
         """Create an account; by default it may send only as its own address."""
         address = normalize_address(address)
@@ -213,8 +242,8 @@ class AccountStore:
             try:
                 cursor = self._db.execute(
                     "INSERT INTO accounts (address, password_hash, disabled, created_at,"
-                    " updated_at) VALUES (?, ?, 0, ?, ?)",
-                    (address, password_hash, now, now),
+                    " updated_at, scram_sha256) VALUES (?, ?, 0, ?, ?, ?)",
+                    (address, password_hash, now, now, encode_scram(scram) if scram else None),
                 )
             except sqlite3.IntegrityError:
                 raise AccountError(f"account already exists: {address}") from None
@@ -229,10 +258,18 @@ class AccountStore:
             senders=tuple(sorted(patterns)),
             created_at=now,
             updated_at=now,
+            scram=scram,
         )
 
-    def set_password_hash(self, address: str, password_hash: str) -> None:
-        self._update(address, "password_hash = ?", (password_hash,))
+    def set_password_hash(
+        self, address: str, password_hash: str, scram: StoredKeys | None = None
+    ) -> None:
+        """A new password: its argon2 hash and SCRAM keys (None: SCRAM off until set)."""
+        self._update(
+            address,
+            "password_hash = ?, scram_sha256 = ?",
+            (password_hash, encode_scram(scram) if scram else None),
+        )
 
     def set_disabled(self, address: str, disabled: bool) -> None:
         self._update(address, "disabled = ?", (int(disabled),))

@@ -2,49 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
-
-
-@dataclass(frozen=True, slots=True)
-class Challenge:
-    """Send ``data`` to the client (base64-encoded in a 334 reply)."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """The client's claim; the server checks it. ``password`` never gets logged."""
-
-    username: str
-    password: str = ""
-    authzid: str = ""
-
-    def __repr__(self) -> str:  # keep secrets out of tracebacks and logs
-        return f"Credentials(username={self.username!r}, authzid={self.authzid!r})"
-
-
-@dataclass(frozen=True, slots=True)
-class Malformed:
-    """The response breaks the mechanism's syntax (501 5.5.2)."""
-
-    reason: str
-
-
-Step = Challenge | Credentials | Malformed
-
-
-class Mechanism(Protocol):
-    name: str
-
-    def start(self, initial: bytes | None) -> Step:
-        """Begin; ``initial`` is the decoded initial response if one was sent."""
-        ...
-
-    def respond(self, response: bytes) -> Step:
-        """Continue with the client's decoded answer to our last challenge."""
-        ...
+from relaygate.sasl.steps import Challenge, Credentials, Malformed, Step, StoredKeys
 
 
 def _text(data: bytes) -> str | None:
@@ -54,7 +12,14 @@ def _text(data: bytes) -> str | None:
         return None
 
 
-class Plain:
+class _PasswordMechanism:
+    """Mechanisms that hand the password to the server never ask for keys."""
+
+    def provide(self, keys: StoredKeys) -> Step:
+        return Malformed("unexpected key look-up")
+
+
+class Plain(_PasswordMechanism):
     name = "PLAIN"
 
     def start(self, initial: bytes | None) -> Step:
@@ -74,7 +39,7 @@ class Plain:
         return Credentials(username, password, authzid)
 
 
-class Login:
+class Login(_PasswordMechanism):
     name = "LOGIN"
 
     def __init__(self) -> None:
@@ -93,11 +58,3 @@ class Login:
             self._username = text
             return Challenge(b"Password:")
         return Credentials(self._username, text)
-
-
-MECHANISMS: dict[str, type[Plain] | type[Login]] = {"PLAIN": Plain, "LOGIN": Login}
-
-
-def create(name: str) -> Mechanism | None:
-    factory = MECHANISMS.get(name.upper())
-    return factory() if factory is not None else None

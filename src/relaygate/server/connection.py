@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, cast
 from relaygate import logs, message, policy
 from relaygate.accounts.authenticator import AuthResult
 from relaygate.accounts.store import Account
+from relaygate.sasl import Rejected, Verified
 from relaygate.server.tls import cipher_info
 from relaygate.smtp import replies
 from relaygate.smtp.events import (
     AuthRequest,
     Close,
+    KeysRequest,
     MessageReady,
     RecipientRequest,
     Refused,
@@ -140,6 +142,9 @@ class SMTPConnection(asyncio.Protocol):
             elif kind is AuthRequest:
                 assert isinstance(event, AuthRequest)
                 self._on_auth(event)
+            elif kind is KeysRequest:
+                assert isinstance(event, KeysRequest)
+                self._on_keys(event)
             elif kind is Refused:
                 assert isinstance(event, Refused)
                 self._on_refused(event)
@@ -181,8 +186,19 @@ class SMTPConnection(asyncio.Protocol):
 
     # -------------------------------------------------------------- decisions
 
+    def _on_keys(self, event: KeysRequest) -> None:
+        self.session.provide_keys(self.worker.authenticator.stored_keys(event.username))
+
     def _on_auth(self, event: AuthRequest) -> None:
         credentials = event.credentials
+        if isinstance(credentials, Verified):
+            self._auth_done(self.worker.authenticator.scram_verified(credentials.username), event)
+            return
+        if isinstance(credentials, Rejected):
+            account = self.worker.authenticator.scram_verified(credentials.username)
+            outcome = "bad_proof" if account.account is not None else account.outcome
+            self._auth_done(AuthResult(None, outcome), event)
+            return
         if credentials.authzid and credentials.authzid.lower() != credentials.username.lower():
             # Acting as another user (proxy authorization) is not offered.
             self._auth_done(AuthResult(None, "authzid_mismatch"), event)

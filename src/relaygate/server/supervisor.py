@@ -24,6 +24,7 @@ from relaygate import logs
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import AccountStore
 from relaygate.config import Config, ListenerConfig
+from relaygate.sasl import stored_keys_for_password
 from relaygate.server.tls import TLSSetupError, certificate_pairs, server_context
 from relaygate.server.worker import BoundListener, run_worker
 from relaygate.storage import sqlite as storage
@@ -105,6 +106,7 @@ def _create_quickstart_account(config: Config, store: AccountStore) -> None:
         QUICKSTART_ADDRESS,
         PasswordHasher(config.password_hash).hash(password),
         senders=[QUICKSTART_ADDRESS, *QUICKSTART_SENDERS],
+        scram=stored_keys_for_password(password),
     )
     print(
         "relaygate: created a quickstart account (the password is shown only this once):\n"

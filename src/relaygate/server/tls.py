@@ -105,6 +105,21 @@ def server_context(pairs: list[CertPair]) -> ssl.SSLContext:
     return context
 
 
+def end_point_binding(cert_file: Path) -> bytes:
+    """RFC 5929 tls-server-end-point data: the leaf certificate's hash.
+
+    The hash is the certificate's own signature hash, with MD5 and SHA-1
+    replaced by SHA-256 (section 4.1).
+    """
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    algorithm = cert.signature_hash_algorithm
+    if algorithm is None or isinstance(algorithm, hashes.MD5 | hashes.SHA1):
+        algorithm = hashes.SHA256()
+    digest = hashes.Hash(algorithm)
+    digest.update(cert.public_bytes(serialization.Encoding.DER))
+    return digest.finalize()
+
+
 def cipher_info(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> tuple[str | None, str | None]:
     """(version, cipher) of an established TLS connection, for logs and Received."""
     if ssl_object is None:

@@ -24,7 +24,7 @@ from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import AccountStore
 from relaygate.config import Config, ListenerConfig
 from relaygate.server.connection import SMTPConnection
-from relaygate.server.tls import certificate_pairs, server_context
+from relaygate.server.tls import certificate_pairs, end_point_binding, server_context
 from relaygate.smtp.session import Settings
 from relaygate.spool import Spool
 from relaygate.storage import sqlite as storage
@@ -32,7 +32,9 @@ from relaygate.storage import sqlite as storage
 BoundListener = tuple[socket.socket, ListenerConfig]
 
 
-def session_settings(config: Config, listener: ListenerConfig) -> Settings:
+def session_settings(
+    config: Config, listener: ListenerConfig, channel_bindings: tuple[bytes, ...] = ()
+) -> Settings:
     limits = config.limits
     return Settings(
         hostname=config.hostname,
@@ -40,6 +42,7 @@ def session_settings(config: Config, listener: ListenerConfig) -> Settings:
         max_recipients=limits.max_recipients,
         max_bad_commands=limits.max_bad_commands,
         starttls_available=listener.tls == "starttls",
+        channel_bindings=channel_bindings if listener.tls != "none" else (),
     )
 
 
@@ -52,7 +55,9 @@ class Worker:
         self.max_connections = config.limits.max_connections
         self.draining = False
         self._stopped = asyncio.Event()
-        self.tls_context: ssl.SSLContext = server_context(certificate_pairs(config))
+        pairs = certificate_pairs(config)
+        self.tls_context: ssl.SSLContext = server_context(pairs)
+        self.channel_bindings = tuple(end_point_binding(cert) for cert, _ in pairs)
         self._db = storage.connect(config.database_path)
         self._executor = ThreadPoolExecutor(
             max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="password-hash"
@@ -67,7 +72,7 @@ class Worker:
         loop = self.loop
         loop.set_exception_handler(_quiet_exception_handler)
         for sock, listener in listeners:
-            settings = session_settings(self.config, listener)
+            settings = session_settings(self.config, listener, self.channel_bindings)
             implicit = listener.tls == "implicit"
 
             def factory(settings: Settings = settings, implicit: bool = implicit) -> SMTPConnection:

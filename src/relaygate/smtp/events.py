@@ -9,15 +9,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from relaygate.sasl import Credentials
+from relaygate.sasl import Credentials, Rejected, Verified
 
 
 @dataclass(slots=True)
 class AuthRequest:
-    """Check these credentials; answer with ``auth_succeeded`` or ``auth_failed``."""
+    """Decide a login; answer with ``auth_succeeded`` or ``auth_failed``.
+
+    ``credentials`` is a password claim to check (PLAIN, LOGIN), or the
+    verdict of a mechanism that checks the proof itself (SCRAM): Verified
+    still needs the account to exist and be enabled; Rejected is a failure.
+    """
 
     mechanism: str
-    credentials: Credentials
+    credentials: Credentials | Verified | Rejected
+
+
+@dataclass(slots=True)
+class KeysRequest:
+    """SCRAM needs the user's stored keys; answer with ``provide_keys``."""
+
+    mechanism: str
+    username: str
 
 
 @dataclass(slots=True)
@@ -67,4 +80,13 @@ class Refused:
     reply: bytes
 
 
-Event = AuthRequest | SenderRequest | RecipientRequest | MessageReady | StartTLS | Close | Refused
+Event = (
+    AuthRequest
+    | KeysRequest
+    | SenderRequest
+    | RecipientRequest
+    | MessageReady
+    | StartTLS
+    | Close
+    | Refused
+)

@@ -39,6 +39,7 @@ from relaygate.smtp.events import (
     AuthRequest,
     Close,
     Event,
+    KeysRequest,
     MessageReady,
     RecipientRequest,
     Refused,
@@ -117,7 +118,10 @@ class Settings:
     max_recipients: int = 100
     max_bad_commands: int = 10
     starttls_available: bool = False  # this listener offers STARTTLS
-    auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN", "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS")
+    # tls-server-end-point data of each certificate this listener serves (RFC 5929);
+    # without it SCRAM-SHA-256-PLUS is neither offered nor accepted.
+    channel_bindings: tuple[bytes, ...] = ()
     auth_without_tls: bool = False  # only for trusted plaintext listeners
 
 
@@ -236,6 +240,14 @@ class Session:
         self.auth_failures += 1
         self._output.append(reply)
         self.state = State.GREETED
+
+    def provide_keys(self, keys: sasl.StoredKeys) -> None:
+        """Answer a KeysRequest: the user's SCRAM keys, or decoys for an unknown user."""
+        self._expect_waiting()
+        mechanism = self._mechanism
+        assert mechanism is not None
+        self.state = State.AUTH
+        self._sasl_step(mechanism.provide(keys))
 
     def accept_sender(self) -> None:
         self._expect_waiting()
@@ -400,11 +412,16 @@ class Session:
         if s.starttls_available and not self.tls_active:
             lines.append("STARTTLS")
         if self.tls_active or s.auth_without_tls:
-            lines.append("AUTH " + " ".join(s.auth_mechanisms))
+            lines.append("AUTH " + " ".join(self._offered_mechanisms()))
         last = len(lines) - 1
         return "".join(
             f"250{' ' if i == last else '-'}{text}\r\n" for i, text in enumerate(lines)
         ).encode()
+
+    def _offered_mechanisms(self) -> list[str]:
+        s = self.settings
+        bindings = s.channel_bindings if self.tls_active else ()
+        return [m for m in s.auth_mechanisms if not m.endswith("-PLUS") or bindings]
 
     def _greet(self, argument: str, esmtp: bool) -> None:
         if not argument or " " in argument:
@@ -674,7 +691,11 @@ class Session:
             self._refuse_command("AUTH", replies.AUTH_SYNTAX, bad=True)
             return
         name = parts[0].upper()
-        mechanism = sasl.create(name) if name in self.settings.auth_mechanisms else None
+        mechanism = (
+            sasl.create(name, self.settings.channel_bindings if self.tls_active else ())
+            if name in self.settings.auth_mechanisms
+            else None
+        )
         if mechanism is None:
             self._refuse_command("AUTH", replies.UNKNOWN_MECHANISM)
             return
@@ -714,11 +735,14 @@ class Session:
         self._refuse_command("AUTH", reply)
 
     def _sasl_step(self, step: sasl.Step) -> None:
+        mechanism = self._mechanism
+        name = mechanism.name if mechanism is not None else ""
         if isinstance(step, sasl.Challenge):
             self._output.append(b"334 " + base64.b64encode(step.data) + b"\r\n")
             self.state = State.AUTH
-        elif isinstance(step, sasl.Credentials):
-            name = self._mechanism.name if self._mechanism else ""
+        elif isinstance(step, sasl.NeedKeys):
+            self._wait(KeysRequest(name, step.username), State.AUTH)
+        elif isinstance(step, sasl.Credentials | sasl.Verified | sasl.Rejected):
             self._mechanism = None
             self._wait(AuthRequest(name, step), State.GREETED)
         else:
