@@ -1,7 +1,8 @@
 """The ``relaygate`` command: run the server, manage accounts, read captured mail.
 
-Account commands write straight to the database and need no running server:
-the server reads the account afresh on every AUTH, so changes apply at once.
+Account and credential commands write straight to the database and need no
+running server: the server reads the account (or credential) afresh on every
+AUTH, so changes apply at once.
 
 Every mistake a user can make ends with one line per problem on standard
 error, prefixed ``relaygate: ``, and exit status 2, never a traceback.
@@ -15,11 +16,23 @@ import os
 import secrets
 import sqlite3
 import sys
+import time
 from collections.abc import Callable, Sequence
 from contextlib import closing
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from relaygate.accounts.credentials import (
+    LIMIT_KEYS,
+    MAX_LIMIT,
+    Credential,
+    CredentialError,
+    CredentialStore,
+    account_limits,
+    all_account_limits,
+    looks_like_credential,
+    update_account_limits,
+)
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import (
     Account,
@@ -29,6 +42,7 @@ from relaygate.accounts.store import (
     normalize_sender_pattern,
 )
 from relaygate.config import ENV_VAR, Config, ConfigError, load_config
+from relaygate.sasl import stored_keys_for_password
 from relaygate.storage.sqlite import DatabaseError, connect
 
 PROG = "relaygate"
@@ -51,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args, config)
     except ConfigError as exc:
         return _fail(*exc.problems)
-    except (AccountError, CommandError, DatabaseError) as exc:
+    except (AccountError, CommandError, CredentialError, DatabaseError) as exc:
         return _fail(str(exc))
     except sqlite3.Error as exc:
         return _fail(f"database error: {exc}")
@@ -99,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     _add_user_commands(commands, common)
+    _add_credential_commands(commands, common)
     _add_message_commands(commands, common)
     return parser
 
@@ -147,6 +162,101 @@ def _add_user_commands(
 
     listing = action("list", _user_list, "show all accounts")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    limits = action(
+        "limits",
+        _user_limits,
+        "show or set an account's sending limits (with no option: show them)",
+    )
+    limits.add_argument("address", metavar="ADDRESS")
+    _add_limit_options(limits, "the server's default")
+
+
+def _add_credential_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    credential = commands.add_parser(
+        "credential",
+        parents=[common],
+        help="manage app credentials (extra secrets an account logs in with)",
+    )
+    actions = credential.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, parents=[common], help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        sub.add_argument("address", metavar="ADDRESS", help="the account it belongs to")
+        return sub
+
+    add = action(
+        "add",
+        _credential_add,
+        "create a credential and print its secret once; log in with the account's address"
+        " as user name and the secret as password",
+    )
+    add.add_argument("--name", required=True, help="1-64 letters, digits, '.', '-' or '_'")
+    add.add_argument(
+        "--expires",
+        metavar="DATE",
+        help="YYYY-MM-DD: valid through that day (until 00:00 UTC the next day);"
+        " or an ISO 8601 time with zone, such as 2026-12-31T18:00:00+01:00"
+        " (default: never)",
+    )
+    add.add_argument(
+        "--sender",
+        action="append",
+        metavar="PATTERN",
+        help="an address or @domain it may send as, one the account may use too;"
+        " repeat for more (default: the account's patterns)",
+    )
+    add.add_argument(
+        "--network",
+        action="append",
+        metavar="CIDR",
+        help="a client address or network it may log in from, such as 192.0.2.0/24;"
+        " repeat for more (default: any)",
+    )
+
+    listing = action("list", _credential_list, "show an account's credentials")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    revoke = action("revoke", _credential_revoke, "refuse further logins with a credential")
+    revoke.add_argument("name", metavar="NAME")
+
+    limits = action(
+        "limits",
+        _credential_limits,
+        "show or set a credential's own sending limits (with no option: show them)",
+    )
+    limits.add_argument("name", metavar="NAME")
+    _add_limit_options(limits, "no limit of its own")
+
+
+def _add_limit_options(parser: argparse.ArgumentParser, unset: str) -> None:
+    for key in LIMIT_KEYS:
+        parser.add_argument(
+            "--" + key.replace("_", "-"),
+            dest=key,
+            type=_limit_value,
+            metavar="N",
+            help=f"0 = unlimited (not given: keep the current value; never set: {unset})",
+        )
+    parser.add_argument(
+        "--clear", action="store_true", help="remove every override (before applying any given)"
+    )
+
+
+def _limit_value(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 0 (unlimited) to {MAX_LIMIT} (got {text!r})"
+        )
+    return value
 
 
 def _add_message_commands(
@@ -202,6 +312,12 @@ def _new_password(from_stdin: bool) -> tuple[str, bool]:
     password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
     if not password:
         raise CommandError("no password on standard input (the first line is empty)")
+    if looks_like_credential(password):
+        # The server tells credentials from passwords by their shape alone.
+        raise CommandError(
+            "that password has the shape of an app credential (rgc_ and 43 characters);"
+            " choose another"
+        )
     return password, False
 
 
@@ -216,7 +332,9 @@ def _user_add(args: argparse.Namespace, config: Config) -> int:
             raise AccountError(f"account already exists: {address}")
         password, generated = _new_password(args.password_stdin)
         password_hash = PasswordHasher(config.password_hash).hash(password)
-        account = store.add(address, password_hash, senders)
+        account = store.add(
+            address, password_hash, senders, scram=stored_keys_for_password(password)
+        )
     print(f"added {account.address}, may send as: {', '.join(account.senders)}")
     if generated:
         print(f"password: {password}")
@@ -231,7 +349,9 @@ def _user_passwd(args: argparse.Namespace, config: Config) -> int:
             raise AccountError(f"no such account: {args.address}")
         password, generated = _new_password(args.password_stdin)
         store.set_password_hash(
-            account.address, PasswordHasher(config.password_hash).hash(password)
+            account.address,
+            PasswordHasher(config.password_hash).hash(password),
+            scram=stored_keys_for_password(password),
         )
     print(f"password changed for {account.address}")
     if generated:
@@ -274,18 +394,24 @@ def _user_senders(args: argparse.Namespace, config: Config) -> int:
 def _user_list(args: argparse.Namespace, config: Config) -> int:
     with _open_database(config) as db:
         accounts = AccountStore(db).list()
+        limits = all_account_limits(db)
     if args.json:
-        print(json.dumps([_account_json(a) for a in accounts], indent=2))
+        print(
+            json.dumps(
+                [_account_json(a, limits.get(a.address.lower())) for a in accounts], indent=2
+            )
+        )
     elif not accounts:
         print("no accounts yet; add one with: relaygate user add ADDRESS")
     else:
         _print_table(
-            ("ADDRESS", "STATUS", "SENDERS", "CREATED"),
+            ("ADDRESS", "STATUS", "SENDERS", "LIMITS", "CREATED"),
             [
                 (
                     a.address,
                     "disabled" if a.disabled else "enabled",
                     ", ".join(a.senders),
+                    _limits_summary(limits.get(a.address.lower())),
                     _local_time(a.created_at),
                 )
                 for a in accounts
@@ -294,16 +420,191 @@ def _user_list(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _account_json(account: Account) -> dict[str, Any]:
+def _account_json(account: Account, limits: dict[str, int] | None) -> dict[str, Any]:
     # Deliberately without the password hash: this output gets pasted around.
     return {
         "id": account.id,
         "address": account.address,
         "disabled": account.disabled,
         "senders": list(account.senders),
+        "limits": limits,
         "created_at": account.created_at,
         "updated_at": account.updated_at,
     }
+
+
+def _limit_changes(args: argparse.Namespace) -> dict[str, int]:
+    return {key: getattr(args, key) for key in LIMIT_KEYS if getattr(args, key) is not None}
+
+
+def _user_limits(args: argparse.Namespace, config: Config) -> int:
+    changes = _limit_changes(args)
+    with _open_database(config) as db:
+        account = AccountStore(db).get(args.address)
+        if account is None:
+            raise AccountError(f"no such account: {args.address}")
+        if changes or args.clear:
+            limits = update_account_limits(db, account.address, changes, clear=args.clear)
+        else:
+            limits = account_limits(db, account.address)
+    _print_limits(account.address, limits, "the server's defaults apply")
+    return 0
+
+
+def _print_limits(subject: str, limits: dict[str, int] | None, unset: str) -> None:
+    if not limits:
+        print(f"{subject}: no limit overrides; {unset}")
+        return
+    print(f"{subject}: limit overrides:")
+    for key in LIMIT_KEYS:
+        if key in limits:
+            print(f"  {key}: {_limit_text(limits[key])}")
+
+
+def _limit_text(value: int) -> str:
+    return "unlimited" if value == 0 else str(value)
+
+
+def _limits_summary(limits: dict[str, int] | None) -> str:
+    if not limits:
+        return "default"
+    return ", ".join(f"{key}={_limit_text(value)}" for key, value in limits.items())
+
+
+# ---------------------------------------------------------------- credentials
+
+
+def _credential_add(args: argparse.Namespace, config: Config) -> int:
+    expires_at = _parse_expiry(args.expires, time.time()) if args.expires else None
+    with _open_database(config) as db:
+        credential, secret = CredentialStore(db).add(
+            args.address,
+            args.name,
+            expires_at=expires_at,
+            senders=args.sender,
+            networks=args.network,
+        )
+    address = credential.account_address
+    print(f"added credential {credential.name!r} for {address}")
+    print(f"secret (shown only now): {secret}")
+    print("  store it now: it cannot be shown again, only revoked and replaced")
+    print(f"log in with AUTH PLAIN or LOGIN: user name {address}, password the secret")
+    print(f"may send as: {_credential_senders(credential)}")
+    print(f"networks: {_credential_networks(credential)}")
+    print(f"expires: {_optional_time(credential.expires_at, 'never')}")
+    return 0
+
+
+# Later times could not be shown as local dates (year 10000 and beyond).
+_LATEST_EXPIRY = datetime(9999, 1, 1, tzinfo=UTC).timestamp()
+
+
+def _parse_expiry(text: str, now: float) -> float:
+    """``--expires``: a date means through that day (UTC); a time needs its zone."""
+    usage = (
+        "use YYYY-MM-DD (valid through that day, UTC) or an ISO 8601 time with zone,"
+        " such as 2026-12-31T18:00:00+01:00"
+    )
+    try:
+        try:
+            day = date.fromisoformat(text)
+        except ValueError:
+            moment = datetime.fromisoformat(text)
+            if moment.tzinfo is None:
+                raise CommandError(
+                    f"invalid expiry: {text!r}: give the time zone, such as Z or +01:00"
+                ) from None
+        else:
+            moment = datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1)
+        expires_at = moment.timestamp()
+    except ValueError:
+        raise CommandError(f"invalid expiry: {text!r}: {usage}") from None
+    except OverflowError:
+        raise CommandError(f"invalid expiry: {text!r}: too far in the future") from None
+    if expires_at <= now:
+        raise CommandError(f"invalid expiry: {text!r} is in the past")
+    if expires_at >= _LATEST_EXPIRY:
+        raise CommandError(f"invalid expiry: {text!r}: too far in the future")
+    return expires_at
+
+
+def _credential_list(args: argparse.Namespace, config: Config) -> int:
+    with _open_database(config) as db:
+        credentials = CredentialStore(db).list(args.address)
+    now = time.time()
+    if args.json:
+        print(json.dumps([_credential_json(c, now) for c in credentials], indent=2))
+    elif not credentials:
+        address = normalize_address(args.address)
+        print(
+            f"no credentials for {address}; add one with:"
+            f" relaygate credential add {address} --name NAME"
+        )
+    else:
+        _print_table(
+            ("NAME", "STATUS", "SENDERS", "NETWORKS", "EXPIRES", "CREATED", "LAST USED"),
+            [
+                (
+                    c.name,
+                    c.status(now),
+                    _credential_senders(c),
+                    _credential_networks(c),
+                    _optional_time(c.expires_at, "never"),
+                    _local_time(c.created_at),
+                    _optional_time(c.last_used_at, "never"),
+                )
+                for c in credentials
+            ],
+        )
+    return 0
+
+
+def _credential_json(credential: Credential, now: float) -> dict[str, Any]:
+    # Never the secret's hash: this output gets pasted around.
+    return {
+        "id": credential.id,
+        "account": credential.account_address,
+        "name": credential.name,
+        "status": credential.status(now),
+        "senders": None if credential.senders is None else list(credential.senders),
+        "networks": None if credential.networks is None else list(credential.networks),
+        "limits": credential.limits,
+        "expires_at": credential.expires_at,
+        "created_at": credential.created_at,
+        "last_used_at": credential.last_used_at,
+        "revoked_at": credential.revoked_at,
+    }
+
+
+def _credential_senders(credential: Credential) -> str:
+    return "account's" if credential.senders is None else ", ".join(credential.senders)
+
+
+def _credential_networks(credential: Credential) -> str:
+    return "any" if credential.networks is None else ", ".join(credential.networks)
+
+
+def _credential_revoke(args: argparse.Namespace, config: Config) -> int:
+    with _open_database(config) as db:
+        credential = CredentialStore(db).revoke(args.address, args.name)
+    print(f"revoked credential {credential.name!r} of {credential.account_address}")
+    return 0
+
+
+def _credential_limits(args: argparse.Namespace, config: Config) -> int:
+    changes = _limit_changes(args)
+    with _open_database(config) as db:
+        store = CredentialStore(db)
+        if changes or args.clear:
+            credential = store.update_limits(args.address, args.name, changes, clear=args.clear)
+        else:
+            credential = store.get(args.address, args.name)
+    _print_limits(
+        f"credential {credential.name!r} of {credential.account_address}",
+        credential.limits,
+        "only the account's limits apply",
+    )
+    return 0
 
 
 _MESSAGE_COLUMNS = "id, created_at, account, client_ip, mail_from, rcpt_to, subject, size, status"
@@ -424,6 +725,10 @@ def _shorten(text: str, width: int) -> str:
 
 def _local_time(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=UTC).astimezone().isoformat(timespec="seconds")
+
+
+def _optional_time(timestamp: float | None, missing: str) -> str:
+    return missing if timestamp is None else _local_time(timestamp)
 
 
 def _recipients(rcpt_to: str) -> list[str]:

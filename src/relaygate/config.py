@@ -7,12 +7,14 @@ listeners, self-signed TLS, capture delivery, data in ./relaygate-data.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import os
 import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 TLSMode = Literal["starttls", "implicit", "none"]
 DeliveryMode = Literal["capture"]
@@ -67,6 +69,48 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class AuthThrottleConfig:
+    """Failed-login limits (``relaygate.throttle``); a count of 0 turns that rule off.
+
+    A "network" is the client's IPv4 /24 or IPv6 /64. The account rule spares
+    networks the account logged in from lately, so guessing cannot lock out the owner.
+    """
+
+    ip_per_minute: int = 10
+    ip_per_day: int = 100
+    network_per_minute: int = 30
+    network_per_day: int = 300
+    account_per_hour: int = 20  # failures against one user name, from any network
+    known_network_days: int = 30  # a login exempts its network this long (>= 1: 0 = lockouts)
+    connection_delay_after: int = 3  # failures on one connection before each reply is delayed
+    connection_close_after: int = 5  # failures on one connection before it is closed
+    delay_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class SendingLimits:
+    """Per-account sending limits (``relaygate.quotas``); 0 means unlimited.
+
+    Fixed UTC windows: the hour and the day. "New" recipients are addresses the
+    account never sent to before; a stolen password shows up as many of those.
+    """
+
+    messages_per_hour: int = 200
+    messages_per_day: int = 1000
+    recipients_per_day: int = 2000
+    new_recipients_per_day: int = 300
+
+
+@dataclass(frozen=True)
+class ConnectionLimitsConfig:
+    """Per-client-IP connection limits across all workers; 0 means unlimited."""
+
+    per_ip_concurrent: int = 50
+    per_ip_per_minute: int = 600
+    exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # CIDRs never limited
+
+
+@dataclass(frozen=True)
 class DeliveryConfig:
     mode: DeliveryMode = "capture"
 
@@ -89,6 +133,9 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     password_hash: PasswordHashConfig = field(default_factory=PasswordHashConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    auth_throttle: AuthThrottleConfig = field(default_factory=AuthThrottleConfig)
+    sending_limits: SendingLimits = field(default_factory=SendingLimits)
+    connection_limits: ConnectionLimitsConfig = field(default_factory=ConnectionLimitsConfig)
     quickstart: bool = False
     source: Path | None = None  # the file this came from, None in quickstart
 
@@ -125,7 +172,18 @@ def default_hostname() -> str:
 
 # --------------------------------------------------------------------- loading
 
-_TOP_KEYS = {"server", "listeners", "tls", "delivery", "limits", "password_hash", "log"}
+_TOP_KEYS = {
+    "server",
+    "listeners",
+    "tls",
+    "delivery",
+    "limits",
+    "password_hash",
+    "log",
+    "auth_throttle",
+    "sending_limits",
+    "connection_limits",
+}
 
 
 class _Checker:
@@ -239,6 +297,55 @@ def _listeners(raw: Any, check: _Checker) -> tuple[ListenerConfig, ...]:
     return tuple(result)
 
 
+_Section = TypeVar("_Section", AuthThrottleConfig, SendingLimits)
+
+
+def _number_section(
+    check: _Checker, data: dict[str, Any], name: str, defaults: _Section, minimums: dict[str, int]
+) -> _Section:
+    """A table whose settings are all numbers: whole ones (>= their minimum, 0 unless
+    given) where the default is an int, seconds > 0 where it is a float."""
+    raw = check.table(data, name, name)
+    check.unknown(raw, {f.name for f in dataclasses.fields(defaults)}, name)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(defaults):
+        default = getattr(defaults, f.name)
+        if isinstance(default, float):
+            values[f.name] = check.number(raw, f.name, name, default)
+        else:
+            values[f.name] = check.integer(raw, f.name, name, default, minimums.get(f.name, 0))
+    return dataclasses.replace(defaults, **values)
+
+
+def _connection_limits(check: _Checker, data: dict[str, Any]) -> ConnectionLimitsConfig:
+    where = "connection_limits"
+    raw = check.table(data, where, where)
+    defaults = ConnectionLimitsConfig()
+    check.unknown(raw, {f.name for f in dataclasses.fields(defaults)}, where)
+    concurrent = check.integer(raw, "per_ip_concurrent", where, defaults.per_ip_concurrent)
+    per_minute = check.integer(raw, "per_ip_per_minute", where, defaults.per_ip_per_minute)
+    exempt = defaults.exempt
+    if "exempt" in raw:
+        value = raw["exempt"]
+        if not isinstance(value, list):
+            check.problem(f"{where}.exempt", f"must be an array of CIDRs (got {value!r})")
+        else:
+            networks = []
+            for index, item in enumerate(value):
+                try:
+                    if not isinstance(item, str):
+                        raise TypeError  # ip_network() would take 5 as 0.0.0.5/32
+                    # strict=False: "10.1.2.3/8" means 10.0.0.0/8, as in most tools.
+                    networks.append(str(ipaddress.ip_network(item, strict=False)))
+                except (TypeError, ValueError):
+                    check.problem(
+                        f"{where}.exempt[{index}]",
+                        f"must be an IP network such as 192.0.2.0/24 (got {item!r})",
+                    )
+            exempt = tuple(networks)
+    return ConnectionLimitsConfig(concurrent, per_minute, exempt)
+
+
 def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = None) -> Config:
     """Validate parsed TOML; raise ConfigError with every problem found."""
     check = _Checker()
@@ -305,6 +412,12 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
         file=check.path(log_raw, "file", "log", base),
     )
 
+    auth_throttle = _number_section(
+        check, data, "auth_throttle", AuthThrottleConfig(), {"known_network_days": 1}
+    )
+    sending_limits = _number_section(check, data, "sending_limits", SendingLimits(), {})
+    connection_limits = _connection_limits(check, data)
+
     if check.problems:
         raise ConfigError(check.problems)
     return Config(
@@ -317,6 +430,9 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
         limits=limits,
         password_hash=hashing,
         log=log,
+        auth_throttle=auth_throttle,
+        sending_limits=sending_limits,
+        connection_limits=connection_limits,
         source=source,
     )
 

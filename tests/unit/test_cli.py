@@ -11,10 +11,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import closing
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
+from relaygate.accounts.credentials import CredentialStore, looks_like_credential
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import Account, AccountStore
 from relaygate.cli import main
@@ -246,18 +248,429 @@ def test_user_list(capsys: pytest.CaptureFixture[str], cfg: list[str]) -> None:
     status, out, _ = run(capsys, *cfg, "user", "list")
     assert status == 0
     header, alice, bob = out.splitlines()
-    assert header.split() == ["ADDRESS", "STATUS", "SENDERS", "CREATED"]
-    assert re.fullmatch(rf"alice@example\.com +enabled +alice@example\.com +{ISO_TIME}", alice)
-    assert re.fullmatch(rf"bob@example\.com +disabled +@example\.com +{ISO_TIME}", bob)
+    assert header.split() == ["ADDRESS", "STATUS", "SENDERS", "LIMITS", "CREATED"]
+    assert re.fullmatch(
+        rf"alice@example\.com +enabled +alice@example\.com +default +{ISO_TIME}", alice
+    )
+    assert re.fullmatch(rf"bob@example\.com +disabled +@example\.com +default +{ISO_TIME}", bob)
+
+    run(capsys, *cfg, "user", "limits", "bob@example.com", "--messages-per-day", "0")
+    run(capsys, *cfg, "user", "limits", "bob@example.com", "--messages-per-hour", "9")
+    status, out, _ = run(capsys, *cfg, "user", "list")
+    assert "messages_per_hour=9, messages_per_day=unlimited" in out.splitlines()[2]
 
     status, out, _ = run(capsys, *cfg, "user", "list", "--json")
     listed = json.loads(out)
-    assert [(a["address"], a["disabled"], a["senders"]) for a in listed] == [
-        ("alice@example.com", False, ["alice@example.com"]),
-        ("bob@example.com", True, ["@example.com"]),
+    assert [(a["address"], a["disabled"], a["senders"], a["limits"]) for a in listed] == [
+        ("alice@example.com", False, ["alice@example.com"], None),
+        (
+            "bob@example.com",
+            True,
+            ["@example.com"],
+            {"messages_per_hour": 9, "messages_per_day": 0},
+        ),
     ]
     assert "argon2" not in out
     assert all("password_hash" not in a for a in listed)
+
+
+def test_user_passwd_refuses_a_credential_shaped_password(
+    capsys: pytest.CaptureFixture[str], cfg: list[str], db: sqlite3.Connection
+) -> None:
+    run(capsys, *cfg, "user", "add", "alice@example.com")
+    before = account(db, "alice@example.com").password_hash
+    shaped = "rgc_" + "x" * 43
+    for argv in (["passwd", "alice@example.com"], ["add", "bob@example.com"]):
+        status, out, err = run(capsys, *cfg, "user", *argv, "--password-stdin", stdin=shaped)
+        assert (status, out) == (2, "")
+        assert err == (
+            "relaygate: that password has the shape of an app credential"
+            " (rgc_ and 43 characters); choose another\n"
+        )
+    assert account(db, "alice@example.com").password_hash == before
+    assert AccountStore(db).get("bob@example.com") is None
+
+
+# -------------------------------------------------------------------- limits
+
+
+def test_user_limits(
+    capsys: pytest.CaptureFixture[str], cfg: list[str], db: sqlite3.Connection
+) -> None:
+    run(capsys, *cfg, "user", "add", "alice@example.com")
+    none = "alice@example.com: no limit overrides; the server's defaults apply\n"
+    assert run(capsys, *cfg, "user", "limits", "ALICE@example.com") == (0, none, "")
+
+    status, out, _ = run(
+        capsys,
+        *cfg,
+        "user",
+        "limits",
+        "alice@example.com",
+        "--messages-per-day",
+        "500",
+        "--new-recipients-per-day",
+        "0",
+    )
+    assert (status, out) == (
+        0,
+        "alice@example.com: limit overrides:\n"
+        "  messages_per_day: 500\n"
+        "  new_recipients_per_day: unlimited\n",
+    )
+    status, out, _ = run(
+        capsys, *cfg, "user", "limits", "alice@example.com", "--messages-per-hour", "20"
+    )
+    assert status == 0
+    assert out.splitlines()[1:] == [
+        "  messages_per_hour: 20",
+        "  messages_per_day: 500",
+        "  new_recipients_per_day: unlimited",
+    ]
+    (stored,) = db.execute("SELECT limits FROM accounts").fetchone()
+    assert json.loads(stored) == {
+        "messages_per_hour": 20,
+        "messages_per_day": 500,
+        "new_recipients_per_day": 0,
+    }
+    assert run(capsys, *cfg, "user", "limits", "alice@example.com")[1] == out  # show only
+
+    status, out, _ = run(
+        capsys, *cfg, "user", "limits", "alice@example.com", "--clear", "--recipients-per-day", "3"
+    )
+    assert out == "alice@example.com: limit overrides:\n  recipients_per_day: 3\n"
+    assert run(capsys, *cfg, "user", "limits", "alice@example.com", "--clear")[1] == none
+    assert db.execute("SELECT limits FROM accounts").fetchone() == (None,)
+
+
+def test_user_limits_errors(capsys: pytest.CaptureFixture[str], cfg: list[str]) -> None:
+    status, out, err = run(capsys, *cfg, "user", "limits", "ghost@example.com")
+    assert (status, out, err) == (2, "", "relaygate: no such account: ghost@example.com\n")
+    status, _, err = run(
+        capsys, *cfg, "user", "limits", "ghost@example.com", "--messages-per-day", "1"
+    )
+    assert (status, err) == (2, "relaygate: no such account: ghost@example.com\n")
+    for value in ("-1", "lots", "1000000001"):
+        with pytest.raises(SystemExit) as caught:
+            main([*cfg, "user", "limits", "a@example.com", "--messages-per-day", value])
+        assert caught.value.code == 2
+        assert "must be a whole number from 0 (unlimited)" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------- credentials
+
+
+def add_credential(
+    capsys: pytest.CaptureFixture[str], cfg: list[str], *argv: str
+) -> tuple[list[str], str]:
+    status, out, err = run(capsys, *cfg, "credential", "add", *argv)
+    assert (status, err) == (0, "")
+    lines = out.splitlines()
+    (secret_line,) = [line for line in lines if line.startswith("secret (shown only now): ")]
+    return lines, secret_line.removeprefix("secret (shown only now): ")
+
+
+def test_credential_add_prints_secret_once(
+    capsys: pytest.CaptureFixture[str], cfg: list[str], db: sqlite3.Connection
+) -> None:
+    run(capsys, *cfg, "user", "add", "Alice@Example.com")
+    lines, secret = add_credential(capsys, cfg, "alice@example.com", "--name", "web")
+    assert looks_like_credential(secret)
+    assert lines == [
+        "added credential 'web' for Alice@example.com",
+        f"secret (shown only now): {secret}",
+        "  store it now: it cannot be shown again, only revoked and replaced",
+        "log in with AUTH PLAIN or LOGIN: user name Alice@example.com, password the secret",
+        "may send as: account's",
+        "networks: any",
+        "expires: never",
+    ]
+    found = CredentialStore(db).find(secret)
+    assert found is not None
+    assert (found.account_address, found.name, found.senders, found.networks) == (
+        "Alice@example.com",
+        "web",
+        None,
+        None,
+    )
+    _, out, _ = run(capsys, *cfg, "credential", "list", "alice@example.com", "--json")
+    assert secret not in out
+
+
+def test_credential_add_with_options(
+    capsys: pytest.CaptureFixture[str], cfg: list[str], db: sqlite3.Connection
+) -> None:
+    run(capsys, *cfg, "user", "add", "shop@example.org", "--sender", "@example.org")
+    lines, secret = add_credential(
+        capsys,
+        cfg,
+        "shop@example.org",
+        "--name",
+        "orders",
+        "--sender",
+        "orders@example.org",
+        "--sender",
+        "@Example.org",
+        "--network",
+        "192.0.2.9/24",
+        "--network",
+        "2001:db8::/32",
+        "--expires",
+        "2999-12-31",
+    )
+    assert "may send as: @example.org, orders@example.org" in lines
+    assert "networks: 192.0.2.0/24, 2001:db8::/32" in lines
+    found = CredentialStore(db).find(secret)
+    assert found is not None
+    assert found.expires_at == datetime(3000, 1, 1, tzinfo=UTC).timestamp()
+    assert found.senders == ("@example.org", "orders@example.org")
+    assert found.networks == ("192.0.2.0/24", "2001:db8::/32")
+
+
+@pytest.mark.parametrize(
+    ("expires", "expected"),
+    [
+        ("2999-06-30", datetime(2999, 7, 1, tzinfo=UTC)),  # through that day, UTC
+        ("29990630", datetime(2999, 7, 1, tzinfo=UTC)),
+        ("2999-06-30T18:00:00Z", datetime(2999, 6, 30, 18, tzinfo=UTC)),
+        (
+            "2999-06-30T18:00:00+02:00",
+            datetime(2999, 6, 30, 18, tzinfo=timezone(timedelta(hours=2))),
+        ),
+    ],
+)
+def test_credential_expires(
+    capsys: pytest.CaptureFixture[str],
+    cfg: list[str],
+    db: sqlite3.Connection,
+    expires: str,
+    expected: datetime,
+) -> None:
+    run(capsys, *cfg, "user", "add", "alice@example.com")
+    _, secret = add_credential(
+        capsys, cfg, "alice@example.com", "--name", "web", "--expires", expires
+    )
+    found = CredentialStore(db).find(secret)
+    assert found is not None and found.expires_at == expected.timestamp()
+
+
+def test_credential_expiring_today_is_accepted(
+    capsys: pytest.CaptureFixture[str], cfg: list[str]
+) -> None:
+    run(capsys, *cfg, "user", "add", "alice@example.com")
+    today = datetime.now(UTC).date().isoformat()
+    add_credential(capsys, cfg, "alice@example.com", "--name", "web", "--expires", today)
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (
+            ["ghost@example.com", "--name", "web"],
+            "no such account: ghost@example.com",
+        ),
+        (
+            ["alice@example.com", "--name", "a b"],
+            "invalid credential name: 'a b': use 1-64 letters, digits, dots, hyphens or"
+            " underscores",
+        ),
+        (
+            ["alice@example.com", "--name", "web", "--sender", "@example.com"],
+            "sender pattern '@example.com' is not allowed for alice@example.com"
+            " (it may send as: alice@example.com); a credential can only narrow its"
+            " account's senders",
+        ),
+        (
+            ["alice@example.com", "--name", "web", "--sender", "nope"],
+            "invalid sender pattern: 'nope': it must look like local@domain"
+            " (use an address or @domain)",
+        ),
+        (
+            ["alice@example.com", "--name", "web", "--network", "10.0.0.0/40"],
+            "invalid network: '10.0.0.0/40': use an address or CIDR such as 192.0.2.0/24"
+            " or 2001:db8::/32",
+        ),
+        (
+            ["alice@example.com", "--name", "web", "--expires", "2020-01-01"],
+            "invalid expiry: '2020-01-01' is in the past",
+        ),
+        (
+            ["alice@example.com", "--name", "web", "--expires", "2020-01-01T00:00:00Z"],
+            "invalid expiry: '2020-01-01T00:00:00Z' is in the past",
+        ),
+        (
+            ["alice@example.com", "--name", "web", "--expires", "2999-01-01T10:00"],
+            "invalid expiry: '2999-01-01T10:00': give the time zone, such as Z or +01:00",
+        ),
+        (
+            ["alice@example.com", "--name", "web", "--expires", "next week"],
+            "invalid expiry: 'next week': use YYYY-MM-DD (valid through that day, UTC) or an"
+            " ISO 8601 time with zone, such as 2026-12-31T18:00:00+01:00",
+        ),
+        (
+            ["alice@example.com", "--name", "web", "--expires", "2999-02-30"],
+            "invalid expiry: '2999-02-30': use YYYY-MM-DD (valid through that day, UTC) or an"
+            " ISO 8601 time with zone, such as 2026-12-31T18:00:00+01:00",
+        ),
+        (
+            ["alice@example.com", "--name", "web", "--expires", "9999-12-31"],
+            "invalid expiry: '9999-12-31': too far in the future",
+        ),
+        (
+            ["alice@example.com", "--name", "web", "--expires", "9999-12-31T23:00:00-05:00"],
+            "invalid expiry: '9999-12-31T23:00:00-05:00': too far in the future",
+        ),
+    ],
+)
+def test_credential_add_errors(
+    capsys: pytest.CaptureFixture[str],
+    cfg: list[str],
+    db: sqlite3.Connection,
+    argv: list[str],
+    error: str,
+) -> None:
+    run(capsys, *cfg, "user", "add", "alice@example.com")
+    status, out, err = run(capsys, *cfg, "credential", "add", *argv)
+    assert (status, out, err) == (2, "", f"relaygate: {error}\n")
+    assert db.execute("SELECT count(*) FROM credentials").fetchone() == (0,)
+
+
+def test_credential_add_duplicate(capsys: pytest.CaptureFixture[str], cfg: list[str]) -> None:
+    run(capsys, *cfg, "user", "add", "alice@example.com")
+    add_credential(capsys, cfg, "alice@example.com", "--name", "web")
+    status, out, err = run(capsys, *cfg, "credential", "add", "alice@example.com", "--name", "WEB")
+    assert (status, out) == (2, "")
+    assert err == "relaygate: credential 'web' already exists for alice@example.com\n"
+
+
+def test_credential_list_and_revoke(
+    capsys: pytest.CaptureFixture[str], cfg: list[str], db: sqlite3.Connection
+) -> None:
+    run(capsys, *cfg, "user", "add", "alice@example.com")
+    status, out, _ = run(capsys, *cfg, "credential", "list", "alice@example.com")
+    assert (status, out) == (
+        0,
+        "no credentials for alice@example.com; add one with:"
+        " relaygate credential add alice@example.com --name NAME\n",
+    )
+    assert run(capsys, *cfg, "credential", "list", "alice@example.com", "--json")[1] == "[]\n"
+
+    _, web = add_credential(capsys, cfg, "alice@example.com", "--name", "web")
+    _, old = add_credential(
+        capsys,
+        cfg,
+        "alice@example.com",
+        "--name",
+        "cron",
+        "--expires",
+        "2999-01-01",
+        "--network",
+        "192.0.2.0/24",
+        "--sender",
+        "alice@example.com",
+    )
+    store = CredentialStore(db)
+    cron = store.find(old)
+    assert cron is not None
+    store.touch(cron.id, 1_800_000_000.0)
+    db.execute("UPDATE credentials SET expires_at = 1 WHERE name = 'cron'")  # now expired
+    add_credential(capsys, cfg, "alice@example.com", "--name", "gone")
+    status, out, err = run(capsys, *cfg, "credential", "revoke", "alice@example.com", "GONE")
+    assert (status, out, err) == (0, "revoked credential 'gone' of alice@example.com\n", "")
+
+    status, out, _ = run(capsys, *cfg, "credential", "list", "ALICE@example.com")
+    assert status == 0
+    header, cron_row, gone_row, web_row = out.splitlines()
+    assert header.split() == [
+        "NAME",
+        "STATUS",
+        "SENDERS",
+        "NETWORKS",
+        "EXPIRES",
+        "CREATED",
+        "LAST",
+        "USED",
+    ]
+    assert re.fullmatch(
+        rf"cron +expired +alice@example\.com +192\.0\.2\.0/24 +{ISO_TIME} +{ISO_TIME}"
+        rf" +{ISO_TIME}",
+        cron_row,
+    )
+    assert re.fullmatch(rf"gone +revoked +account's +any +never +{ISO_TIME} +never", gone_row)
+    assert re.fullmatch(rf"web +active +account's +any +never +{ISO_TIME} +never", web_row)
+
+    status, out, _ = run(capsys, *cfg, "credential", "list", "alice@example.com", "--json")
+    listed = json.loads(out)
+    assert [(c["name"], c["status"]) for c in listed] == [
+        ("cron", "expired"),
+        ("gone", "revoked"),
+        ("web", "active"),
+    ]
+    assert listed[0] == {
+        "id": cron.id,
+        "account": "alice@example.com",
+        "name": "cron",
+        "status": "expired",
+        "senders": ["alice@example.com"],
+        "networks": ["192.0.2.0/24"],
+        "limits": None,
+        "expires_at": 1,
+        "created_at": cron.created_at,
+        "last_used_at": 1_800_000_000.0,
+        "revoked_at": None,
+    }
+    assert listed[1]["revoked_at"] is not None
+    assert listed[2]["senders"] is None and listed[2]["networks"] is None
+    hashes = [bytes(h).hex() for (h,) in db.execute("SELECT secret_hash FROM credentials")]
+    assert "hash" not in out and not any(h in out for h in hashes)
+    assert web not in out and old not in out
+
+    status, out, err = run(capsys, *cfg, "credential", "revoke", "alice@example.com", "gone")
+    assert (status, out) == (2, "")
+    assert err == "relaygate: credential 'gone' of alice@example.com is already revoked\n"
+    status, out, err = run(capsys, *cfg, "credential", "revoke", "alice@example.com", "nope")
+    assert (status, err) == (2, "relaygate: no such credential: 'nope' of alice@example.com\n")
+    status, out, err = run(capsys, *cfg, "credential", "list", "ghost@example.com")
+    assert (status, err) == (2, "relaygate: no such account: ghost@example.com\n")
+
+
+def test_credential_limits(
+    capsys: pytest.CaptureFixture[str], cfg: list[str], db: sqlite3.Connection
+) -> None:
+    run(capsys, *cfg, "user", "add", "alice@example.com")
+    add_credential(capsys, cfg, "alice@example.com", "--name", "web")
+    none = (
+        "credential 'web' of alice@example.com: no limit overrides;"
+        " only the account's limits apply\n"
+    )
+    assert run(capsys, *cfg, "credential", "limits", "alice@example.com", "WEB") == (0, none, "")
+    status, out, _ = run(
+        capsys,
+        *cfg,
+        "credential",
+        "limits",
+        "alice@example.com",
+        "web",
+        "--messages-per-hour",
+        "5",
+        "--recipients-per-day",
+        "0",
+    )
+    assert (status, out) == (
+        0,
+        "credential 'web' of alice@example.com: limit overrides:\n"
+        "  messages_per_hour: 5\n"
+        "  recipients_per_day: unlimited\n",
+    )
+    (stored,) = db.execute("SELECT limits FROM credentials").fetchone()
+    assert json.loads(stored) == {"messages_per_hour": 5, "recipients_per_day": 0}
+    _, out, _ = run(capsys, *cfg, "credential", "list", "alice@example.com", "--json")
+    assert json.loads(out)[0]["limits"] == {"messages_per_hour": 5, "recipients_per_day": 0}
+    assert run(capsys, *cfg, "credential", "limits", "alice@example.com", "web", "--clear")[1] == (
+        none
+    )
+    status, _, err = run(capsys, *cfg, "credential", "limits", "alice@example.com", "nope")
+    assert (status, err) == (2, "relaygate: no such credential: 'nope' of alice@example.com\n")
 
 
 # ------------------------------------------------------------------ messages
@@ -442,6 +855,40 @@ def test_process_passwd_unknown_account(
     )
     assert result.returncode == 2
     assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr == "relaygate: no such account: ghost@example.com\n"
+
+
+def test_process_credential_error(command: list[str], config_file: Path, tmp_path: Path) -> None:
+    result = run_process(
+        command,
+        "--config",
+        str(config_file),
+        "credential",
+        "add",
+        "ghost@example.com",
+        "--name",
+        "web",
+        "--expires",
+        "2001-01-01",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr == "relaygate: invalid expiry: '2001-01-01' is in the past\n"
+    result = run_process(
+        command,
+        "--config",
+        str(config_file),
+        "credential",
+        "add",
+        "ghost@example.com",
+        "--name",
+        "web",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr == "relaygate: no such account: ghost@example.com\n"
 

@@ -1,0 +1,326 @@
+"""Sending limits: damage control for a stolen password.
+
+Counters live in ``send_counters``, one row per scope and fixed UTC window
+("h2026112901" for an hour, "d20261129" for a day), so they hold across
+workers and restarts. A scope is an account ("account:alice@example.com") or
+an app credential with limits of its own ("credential:17"); a message sent
+with such a credential counts against both, and both sets of limits apply.
+
+Reading and writing are split on purpose. ``Quotas.check_message`` (at MAIL)
+and ``Quotas.check_recipient`` (at each RCPT) only read: one or two
+primary-key queries. The counts are written by ``record_many`` inside the
+spool's own group-commit transaction, so a message counts exactly when it is
+durably accepted, and a batch of messages costs a couple of statements.
+
+Concurrency: a message counts only once committed, so messages in flight at
+the same moment (in this or another worker, at most a spool batch or so) all
+see the same counts and may overshoot a limit by that many. That is fine for
+damage control; a hard cap would need a write on every check.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields, replace
+from functools import lru_cache
+
+from relaygate.config import SendingLimits
+from relaygate.smtp.replies import reply
+
+__all__ = [
+    "UNLIMITED",
+    "Quotas",
+    "Scope",
+    "SendingLimits",
+    "Usage",
+    "account_scope",
+    "credential_scope",
+    "limits_from_json",
+    "record",
+    "record_many",
+    "reset_time",
+    "window_keys",
+]
+
+HOUR = 3600
+DAY = 86400
+KEEP_SECONDS = 2 * DAY  # counter rows older than this go at prune()
+
+UNLIMITED = SendingLimits(0, 0, 0, 0)
+_LIMIT_NAMES = tuple(f.name for f in fields(SendingLimits))
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What is counted (``key``), how replies name it (``label``), its limits."""
+
+    key: str  # "account:alice@example.com" or "credential:17"
+    label: str  # "alice@example.com" or 'credential "laptop" of alice@example.com'
+    limits: SendingLimits
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """One accepted message, as ``record_many`` counts it."""
+
+    scopes: Sequence[Scope]
+    account_address: str
+    recipients: Sequence[str]
+    new_recipients: Sequence[str]  # those check_recipient called new
+    now: float
+
+
+# ------------------------------------------------------------------ limits
+
+
+@lru_cache(maxsize=4096)
+def limits_from_json(text: str | None, base: SendingLimits) -> SendingLimits:
+    """``base`` with the overrides in ``text`` (accounts.limits, credentials.limits).
+
+    Unknown keys and bad values are ignored, and bad JSON means ``base``: a
+    typo in one account's limits must not stop its mail. Cached: logins repeat.
+    """
+    if not text:
+        return base
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return base
+    if not isinstance(data, dict):
+        return base
+    overrides = {
+        name: value
+        for name in _LIMIT_NAMES
+        if isinstance(value := data.get(name), int) and not isinstance(value, bool) and value >= 0
+    }
+    return replace(base, **overrides) if overrides else base
+
+
+def account_scope(address: str, limits_json: str | None, defaults: SendingLimits) -> Scope:
+    """The account's scope: the ``[sending_limits]`` defaults with its own overrides."""
+    return Scope(f"account:{address.lower()}", address, limits_from_json(limits_json, defaults))
+
+
+def credential_scope(
+    credential_id: int, name: str, account_address: str, limits_json: str | None
+) -> Scope | None:
+    """A credential's own scope, or None when it sets no limits (the account's apply)."""
+    limits = limits_from_json(limits_json, UNLIMITED)
+    if limits == UNLIMITED:
+        return None
+    return Scope(f"credential:{credential_id}", f'credential "{name}" of {account_address}', limits)
+
+
+# ------------------------------------------------------------------ windows
+
+_last_hour: tuple[int, tuple[str, str]] = (-1, ("", ""))
+
+
+def window_keys(now: float) -> tuple[str, str]:
+    """("h2026112914", "d20261129"): the UTC hour and day that ``now`` falls in."""
+    global _last_hour  # memo of one hour: strftime on every call would be waste
+    hour = int(now // HOUR)
+    cached = _last_hour
+    if cached[0] == hour:
+        return cached[1]
+    t = time.gmtime(hour * HOUR)
+    keys = (time.strftime("h%Y%m%d%H", t), time.strftime("d%Y%m%d", t))
+    _last_hour = (hour, keys)
+    return keys
+
+
+def reset_time(window_key: str) -> float:
+    """When the window ``window_key`` ends (unix time); ValueError if malformed."""
+    kind, digits = window_key[:1], window_key[1:]
+    length = {"h": 10, "d": 8}.get(kind)
+    if length is None or len(digits) != length or not digits.isascii() or not digits.isdigit():
+        raise ValueError(f"not a window key: {window_key!r}")
+    year, month, day = int(digits[:4]), int(digits[4:6]), int(digits[6:8])
+    hour = int(digits[8:]) if kind == "h" else 0
+    start = calendar.timegm((year, month, day, hour, 0, 0, 0, 0, 0))
+    return float(start + (HOUR if kind == "h" else DAY))
+
+
+# ------------------------------------------------------------------ checks
+
+
+def _refusal(what: str, limit: int, scope: Scope, window_key: str) -> bytes:
+    resets = time.strftime("%H:%M", time.gmtime(reset_time(window_key)))
+    # Labels come from admin data (credential names): keep the reply one line.
+    label = "".join(c if c.isprintable() else "?" for c in scope.label)
+    return reply(451, "4.7.1", f"{what} ({limit}) reached for {label}, resets at {resets} UTC")
+
+
+class Quotas:
+    """Read-side checks; writes go through ``record_many`` in the spool's transaction."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def _counters(
+        self, scopes: Sequence[Scope], windows: Sequence[str]
+    ) -> dict[tuple[str, str], tuple[int, int, int]]:
+        """(scope key, window) -> (messages, recipients, new_recipients), in one query."""
+        keys = [s.key for s in scopes]
+        sql = (  # only "?" placeholders are formatted in
+            "SELECT scope, window, messages, recipients, new_recipients FROM send_counters"  # noqa: S608
+            f" WHERE scope IN ({', '.join('?' * len(keys))})"
+            f" AND window IN ({', '.join('?' * len(windows))})"
+        )
+        rows = self.db.execute(sql, (*keys, *windows)).fetchall()
+        return {(r[0], r[1]): (r[2], r[3], r[4]) for r in rows}
+
+    def check_message(self, scopes: Sequence[Scope], now: float) -> bytes | None:
+        """At MAIL: None, or a 451 naming the first limit already reached."""
+        limited = [
+            s
+            for s in scopes
+            if s.limits.messages_per_hour
+            or s.limits.messages_per_day
+            or s.limits.recipients_per_day
+        ]
+        if not limited:
+            return None
+        hour_key, day_key = window_keys(now)
+        counts = self._counters(limited, (hour_key, day_key))
+        for scope in limited:
+            limits = scope.limits
+            hour = counts.get((scope.key, hour_key), (0, 0, 0))
+            day = counts.get((scope.key, day_key), (0, 0, 0))
+            if limits.messages_per_hour and hour[0] >= limits.messages_per_hour:
+                return _refusal("Hourly message limit", limits.messages_per_hour, scope, hour_key)
+            if limits.messages_per_day and day[0] >= limits.messages_per_day:
+                return _refusal("Daily message limit", limits.messages_per_day, scope, day_key)
+            # No recipient could be accepted today, so say so now rather than at RCPT.
+            if limits.recipients_per_day and day[1] >= limits.recipients_per_day:
+                return _refusal("Daily recipient limit", limits.recipients_per_day, scope, day_key)
+        return None
+
+    def check_recipient(
+        self,
+        scopes: Sequence[Scope],
+        account_address: str,
+        recipient: str,
+        *,
+        accepted_so_far: int,
+        new_so_far: int,
+        now: float,
+    ) -> tuple[bytes | None, bool]:
+        """At RCPT: (None or a 451, whether ``recipient`` is new for the account).
+
+        ``accepted_so_far`` and ``new_so_far`` count the recipients this
+        transaction already accepted, which are not in the counters yet. Pass the
+        bool on to ``record`` (as ``new_recipients``) when the message is accepted.
+        """
+        is_new = (
+            self.db.execute(
+                "SELECT 1 FROM known_recipients WHERE account = ? AND recipient = ?",
+                (account_address.lower(), recipient.lower()),
+            ).fetchone()
+            is None
+        )
+        limited = [
+            s
+            for s in scopes
+            if s.limits.recipients_per_day or (is_new and s.limits.new_recipients_per_day)
+        ]
+        if not limited:
+            return None, is_new
+        day_key = window_keys(now)[1]
+        counts = self._counters(limited, (day_key,))
+        for scope in limited:
+            limits = scope.limits
+            _, recipients, new = counts.get((scope.key, day_key), (0, 0, 0))
+            if limits.recipients_per_day and (
+                recipients + accepted_so_far >= limits.recipients_per_day
+            ):
+                refusal = _refusal(
+                    "Daily recipient limit", limits.recipients_per_day, scope, day_key
+                )
+                return refusal, is_new
+            if (
+                is_new
+                and limits.new_recipients_per_day
+                and (new + new_so_far >= limits.new_recipients_per_day)
+            ):
+                refusal = _refusal(
+                    "Daily new-recipient limit", limits.new_recipients_per_day, scope, day_key
+                )
+                return refusal, is_new
+        return None, is_new
+
+    def prune(self, now: float) -> None:
+        """Delete counter rows of windows that ended over two days ago (periodic, not hot)."""
+        hour_cut, day_cut = window_keys(now - KEEP_SECONDS)
+        # "d…" sorts before "h…", so the first test sees only day rows.
+        self.db.execute(
+            "DELETE FROM send_counters WHERE window < ? OR (window >= 'h' AND window < ?)",
+            (day_cut, hour_cut),
+        )
+
+
+# ------------------------------------------------------------------ recording
+
+
+def record(
+    db_in_transaction: sqlite3.Connection,
+    scopes: Sequence[Scope],
+    account_address: str,
+    recipients: Sequence[str],
+    new_recipients: Sequence[str],
+    *,
+    now: float,
+) -> None:
+    """Count one accepted message; see ``record_many``."""
+    record_many(
+        db_in_transaction, (Usage(scopes, account_address, recipients, new_recipients, now),)
+    )
+
+
+def record_many(db: sqlite3.Connection, items: Iterable[Usage]) -> None:
+    """Count accepted messages, inside the caller's open transaction.
+
+    Never BEGINs or COMMITs: the spool calls this in the transaction that
+    stores the messages, so counts and messages commit (or roll back) together.
+    Counts are summed per scope and window first, so a batch costs one upsert
+    per distinct row plus one insert per new recipient.
+    """
+    if not db.in_transaction:
+        raise RuntimeError("record_many() must run inside the caller's transaction")
+    totals: dict[tuple[str, str], list[int]] = {}
+    known: dict[tuple[str, str], float] = {}
+    for item in items:
+        account = item.account_address.lower()
+        # A recipient new to two messages of one batch is new only once.
+        fresh = 0
+        for rcpt in item.new_recipients:
+            key = (account, rcpt.lower())
+            if key not in known:
+                known[key] = item.now
+                fresh += 1
+        count = len(item.recipients)
+        for window in window_keys(item.now):
+            for scope in item.scopes:
+                total = totals.setdefault((scope.key, window), [0, 0, 0])
+                total[0] += 1
+                total[1] += count
+                total[2] += fresh
+    if totals:
+        db.executemany(
+            "INSERT INTO send_counters (scope, window, messages, recipients, new_recipients)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (scope, window) DO UPDATE SET"
+            " messages = messages + excluded.messages,"
+            " recipients = recipients + excluded.recipients,"
+            " new_recipients = new_recipients + excluded.new_recipients",
+            [(scope, window, *total) for (scope, window), total in totals.items()],
+        )
+    if known:
+        db.executemany(
+            "INSERT OR IGNORE INTO known_recipients (account, recipient, first_seen)"
+            " VALUES (?, ?, ?)",
+            [(account, rcpt, first) for (account, rcpt), first in known.items()],
+        )
