@@ -607,15 +607,18 @@ def _credential_limits(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-_MESSAGE_COLUMNS = "id, created_at, account, client_ip, mail_from, rcpt_to, subject, size, status"
+_MESSAGE_COLUMNS = (
+    "id, created_at, account, client_ip, mail_from, rcpt_to, subject, size, status, credential"
+)
 
 
 def _message_json(row: tuple[Any, ...]) -> dict[str, Any]:
-    id_, created_at, account, client_ip, mail_from, rcpt_to, subject, size, status = row
+    id_, created_at, account, client_ip, mail_from, rcpt_to, subject, size, status, credential = row
     return {
         "id": id_,
         "created_at": created_at,
         "account": account,
+        "credential": credential,
         "client_ip": client_ip,
         "mail_from": mail_from,
         "rcpt_to": _recipients(rcpt_to),
@@ -681,6 +684,7 @@ def _messages_show(args: argparse.Namespace, config: Config) -> int:
         ("id", message["id"]),
         ("created", _local_time(message["created_at"])),
         ("user", message["account"]),
+        ("credential", message["credential"] or "(password)"),
         ("client ip", message["client_ip"]),
         ("from", message["mail_from"] or "<>"),
         ("to", ", ".join(message["rcpt_to"])),

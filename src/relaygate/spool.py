@@ -46,6 +46,7 @@ class SpooledMessage:
     body: bytes
     created_at: float
     status: str = "captured"
+    credential: str | None = None  # the app credential's name; None: the password
 
 
 class SpoolError(Exception):
@@ -105,7 +106,8 @@ class Spool:
             try:
                 db.executemany(
                     "INSERT INTO messages (id, account, client_ip, mail_from, rcpt_to, subject,"
-                    " size, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " size, status, created_at, credential, recipients)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
                         (
                             m.id,
@@ -117,6 +119,8 @@ class Spool:
                             len(m.body),
                             m.status,
                             m.created_at,
+                            m.credential,
+                            len(m.recipients),
                         )
                         for m in messages
                     ],

@@ -23,30 +23,47 @@ import sqlite3
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
+from relaygate.accounts.credentials import Credential, CredentialStore, looks_like_credential
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import Account, AccountStore
 from relaygate.sasl import StoredKeys
 from relaygate.sasl.scram import DEFAULT_ITERATIONS
 
 CACHE_SIZE = 10000
+TOUCH_INTERVAL = 60.0  # seconds between last_used_at writes for one credential
 
 
 @dataclass(frozen=True, slots=True)
 class AuthResult:
     account: Account | None
-    outcome: str  # ok | unknown_user | bad_password | disabled | error
+    # ok | unknown_user | bad_password | disabled | bad_proof | error, and for app
+    # credentials: bad_credential | revoked | expired | network
+    outcome: str
     cached: bool = False
+    credential: Credential | None = None
+
+    @property
+    def senders(self) -> tuple[str, ...]:
+        """The sender patterns this login may use (a credential may narrow them)."""
+        if self.account is None:
+            return ()
+        if self.credential is not None:
+            return self.credential.effective_senders(self.account.senders)
+        return self.account.senders
 
 
 class Authenticator:
     def __init__(
         self,
         store: AccountStore,
+        credentials: CredentialStore,
         hasher: PasswordHasher,
         executor: Executor,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._store = store
+        self._credentials = credentials
+        self._touched: dict[int, float] = {}
         self._hasher = hasher
         self._executor = executor
         self._loop = loop
@@ -57,9 +74,14 @@ class Authenticator:
         material = username.lower().encode() + b"\0" + password.encode()
         return hmac.new(self._key, material, hashlib.sha256).digest()
 
-    def verify(self, username: str, password: str) -> asyncio.Future[AuthResult]:
-        """A future with the result; already done on a cache hit."""
+    def verify(
+        self, username: str, password: str, client_ip: str = "", now: float = 0.0
+    ) -> asyncio.Future[AuthResult]:
+        """A future with the result; already done on a cache hit or an app credential."""
         future: asyncio.Future[AuthResult] = self._loop.create_future()
+        if looks_like_credential(password):
+            future.set_result(self._verify_credential(username, password, client_ip, now))
+            return future
         try:
             account = self._store.get(username)
         except (sqlite3.Error, ValueError):
@@ -78,6 +100,35 @@ class Authenticator:
         work = self._loop.run_in_executor(self._executor, self._slow_verify, account, password)
         work.add_done_callback(lambda done: self._finish(done, future, key, account))
         return future
+
+    def _verify_credential(
+        self, username: str, secret: str, client_ip: str, now: float
+    ) -> AuthResult:
+        """App credentials are high-entropy: a keyed fast hash, no argon2 needed."""
+        try:
+            credential = self._credentials.find(secret)
+            if credential is None or credential.account_address.lower() != username.lower():
+                return AuthResult(None, "bad_credential")
+            account = self._store.get(credential.account_address)
+        except (sqlite3.Error, ValueError):
+            return AuthResult(None, "error")
+        if account is None:
+            return AuthResult(None, "bad_credential")
+        if credential.revoked_at is not None:
+            return AuthResult(None, "revoked")
+        if not credential.is_active(now):
+            return AuthResult(None, "expired")
+        if not credential.allows_network(client_ip):
+            return AuthResult(None, "network")
+        if account.disabled:
+            return AuthResult(None, "disabled")
+        if now - self._touched.get(credential.id, 0.0) >= TOUCH_INTERVAL:
+            self._touched[credential.id] = now
+            try:
+                self._credentials.touch(credential.id, now)
+            except sqlite3.Error:
+                pass  # last-used time is informational; the login stands
+        return AuthResult(account, "ok", credential=credential)
 
     def _slow_verify(self, account: Account | None, password: str) -> str:
         if account is None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, cast
 
 from relaygate import logs, message, policy
 from relaygate.accounts.authenticator import AuthResult
+from relaygate.accounts.credentials import Credential
 from relaygate.accounts.store import Account
 from relaygate.sasl import Rejected, Verified
 from relaygate.server.tls import cipher_info
@@ -51,6 +52,8 @@ class SMTPConnection(asyncio.Protocol):
         self.session_id = os.urandom(5).hex()
         self.client_ip = "?"
         self.account: Account | None = None
+        self.credential: Credential | None = None
+        self.senders: tuple[str, ...] = ()  # what this login may send as
         self.tls_version: str | None = None
         self.tls_cipher: str | None = None
         self.waiting = False
@@ -203,7 +206,9 @@ class SMTPConnection(asyncio.Protocol):
             # Acting as another user (proxy authorization) is not offered.
             self._auth_done(AuthResult(None, "authzid_mismatch"), event)
             return
-        future = self.worker.authenticator.verify(credentials.username, credentials.password)
+        future = self.worker.authenticator.verify(
+            credentials.username, credentials.password, self.client_ip, time.time()
+        )
         if future.done():
             self._auth_done(future.result(), event)
             return
@@ -225,8 +230,15 @@ class SMTPConnection(asyncio.Protocol):
         }
         if result.account is not None:
             self.account = result.account
+            self.credential = result.credential
+            self.senders = result.senders
             self.session.auth_succeeded(result.account.address)
-            logs.event("auth.ok", **fields, cached=result.cached or None)
+            logs.event(
+                "auth.ok",
+                **fields,
+                credential=result.credential.name if result.credential else None,
+                cached=result.cached or None,
+            )
         elif result.outcome == "error":
             self.session.auth_failed(replies.AUTH_TEMPORARY_FAILURE)
             logs.event("auth.error", logging.WARNING, **fields, reply="454")
@@ -237,7 +249,7 @@ class SMTPConnection(asyncio.Protocol):
     def _on_sender(self, event: SenderRequest) -> None:
         account = self.account
         assert account is not None  # the session asks only once authenticated
-        reply = policy.envelope_sender_refusal(account.senders, event.address)
+        reply = policy.envelope_sender_refusal(self.senders, event.address)
         if reply is None:
             self.session.accept_sender()
             return
@@ -255,7 +267,7 @@ class SMTPConnection(asyncio.Protocol):
         account = self.account
         assert account is not None
         summary = message.summarize(event.body)
-        refusal = policy.header_sender_refusal(account.senders, summary)
+        refusal = policy.header_sender_refusal(self.senders, summary)
         if refusal is not None:
             self.session.refuse(refusal)
             logs.event(
@@ -298,6 +310,7 @@ class SMTPConnection(asyncio.Protocol):
             subject=summary.subject,
             body=received + added + event.body,
             created_at=now,
+            credential=self.credential.name if self.credential else None,
         )
         future = self.worker.spool.store(stored)
         self._wait()

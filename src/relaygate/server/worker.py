@@ -20,6 +20,7 @@ from typing import Any
 
 from relaygate import logs
 from relaygate.accounts.authenticator import Authenticator
+from relaygate.accounts.credentials import CredentialStore
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import AccountStore
 from relaygate.config import Config, ListenerConfig
@@ -62,8 +63,15 @@ class Worker:
         self._executor = ThreadPoolExecutor(
             max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="password-hash"
         )
+        # Reads for logins; its few writes (credential last-used, throttling) need
+        # no fsync of their own, so this connection runs with synchronous=NORMAL.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self.authenticator = Authenticator(
-            AccountStore(self._db), PasswordHasher(config.password_hash), self._executor, loop
+            AccountStore(self._db),
+            CredentialStore(self._db),
+            PasswordHasher(config.password_hash),
+            self._executor,
+            loop,
         )
         self.spool = Spool(config.database_path, loop)
         self._servers: list[asyncio.Server] = []
