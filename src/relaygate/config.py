@@ -303,8 +303,8 @@ _Section = TypeVar("_Section", AuthThrottleConfig, SendingLimits)
 def _number_section(
     check: _Checker, data: dict[str, Any], name: str, defaults: _Section, minimums: dict[str, int]
 ) -> _Section:
-    """A table whose settings are all numbers: whole ones (>= their minimum, 0 unless
-    given) where the default is an int, seconds > 0 where it is a float."""
+    """A table of numbers: whole ones >= 0 (or the minimum given) where the default
+    is an int, seconds > 0 where it is a float."""
     raw = check.table(data, name, name)
     check.unknown(raw, {f.name for f in dataclasses.fields(defaults)}, name)
     values: dict[str, Any] = {}

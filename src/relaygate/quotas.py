@@ -24,7 +24,7 @@ import calendar
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 
@@ -33,6 +33,7 @@ from relaygate.smtp.replies import reply
 
 __all__ = [
     "UNLIMITED",
+    "Overrides",
     "Quotas",
     "Scope",
     "SendingLimits",
@@ -40,6 +41,7 @@ __all__ = [
     "account_scope",
     "credential_scope",
     "limits_from_json",
+    "limits_from_overrides",
     "record",
     "record_many",
     "reset_time",
@@ -51,6 +53,8 @@ DAY = 86400
 KEEP_SECONDS = 2 * DAY  # counter rows older than this go at prune()
 
 UNLIMITED = SendingLimits(0, 0, 0, 0)
+# Limit overrides as stored: JSON text (the column) or decoded (accounts.credentials).
+Overrides = str | Mapping[str, int] | None
 _LIMIT_NAMES = tuple(f.name for f in fields(SendingLimits))
 
 
@@ -77,12 +81,31 @@ class Usage:
 # ------------------------------------------------------------------ limits
 
 
+def limits_from_overrides(
+    overrides: Mapping[str, object] | None, base: SendingLimits
+) -> SendingLimits:
+    """``base`` with the overrides applied: whole numbers >= 0 under known keys.
+
+    Anything else is ignored, key by key: a typo in one account's limits must
+    not stop its mail.
+    """
+    if not overrides:
+        return base
+    valid = {
+        name: value
+        for name in _LIMIT_NAMES
+        if isinstance(value := overrides.get(name), int)
+        and not isinstance(value, bool)
+        and value >= 0
+    }
+    return replace(base, **valid) if valid else base
+
+
 @lru_cache(maxsize=4096)
 def limits_from_json(text: str | None, base: SendingLimits) -> SendingLimits:
-    """``base`` with the overrides in ``text`` (accounts.limits, credentials.limits).
+    """``base`` with the overrides in a limits column (JSON); bad JSON means ``base``.
 
-    Unknown keys and bad values are ignored, and bad JSON means ``base``: a
-    typo in one account's limits must not stop its mail. Cached: logins repeat.
+    Cached: the same few texts come back at every login.
     """
     if not text:
         return base
@@ -90,26 +113,25 @@ def limits_from_json(text: str | None, base: SendingLimits) -> SendingLimits:
         data = json.loads(text)
     except ValueError:
         return base
-    if not isinstance(data, dict):
-        return base
-    overrides = {
-        name: value
-        for name in _LIMIT_NAMES
-        if isinstance(value := data.get(name), int) and not isinstance(value, bool) and value >= 0
-    }
-    return replace(base, **overrides) if overrides else base
+    return limits_from_overrides(data, base) if isinstance(data, dict) else base
 
 
-def account_scope(address: str, limits_json: str | None, defaults: SendingLimits) -> Scope:
+def _limits(overrides: Overrides, base: SendingLimits) -> SendingLimits:
+    if isinstance(overrides, str):
+        return limits_from_json(overrides, base)
+    return limits_from_overrides(overrides, base)
+
+
+def account_scope(address: str, overrides: Overrides, defaults: SendingLimits) -> Scope:
     """The account's scope: the ``[sending_limits]`` defaults with its own overrides."""
-    return Scope(f"account:{address.lower()}", address, limits_from_json(limits_json, defaults))
+    return Scope(f"account:{address.lower()}", address, _limits(overrides, defaults))
 
 
 def credential_scope(
-    credential_id: int, name: str, account_address: str, limits_json: str | None
+    credential_id: int, name: str, account_address: str, overrides: Overrides
 ) -> Scope | None:
     """A credential's own scope, or None when it sets no limits (the account's apply)."""
-    limits = limits_from_json(limits_json, UNLIMITED)
+    limits = _limits(overrides, UNLIMITED)
     if limits == UNLIMITED:
         return None
     return Scope(f"credential:{credential_id}", f'credential "{name}" of {account_address}', limits)
@@ -151,8 +173,18 @@ def reset_time(window_key: str) -> float:
 def _refusal(what: str, limit: int, scope: Scope, window_key: str) -> bytes:
     resets = time.strftime("%H:%M", time.gmtime(reset_time(window_key)))
     # Labels come from admin data (credential names): keep the reply one line.
-    label = "".join(c if c.isprintable() else "?" for c in scope.label)
+    label = scope.label
+    if not label.isprintable():
+        label = "".join(c if c.isprintable() else "?" for c in label)
     return reply(451, "4.7.1", f"{what} ({limit}) reached for {label}, resets at {resets} UTC")
+
+
+@lru_cache(maxsize=16)
+def _counters_sql(scopes: int, windows: int) -> str:
+    return (  # only "?" placeholders are formatted in
+        "SELECT scope, window, messages, recipients, new_recipients FROM send_counters"  # noqa: S608
+        f" WHERE scope IN ({', '.join('?' * scopes)}) AND window IN ({', '.join('?' * windows)})"
+    )
 
 
 class Quotas:
@@ -166,11 +198,7 @@ class Quotas:
     ) -> dict[tuple[str, str], tuple[int, int, int]]:
         """(scope key, window) -> (messages, recipients, new_recipients), in one query."""
         keys = [s.key for s in scopes]
-        sql = (  # only "?" placeholders are formatted in
-            "SELECT scope, window, messages, recipients, new_recipients FROM send_counters"  # noqa: S608
-            f" WHERE scope IN ({', '.join('?' * len(keys))})"
-            f" AND window IN ({', '.join('?' * len(windows))})"
-        )
+        sql = _counters_sql(len(keys), len(windows))
         rows = self.db.execute(sql, (*keys, *windows)).fetchall()
         return {(r[0], r[1]): (r[2], r[3], r[4]) for r in rows}
 

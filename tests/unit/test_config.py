@@ -9,8 +9,11 @@ import pytest
 from relaygate.config import (
     ENV_VAR,
     QUICKSTART_LISTENERS,
+    AuthThrottleConfig,
     ConfigError,
+    ConnectionLimitsConfig,
     ListenerConfig,
+    SendingLimits,
     load_config,
 )
 
@@ -234,3 +237,129 @@ def problems_from_env() -> list[str]:
     with pytest.raises(ConfigError) as caught:
         load_config()
     return caught.value.problems
+
+
+# ------------------------------------------------------------------ throttling and limits
+
+
+def test_throttle_and_limit_sections(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[auth_throttle]
+ip_per_minute = 5
+network_per_day = 0
+known_network_days = 7
+delay_seconds = 2.5
+
+[sending_limits]
+messages_per_hour = 50
+new_recipients_per_day = 0
+
+[connection_limits]
+per_ip_concurrent = 20
+exempt = ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7", "10.1.2.3/16"]
+""",
+    )
+    config = load_config(path)
+    assert config.auth_throttle == AuthThrottleConfig(
+        ip_per_minute=5, network_per_day=0, known_network_days=7, delay_seconds=2.5
+    )
+    assert config.sending_limits == SendingLimits(messages_per_hour=50, new_recipients_per_day=0)
+    assert config.connection_limits == ConnectionLimitsConfig(
+        per_ip_concurrent=20,
+        per_ip_per_minute=600,
+        exempt=("10.0.0.0/8", "2001:db8::/32", "192.0.2.7/32", "10.1.0.0/16"),
+    )
+
+
+def test_throttle_and_limit_defaults(tmp_path: Path) -> None:
+    for config in (load_config(write(tmp_path, "")), load_config()):
+        assert config.auth_throttle == AuthThrottleConfig()
+        assert config.sending_limits == SendingLimits()
+        assert config.connection_limits == ConnectionLimitsConfig()
+    assert AuthThrottleConfig().account_per_hour == 20
+    assert SendingLimits().messages_per_day == 1000
+    assert ConnectionLimitsConfig().exempt == ("127.0.0.0/8", "::1/128")
+
+
+def test_an_empty_exempt_list_limits_everyone(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "[connection_limits]\nexempt = []\n"))
+    assert config.connection_limits.exempt == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("auth_throttle = 3\n", "auth_throttle: must be a table"),
+        ("[auth_throttle]\nip_per_hour = 3\n", "auth_throttle.ip_per_hour: unknown setting"),
+        ("[auth_throttle]\nip_per_minute = -1\n", "auth_throttle.ip_per_minute: must be a whole"),
+        ("[auth_throttle]\nip_per_day = 1.5\n", "auth_throttle.ip_per_day: must be a whole"),
+        ('[auth_throttle]\naccount_per_hour = "20"\n', "auth_throttle.account_per_hour: must be"),
+        (
+            "[auth_throttle]\nknown_network_days = 0\n",
+            "auth_throttle.known_network_days: must be a whole number >= 1",
+        ),
+        ("[auth_throttle]\ndelay_seconds = 0\n", "auth_throttle.delay_seconds: must be a number"),
+        (
+            "[auth_throttle]\nconnection_close_after = true\n",
+            "auth_throttle.connection_close_after: must be a whole number >= 0",
+        ),
+        (
+            "[sending_limits]\nmessages_per_hour = -5\n",
+            "sending_limits.messages_per_hour: must be a whole number >= 0 (got -5)",
+        ),
+        ("[sending_limits]\nper_hour = 5\n", "sending_limits.per_hour: unknown setting"),
+        (
+            "[connection_limits]\nper_ip_concurrent = -1\n",
+            "connection_limits.per_ip_concurrent: must be a whole number >= 0",
+        ),
+        (
+            '[connection_limits]\nexempt = "127.0.0.0/8"\n',
+            "connection_limits.exempt: must be an array of CIDRs",
+        ),
+        (
+            '[connection_limits]\nexempt = ["127.0.0.0/8", "localhost"]\n',
+            "connection_limits.exempt[1]: must be an IP network such as 192.0.2.0/24 "
+            "(got 'localhost')",
+        ),
+        ("[connection_limits]\nexempt = [5]\n", "connection_limits.exempt[0]: must be an IP"),
+        (
+            '[connection_limits]\nexempt = ["10.0.0.0/33"]\n',
+            "connection_limits.exempt[0]: must be an IP",
+        ),
+    ],
+)
+def test_throttle_and_limit_problems(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    found = problems(path)
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{path}: {expected}"), found
+    assert "\n" not in found[0]
+
+
+def test_every_limit_problem_on_its_own_line(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[auth_throttle]
+ip_per_minute = -1
+delay_seconds = "soon"
+[sending_limits]
+messages_per_day = "many"
+colour = 1
+[connection_limits]
+per_ip_per_minute = 0.5
+exempt = ["nope", "10.0.0.0/8", "::1/200"]
+""",
+    )
+    found = problems(path)
+    assert [line.split(": ")[1] for line in found] == [
+        "auth_throttle.ip_per_minute",
+        "auth_throttle.delay_seconds",
+        "sending_limits.colour",
+        "sending_limits.messages_per_day",
+        "connection_limits.per_ip_per_minute",
+        "connection_limits.exempt[0]",
+        "connection_limits.exempt[2]",
+    ]
