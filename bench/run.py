@@ -344,6 +344,12 @@ class RelaygateServer:
             'tls = "implicit"\n\n'
             "[delivery]\n"
             'mode = "capture"\n\n'
+            "# A benchmark sends far more than a person would: no sending limits.\n"
+            "[sending_limits]\n"
+            "messages_per_hour = 0\n"
+            "messages_per_day = 0\n"
+            "recipients_per_day = 0\n"
+            "new_recipients_per_day = 0\n\n"
             "[log]\n"
             f'level = "{self.log_level}"\n'
             f'file = "{self.log_file}"\n',

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from relaygate import quotas
+from relaygate.quotas import Usage
 from relaygate.storage import sqlite as storage
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -47,6 +49,7 @@ class SpooledMessage:
     created_at: float
     status: str = "captured"
     credential: str | None = None  # the app credential's name; None: the password
+    usage: Usage | None = None  # what it counts against sending limits
 
 
 class SpoolError(Exception):
@@ -129,6 +132,8 @@ class Spool:
                     "INSERT INTO message_bodies (id, body) VALUES (?, ?)",
                     [(m.id, m.body) for m in messages],
                 )
+                # Sending-limit counters commit with the messages they count.
+                quotas.record_many(db, [m.usage for m in messages if m.usage is not None])
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")

@@ -43,6 +43,7 @@ class Account:
     created_at: float  # unix time
     updated_at: float
     scram: StoredKeys | None = None  # SCRAM-SHA-256 keys, set with the password
+    limits: str | None = None  # JSON sending-limit overrides (see relaygate.quotas)
 
     def may_send_as(self, address: str) -> bool:
         """Sender binding: may this account use ``address`` as MAIL FROM?"""
@@ -168,15 +169,15 @@ def _normalize_senders(senders: Sequence[str]) -> list[str]:
 # a valid pattern, so it is a safe separator.
 _SELECT_ACCOUNT = """
     SELECT a.id, a.address, a.password_hash, a.disabled, a.created_at, a.updated_at,
-           group_concat(s.pattern, char(10)), a.scram_sha256
+           group_concat(s.pattern, char(10)), a.scram_sha256, a.limits
     FROM accounts AS a LEFT JOIN account_senders AS s ON s.account_id = a.id
 """
 
-_Row = tuple[int, str, str, int, float, float, str | None, str | None]
+_Row = tuple[int, str, str, int, float, float, str | None, str | None, str | None]
 
 
 def _account_from_row(row: _Row) -> Account:
-    id_, address, password_hash, disabled, created_at, updated_at, patterns, scram = row
+    id_, address, password_hash, disabled, created_at, updated_at, patterns, scram, limits = row
     return Account(
         id=id_,
         address=address,
@@ -186,6 +187,7 @@ def _account_from_row(row: _Row) -> Account:
         created_at=created_at,
         updated_at=updated_at,
         scram=decode_scram(scram),
+        limits=limits,
     )
 
 

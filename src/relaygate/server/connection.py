@@ -19,6 +19,7 @@ from relaygate import logs, message, policy
 from relaygate.accounts.authenticator import AuthResult
 from relaygate.accounts.credentials import Credential
 from relaygate.accounts.store import Account
+from relaygate.quotas import Scope, Usage, account_scope, credential_scope
 from relaygate.sasl import Rejected, Verified
 from relaygate.server.tls import cipher_info
 from relaygate.smtp import replies
@@ -54,10 +55,13 @@ class SMTPConnection(asyncio.Protocol):
         self.account: Account | None = None
         self.credential: Credential | None = None
         self.senders: tuple[str, ...] = ()  # what this login may send as
+        self.scopes: list[Scope] = []  # sending limits that apply to this login
+        self.new_recipients: list[str] = []  # first-time recipients in this transaction
         self.tls_version: str | None = None
         self.tls_cipher: str | None = None
         self.waiting = False
         self.lost = False
+        self.counted = False  # counted by the per-IP connection limiter
         self.started = time.time()
         self.last_activity = 0.0
         self.partial_since: float | None = None
@@ -74,12 +78,24 @@ class SMTPConnection(asyncio.Protocol):
         self.last_activity = self.worker.loop.time()
         if self.implicit_tls:
             self.tls_version, self.tls_cipher = cipher_info(transport.get_extra_info("ssl_object"))
-        if self.worker.draining or len(self.worker.connections) >= self.worker.max_connections:
-            reply = replies.SHUTTING_DOWN if self.worker.draining else replies.TOO_BUSY
+        reason: str | None = None
+        if self.worker.draining:
+            reason, reply = "shutting_down", replies.SHUTTING_DOWN
+        elif len(self.worker.connections) >= self.worker.max_connections:
+            reason, reply = "server_busy", replies.TOO_BUSY
+        elif self.worker.limiter is not None:
+            verdict = self.worker.limiter.open(self.client_ip, time.time())
+            if verdict is not None:
+                reason, reply = f"ip_{verdict}", replies.TOO_MANY_FROM_ADDRESS
+            else:
+                self.counted = True
+        if reason is not None:
             logs.event(
                 "connect.refused",
+                logging.WARNING,
                 session=self.session_id,
                 client_ip=self.client_ip,
+                reason=reason,
                 reply=reply[:3].decode(),
             )
             transport.write(reply)
@@ -110,6 +126,8 @@ class SMTPConnection(asyncio.Protocol):
             return
         self.lost = True
         self.worker.connections.discard(self)
+        if self.counted and self.worker.limiter is not None:
+            self.worker.limiter.close(self.client_ip)
         logs.event(
             "disconnect",
             session=self.session_id,
@@ -135,7 +153,8 @@ class SMTPConnection(asyncio.Protocol):
                 break
             kind = type(event)
             if kind is RecipientRequest:
-                session.accept_recipient()
+                assert isinstance(event, RecipientRequest)
+                self._on_recipient(event)
             elif kind is SenderRequest:
                 assert isinstance(event, SenderRequest)
                 self._on_sender(event)
@@ -194,12 +213,38 @@ class SMTPConnection(asyncio.Protocol):
 
     def _on_auth(self, event: AuthRequest) -> None:
         credentials = event.credentials
+        now = time.time()
+        verdict = self.worker.throttle.check(self.client_ip, credentials.username, now)
+        if verdict is not None:
+            # Over a failure limit: refuse without even looking at the password,
+            # so guessing from here learns nothing until the window passes.
+            minutes = max(1, round(verdict.retry_after / 60))
+            reply = replies.reply(
+                454, "4.7.0", f"Too many failed logins, try again in {minutes} minute(s)"
+            )
+            logs.event(
+                "auth.throttled",
+                logging.WARNING,
+                session=self.session_id,
+                client_ip=self.client_ip,
+                user=credentials.username,
+                scope=verdict.scope,
+                retry_after=round(verdict.retry_after),
+                reply="454",
+            )
+            rules = self.worker.config.auth_throttle
+            if rules.connection_close_after and (
+                self.session.auth_failures + 1 >= rules.connection_close_after
+            ):
+                reply = replies.AUTH_TOO_MANY_FAILURES
+            self.session.auth_failed(reply)
+            return
         if isinstance(credentials, Verified):
             self._auth_done(self.worker.authenticator.scram_verified(credentials.username), event)
             return
         if isinstance(credentials, Rejected):
-            account = self.worker.authenticator.scram_verified(credentials.username)
-            outcome = "bad_proof" if account.account is not None else account.outcome
+            known = self.worker.authenticator.scram_verified(credentials.username)
+            outcome = "bad_proof" if known.account is not None else known.outcome
             self._auth_done(AuthResult(None, outcome), event)
             return
         if credentials.authzid and credentials.authzid.lower() != credentials.username.lower():
@@ -207,7 +252,7 @@ class SMTPConnection(asyncio.Protocol):
             self._auth_done(AuthResult(None, "authzid_mismatch"), event)
             return
         future = self.worker.authenticator.verify(
-            credentials.username, credentials.password, self.client_ip, time.time()
+            credentials.username, credentials.password, self.client_ip, now
         )
         if future.done():
             self._auth_done(future.result(), event)
@@ -218,20 +263,25 @@ class SMTPConnection(asyncio.Protocol):
     def _auth_finished(self, future: asyncio.Future[AuthResult], event: AuthRequest) -> None:
         if self.lost:
             return
-        self._auth_done(future.result(), event)
-        self._resume()
+        if self._auth_done(future.result(), event):
+            self._resume()
 
-    def _auth_done(self, result: AuthResult, event: AuthRequest) -> None:
+    def _auth_done(self, result: AuthResult, event: AuthRequest) -> bool:
+        """Answer the login; False when the answer is held back (failure delay)."""
+        username = event.credentials.username
         fields = {
             "session": self.session_id,
             "client_ip": self.client_ip,
             "mechanism": event.mechanism,
-            "user": event.credentials.username,
+            "user": username,
         }
+        now = time.time()
         if result.account is not None:
             self.account = result.account
             self.credential = result.credential
             self.senders = result.senders
+            self.scopes = self._quota_scopes(result)
+            self.worker.throttle.record_success(self.client_ip, result.account.address, now)
             self.session.auth_succeeded(result.account.address)
             logs.event(
                 "auth.ok",
@@ -239,18 +289,62 @@ class SMTPConnection(asyncio.Protocol):
                 credential=result.credential.name if result.credential else None,
                 cached=result.cached or None,
             )
-        elif result.outcome == "error":
+            return True
+        if result.outcome == "error":
             self.session.auth_failed(replies.AUTH_TEMPORARY_FAILURE)
             logs.event("auth.error", logging.WARNING, **fields, reply="454")
-        else:
-            self.session.auth_failed()
-            logs.event("auth.fail", logging.WARNING, **fields, reason=result.outcome, reply="535")
+            return True
+        self.worker.throttle.record_failure(self.client_ip, username, now)
+        rules = self.worker.config.auth_throttle
+        failures = self.session.auth_failures + 1  # counting this one
+        closing = bool(rules.connection_close_after) and failures >= rules.connection_close_after
+        reply = replies.AUTH_TOO_MANY_FAILURES if closing else replies.AUTH_FAILED
+        logs.event(
+            "auth.fail",
+            logging.WARNING,
+            **fields,
+            reason=result.outcome,
+            failures=failures,
+            reply=reply[:3].decode(),
+        )
+        if rules.connection_delay_after and failures > rules.connection_delay_after:
+            # Each further guess on this connection costs the guesser time.
+            self._wait()
+            delay = rules.delay_seconds * (failures - rules.connection_delay_after)
+            self.worker.loop.call_later(delay, self._delayed_failure, reply)
+            return False
+        self.session.auth_failed(reply)
+        return True
+
+    def _delayed_failure(self, reply: bytes) -> None:
+        if self.lost:
+            return
+        self.session.auth_failed(reply)
+        self._resume()
+
+    def _quota_scopes(self, result: AuthResult) -> list[Scope]:
+        account = result.account
+        assert account is not None
+        scopes = [account_scope(account.address, account.limits, self.worker.config.sending_limits)]
+        credential = result.credential
+        if credential is not None:
+            scope = credential_scope(
+                credential.id, credential.name, account.address, credential.limits
+            )
+            if scope is not None:
+                scopes.append(scope)
+        return scopes
 
     def _on_sender(self, event: SenderRequest) -> None:
         account = self.account
         assert account is not None  # the session asks only once authenticated
         reply = policy.envelope_sender_refusal(self.senders, event.address)
+        reason = "sender"
         if reply is None:
+            reply = self.worker.quotas.check_message(self.scopes, time.time())
+            reason = "quota"
+        if reply is None:
+            self.new_recipients = []
             self.session.accept_sender()
             return
         self.session.refuse(reply)
@@ -260,7 +354,37 @@ class SMTPConnection(asyncio.Protocol):
             client_ip=self.client_ip,
             user=account.address,
             mail_from=event.address,
+            reason=reason,
             reply=reply[:9].decode().strip(),
+            text=reply[10:].decode(errors="replace").strip() if reason == "quota" else None,
+        )
+
+    def _on_recipient(self, event: RecipientRequest) -> None:
+        account = self.account
+        assert account is not None
+        refusal, is_new = self.worker.quotas.check_recipient(
+            self.scopes,
+            account.address,
+            event.address,
+            accepted_so_far=len(self.session.recipients),
+            new_so_far=len(self.new_recipients),
+            now=time.time(),
+        )
+        if refusal is None:
+            if is_new:
+                self.new_recipients.append(event.address)
+            self.session.accept_recipient()
+            return
+        self.session.refuse(refusal)
+        logs.event(
+            "rcpt.refused",
+            session=self.session_id,
+            client_ip=self.client_ip,
+            user=account.address,
+            rcpt=event.address,
+            reason="quota",
+            reply=refusal[:9].decode().strip(),
+            text=refusal[10:].decode(errors="replace").strip(),
         )
 
     def _on_message(self, event: MessageReady) -> None:
@@ -311,6 +435,7 @@ class SMTPConnection(asyncio.Protocol):
             body=received + added + event.body,
             created_at=now,
             credential=self.credential.name if self.credential else None,
+            usage=Usage(self.scopes, account.address, event.recipients, self.new_recipients, now),
         )
         future = self.worker.spool.store(stored)
         self._wait()

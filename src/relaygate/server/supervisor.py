@@ -25,6 +25,7 @@ from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import AccountStore
 from relaygate.config import Config, ListenerConfig
 from relaygate.sasl import stored_keys_for_password
+from relaygate.server.connlimit import ConnectionLimiter
 from relaygate.server.tls import TLSSetupError, certificate_pairs, server_context
 from relaygate.server.worker import BoundListener, run_worker
 from relaygate.storage import sqlite as storage
@@ -139,12 +140,16 @@ def serve(config: Config) -> int:
     print(_describe(config), flush=True)
     logs.event("start", workers=config.worker_count(), pid=os.getpid())
     count = config.worker_count()
+    # Shared by every worker (an anonymous shared mapping made before fork).
+    limiter = ConnectionLimiter(config.connection_limits)
     if count == 1:
-        return run_worker(config, 0, listeners)
-    return _supervise(config, listeners, count)
+        return run_worker(config, 0, listeners, limiter)
+    return _supervise(config, listeners, count, limiter)
 
 
-def _fork_worker(config: Config, index: int, listeners: list[BoundListener]) -> int:
+def _fork_worker(
+    config: Config, index: int, listeners: list[BoundListener], limiter: ConnectionLimiter
+) -> int:
     pid = os.fork()
     if pid == 0:
         status = 1
@@ -152,7 +157,7 @@ def _fork_worker(config: Config, index: int, listeners: list[BoundListener]) -> 
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             _die_with_parent()
-            status = run_worker(config, index, listeners)
+            status = run_worker(config, index, listeners, limiter)
         except BaseException as exc:  # a worker must never return into the parent's code
             logs.event("worker.crash", worker=index, error=repr(exc))
         finally:
@@ -171,7 +176,9 @@ def _die_with_parent() -> None:
         pass  # not Linux: an orphaned worker still drains on its own SIGTERM
 
 
-def _supervise(config: Config, listeners: list[BoundListener], count: int) -> int:
+def _supervise(
+    config: Config, listeners: list[BoundListener], count: int, limiter: ConnectionLimiter
+) -> int:
     workers: dict[int, int] = {}  # pid -> worker index
     stopping = False
 
@@ -187,7 +194,7 @@ def _supervise(config: Config, listeners: list[BoundListener], count: int) -> in
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     for index in range(count):
-        workers[_fork_worker(config, index, listeners)] = index
+        workers[_fork_worker(config, index, listeners, limiter)] = index
     restarts: list[float] = []
     failed = False
     while workers:
@@ -212,7 +219,7 @@ def _supervise(config: Config, listeners: list[BoundListener], count: int) -> in
             stop(signal.SIGTERM, None)
             failed = True
             continue
-        workers[_fork_worker(config, index, listeners)] = index
+        workers[_fork_worker(config, index, listeners, limiter)] = index
     for sock, _ in listeners:
         sock.close()
     logs.event("stop")

@@ -14,7 +14,9 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import ssl
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,11 +26,14 @@ from relaygate.accounts.credentials import CredentialStore
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import AccountStore
 from relaygate.config import Config, ListenerConfig
+from relaygate.quotas import Quotas
 from relaygate.server.connection import SMTPConnection
+from relaygate.server.connlimit import ConnectionLimiter
 from relaygate.server.tls import certificate_pairs, end_point_binding, server_context
 from relaygate.smtp.session import Settings
 from relaygate.spool import Spool
 from relaygate.storage import sqlite as storage
+from relaygate.throttle import AuthThrottle
 
 BoundListener = tuple[socket.socket, ListenerConfig]
 
@@ -48,7 +53,13 @@ def session_settings(
 
 
 class Worker:
-    def __init__(self, config: Config, index: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        config: Config,
+        index: int,
+        loop: asyncio.AbstractEventLoop,
+        limiter: ConnectionLimiter | None = None,
+    ) -> None:
         self.config = config
         self.index = index
         self.loop = loop
@@ -73,6 +84,9 @@ class Worker:
             self._executor,
             loop,
         )
+        self.throttle = AuthThrottle(self._db, config.auth_throttle)
+        self.quotas = Quotas(self._db)
+        self.limiter = limiter
         self.spool = Spool(config.database_path, loop)
         self._servers: list[asyncio.Server] = []
 
@@ -103,6 +117,14 @@ class Worker:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._db.close()
 
+    def _prune(self) -> None:
+        try:
+            wall = time.time()
+            self.throttle.prune(wall)
+            self.quotas.prune(wall)
+        except sqlite3.Error as exc:
+            logs.event("prune.error", logging.WARNING, reason=str(exc))
+
     def begin_shutdown(self) -> None:
         if self.draining:
             return
@@ -113,9 +135,13 @@ class Worker:
 
     async def _sweep(self) -> None:
         deadline: float | None = None
+        next_prune = 0.0
         while True:
             await asyncio.sleep(0.1 if self.draining else 1.0)
             now = self.loop.time()
+            if self.index == 0 and now >= next_prune:
+                next_prune = now + PRUNE_INTERVAL
+                self._prune()
             for connection in list(self.connections):
                 connection.check_timeouts(now)
             if not self.draining:
@@ -129,6 +155,9 @@ class Worker:
                 logs.event("shutdown.done", worker=self.index)
                 self._stopped.set()
                 return
+
+
+PRUNE_INTERVAL = 600.0  # seconds between clean-ups of old throttle and quota rows
 
 
 def _quiet_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -145,7 +174,12 @@ def _quiet_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str,
     )
 
 
-def run_worker(config: Config, index: int, listeners: list[BoundListener]) -> int:
+def run_worker(
+    config: Config,
+    index: int,
+    listeners: list[BoundListener],
+    limiter: ConnectionLimiter | None = None,
+) -> int:
     """Run one worker until it is told to stop; returns the exit status."""
     loop: asyncio.AbstractEventLoop
     try:
@@ -158,7 +192,7 @@ def run_worker(config: Config, index: int, listeners: list[BoundListener]) -> in
     profile_path = os.environ.get("RELAYGATE_PROFILE")  # bench/: where the CPU goes
     profiler = cProfile.Profile() if profile_path else None
     try:
-        worker = Worker(config, index, loop)
+        worker = Worker(config, index, loop, limiter)
         if profiler is not None:
             profiler.enable()
         loop.run_until_complete(worker.run(listeners))

@@ -75,6 +75,8 @@ BAD_BASE64 = reply(501, "5.5.2", "Cannot decode base64 response")
 BAD_SASL_MESSAGE = reply(501, "5.5.2", "Malformed authentication response")
 AUTH_FAILED = reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_TEMPORARY_FAILURE = reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_TOO_MANY_FAILURES = reply(421, "4.7.0", "Too many authentication failures, closing connection")
+TOO_MANY_FROM_ADDRESS = reply(421, "4.7.0", "Too many connections from your address, try later")
 
 # Closing
 TIMEOUT = reply(421, "4.4.2", "Timeout, closing connection")

@@ -240,6 +240,9 @@ class Session:
         self.auth_failures += 1
         self._output.append(reply)
         self.state = State.GREETED
+        if reply.startswith(b"421"):
+            self.state = State.CLOSED
+            self._events.append(Close("too many authentication failures"))
 
     def provide_keys(self, keys: sasl.StoredKeys) -> None:
         """Answer a KeysRequest: the user's SCRAM keys, or decoys for an unknown user."""
