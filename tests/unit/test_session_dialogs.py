@@ -6,6 +6,7 @@ is offered at once; STARTTLS dialogs use ``STARTTLS_LISTENER`` in plaintext.
 
 from __future__ import annotations
 
+import base64
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -1345,7 +1346,23 @@ REPLY_CASES: dict[str, Case] = {
 NOT_SESSION_REPLIES = {
     "NEED_RCPT": "DATA without a recipient is answered 554 5.5.1 (NO_VALID_RECIPIENTS)",
     "TOO_BUSY": "sent by the listener instead of a banner, before any session exists",
+    "TOO_MANY_FROM_ADDRESS": "sent by the listener (per-IP limit), before any session exists",
+    "AUTH_TOO_MANY_FAILURES": "chosen by the driver; see test_auth_failed_with_421_closes",
 }
+
+
+def test_auth_failed_with_421_closes() -> None:
+    session = Session(SETTINGS, tls_active=True)
+    session.greeting()
+    session.receive(b"EHLO c\r\nAUTH PLAIN " + base64.b64encode(b"\0u\0p") + b"\r\n")
+    seen = []
+    while (event := session.next_event()) is not None:
+        seen.append(event)
+        if isinstance(event, AuthRequest):
+            session.auth_failed(replies.AUTH_TOO_MANY_FAILURES)
+    assert session.take_output().endswith(replies.AUTH_TOO_MANY_FAILURES)
+    assert session.closed
+    assert isinstance(seen[-1], Close)
 
 
 def _reply_constants() -> dict[str, bytes]:
