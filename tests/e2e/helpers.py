@@ -5,8 +5,12 @@
   its log as parsed events.
 - ``RawSMTP``: a byte-exact SMTP client over a real socket (plain or TLS), for
   dialogs that no well-behaved client library would produce.
+- ``ServerPool``: makes servers for a fixture and, at teardown, stops them and
+  reports a bad exit status or a secret found in a log.
 - Every password and AUTH payload a test sends is remembered in
   ``SENT_SECRETS`` so the fixtures can check that no log line ever holds one.
+- /proc helpers tell which worker process holds a connection, so tests with
+  workers = 2 can make sure both workers answered.
 
 Every wait here is bounded in time, and all traffic goes to 127.0.0.1.
 """
@@ -15,7 +19,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import email.utils
+import hashlib
 import json
 import os
 import re
@@ -25,10 +31,14 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
+
+import scramp
+
+from relaygate.config import Config as RelaygateConfig
 
 HOST = "127.0.0.1"
 TLS_NAME = "localhost"  # the server's hostname, in its self-signed certificates
@@ -104,6 +114,66 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
         time.sleep(interval)
+
+
+# ------------------------------------------------------------------ processes (Linux /proc)
+
+
+def process_children(pid: int) -> list[int]:
+    children: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            children.append(int(entry.name))
+    return children
+
+
+def connection_holder(
+    pids: Iterable[int], server_ports: Collection[int], client_port: int
+) -> int | None:
+    """Which of ``pids`` holds the server end of our connection from ``client_port``."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        parts = line.split()
+        local_port = int(parts[1].rsplit(":", 1)[1], 16)
+        remote_port = int(parts[2].rsplit(":", 1)[1], 16)
+        if local_port in server_ports and remote_port == client_port:
+            inode = parts[9]
+    if inode is None:
+        return None
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) == target:
+                        return pid
+    return None
+
+
+def wait_workers_serving(root_pid: int, port: int, count: int, timeout: float) -> None:
+    """Until ``count`` worker processes (children of ``root_pid``) have each greeted us."""
+    seen: set[int] = set()
+
+    def probe() -> bool:
+        children = process_children(root_pid)
+        if len(children) < count:
+            return False
+        try:
+            with RawSMTP.connect(port, timeout=2.0) as client:
+                holder = connection_holder(children, {port}, client.local_port)
+        except (OSError, SMTPClosed, AssertionError):
+            return False
+        if holder is not None:
+            seen.add(holder)
+        return len(seen.intersection(children)) >= count
+
+    wait_until(probe, timeout, 0.01, f"{count} workers to serve")
 
 
 # ------------------------------------------------------------------ logs
@@ -205,6 +275,45 @@ class User:
 # ------------------------------------------------------------------ the server
 
 
+TomlValue = int | float | str | list[str]
+
+# Rules that would get in the way of tests that fail many logins or send many
+# messages from one account and one IP: off (0), unless a test asks otherwise.
+# Written only for the sections this relaygate knows (they are being added).
+RELAXED_SECTIONS: dict[str, dict[str, TomlValue]] = {
+    "auth_throttle": {
+        "ip_per_minute": 0,
+        "ip_per_day": 0,
+        "network_per_minute": 0,
+        "network_per_day": 0,
+        "account_per_hour": 0,
+        "connection_delay_after": 0,
+        "connection_close_after": 0,
+    },
+    "sending_limits": {
+        "messages_per_hour": 0,
+        "messages_per_day": 0,
+        "recipients_per_day": 0,
+        "new_recipients_per_day": 0,
+    },
+}
+
+
+def config_sections() -> set[str]:
+    """The top-level tables this version of relaygate accepts."""
+    return {f.name for f in dataclasses.fields(RelaygateConfig)}
+
+
+def relaxed_sections(
+    overrides: Mapping[str, Mapping[str, TomlValue]] | None,
+) -> dict[str, dict[str, TomlValue]]:
+    known = config_sections()
+    sections = {name: dict(values) for name, values in RELAXED_SECTIONS.items() if name in known}
+    for name, values in (overrides or {}).items():
+        sections.setdefault(name, {}).update(values)
+    return sections
+
+
 class Server:
     """One ``relaygate serve`` process on two free ports (STARTTLS, implicit TLS)."""
 
@@ -214,6 +323,7 @@ class Server:
         *,
         workers: int = 1,
         limits: Mapping[str, int | float] | None = None,
+        sections: Mapping[str, Mapping[str, TomlValue]] | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
@@ -224,8 +334,10 @@ class Server:
         self.stderr_path = directory / "serve.stderr"
         self.workers = workers
         self.limits = dict(limits or {})
+        self.sections = relaxed_sections(sections)
         self.starttls_port, self.implicit_port = free_ports(2)
         self.process: subprocess.Popen[bytes] | None = None
+        self.terminated = False  # SIGTERM sent to the current process
         self.users: dict[str, User] = {}
         self.write_config()
 
@@ -258,6 +370,8 @@ class Server:
         ]
         if self.limits:
             lines += ["", "[limits]"] + [f"{k} = {v!r}" for k, v in self.limits.items()]
+        for name, values in self.sections.items():
+            lines += ["", f"[{name}]"] + [f"{k} = {json.dumps(v)}" for k, v in values.items()]
         self.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     def command(self, *args: str) -> list[str]:
@@ -354,6 +468,7 @@ class Server:
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         assert self.process is None or self.process.poll() is not None, "already running"
+        self.terminated = False
         with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
             self.process = subprocess.Popen(
                 self.command("serve"),
@@ -388,6 +503,10 @@ class Server:
                     ready[port] = self._greets(port)
             if not all(ready.values()):
                 time.sleep(0.05)
+        if self.workers > 1:
+            wait_workers_serving(
+                self.pid, self.starttls_port, self.workers, max(0.1, deadline - time.monotonic())
+            )
 
     def _greets(self, port: int) -> bool:
         try:
@@ -400,14 +519,19 @@ class Server:
 
     def signal(self, signum: int) -> None:
         assert self.process is not None
+        if signum == signal.SIGTERM:
+            self.terminated = True
         self.process.send_signal(signum)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
-        """SIGTERM and wait: the exit status, or None if it had to be killed."""
+        """SIGTERM (unless a test sent it) and wait: the exit status, None if it hung."""
         process = self.process
         if process is None:
             return 0
-        if process.poll() is None:
+        if process.poll() is None and not self.terminated:
+            # Only one SIGTERM: a second one while the interpreter exits (Python
+            # has restored the default handlers by then) would kill it (-15).
+            self.terminated = True
             process.send_signal(signal.SIGTERM)
         try:
             return process.wait(timeout)
@@ -432,40 +556,13 @@ class Server:
 
     def worker_pids(self) -> list[int]:
         """The processes that serve connections (the supervisor's children, if any)."""
-        pid = self.pid
-        children: list[int] = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == pid:
-                children.append(int(entry.name))
-        return children or [pid]
+        return process_children(self.pid) or [self.pid]
 
     def worker_for(self, client_port: int) -> int | None:
         """Which server process holds the connection from our ``client_port``."""
-        inode = None
-        server_ports = {self.starttls_port, self.implicit_port}
-        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-            parts = line.split()
-            local_port = int(parts[1].rsplit(":", 1)[1], 16)
-            remote_port = int(parts[2].rsplit(":", 1)[1], 16)
-            if local_port in server_ports and remote_port == client_port:
-                inode = parts[9]
-        if inode is None:
-            return None
-        target = f"socket:[{inode}]"
-        for pid in self.worker_pids():
-            with contextlib.suppress(OSError):
-                for fd in Path(f"/proc/{pid}/fd").iterdir():
-                    with contextlib.suppress(OSError):
-                        if os.readlink(fd) == target:
-                            return pid
-        return None
+        return connection_holder(
+            self.worker_pids(), {self.starttls_port, self.implicit_port}, client_port
+        )
 
     # logs
 
@@ -538,6 +635,15 @@ class Reply:
         return " | ".join(f"{self.code} {line}" for line in self.lines)
 
 
+def auth_mechanisms(ehlo: Reply) -> set[str]:
+    """The SASL mechanisms an EHLO reply offers (empty when there is no AUTH line)."""
+    for line in ehlo.lines:
+        words = line.split()
+        if words and words[0].upper() == "AUTH":
+            return {word.upper() for word in words[1:]}
+    return set()
+
+
 @dataclass
 class RawSMTP:
     """A byte-exact SMTP client; every read is bounded by ``timeout``."""
@@ -549,9 +655,21 @@ class RawSMTP:
 
     @classmethod
     def connect(
-        cls, port: int, *, tls: ssl.SSLContext | None = None, timeout: float = IO_TIMEOUT
+        cls,
+        port: int,
+        *,
+        tls: ssl.SSLContext | None = None,
+        timeout: float = IO_TIMEOUT,
+        source: str | None = None,
     ) -> RawSMTP:
-        sock = socket.create_connection((HOST, port), timeout=timeout)
+        """Connect to 127.0.0.1:``port``; ``source`` picks our own 127.x.y.z address.
+
+        All of 127.0.0.0/8 is loopback on Linux, so a test can play clients
+        from other addresses and /24 networks without leaving this machine.
+        """
+        sock = socket.create_connection(
+            (HOST, port), timeout=timeout, source_address=(source, 0) if source else None
+        )
         try:
             if tls is not None:
                 sock = tls.wrap_socket(sock, server_hostname=TLS_NAME)
@@ -683,6 +801,34 @@ class RawSMTP:
             return second
         return self.command(b64(password))
 
+    def auth_scram(
+        self, mechanism: str, user: str, password: str, *, binding: bytes | None = None
+    ) -> Reply:
+        """A SCRAM-SHA-256(-PLUS) exchange with scramp as the client; the last reply.
+
+        For -PLUS the channel binding is tls-server-end-point: the SHA-256 of the
+        certificate this connection got (or ``binding``, to pretend another one).
+        """
+        remember_credentials(user, password)
+        channel_binding = None
+        if mechanism.upper().endswith("-PLUS"):
+            if binding is None:
+                assert isinstance(self.sock, ssl.SSLSocket)
+                der = self.sock.getpeercert(binary_form=True)
+                assert der is not None
+                binding = hashlib.sha256(der).digest()
+            channel_binding = ("tls-server-end-point", binding)
+        client = scramp.ScramClient([mechanism], user, password, channel_binding=channel_binding)
+        reply = self.command(f"AUTH {mechanism} {b64(client.get_client_first())}")
+        if reply.code != 334:
+            return reply
+        client.set_server_first(base64.b64decode(reply.text).decode())
+        reply = self.command(b64(client.get_client_final()))
+        if reply.code != 334:
+            return reply
+        client.set_server_final(base64.b64decode(reply.text).decode())  # checks the server
+        return self.command("")
+
     def login(self, user: str, password: str) -> None:
         reply = self.auth_plain(user, password)
         assert reply.status == "235 2.7.0", str(reply)
@@ -720,13 +866,14 @@ def session(
     implicit: bool = True,
     user: User | None = None,
     ehlo: bool = True,
+    source: str | None = None,
 ) -> Iterator[RawSMTP]:
     """A TLS session (implicit, or STARTTLS), greeted and optionally logged in."""
     context = server.client_context()
     if implicit:
-        client = RawSMTP.connect(server.implicit_port, tls=context)
+        client = RawSMTP.connect(server.implicit_port, tls=context, source=source)
     else:
-        client = RawSMTP.connect(server.starttls_port)
+        client = RawSMTP.connect(server.starttls_port, source=source)
     try:
         if not implicit:
             client.ehlo()
@@ -771,3 +918,55 @@ def check_stored(
     if tls_version is not None:
         assert version.group(1) == tls_version, received
     return raw
+
+
+# ------------------------------------------------------------------ pools of servers
+
+# The accounts of the shared server (see conftest.py). Passwords are long and
+# unusual so a search of the log for them cannot hit by chance.
+ALICE = User("alice@example.com", "Alice-pw-5Jq2xT9v")
+BOB = User("bob@example.org", "Bob-pw-8Wm3zKr4", senders=("@example.org", "bob@alias.test"))
+CAROL = User("carol@example.com", "Carol-pw-3Rt6vNp1", disabled=True)
+STANDARD_USERS = (ALICE, BOB, CAROL)
+# Small limits so the refusal tests need only small messages.
+STANDARD_LIMITS: Mapping[str, int | float] = {"max_message_size": 10000, "max_recipients": 3}
+
+
+class ServerPool:
+    """Creates servers under one directory; ``finish`` stops them and reports problems."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.servers: list[Server] = []
+
+    def create(
+        self,
+        name: str,
+        *,
+        workers: int = 1,
+        limits: Mapping[str, int | float] | None = None,
+        sections: Mapping[str, Mapping[str, TomlValue]] | None = None,
+        users: Iterable[User] = (),
+        start: bool = True,
+    ) -> Server:
+        server = Server(self.base / name, workers=workers, limits=limits, sections=sections)
+        self.servers.append(server)
+        for user in users:
+            server.add_user(user)
+        if start:
+            server.start()
+        return server
+
+    def finish(self) -> list[str]:
+        """Stop every server (SIGTERM); one line per problem: bad exit, secrets in a log."""
+        problems = []
+        for server in self.servers:
+            status = server.stop()
+            if status != 0:
+                problems.append(
+                    f"{server!r}: exit status {status} after SIGTERM (expected 0; None = hung)"
+                )
+            leaked = server.secrets_in_log()
+            if leaked:
+                problems.append(f"{server!r}: log holds {len(leaked)} secret(s): {leaked}")
+        return problems

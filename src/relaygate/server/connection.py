@@ -453,6 +453,8 @@ class SMTPConnection(asyncio.Protocol):
                 mail_from=stored.mail_from,
                 rcpts=len(stored.recipients),
                 size=len(stored.body),
+                credential=stored.credential,
+                reply="250",
             )
             if not self.lost:
                 self.session.message_queued(stored.id)

@@ -128,14 +128,22 @@ def _describe(config: Config) -> str:
     )
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def serve(config: Config) -> int:
     logs.setup(config.log.level, config.log.format, config.log.file)
+    # Hold SIGTERM/SIGINT until every process has its handler: a stop request
+    # that arrives during start-up is then delivered, not lost or fatal. Each
+    # worker unblocks them once its event loop handles them (worker.py).
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         prepare(config)
         listeners = bind_all(config)
     except StartupError as exc:
         for problem in exc.problems:
             print(f"relaygate: {problem}", file=sys.stderr)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return 2
     print(_describe(config), flush=True)
     logs.event("start", workers=config.worker_count(), pid=os.getpid())
@@ -184,6 +192,11 @@ def _supervise(
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
+        if not stopping:
+            # Our copies of the listening sockets would keep accepting into the
+            # backlog while the workers drain; close them so clients get a refusal.
+            for sock, _ in listeners:
+                sock.close()
         stopping = True
         for pid in list(workers):
             try:
@@ -195,6 +208,7 @@ def _supervise(
     signal.signal(signal.SIGINT, stop)
     for index in range(count):
         workers[_fork_worker(config, index, listeners, limiter)] = index
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a pending stop runs here
     restarts: list[float] = []
     failed = False
     while workers:
@@ -220,6 +234,8 @@ def _supervise(
             failed = True
             continue
         workers[_fork_worker(config, index, listeners, limiter)] = index
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)  # already stopping; a repeat must not kill us
     for sock, _ in listeners:
         sock.close()
     logs.event("stop")

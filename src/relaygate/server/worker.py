@@ -110,8 +110,14 @@ class Worker:
             self._servers.append(server)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.begin_shutdown)
+        # The supervisor blocked these until now (see supervisor.serve): a stop
+        # request that came during start-up is delivered here, to our handler.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
         sweeper = asyncio.ensure_future(self._sweep())
         await self._stopped.wait()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, signal.SIG_IGN)  # already stopping: a repeat must not kill us
         sweeper.cancel()
         self.spool.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
