@@ -10,6 +10,7 @@ an address list and decoding an encoded-word subject.
 from __future__ import annotations
 
 import email.utils
+import re
 from dataclasses import dataclass, field
 from email.errors import HeaderParseError
 from email.header import decode_header, make_header
@@ -81,8 +82,15 @@ def decode_subject(value: str) -> str:
         return value
 
 
+# The usual shapes, "a@b.c" and "Name <a@b.c>", skip the full RFC 5322 parser.
+_SIMPLE_ADDRESS = re.compile(r"(?:[^<>\"(),:;@\\]*<)?([^<>\"(),:;@\\\s]+@[^<>\"(),:;@\\\s]+)>?")
+
+
 def addresses(value: str) -> list[str] | None:
     """The addresses of an address-list field; None if any part is unparseable."""
+    simple = _SIMPLE_ADDRESS.fullmatch(value.strip())
+    if simple is not None and (("<" in value) == (">" in value)):
+        return [simple.group(1)]
     found = []
     for _, address in email.utils.getaddresses([value]):
         if not address or "@" not in address:
@@ -92,6 +100,8 @@ def addresses(value: str) -> list[str] | None:
 
 
 def _printable(text: str) -> str:
+    if text.isprintable():
+        return text
     return "".join(c if c.isprintable() else "?" for c in text)
 
 
