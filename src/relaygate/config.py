@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 TLSMode = Literal["starttls", "implicit", "none"]
-DeliveryMode = Literal["capture"]
+DeliveryMode = Literal["capture", "smarthost", "mx"]
 
 ENV_VAR = "RELAYGATE_CONFIG"
 
@@ -111,8 +111,56 @@ class ConnectionLimitsConfig:
 
 
 @dataclass(frozen=True)
+class SmarthostConfig:
+    """An upstream relay: SES, Mailgun, a corporate gateway."""
+
+    host: str
+    port: int = 587
+    tls: TLSMode = "starttls"
+    username: str | None = None
+    password_file: Path | None = None
+    verify_certificate: bool = True
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """Mail for ``domain`` goes through this smarthost, whatever the mode."""
+
+    domain: str
+    smarthost: SmarthostConfig
+
+
+DEFAULT_RETRY_SCHEDULE = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
+
+
+@dataclass(frozen=True)
 class DeliveryConfig:
     mode: DeliveryMode = "capture"
+    smarthost: SmarthostConfig | None = None
+    routes: tuple[RouteConfig, ...] = ()
+    resolvers: tuple[tuple[str, int], ...] = ()  # () = the system's
+    mx_port: int = 25
+    tls_policy: tuple[tuple[str, str], ...] = ()  # (domain, "required" | "opportunistic")
+    # Waits after the 1st, 2nd, ... failed attempt; the last repeats (Postfix-like
+    # minimal/maximal backoff, 1 minute to 4 hours), each with +-20% jitter.
+    retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
+    max_age: float = 5 * 86400.0  # then give up and bounce
+    delay_warning_after: float = 4 * 3600.0  # 0 = never warn
+    concurrency: int = 20  # outbound connections in all
+    per_destination: int = 2  # connections to one destination
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+
+    def route_for(self, domain: str) -> SmarthostConfig | None:
+        """The smarthost for ``domain`` (a route, else the mode's), None = its MX."""
+        domain = domain.lower()
+        for route in self.routes:
+            if route.domain == domain:
+                return route.smarthost
+        return self.smarthost if self.mode == "smarthost" else None
+
+    def tls_required(self, domain: str) -> bool:
+        return dict(self.tls_policy).get(domain.lower()) == "required"
 
 
 @dataclass(frozen=True)
@@ -346,6 +394,133 @@ def _connection_limits(check: _Checker, data: dict[str, Any]) -> ConnectionLimit
     return ConnectionLimitsConfig(concurrent, per_minute, exempt)
 
 
+def _smarthost(raw: dict[str, Any], where: str, check: _Checker, base: Path) -> SmarthostConfig:
+    check.unknown(
+        raw,
+        {"host", "port", "tls", "username", "password_file", "verify_certificate", "domain"},
+        where,
+    )
+    host = check.string(raw, "host", where, "localhost")
+    port = check.integer(raw, "port", where, 587, 1)
+    tls = check.choice(raw, "tls", where, "starttls", ("starttls", "implicit", "none"))
+    username = raw.get("username")
+    if username is not None and (not isinstance(username, str) or not username):
+        check.problem(f"{where}.username", "must be a non-empty string")
+        username = None
+    password_file = check.path(raw, "password_file", where, base, readable=True)
+    if (username is None) != (password_file is None):
+        check.problem(where, "username and password_file must be given together")
+    verify = raw.get("verify_certificate", True)
+    if not isinstance(verify, bool):
+        check.problem(f"{where}.verify_certificate", f"must be true or false (got {verify!r})")
+        verify = True
+    return SmarthostConfig(host, port, tls, username, password_file, verify)  # type: ignore[arg-type]
+
+
+def _delivery(raw: dict[str, Any], check: _Checker, base: Path) -> DeliveryConfig:
+    where = "delivery"
+    defaults = DeliveryConfig()
+    check.unknown(
+        raw,
+        {
+            "mode",
+            "smarthost",
+            "routes",
+            "resolvers",
+            "mx_port",
+            "tls_policy",
+            "retry_schedule",
+            "max_age",
+            "delay_warning_after",
+            "concurrency",
+            "per_destination",
+            "connect_timeout",
+            "command_timeout",
+        },
+        where,
+    )
+    mode = check.choice(raw, "mode", where, "capture", ("capture", "smarthost", "mx"))
+    smarthost = None
+    if "smarthost" in raw:
+        smarthost = _smarthost(
+            check.table(raw, "smarthost", where), f"{where}.smarthost", check, base
+        )
+    elif mode == "smarthost":
+        check.problem(where, 'mode = "smarthost" needs a [delivery.smarthost] table')
+    routes = []
+    raw_routes = raw.get("routes", [])
+    if not isinstance(raw_routes, list):
+        check.problem(f"{where}.routes", "must be an array of tables ([[delivery.routes]])")
+        raw_routes = []
+    for index, item in enumerate(raw_routes):
+        here = f"{where}.routes[{index}]"
+        if not isinstance(item, dict):
+            check.problem(here, "must be a table")
+            continue
+        domain = check.string(item, "domain", here, "")
+        routes.append(RouteConfig(domain.lower(), _smarthost(item, here, check, base)))
+    resolvers = []
+    raw_resolvers = raw.get("resolvers", [])
+    if not isinstance(raw_resolvers, list):
+        check.problem(f"{where}.resolvers", 'must be a list like ["127.0.0.1:5353"]')
+        raw_resolvers = []
+    for item in raw_resolvers:
+        parsed = parse_address(item) if isinstance(item, str) else None
+        if parsed is None and isinstance(item, str) and ":" not in item.strip("[]"):
+            parsed = (item, 53)
+        if parsed is None:
+            check.problem(f"{where}.resolvers", f"must be host or host:port (got {item!r})")
+        else:
+            resolvers.append(parsed)
+    tls_policy = []
+    raw_policy = check.table(raw, "tls_policy", where)
+    for domain, value in raw_policy.items():
+        if value not in ("required", "opportunistic"):
+            check.problem(
+                f"{where}.tls_policy.{domain}",
+                f"must be required or opportunistic (got {value!r})",
+            )
+        else:
+            tls_policy.append((str(domain).lower(), str(value)))
+    schedule = raw.get("retry_schedule", list(defaults.retry_schedule))
+    if (
+        not isinstance(schedule, list)
+        or not schedule
+        or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in schedule
+        )
+    ):
+        check.problem(f"{where}.retry_schedule", "must be a non-empty list of seconds > 0")
+        schedule = list(defaults.retry_schedule)
+    return DeliveryConfig(
+        mode=mode,  # type: ignore[arg-type]
+        smarthost=smarthost,
+        routes=tuple(routes),
+        resolvers=tuple(resolvers),
+        mx_port=check.integer(raw, "mx_port", where, 25, 1),
+        tls_policy=tuple(tls_policy),
+        retry_schedule=tuple(float(v) for v in schedule),
+        max_age=check.number(raw, "max_age", where, defaults.max_age),
+        delay_warning_after=_non_negative(
+            raw, "delay_warning_after", where, check, defaults.delay_warning_after
+        ),
+        concurrency=check.integer(raw, "concurrency", where, defaults.concurrency, 1),
+        per_destination=check.integer(raw, "per_destination", where, defaults.per_destination, 1),
+        connect_timeout=check.number(raw, "connect_timeout", where, defaults.connect_timeout),
+        command_timeout=check.number(raw, "command_timeout", where, defaults.command_timeout),
+    )
+
+
+def _non_negative(
+    raw: dict[str, Any], key: str, where: str, check: _Checker, default: float
+) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        check.problem(f"{where}.{key}", f"must be a number of seconds >= 0 (got {value!r})")
+        return default
+    return float(value)
+
+
 def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = None) -> Config:
     """Validate parsed TOML; raise ConfigError with every problem found."""
     check = _Checker()
@@ -366,9 +541,7 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
     if (cert is None) != (key is None):
         check.problem("tls", "cert_file and key_file must be given together")
 
-    delivery_raw = check.table(data, "delivery", "delivery")
-    check.unknown(delivery_raw, {"mode"}, "delivery")
-    mode = check.choice(delivery_raw, "mode", "delivery", "capture", ("capture",))
+    delivery = _delivery(check.table(data, "delivery", "delivery"), check, base)
 
     limits_raw = check.table(data, "limits", "limits")
     defaults = LimitsConfig()
@@ -426,7 +599,7 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
         workers=workers,
         listeners=listeners,
         tls=TLSConfig(cert, key),
-        delivery=DeliveryConfig(mode),  # type: ignore[arg-type]
+        delivery=delivery,
         limits=limits,
         password_hash=hashing,
         log=log,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from relaygate import quotas
+from relaygate.delivery import queue as delivery_queue
 from relaygate.quotas import Usage
 from relaygate.storage import sqlite as storage
 
@@ -74,8 +75,11 @@ class SpoolError(Exception):
 
 
 class Spool:
-    def __init__(self, database: Path, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, database: Path, loop: asyncio.AbstractEventLoop, *, deliver: bool = False
+    ) -> None:
         self._database = database
+        self._deliver = deliver  # queue for onward delivery (smarthost / mx modes)
         self._loop = loop
         self._pending: list[tuple[SpooledMessage, asyncio.Future[None]]] = []
         self._wake = threading.Condition()
@@ -149,6 +153,10 @@ class Spool:
                     "INSERT INTO message_bodies (id, body) VALUES (?, ?)",
                     [(m.id, m.body) for m in messages],
                 )
+                if self._deliver:
+                    delivery_queue.enqueue_many(
+                        db, [(m.id, m.recipients) for m in messages], messages[0].created_at
+                    )
                 # Sending-limit counters commit with the messages they count.
                 quotas.record_many(db, [m.usage for m in messages if m.usage is not None])
                 db.execute("COMMIT")

@@ -434,6 +434,7 @@ class SMTPConnection(asyncio.Protocol):
             subject=summary.subject,
             body=received + added + event.body,
             created_at=now,
+            status="captured" if self.worker.config.delivery.mode == "capture" else "queued",
             credential=self.credential.name if self.credential else None,
             usage=Usage(self.scopes, account.address, event.recipients, self.new_recipients, now),
         )

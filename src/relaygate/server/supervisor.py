@@ -24,6 +24,7 @@ from relaygate import logs
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import AccountStore
 from relaygate.config import Config, ListenerConfig
+from relaygate.delivery.engine import run_delivery
 from relaygate.sasl import stored_keys_for_password
 from relaygate.server.connlimit import ConnectionLimiter
 from relaygate.server.tls import TLSSetupError, certificate_pairs, server_context
@@ -150,9 +151,12 @@ def serve(config: Config) -> int:
     count = config.worker_count()
     # Shared by every worker (an anonymous shared mapping made before fork).
     limiter = ConnectionLimiter(config.connection_limits)
-    if count == 1:
+    if count == 1 and config.delivery.mode == "capture":
         return run_worker(config, 0, listeners, limiter)
     return _supervise(config, listeners, count, limiter)
+
+
+DELIVERY = -1  # worker index of the delivery process
 
 
 def _fork_worker(
@@ -165,7 +169,12 @@ def _fork_worker(
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             _die_with_parent()
-            status = run_worker(config, index, listeners, limiter)
+            if index == DELIVERY:
+                for sock, _ in listeners:
+                    sock.close()  # the delivery process takes no connections
+                status = run_delivery(config)
+            else:
+                status = run_worker(config, index, listeners, limiter)
         except BaseException as exc:  # a worker must never return into the parent's code
             logs.event("worker.crash", worker=index, error=repr(exc))
         finally:
@@ -206,7 +215,10 @@ def _supervise(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    for index in range(count):
+    indexes = list(range(count))
+    if config.delivery.mode != "capture":
+        indexes.append(DELIVERY)
+    for index in indexes:
         workers[_fork_worker(config, index, listeners, limiter)] = index
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a pending stop runs here
     restarts: list[float] = []

@@ -87,7 +87,7 @@ class Worker:
         self.throttle = AuthThrottle(self._db, config.auth_throttle)
         self.quotas = Quotas(self._db)
         self.limiter = limiter
-        self.spool = Spool(config.database_path, loop)
+        self.spool = Spool(config.database_path, loop, deliver=config.delivery.mode != "capture")
         self._servers: list[asyncio.Server] = []
 
     async def run(self, listeners: list[BoundListener]) -> None:

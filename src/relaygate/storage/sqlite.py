@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -99,6 +99,35 @@ CREATE TABLE known_recipients (
     PRIMARY KEY (account, recipient)
 );
 """,
+    3: """
+CREATE TABLE deliveries (
+    id           INTEGER PRIMARY KEY,
+    message_id   TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    domain       TEXT NOT NULL,          -- recipients' domain, lower case
+    recipients   TEXT NOT NULL,          -- JSON list still to deliver
+    status       TEXT NOT NULL,          -- queued | sending | delivered | failed
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    created_at   REAL NOT NULL,
+    updated_at   REAL NOT NULL,
+    last_reply   TEXT,
+    warned       INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (message_id, domain)
+);
+CREATE INDEX deliveries_due ON deliveries(status, next_attempt);
+CREATE TABLE delivery_attempts (
+    id          INTEGER PRIMARY KEY,
+    message_id  TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    domain      TEXT NOT NULL,
+    recipient   TEXT,                    -- NULL: the whole transaction
+    ts          REAL NOT NULL,
+    host        TEXT,
+    reply       TEXT,
+    tls         TEXT,                    -- "TLSv1.3 <cipher> verified", NULL = clear text
+    outcome     TEXT NOT NULL            -- delivered | deferred | failed
+);
+CREATE INDEX delivery_attempts_message ON delivery_attempts(message_id);
+""",
 }
 
 
@@ -151,7 +180,8 @@ def _migrate(db: sqlite3.Connection) -> None:
 
 def _run_script(db: sqlite3.Connection, script: str) -> None:
     # executescript() would COMMIT our transaction; run statement by statement.
-    for statement in script.split(";"):
-        lines = [line.split("--")[0] for line in statement.splitlines()]
-        if "".join(lines).strip():
-            db.execute("\n".join(lines))
+    # Comments go first, so a ";" inside one cannot split a statement.
+    text = "\n".join(line.split("--")[0] for line in script.splitlines())
+    for statement in text.split(";"):
+        if statement.strip():
+            db.execute(statement)

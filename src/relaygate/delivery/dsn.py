@@ -1,0 +1,93 @@
+"""Delivery status notifications (RFC 3464): the bounce and the delay warning.
+
+A DSN is a multipart/report with three parts: a note for people, the
+machine-readable message/delivery-status, and the original message's header
+(text/rfc822-headers, RFC 6522), never its body. It is sent from the null
+sender, so a DSN that cannot be delivered is never bounced again (no loops),
+and a message that itself came from the null sender never gets one.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from collections.abc import Sequence
+from email.mime.base import MIMEBase
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+
+from relaygate.message import header_block
+
+_STATUS = re.compile(r"^\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})")
+
+
+def status_code(reply: str, permanent: bool) -> str:
+    """The enhanced status code in a reply, or a generic one."""
+    found = _STATUS.match(reply)
+    if found:
+        return found.group(1)
+    return "5.0.0" if permanent else "4.0.0"
+
+
+def build(
+    *,
+    hostname: str,
+    queue_id: str,
+    original: bytes,
+    sender: str,
+    recipients: Sequence[tuple[str, str, str | None]],  # (recipient, reply, remote host)
+    arrival: float,
+    now: float,
+    warning: bool = False,
+) -> bytes:
+    """The DSN as bytes with CRLF line ends, ready to spool."""
+    report = MIMEMultipart("report", report_type="delivery-status")
+    report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
+    report["To"] = sender
+    report["Subject"] = (
+        "Delayed Mail (still being retried)" if warning else "Undelivered Mail Returned to Sender"
+    )
+    report["Date"] = email.utils.formatdate(now, localtime=True)
+    report["Message-ID"] = f"<{queue_id}.dsn.{int(now)}@{hostname}>"
+    report["Auto-Submitted"] = "auto-replied"  # RFC 3834: no automatic answers to this
+    listed = "\n".join(f"  <{r}>: {reply}" for r, reply, _ in recipients)
+    if warning:
+        note = (
+            f"This is the mail system at {hostname}.\n\n"
+            "Your message could not be delivered yet. It is still being retried;\n"
+            "you do not need to send it again.\n\n"
+            f"{listed}\n"
+        )
+    else:
+        note = (
+            f"This is the mail system at {hostname}.\n\n"
+            "Your message could not be delivered to one or more recipients.\n"
+            "It is attached below (headers only).\n\n"
+            f"{listed}\n"
+        )
+    report.attach(MIMEText(note, "plain", "utf-8"))
+
+    fields = [
+        f"Reporting-MTA: dns; {hostname}",
+        f"X-Relaygate-Queue-ID: {queue_id}",
+        f"Arrival-Date: {email.utils.formatdate(arrival, localtime=True)}",
+        "",
+    ]
+    for recipient, reply, host in recipients:
+        fields += [
+            f"Final-Recipient: rfc822; {recipient}",
+            f"Action: {'delayed' if warning else 'failed'}",
+            f"Status: {status_code(reply, permanent=not warning)}",
+        ]
+        if host:
+            fields.append(f"Remote-MTA: dns; {host}")
+        fields += [f"Diagnostic-Code: smtp; {reply}", ""]
+    delivery_status = MIMEBase("message", "delivery-status")
+    delivery_status.set_payload("\n".join(fields))
+    report.attach(delivery_status)
+
+    headers = MIMEBase("text", "rfc822-headers")
+    headers.set_payload(header_block(original).decode("utf-8", "replace").replace("\r\n", "\n"))
+    report.attach(headers)
+    text = report.as_string()
+    return text.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8")

@@ -1,0 +1,422 @@
+"""The delivery process: takes due rows from the queue and sends them on.
+
+One process (forked by the supervisor when ``[delivery] mode`` is smarthost
+or mx) runs this loop. Rows are grouped by destination (a smarthost, or a
+recipient domain's MX set); each destination gets at most
+``per_destination`` connections, each connection carries queued messages
+one after another (connection reuse), and all destinations together at
+most ``concurrency``. Every outcome is committed right after the remote's
+reply (see queue.py for the crash window). Permanent failures, and
+temporary ones past ``max_age``, produce a bounce to the sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sqlite3
+import time
+from collections import defaultdict, deque
+
+import aiosmtplib
+
+from relaygate import logs, message
+from relaygate.config import Config
+from relaygate.delivery import dsn
+from relaygate.delivery import queue as q
+from relaygate.delivery.dkim import Signer, load_keys
+from relaygate.delivery.mx import MXResolver, PermanentDNSError, TemporaryDNSError
+from relaygate.delivery.outbound import DeliveryError, Plan, open_connection, smarthost_plan
+from relaygate.spool import new_queue_id
+from relaygate.storage import sqlite as storage
+
+POLL_INTERVAL = 0.5  # seconds between looks at the queue when idle
+CLAIM_BATCH = 200
+
+
+class DeliveryEngine:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.delivery = config.delivery
+        self.loop = loop
+        self.db = storage.connect(config.database_path)
+        self.resolver = MXResolver(config.delivery)
+        self.signer = Signer(load_keys(config.data_dir / "dkim"))
+        self._pending: dict[str, deque[q.Delivery]] = defaultdict(deque)
+        self._running: dict[str, int] = defaultdict(int)
+        self._slots = asyncio.Semaphore(config.delivery.concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+
+    # ------------------------------------------------------------ main loop
+
+    async def run(self) -> None:
+        interrupted = q.reset_interrupted(self.db)
+        if interrupted:
+            logs.event("delivery.resumed", rows=interrupted)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(signum, self._stopping.set)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        while not self._stopping.is_set():
+            try:
+                self._dispatch(q.claim_due(self.db, time.time(), CLAIM_BATCH))
+            except sqlite3.Error as exc:
+                logs.event("delivery.error", logging.ERROR, reason=str(exc))
+            try:
+                await asyncio.wait_for(self._stopping.wait(), POLL_INTERVAL)
+            except TimeoutError:
+                pass
+        # Let connections in flight finish their current message, briefly.
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self.config.limits.shutdown_grace)
+        self.db.close()
+
+    def _dispatch(self, deliveries: list[q.Delivery]) -> None:
+        for delivery in deliveries:
+            key = self._destination_key(delivery.domain)
+            self._pending[key].append(delivery)
+        for key, waiting in self._pending.items():
+            while waiting and self._running[key] < self.delivery.per_destination:
+                self._running[key] += 1
+                task = asyncio.ensure_future(self._serve_destination(key))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                if len(waiting) <= self._running[key]:
+                    break
+
+    def _destination_key(self, domain: str) -> str:
+        smarthost = self.delivery.route_for(domain)
+        if smarthost is not None:
+            return f"smarthost:{smarthost.host}:{smarthost.port}"
+        return f"mx:{domain}"
+
+    # ------------------------------------------------------------ one destination
+
+    async def _serve_destination(self, key: str) -> None:
+        """Work through this destination's queue on one connection at a time."""
+        waiting = self._pending[key]
+        try:
+            async with self._slots:
+                while waiting and not self._stopping.is_set():
+                    await self._one_connection(key, waiting)
+        finally:
+            self._running[key] -= 1
+
+    async def _plans(self, key: str, domain: str) -> list[Plan]:
+        smarthost = self.delivery.route_for(domain)
+        if smarthost is not None:
+            return [smarthost_plan(smarthost)]
+        tls = (
+            "starttls-required"
+            if self.delivery.tls_required(domain)
+            else ("starttls-opportunistic")
+        )
+        targets = await self.resolver.targets(domain)
+        return [
+            Plan(
+                connect_to=t.address,
+                port=self.delivery.mx_port,
+                server_name=t.host,
+                tls=tls,
+                verify=tls == "starttls-required",
+            )
+            for t in targets
+        ]
+
+    async def _one_connection(self, key: str, waiting: deque[q.Delivery]) -> None:
+        first = waiting.popleft()
+        try:
+            plans = await self._plans(key, first.domain)
+        except PermanentDNSError as exc:
+            self._finish(first, q.Outcome(failed=tuple((r, str(exc)) for r in first.recipients)))
+            return
+        except TemporaryDNSError as exc:
+            self._defer_all([first, *self._same_domain(waiting, first.domain)], str(exc), None)
+            return
+        client = None
+        tls: str | None = None
+        host = None
+        errors: list[str] = []
+        for plan in plans:
+            try:
+                client, tls = await open_connection(
+                    plan,
+                    local_hostname=self.config.hostname,
+                    connect_timeout=self.delivery.connect_timeout,
+                    command_timeout=self.delivery.command_timeout,
+                )
+                host = f"{plan.server_name}[{plan.connect_to}]:{plan.port}"
+                break
+            except DeliveryError as exc:
+                errors.append(exc.reply)
+                if exc.reply.startswith("5"):
+                    break  # a 5xx banner or login refusal: no other host will differ
+        if client is None:
+            reply = "; ".join(errors) or "451 4.4.1 no host to connect to"
+            batch = (
+                [first, *self._same_domain(waiting, first.domain)]
+                if key.startswith("mx:")
+                else [first]
+            )
+            if errors and errors[-1].startswith("5") and not key.startswith("smarthost:"):
+                for item in batch:
+                    self._finish(item, q.Outcome(failed=tuple((r, reply) for r in item.recipients)))
+            else:
+                self._defer_all(batch, reply, None)
+            return
+        try:
+            current: q.Delivery | None = first
+            while current is not None:
+                alive = await self._transaction(client, current, host, tls)
+                if not alive or self._stopping.is_set():
+                    break
+                current = waiting.popleft() if waiting else None
+        finally:
+            try:
+                await client.quit()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                client.close()
+
+    def _same_domain(self, waiting: deque[q.Delivery], domain: str) -> list[q.Delivery]:
+        """Take the other queued rows for ``domain``: they share the outcome of a DNS failure."""
+        same = [d for d in waiting if d.domain == domain]
+        for delivery in same:
+            waiting.remove(delivery)
+        return same
+
+    def _defer_all(self, deliveries: list[q.Delivery], reply: str, host: str | None) -> None:
+        for delivery in deliveries:
+            self._finish(
+                delivery,
+                q.Outcome(deferred=tuple((r, reply) for r in delivery.recipients), host=host),
+            )
+
+    async def _transaction(
+        self, client: aiosmtplib.SMTP, delivery: q.Delivery, host: str | None, tls: str | None
+    ) -> bool:
+        """Send one message; False when the connection is no longer usable."""
+        row = self.db.execute(
+            "SELECT body FROM message_bodies WHERE id = ?", (delivery.message_id,)
+        ).fetchone()
+        if row is None:
+            self._finish(
+                delivery,
+                q.Outcome(
+                    failed=tuple(
+                        (r, "554 5.3.0 message body missing from the spool")
+                        for r in delivery.recipients
+                    )
+                ),
+            )
+            return True
+        body = bytes(row[0])
+        body = self._sign(body) + body
+        try:
+            refused, _ = await client.sendmail(delivery.mail_from, list(delivery.recipients), body)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            outcome = _recipients_outcome(
+                {e.recipient: (e.code, e.message) for e in exc.recipients}, (), host, tls
+            )
+            self._finish(delivery, outcome)
+            return True
+        except aiosmtplib.SMTPResponseException as exc:
+            # MAIL FROM or DATA refused: the whole message shares the reply.
+            reply = f"{exc.code} {exc.message}"
+            if 500 <= exc.code < 600:
+                outcome = q.Outcome(
+                    failed=tuple((r, reply) for r in delivery.recipients), host=host, tls=tls
+                )
+            else:
+                outcome = q.Outcome(
+                    deferred=tuple((r, reply) for r in delivery.recipients), host=host, tls=tls
+                )
+            self._finish(delivery, outcome)
+            try:
+                await client.rset()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                return False
+            return True
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            reply = f"451 4.4.2 connection to {host} lost: {exc or type(exc).__name__}"
+            self._finish(
+                delivery,
+                q.Outcome(
+                    deferred=tuple((r, reply) for r in delivery.recipients), host=host, tls=tls
+                ),
+            )
+            return False
+        accepted = [r for r in delivery.recipients if r not in refused]
+        outcome = _recipients_outcome(
+            {r: (resp.code, resp.message) for r, resp in refused.items()}, accepted, host, tls
+        )
+        self._finish(delivery, outcome)
+        return True
+
+    def _sign(self, body: bytes) -> bytes:
+        summary = message.summarize(body)
+        found = message.addresses(summary.from_values[0]) if summary.from_values else None
+        if not found:
+            return b""
+        domain = found[0].rpartition("@")[2].lower()
+        try:
+            return self.signer.sign(body, domain, time.time())
+        except (ValueError, KeyError):
+            return b""
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def _finish(self, delivery: q.Delivery, outcome: q.Outcome) -> None:
+        now = time.time()
+        try:
+            failed, _ = q.finish(self.db, delivery, outcome, now, self.delivery)
+        except sqlite3.Error as exc:
+            logs.event(
+                "delivery.error", logging.ERROR, queue_id=delivery.message_id, reason=str(exc)
+            )
+            return
+        for recipient in outcome.delivered:
+            logs.event(
+                "delivery.ok",
+                queue_id=delivery.message_id,
+                rcpt=recipient,
+                host=outcome.host,
+                tls=outcome.tls,
+            )
+        for recipient, reply in outcome.deferred:
+            logs.event(
+                "delivery.deferred",
+                queue_id=delivery.message_id,
+                rcpt=recipient,
+                host=outcome.host,
+                reply=reply,
+            )
+        for recipient, reply in failed:
+            logs.event(
+                "delivery.failed",
+                logging.WARNING,
+                queue_id=delivery.message_id,
+                rcpt=recipient,
+                host=outcome.host,
+                reply=reply,
+            )
+        if failed:
+            self._bounce(delivery, failed, outcome.host, now, warning=False)
+        elif (
+            outcome.deferred
+            and not delivery.warned
+            and self.delivery.delay_warning_after
+            and now - delivery.created_at >= self.delivery.delay_warning_after
+        ):
+            self._bounce(delivery, list(outcome.deferred), outcome.host, now, warning=True)
+            q.mark_warned(self.db, delivery.id)
+
+    def _bounce(
+        self,
+        delivery: q.Delivery,
+        recipients: list[tuple[str, str]],
+        host: str | None,
+        now: float,
+        *,
+        warning: bool,
+    ) -> None:
+        """Tell the sender (never for a null-sender message: no bounce loops)."""
+        if not delivery.mail_from:
+            return
+        row = self.db.execute(
+            "SELECT body, (SELECT created_at FROM messages WHERE id = ?) FROM message_bodies"
+            " WHERE id = ?",
+            (delivery.message_id, delivery.message_id),
+        ).fetchone()
+        original = bytes(row[0]) if row else b""
+        arrival = float(row[1]) if row and row[1] is not None else delivery.created_at
+        body = dsn.build(
+            hostname=self.config.hostname,
+            queue_id=delivery.message_id,
+            original=original,
+            sender=delivery.mail_from,
+            recipients=[(r, reply, host) for r, reply in recipients],
+            arrival=arrival,
+            now=now,
+            warning=warning,
+        )
+        store_notification(
+            self.db, account=delivery.account, recipient=delivery.mail_from, body=body, now=now
+        )
+
+
+def _recipients_outcome(
+    refused: dict[str, tuple[int, str]],
+    accepted: list[str] | tuple[str, ...],
+    host: str | None,
+    tls: str | None,
+) -> q.Outcome:
+    failed = tuple((r, f"{c} {m}") for r, (c, m) in refused.items() if 500 <= c < 600)
+    deferred = tuple((r, f"{c} {m}") for r, (c, m) in refused.items() if not 500 <= c < 600)
+    return q.Outcome(
+        delivered=tuple(accepted), failed=failed, deferred=deferred, host=host, tls=tls
+    )
+
+
+def store_notification(
+    db: sqlite3.Connection, *, account: str, recipient: str, body: bytes, now: float
+) -> str:
+    """Spool a DSN from the null sender to ``recipient``.
+
+    If the recipient is one of our own accounts the DSN stays here, in the
+    message log ("captured"), where that user's messages are; otherwise it is
+    queued like any other message.
+    """
+    queue_id = new_queue_id(now)
+    local = (
+        db.execute("SELECT 1 FROM accounts WHERE address = ?", (recipient,)).fetchone() is not None
+    )
+    summary = message.summarize(body)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(
+            "INSERT INTO messages (id, account, client_ip, mail_from, rcpt_to, subject, size,"
+            " status, created_at, recipients) VALUES (?, ?, '', '', ?, ?, ?, ?, ?, 1)",
+            (
+                queue_id,
+                account,
+                json.dumps([recipient]),
+                summary.subject,
+                len(body),
+                "captured" if local else "queued",
+                now,
+            ),
+        )
+        db.execute("INSERT INTO message_bodies (id, body) VALUES (?, ?)", (queue_id, body))
+        if not local:
+            q.enqueue(db, queue_id, [recipient], now)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    logs.event("dsn.created", queue_id=queue_id, rcpt=recipient, local=local)
+    return queue_id
+
+
+def run_delivery(config: Config) -> int:
+    """Entry point of the delivery process."""
+    loop: asyncio.AbstractEventLoop
+    try:
+        import uvloop  # noqa: PLC0415
+
+        loop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        engine = DeliveryEngine(config, loop)
+        logs.event("delivery.start", mode=config.delivery.mode, pid=os.getpid())
+        loop.run_until_complete(engine.run())
+        logs.event("delivery.stop")
+    finally:
+        loop.close()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+    return 0

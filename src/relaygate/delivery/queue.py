@@ -1,0 +1,324 @@
+"""The delivery queue: one row per (message, recipient domain), in SQLite.
+
+Synchronous functions used by the spool (to enqueue inside its commit), by the
+delivery process and by the ``relaygate queue`` CLI. A row's life:
+
+    queued --claim--> sending --finish--> delivered | failed | queued (retry later)
+
+Crash window: a row is marked ``sending`` before we talk to the remote host
+and its outcome is committed right after the remote's final reply, before
+QUIT. If relaygate dies between the remote's 250 and that commit (normally
+well under a millisecond), the row is still ``sending`` at restart and the
+message is sent again: SMTP has no way to ask a server whether it already
+took a message (RFC 1047), so this window can be made small, not closed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from relaygate.config import DeliveryConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    id: int
+    message_id: str
+    domain: str
+    recipients: tuple[str, ...]
+    attempts: int
+    created_at: float
+    mail_from: str
+    account: str
+    warned: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one attempt did for each recipient of a delivery."""
+
+    delivered: tuple[str, ...] = ()
+    failed: tuple[tuple[str, str], ...] = ()  # (recipient, reply) refused for good
+    deferred: tuple[tuple[str, str], ...] = ()  # (recipient, reply) to try again
+    host: str | None = None
+    tls: str | None = None
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def enqueue(db: sqlite3.Connection, message_id: str, recipients: Sequence[str], now: float) -> None:
+    """Add delivery rows for a new message; the caller holds the transaction."""
+    by_domain: dict[str, list[str]] = {}
+    for recipient in recipients:
+        by_domain.setdefault(domain_of(recipient), []).append(recipient)
+    db.executemany(
+        "INSERT INTO deliveries (message_id, domain, recipients, status, next_attempt,"
+        " created_at, updated_at) VALUES (?, ?, ?, 'queued', ?, ?, ?)",
+        [(message_id, d, json.dumps(r), now, now, now) for d, r in by_domain.items()],
+    )
+
+
+def enqueue_many(
+    db: sqlite3.Connection, items: Iterable[tuple[str, Sequence[str]]], now: float
+) -> None:
+    for message_id, recipients in items:
+        enqueue(db, message_id, recipients, now)
+
+
+def reset_interrupted(db: sqlite3.Connection) -> int:
+    """At start: rows left ``sending`` by a crash go back to the queue."""
+    cursor = db.execute("UPDATE deliveries SET status = 'queued' WHERE status = 'sending'")
+    return cursor.rowcount
+
+
+_SELECT = (
+    "SELECT d.id, d.message_id, d.domain, d.recipients, d.attempts, d.created_at,"
+    " m.mail_from, m.account, d.warned FROM deliveries AS d JOIN messages AS m"
+    " ON m.id = d.message_id"
+)
+
+
+def _delivery(row: Sequence[object]) -> Delivery:
+    id_, message_id, domain, recipients, attempts, created_at, mail_from, account, warned = row
+    return Delivery(
+        id=int(str(id_)),
+        message_id=str(message_id),
+        domain=str(domain),
+        recipients=tuple(json.loads(str(recipients))),
+        attempts=int(str(attempts)),
+        created_at=float(str(created_at)),
+        mail_from=str(mail_from),
+        account=str(account),
+        warned=bool(warned),
+    )
+
+
+def claim_due(db: sqlite3.Connection, now: float, limit: int) -> list[Delivery]:
+    """Take up to ``limit`` rows whose time has come and mark them ``sending``."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        rows = db.execute(
+            _SELECT + " WHERE d.status = 'queued' AND d.next_attempt <= ?"
+            " ORDER BY d.next_attempt LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        db.executemany(
+            "UPDATE deliveries SET status = 'sending', updated_at = ? WHERE id = ?",
+            [(now, row[0]) for row in rows],
+        )
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return [_delivery(row) for row in rows]
+
+
+def next_due(db: sqlite3.Connection) -> float | None:
+    row = db.execute("SELECT min(next_attempt) FROM deliveries WHERE status = 'queued'").fetchone()
+    return float(row[0]) if row and row[0] is not None else None
+
+
+def retry_delay(config: DeliveryConfig, attempts: int) -> float:
+    """Wait after ``attempts`` failed attempts: the schedule, +-20% jitter."""
+    schedule = config.retry_schedule
+    base = schedule[min(attempts, len(schedule)) - 1] if attempts > 0 else schedule[0]
+    return base * random.uniform(0.8, 1.2)
+
+
+def finish(
+    db: sqlite3.Connection,
+    delivery: Delivery,
+    outcome: Outcome,
+    now: float,
+    config: DeliveryConfig,
+) -> tuple[list[tuple[str, str]], bool]:
+    """Record an attempt; return (recipients failed for good, expired-now flag).
+
+    Deferred recipients whose message is older than ``max_age`` fail too
+    (the caller bounces them). Runs as one transaction, right after the
+    remote's last reply, to keep the crash window short.
+    """
+    failed = list(outcome.failed)
+    deferred = list(outcome.deferred)
+    expired = bool(deferred) and now - delivery.created_at >= config.max_age
+    if expired:
+        failed += [
+            (r, f"{reply} (gave up after {delivery.attempts + 1} attempts)")
+            for r, reply in deferred
+        ]
+        deferred = []
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        rows = [
+            (
+                delivery.message_id,
+                delivery.domain,
+                r,
+                now,
+                outcome.host,
+                "250 delivered",
+                outcome.tls,
+                "delivered",
+            )
+            for r in outcome.delivered
+        ]
+        rows += [
+            (
+                delivery.message_id,
+                delivery.domain,
+                r,
+                now,
+                outcome.host,
+                reply,
+                outcome.tls,
+                "failed",
+            )
+            for r, reply in failed
+        ]
+        rows += [
+            (
+                delivery.message_id,
+                delivery.domain,
+                r,
+                now,
+                outcome.host,
+                reply,
+                outcome.tls,
+                "deferred",
+            )
+            for r, reply in deferred
+        ]
+        db.executemany(
+            "INSERT INTO delivery_attempts (message_id, domain, recipient, ts, host, reply, tls,"
+            " outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        attempts = delivery.attempts + 1
+        last_reply = (deferred or failed or [("", "250 delivered")])[0][1]
+        if deferred:
+            db.execute(
+                "UPDATE deliveries SET status = 'queued', recipients = ?, attempts = ?,"
+                " next_attempt = ?, updated_at = ?, last_reply = ? WHERE id = ?",
+                (
+                    json.dumps([r for r, _ in deferred]),
+                    attempts,
+                    now + retry_delay(config, attempts),
+                    now,
+                    last_reply,
+                    delivery.id,
+                ),
+            )
+        else:
+            db.execute(
+                "UPDATE deliveries SET status = ?, recipients = '[]', attempts = ?,"
+                " updated_at = ?, last_reply = ? WHERE id = ?",
+                ("failed" if failed else "delivered", attempts, now, last_reply, delivery.id),
+            )
+        _update_message_status(db, delivery.message_id)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return failed, expired
+
+
+def _update_message_status(db: sqlite3.Connection, message_id: str) -> None:
+    statuses = {
+        row[0]
+        for row in db.execute(
+            "SELECT outcome FROM delivery_attempts WHERE message_id = ? AND recipient IS NOT NULL"
+            " AND outcome != 'deferred'",
+            (message_id,),
+        )
+    }
+    pending = db.execute(
+        "SELECT count(*) FROM deliveries WHERE message_id = ? AND status IN ('queued', 'sending')",
+        (message_id,),
+    ).fetchone()[0]
+    if pending:
+        status = "queued" if not statuses else "partly delivered"
+    elif statuses == {"delivered"}:
+        status = "delivered"
+    elif statuses == {"failed"}:
+        status = "failed"
+    else:
+        status = "partly failed"
+    db.execute("UPDATE messages SET status = ? WHERE id = ?", (status, message_id))
+
+
+def mark_warned(db: sqlite3.Connection, delivery_id: int) -> None:
+    db.execute("UPDATE deliveries SET warned = 1 WHERE id = ?", (delivery_id,))
+
+
+# ------------------------------------------------------------ CLI side
+
+
+def queue_rows(db: sqlite3.Connection) -> list[dict[str, object]]:
+    rows = db.execute(
+        "SELECT d.message_id, d.domain, d.recipients, d.status, d.attempts, d.next_attempt,"
+        " d.created_at, d.last_reply, m.mail_from FROM deliveries AS d JOIN messages AS m"
+        " ON m.id = d.message_id WHERE d.status IN ('queued', 'sending')"
+        " ORDER BY d.created_at, d.message_id"
+    ).fetchall()
+    return [
+        {
+            "id": r[0],
+            "domain": r[1],
+            "recipients": json.loads(r[2]),
+            "status": r[3],
+            "attempts": r[4],
+            "next_attempt": r[5],
+            "created_at": r[6],
+            "last_reply": r[7],
+            "mail_from": r[8],
+        }
+        for r in rows
+    ]
+
+
+def history(db: sqlite3.Connection, message_id: str) -> list[dict[str, object]]:
+    rows = db.execute(
+        "SELECT ts, domain, recipient, host, reply, tls, outcome FROM delivery_attempts"
+        " WHERE message_id = ? ORDER BY ts, id",
+        (message_id,),
+    ).fetchall()
+    keys = ("ts", "domain", "recipient", "host", "reply", "tls", "outcome")
+    return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+def retry_now(db: sqlite3.Connection, message_id: str | None, now: float) -> int:
+    """Make queued deliveries (of one message, or all) due now."""
+    if message_id is None:
+        cursor = db.execute(
+            "UPDATE deliveries SET next_attempt = ? WHERE status = 'queued'", (now,)
+        )
+    else:
+        cursor = db.execute(
+            "UPDATE deliveries SET next_attempt = ? WHERE status = 'queued' AND message_id = ?",
+            (now, message_id),
+        )
+    return cursor.rowcount
+
+
+def delete(db: sqlite3.Connection, message_id: str, now: float) -> int:
+    """Stop delivering a message: its pending rows become failed, without a bounce."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        cursor = db.execute(
+            "UPDATE deliveries SET status = 'deleted', recipients = '[]', updated_at = ?"
+            " WHERE message_id = ? AND status IN ('queued', 'sending')",
+            (now, message_id),
+        )
+        if cursor.rowcount:
+            db.execute("UPDATE messages SET status = 'deleted' WHERE id = ?", (message_id,))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return cursor.rowcount
