@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from relaygate.accounts.credentials import Credential, CredentialStore, looks_like_credential
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import Account, AccountStore
-from relaygate.sasl import StoredKeys
+from relaygate.sasl import StoredKeys, stored_keys_for_password
 from relaygate.sasl.scram import DEFAULT_ITERATIONS
 
 CACHE_SIZE = 10000
+_REAL_SALT = stored_keys_for_password("length probe", 4096).salt
 TOUCH_INTERVAL = 60.0  # seconds between last_used_at writes for one credential
 
 
@@ -177,7 +178,7 @@ class Authenticator:
         seed = hmac.new(self._key, b"scram-decoy\0" + username.lower().encode(), hashlib.sha256)
         digest = seed.digest()
         return StoredKeys(
-            salt=digest[:16],
+            salt=digest[: len(_REAL_SALT)],  # the same length as a real salt
             stored_key=hashlib.sha256(digest + b"stored").digest(),
             server_key=hashlib.sha256(digest + b"server").digest(),
             iterations=DEFAULT_ITERATIONS,

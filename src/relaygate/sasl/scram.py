@@ -111,7 +111,7 @@ class Scram:
         except scramp.ScramException as exc:
             return Rejected(self._username, f"client-first: {exc}")
         self._server = server
-        self._nonce = server.s_nonce
+        self._nonce = str(server.s_nonce)  # scramp gives a Nonce; make_server wants str
         return Challenge(server_first.encode())
 
     def _final(self, text: str) -> Step:

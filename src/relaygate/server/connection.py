@@ -209,35 +209,45 @@ class SMTPConnection(asyncio.Protocol):
     # -------------------------------------------------------------- decisions
 
     def _on_keys(self, event: KeysRequest) -> None:
+        # SCRAM: refuse a throttled client before the first challenge, or the
+        # exchange itself would tell it whether its password guess was right.
+        if self._throttled(event.username):
+            return
         self.session.provide_keys(self.worker.authenticator.stored_keys(event.username))
+
+    def _throttled(self, username: str) -> bool:
+        """Over a failure limit: answer 454 without looking at the password."""
+        verdict = self.worker.throttle.check(self.client_ip, username, time.time())
+        if verdict is None:
+            return False
+        # Over a failure limit: refuse without even looking at the password,
+        # so guessing from here learns nothing until the window passes.
+        minutes = max(1, round(verdict.retry_after / 60))
+        reply = replies.reply(
+            454, "4.7.0", f"Too many failed logins, try again in {minutes} minute(s)"
+        )
+        logs.event(
+            "auth.throttled",
+            logging.WARNING,
+            session=self.session_id,
+            client_ip=self.client_ip,
+            user=username,
+            scope=verdict.scope,
+            retry_after=round(verdict.retry_after),
+            reply="454",
+        )
+        rules = self.worker.config.auth_throttle
+        if rules.connection_close_after and (
+            self.session.auth_failures + 1 >= rules.connection_close_after
+        ):
+            reply = replies.AUTH_TOO_MANY_FAILURES
+        self.session.auth_failed(reply)
+        return True
 
     def _on_auth(self, event: AuthRequest) -> None:
         credentials = event.credentials
         now = time.time()
-        verdict = self.worker.throttle.check(self.client_ip, credentials.username, now)
-        if verdict is not None:
-            # Over a failure limit: refuse without even looking at the password,
-            # so guessing from here learns nothing until the window passes.
-            minutes = max(1, round(verdict.retry_after / 60))
-            reply = replies.reply(
-                454, "4.7.0", f"Too many failed logins, try again in {minutes} minute(s)"
-            )
-            logs.event(
-                "auth.throttled",
-                logging.WARNING,
-                session=self.session_id,
-                client_ip=self.client_ip,
-                user=credentials.username,
-                scope=verdict.scope,
-                retry_after=round(verdict.retry_after),
-                reply="454",
-            )
-            rules = self.worker.config.auth_throttle
-            if rules.connection_close_after and (
-                self.session.auth_failures + 1 >= rules.connection_close_after
-            ):
-                reply = replies.AUTH_TOO_MANY_FAILURES
-            self.session.auth_failed(reply)
+        if self._throttled(credentials.username):
             return
         if isinstance(credentials, Verified):
             self._auth_done(self.worker.authenticator.scram_verified(credentials.username), event)

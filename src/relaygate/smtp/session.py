@@ -237,6 +237,7 @@ class Session:
 
     def auth_failed(self, reply: bytes = replies.AUTH_FAILED) -> None:
         self._expect_waiting()
+        self._mechanism = None
         self.auth_failures += 1
         self._output.append(reply)
         self.state = State.GREETED
