@@ -42,6 +42,18 @@ from relaygate.accounts.store import (
     normalize_sender_pattern,
 )
 from relaygate.config import ENV_VAR, Config, ConfigError, load_config
+from relaygate.delivery.dkim import (
+    DEFAULT_SELECTORS,
+    KEY_TYPES,
+    DKIMError,
+    DKIMKey,
+    generate_key,
+    key_directory,
+    key_path,
+    load_keys,
+    normalize_domain,
+    txt_record,
+)
 from relaygate.sasl import stored_keys_for_password
 from relaygate.storage.sqlite import DatabaseError, connect
 
@@ -115,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_user_commands(commands, common)
     _add_credential_commands(commands, common)
     _add_message_commands(commands, common)
+    _add_dkim_commands(commands, common)
     return parser
 
 
@@ -279,6 +292,48 @@ def _add_message_commands(
         "--raw", action="store_true", help="write the exact stored bytes and nothing else"
     )
     show.set_defaults(handler=_messages_show)
+
+
+def _add_dkim_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    dkim = commands.add_parser(
+        "dkim", parents=[common], help="manage DKIM signing keys (kept in the data directory)"
+    )
+    actions = dkim.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, parents=[common], help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    generate = action(
+        "generate",
+        _dkim_generate,
+        "create a signing key for a domain and print the DNS TXT record to publish",
+    )
+    generate.add_argument("domain", metavar="DOMAIN", help="the domain of the From addresses")
+    generate.add_argument(
+        "--algorithm",
+        choices=KEY_TYPES,
+        default="rsa",
+        help="rsa (2048 bits, understood everywhere) or ed25519 (RFC 8463);"
+        " a domain may have both, and then mail is signed with both (default: rsa)",
+    )
+    generate.add_argument(
+        "--selector",
+        metavar="S",
+        help="the name the key is published under, S._domainkey.DOMAIN (default: "
+        + ", ".join(f"{s} for {t}" for t, s in DEFAULT_SELECTORS.items())
+        + ")",
+    )
+
+    listing = action("list", _dkim_list, "show all signing keys")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    show = action("show", _dkim_show, "print a domain's DNS TXT records again")
+    show.add_argument("domain", metavar="DOMAIN")
 
 
 def _positive_int(text: str) -> int:
@@ -699,6 +754,77 @@ def _messages_show(args: argparse.Namespace, config: Config) -> int:
     else:
         text = body.decode("utf-8", errors="replace").replace("\r\n", "\n")
         print(_printable(text, keep="\n\t"), end="" if text.endswith("\n") else "\n")
+    return 0
+
+
+# ---------------------------------------------------------------------- dkim
+
+
+def _dkim_keys(config: Config) -> dict[str, list[DKIMKey]]:
+    try:
+        return load_keys(key_directory(config.data_dir))
+    except DKIMError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _dkim_file(config: Config, key: DKIMKey) -> str:
+    return str(key_path(key_directory(config.data_dir), key.domain, key.selector, key.key_type))
+
+
+def _dkim_generate(args: argparse.Namespace, config: Config) -> int:
+    try:
+        key, record = generate_key(
+            key_directory(config.data_dir), args.domain, args.selector, args.algorithm
+        )
+    except DKIMError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"wrote {key.key_type} key for {key.domain}, selector {key.selector}, to")
+    print(f"  {_dkim_file(config, key)}")
+    print("publish this DNS TXT record (one record; a resolver joins its quoted strings):")
+    print(record)
+    return 0
+
+
+def _dkim_list(args: argparse.Namespace, config: Config) -> int:
+    keys = [key for found in _dkim_keys(config).values() for key in found]
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "domain": k.domain,
+                        "selector": k.selector,
+                        "algorithm": k.algorithm,
+                        "file": _dkim_file(config, k),
+                        "dns_name": k.dns_name,
+                    }
+                    for k in keys
+                ],
+                indent=2,
+            )
+        )
+    elif not keys:
+        print("no DKIM keys yet; create one with: relaygate dkim generate DOMAIN")
+    else:
+        _print_table(
+            ("DOMAIN", "SELECTOR", "ALGORITHM", "FILE"),
+            [(k.domain, k.selector, k.algorithm, _dkim_file(config, k)) for k in keys],
+        )
+    return 0
+
+
+def _dkim_show(args: argparse.Namespace, config: Config) -> int:
+    try:
+        domain = normalize_domain(args.domain)
+    except DKIMError as exc:
+        raise CommandError(str(exc)) from None
+    keys = _dkim_keys(config).get(domain)
+    if not keys:
+        raise CommandError(
+            f"no DKIM key for {domain}; create one with: relaygate dkim generate {domain}"
+        )
+    for key in keys:
+        print(txt_record(key))
     return 0
 
 
