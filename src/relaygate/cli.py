@@ -42,6 +42,7 @@ from relaygate.accounts.store import (
     normalize_sender_pattern,
 )
 from relaygate.config import ENV_VAR, Config, ConfigError, load_config
+from relaygate.delivery import queue as delivery_queue
 from relaygate.delivery.dkim import (
     DEFAULT_SELECTORS,
     KEY_TYPES,
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_user_commands(commands, common)
     _add_credential_commands(commands, common)
     _add_message_commands(commands, common)
+    _add_queue_commands(commands, common)
     _add_dkim_commands(commands, common)
     return parser
 
@@ -292,6 +294,32 @@ def _add_message_commands(
         "--raw", action="store_true", help="write the exact stored bytes and nothing else"
     )
     show.set_defaults(handler=_messages_show)
+
+
+def _add_queue_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    queue = commands.add_parser(
+        "queue", parents=[common], help="messages waiting for onward delivery"
+    )
+    actions = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", parents=[common], help="what is waiting, and why")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(handler=_queue_list)
+    show = actions.add_parser("show", parents=[common], help="one message's delivery history")
+    show.add_argument("message_id", metavar="ID")
+    show.set_defaults(handler=_queue_show)
+    retry = actions.add_parser("retry", parents=[common], help="try again now")
+    target = retry.add_mutually_exclusive_group(required=True)
+    target.add_argument("message_id", metavar="ID", nargs="?")
+    target.add_argument("--all", action="store_true", help="every queued message")
+    retry.set_defaults(handler=_queue_retry)
+    delete = actions.add_parser(
+        "delete", parents=[common], help="stop delivering a message (no bounce is sent)"
+    )
+    delete.add_argument("message_id", metavar="ID")
+    delete.set_defaults(handler=_queue_delete)
 
 
 def _add_dkim_commands(
@@ -726,6 +754,7 @@ def _messages_show(args: argparse.Namespace, config: Config) -> int:
         body_row = db.execute(
             "SELECT body FROM message_bodies WHERE id = ?", (args.message_id,)
         ).fetchone()
+        history = delivery_queue.history(db, args.message_id)
     body: bytes | None = bytes(body_row[0]) if body_row is not None else None
     if args.raw:
         if body is None:
@@ -748,6 +777,8 @@ def _messages_show(args: argparse.Namespace, config: Config) -> int:
         ("status", message["status"]),
     ):
         print(f"{label}: {_printable(value)}")
+    if history:
+        _print_history(history)
     print()
     if body is None:
         print("(no stored body)")
@@ -867,3 +898,83 @@ def _recipients(rcpt_to: str) -> list[str]:
     except ValueError:
         return [rcpt_to]  # not JSON after all: show what is stored rather than fail
     return [str(item) for item in value] if isinstance(value, list) else [str(value)]
+
+
+# ----------------------------------------------------------------- queue
+
+
+def _queue_list(args: argparse.Namespace, config: Config) -> int:
+    with _open_database(config) as db:
+        rows = delivery_queue.queue_rows(db)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("the queue is empty")
+        return 0
+    _print_table(
+        ("ID", "DOMAIN", "TO", "STATUS", "TRIES", "NEXT TRY", "LAST REPLY"),
+        [
+            (
+                str(r["id"]),
+                str(r["domain"]),
+                ", ".join(str(a) for a in r["recipients"]),  # type: ignore[attr-defined]
+                str(r["status"]),
+                str(r["attempts"]),
+                _local_time(float(str(r["next_attempt"]))),
+                _shorten(str(r["last_reply"] or ""), 60),
+            )
+            for r in rows
+        ],
+    )
+    return 0
+
+
+def _print_history(history: list[dict[str, Any]]) -> None:
+    if not history:
+        print("delivery: no attempt yet")
+        return
+    print("delivery history:")
+    for item in history:
+        print(
+            f"  {_local_time(float(item['ts']))}  {item['outcome']:<9}  <{item['recipient']}>"
+            f"  via {item['host'] or '-'}  tls: {item['tls'] or 'none'}  {item['reply']}"
+        )
+
+
+def _queue_show(args: argparse.Namespace, config: Config) -> int:
+    with _open_database(config) as db:
+        exists = db.execute(
+            "SELECT status FROM messages WHERE id = ?", (args.message_id,)
+        ).fetchone()
+        if exists is None:
+            raise CommandError(f"no such message: {args.message_id}")
+        pending = [r for r in delivery_queue.queue_rows(db) if r["id"] == args.message_id]
+        history = delivery_queue.history(db, args.message_id)
+    print(f"id: {args.message_id}")
+    print(f"status: {exists[0]}")
+    for row in pending:
+        print(
+            f"waiting: {row['domain']} ({row['status']}, {row['attempts']} tries, next"
+            f" {_local_time(float(str(row['next_attempt'])))})"
+        )
+    _print_history(history)
+    return 0
+
+
+def _queue_retry(args: argparse.Namespace, config: Config) -> int:
+    with _open_database(config) as db:
+        count = delivery_queue.retry_now(db, None if args.all else args.message_id, time.time())
+    if count == 0 and not args.all:
+        raise CommandError(f"nothing queued for {args.message_id}")
+    print(f"{count} delivery(ies) will be tried now")
+    return 0
+
+
+def _queue_delete(args: argparse.Namespace, config: Config) -> int:
+    with _open_database(config) as db:
+        count = delivery_queue.delete(db, args.message_id, time.time())
+    if count == 0:
+        raise CommandError(f"nothing queued for {args.message_id}")
+    print(f"deleted {args.message_id} from the queue ({count} destination(s)); no bounce sent")
+    return 0

@@ -13,6 +13,7 @@ temporary ones past ``max_age``, produce a bounce to the sender.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -215,7 +216,9 @@ class DeliveryEngine:
         body = bytes(row[0])
         body = self._sign(body) + body
         try:
-            refused, _ = await client.sendmail(delivery.mail_from, list(delivery.recipients), body)
+            refused, response = await client.sendmail(
+                delivery.mail_from, list(delivery.recipients), body
+            )
         except aiosmtplib.SMTPRecipientsRefused as exc:
             outcome = _recipients_outcome(
                 {e.recipient: (e.code, e.message) for e in exc.recipients}, (), host, tls
@@ -252,7 +255,7 @@ class DeliveryEngine:
         outcome = _recipients_outcome(
             {r: (resp.code, resp.message) for r, resp in refused.items()}, accepted, host, tls
         )
-        self._finish(delivery, outcome)
+        self._finish(delivery, dataclasses.replace(outcome, reply=f"250 {response}"))
         return True
 
     def _sign(self, body: bytes) -> bytes:

@@ -46,6 +46,7 @@ class Outcome:
     deferred: tuple[tuple[str, str], ...] = ()  # (recipient, reply) to try again
     host: str | None = None
     tls: str | None = None
+    reply: str = "250 delivered"  # the remote's answer to the message, for the history
 
 
 def domain_of(address: str) -> str:
@@ -200,7 +201,7 @@ def finish(
             rows,
         )
         attempts = delivery.attempts + 1
-        last_reply = (deferred or failed or [("", "250 delivered")])[0][1]
+        last_reply = (deferred or failed or [("", outcome.reply)])[0][1]
         if deferred:
             db.execute(
                 "UPDATE deliveries SET status = 'queued', recipients = ?, attempts = ?,"
