@@ -150,6 +150,8 @@ class DeliveryConfig:
     per_destination: int = 2  # connections to one destination
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
+    mta_sts: bool = True  # RFC 8461 policies for MX delivery
+    mta_sts_port: int = 443  # HTTPS port of mta-sts.<domain> (tests use another)
 
     def route_for(self, domain: str) -> SmarthostConfig | None:
         """The smarthost for ``domain`` (a route, else the mode's), None = its MX."""
@@ -436,6 +438,8 @@ def _delivery(raw: dict[str, Any], check: _Checker, base: Path) -> DeliveryConfi
             "per_destination",
             "connect_timeout",
             "command_timeout",
+            "mta_sts",
+            "mta_sts_port",
         },
         where,
     )
@@ -508,7 +512,17 @@ def _delivery(raw: dict[str, Any], check: _Checker, base: Path) -> DeliveryConfi
         per_destination=check.integer(raw, "per_destination", where, defaults.per_destination, 1),
         connect_timeout=check.number(raw, "connect_timeout", where, defaults.connect_timeout),
         command_timeout=check.number(raw, "command_timeout", where, defaults.command_timeout),
+        mta_sts=_boolean(raw, "mta_sts", where, check, True),
+        mta_sts_port=check.integer(raw, "mta_sts_port", where, 443, 1),
     )
+
+
+def _boolean(raw: dict[str, Any], key: str, where: str, check: _Checker, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        check.problem(f"{where}.{key}", f"must be true or false (got {value!r})")
+        return default
+    return value
 
 
 def _non_negative(

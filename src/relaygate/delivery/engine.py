@@ -28,7 +28,9 @@ from relaygate import logs, message
 from relaygate.config import Config
 from relaygate.delivery import dsn
 from relaygate.delivery import queue as q
-from relaygate.delivery.dkim import Signer, load_keys
+from relaygate.delivery.dkim import Signer, key_directory, load_keys
+from relaygate.delivery.mta_sts import MTASTS
+from relaygate.delivery.mta_sts import apply as apply_mta_sts
 from relaygate.delivery.mx import MXResolver, PermanentDNSError, TemporaryDNSError
 from relaygate.delivery.outbound import DeliveryError, Plan, open_connection, smarthost_plan
 from relaygate.spool import new_queue_id
@@ -45,7 +47,10 @@ class DeliveryEngine:
         self.loop = loop
         self.db = storage.connect(config.database_path)
         self.resolver = MXResolver(config.delivery)
-        self.signer = Signer(load_keys(config.data_dir / "dkim"))
+        self.signer = Signer(load_keys(key_directory(config.data_dir)))
+        self.mta_sts = MTASTS(
+            self.db, self.resolver.resolver, https_port=config.delivery.mta_sts_port
+        )
         self._pending: dict[str, deque[q.Delivery]] = defaultdict(deque)
         self._running: dict[str, int] = defaultdict(int)
         self._slots = asyncio.Semaphore(config.delivery.concurrency)
@@ -110,12 +115,24 @@ class DeliveryEngine:
         smarthost = self.delivery.route_for(domain)
         if smarthost is not None:
             return [smarthost_plan(smarthost)]
-        tls = (
-            "starttls-required"
-            if self.delivery.tls_required(domain)
-            else ("starttls-opportunistic")
-        )
         targets = await self.resolver.targets(domain)
+        tls_required = self.delivery.tls_required(domain)
+        if self.delivery.mta_sts:
+            policy = await self.mta_sts.policy_for(domain, time.time())
+            if self.mta_sts.last_error:
+                logs.event("delivery.mta_sts", domain=domain, reason=self.mta_sts.last_error)
+            allowed, enforce = apply_mta_sts(policy, [t.host for t in targets])
+            if enforce and policy is not None:
+                keep = set(allowed)
+                targets = [t for t in targets if t.host in keep]
+                if not targets:
+                    # Temporary (RFC 8461 5.1): the next attempt looks for a new policy.
+                    raise TemporaryDNSError(
+                        f"451 4.7.5 no MX host of {domain} matches its MTA-STS policy"
+                        f" (id={policy.id})"
+                    )
+                tls_required = True
+        tls = "starttls-required" if tls_required else "starttls-opportunistic"
         return [
             Plan(
                 connect_to=t.address,

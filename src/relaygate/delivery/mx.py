@@ -47,6 +47,11 @@ class MXResolver:
             self._resolver = dns.asyncresolver.Resolver()
         self._resolver.lifetime = timeout
 
+    @property
+    def resolver(self) -> dns.asyncresolver.Resolver:
+        """The configured resolver, for other look-ups on delivery (MTA-STS)."""
+        return self._resolver
+
     async def targets(self, domain: str) -> list[Target]:
         try:
             answer = await self._resolver.resolve(domain, "MX")
