@@ -38,6 +38,8 @@ from relaygate.storage import sqlite as storage
 
 POLL_INTERVAL = 0.5  # seconds between looks at the queue when idle
 CLAIM_BATCH = 200
+MAX_IN_MEMORY = 2000  # claimed rows waiting for a connection; more stay in the queue
+KEEPALIVE = 2.0  # seconds an idle connection waits for the next queued message
 
 
 class DeliveryEngine:
@@ -55,6 +57,7 @@ class DeliveryEngine:
         self._running: dict[str, int] = defaultdict(int)
         self._slots = asyncio.Semaphore(config.delivery.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._more: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------ main loop
@@ -67,10 +70,18 @@ class DeliveryEngine:
             self.loop.add_signal_handler(signum, self._stopping.set)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
         while not self._stopping.is_set():
+            claimed = 0
+            room = MAX_IN_MEMORY - sum(len(w) for w in self._pending.values())
             try:
-                self._dispatch(q.claim_due(self.db, time.time(), CLAIM_BATCH))
+                if room > 0:
+                    batch = q.claim_due(self.db, time.time(), min(CLAIM_BATCH, room))
+                    claimed = len(batch)
+                    self._dispatch(batch)
             except sqlite3.Error as exc:
                 logs.event("delivery.error", logging.ERROR, reason=str(exc))
+            if claimed == CLAIM_BATCH:
+                await asyncio.sleep(0)  # a full batch: more is probably due already
+                continue
             try:
                 await asyncio.wait_for(self._stopping.wait(), POLL_INTERVAL)
             except TimeoutError:
@@ -84,6 +95,7 @@ class DeliveryEngine:
         for delivery in deliveries:
             key = self._destination_key(delivery.domain)
             self._pending[key].append(delivery)
+            self._more[key].set()  # wake an idle connection to this destination
         for key, waiting in self._pending.items():
             while waiting and self._running[key] < self.delivery.per_destination:
                 self._running[key] += 1
@@ -191,12 +203,23 @@ class DeliveryEngine:
                 alive = await self._transaction(client, current, host, tls)
                 if not alive or self._stopping.is_set():
                     break
-                current = waiting.popleft() if waiting else None
+                current = await self._next_for(key, waiting)
         finally:
             try:
                 await client.quit()
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
                 client.close()
+
+    async def _next_for(self, key: str, waiting: deque[q.Delivery]) -> q.Delivery | None:
+        """The next message for this open connection; wait a little for one to be queued."""
+        if not waiting:
+            more = self._more[key]
+            more.clear()
+            try:
+                await asyncio.wait_for(more.wait(), KEEPALIVE)
+            except TimeoutError:
+                return None
+        return waiting.popleft() if waiting else None
 
     def _same_domain(self, waiting: deque[q.Delivery], domain: str) -> list[q.Delivery]:
         """Take the other queued rows for ``domain``: they share the outcome of a DNS failure."""
