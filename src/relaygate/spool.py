@@ -68,6 +68,8 @@ class SpooledMessage:
     status: str = "captured"
     credential: str | None = None  # the app credential's name; None: the password
     usage: Usage | None = None  # what it counts against sending limits
+    smtputf8: bool = False  # relayed onward with the same MAIL parameters
+    body_8bit: bool = False
 
 
 class SpoolError(Exception):
@@ -130,8 +132,8 @@ class Spool:
             try:
                 db.executemany(
                     "INSERT INTO messages (id, account, client_ip, mail_from, rcpt_to, subject,"
-                    " size, status, created_at, credential, recipients)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " size, status, created_at, credential, recipients, smtputf8, body_8bit)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
                         (
                             m.id,
@@ -145,6 +147,8 @@ class Spool:
                             m.created_at,
                             m.credential,
                             len(m.recipients),
+                            m.smtputf8,
+                            m.body_8bit,
                         )
                         for m in messages
                     ],

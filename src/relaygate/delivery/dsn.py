@@ -12,6 +12,7 @@ from __future__ import annotations
 import email.utils
 import re
 from collections.abc import Sequence
+from email.message import Message
 from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
@@ -65,25 +66,26 @@ def build(
             "It is attached below (headers only).\n\n"
             f"{listed}\n"
         )
-    report.attach(MIMEText(note, "plain", "utf-8"))
+    report.attach(MIMEText(note, "plain", "us-ascii" if note.isascii() else "utf-8"))
 
-    fields = [
-        f"Reporting-MTA: dns; {hostname}",
-        f"X-Relaygate-Queue-ID: {queue_id}",
-        f"Arrival-Date: {email.utils.formatdate(arrival, localtime=True)}",
-        "",
-    ]
+    # message/delivery-status is a list of header blocks (RFC 3464 section 2.1):
+    # the email package wants each block as a Message of its own.
+    per_message = Message()
+    per_message["Reporting-MTA"] = f"dns; {hostname}"
+    per_message["X-Relaygate-Queue-ID"] = queue_id
+    per_message["Arrival-Date"] = email.utils.formatdate(arrival, localtime=True)
+    blocks = [per_message]
     for recipient, reply, host in recipients:
-        fields += [
-            f"Final-Recipient: rfc822; {recipient}",
-            f"Action: {'delayed' if warning else 'failed'}",
-            f"Status: {status_code(reply, permanent=not warning)}",
-        ]
+        block = Message()
+        block["Final-Recipient"] = f"rfc822; {recipient}"
+        block["Action"] = "delayed" if warning else "failed"
+        block["Status"] = status_code(reply, permanent=not warning)
         if host:
-            fields.append(f"Remote-MTA: dns; {host}")
-        fields += [f"Diagnostic-Code: smtp; {reply}", ""]
+            block["Remote-MTA"] = f"dns; {host.partition('[')[0]}"  # the name, not [ip]:port
+        block["Diagnostic-Code"] = f"smtp; {reply}"
+        blocks.append(block)
     delivery_status = MIMEBase("message", "delivery-status")
-    delivery_status.set_payload("\n".join(fields))
+    delivery_status.set_payload(blocks)  # type: ignore[arg-type]
     report.attach(delivery_status)
 
     headers = MIMEBase("text", "rfc822-headers")

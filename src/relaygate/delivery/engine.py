@@ -257,7 +257,10 @@ class DeliveryEngine:
         body = self._sign(body) + body
         try:
             refused, response = await client.sendmail(
-                delivery.mail_from, list(delivery.recipients), body
+                delivery.mail_from,
+                list(delivery.recipients),
+                body,
+                mail_options=list(delivery.mail_options),
             )
         except aiosmtplib.SMTPRecipientsRefused as exc:
             outcome = _recipients_outcome(
@@ -284,6 +287,18 @@ class DeliveryEngine:
             return True
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             reply = f"451 4.4.2 connection to {host} lost: {exc or type(exc).__name__}"
+            self._finish(
+                delivery,
+                q.Outcome(
+                    deferred=tuple((r, reply) for r in delivery.recipients), host=host, tls=tls
+                ),
+            )
+            return False
+        except Exception as exc:  # a bug must not strand the row in 'sending'
+            logs.event(
+                "internal.error", logging.ERROR, queue_id=delivery.message_id, exception=repr(exc)
+            )
+            reply = f"451 4.3.0 local error while sending: {type(exc).__name__}"
             self._finish(
                 delivery,
                 q.Outcome(

@@ -35,6 +35,7 @@ class Delivery:
     mail_from: str
     account: str
     warned: bool
+    mail_options: tuple[str, ...] = ()  # SMTPUTF8, BODY=8BITMIME as the client gave them
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,13 +81,26 @@ def reset_interrupted(db: sqlite3.Connection) -> int:
 
 _SELECT = (
     "SELECT d.id, d.message_id, d.domain, d.recipients, d.attempts, d.created_at,"
-    " m.mail_from, m.account, d.warned FROM deliveries AS d JOIN messages AS m"
+    " m.mail_from, m.account, d.warned, m.smtputf8, m.body_8bit"
+    " FROM deliveries AS d JOIN messages AS m"
     " ON m.id = d.message_id"
 )
 
 
 def _delivery(row: Sequence[object]) -> Delivery:
-    id_, message_id, domain, recipients, attempts, created_at, mail_from, account, warned = row
+    (
+        id_,
+        message_id,
+        domain,
+        recipients,
+        attempts,
+        created_at,
+        mail_from,
+        account,
+        warned,
+        smtputf8,
+        body_8bit,
+    ) = row
     return Delivery(
         id=int(str(id_)),
         message_id=str(message_id),
@@ -97,6 +111,8 @@ def _delivery(row: Sequence[object]) -> Delivery:
         mail_from=str(mail_from),
         account=str(account),
         warned=bool(warned),
+        mail_options=(("SMTPUTF8",) if smtputf8 else ())
+        + (("BODY=8BITMIME",) if body_8bit else ()),
     )
 
 

@@ -446,6 +446,8 @@ class SMTPConnection(asyncio.Protocol):
             created_at=now,
             status="captured" if self.worker.config.delivery.mode == "capture" else "queued",
             credential=self.credential.name if self.credential else None,
+            smtputf8=event.smtputf8,
+            body_8bit=event.eight_bit,
             usage=Usage(self.scopes, account.address, event.recipients, self.new_recipients, now),
         )
         future = self.worker.spool.store(stored)

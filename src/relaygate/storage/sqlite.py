@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -127,6 +127,10 @@ CREATE TABLE delivery_attempts (
     outcome     TEXT NOT NULL            -- delivered | deferred | failed
 );
 CREATE INDEX delivery_attempts_message ON delivery_attempts(message_id);
+""",
+    4: """
+ALTER TABLE messages ADD COLUMN smtputf8 INTEGER NOT NULL DEFAULT 0;  -- MAIL ... SMTPUTF8
+ALTER TABLE messages ADD COLUMN body_8bit INTEGER NOT NULL DEFAULT 0; -- MAIL ... BODY=8BITMIME
 """,
 }
 
