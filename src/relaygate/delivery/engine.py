@@ -120,6 +120,8 @@ class DeliveryEngine:
             async with self._slots:
                 while waiting and not self._stopping.is_set():
                     await self._one_connection(key, waiting)
+        except Exception as exc:  # rows it held stay 'sending' until the next start
+            logs.event("internal.error", logging.ERROR, destination=key, exception=repr(exc))
         finally:
             self._running[key] -= 1
 
