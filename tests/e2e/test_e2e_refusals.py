@@ -19,6 +19,7 @@ from .helpers import (
     Reply,
     Server,
     ServerPool,
+    SMTPClosed,
     User,
     auth_mechanisms,
     b64,
@@ -497,3 +498,62 @@ def test_server_still_serves_after_all_this(server: Server) -> None:
     )
     assert server.process is not None and server.process.poll() is None
     assert b64("\0" + ALICE.address + "\0" + ALICE.password) not in server.log_text()
+
+
+@pytest.fixture(scope="module")
+def slow_client_server(servers: ServerPool) -> Server:
+    # Idle timeout far away: only the command and data timeouts can fire.
+    return servers.create(
+        "slowloris",
+        limits={"idle_timeout": 60, "command_timeout": 1.5, "data_timeout": 2.5},
+        users=[ALICE],
+    )
+
+
+def _trickle(client: RawSMTP, data: bytes, seconds: float) -> Reply | None:
+    """Send one byte every 0.2 s (so the idle timeout never fires) until a reply comes."""
+    deadline = time.monotonic() + seconds
+    for byte in data:
+        if time.monotonic() > deadline:
+            break
+        try:
+            client.send(bytes([byte]))
+            return client.reply(timeout=0.2)
+        except SMTPClosed:
+            return None
+        except TimeoutError:
+            continue
+    return None
+
+
+def test_command_timeout_cuts_a_line_sent_byte_by_byte(slow_client_server: Server) -> None:
+    """A command line still unfinished after command_timeout: 421 4.4.2, closed."""
+    with RawSMTP.connect(slow_client_server.starttls_port) as client:
+        started = time.monotonic()
+        reply = _trickle(client, b"EHLO " + b"x" * 200, seconds=8)
+        waited = time.monotonic() - started
+        assert reply is not None
+        assert reply.status == "421 4.4.2", str(reply)
+        assert client.wait_closed(5)
+    assert 1.4 <= waited <= 4.5, waited
+
+
+def test_data_timeout_cuts_a_body_sent_byte_by_byte(slow_client_server: Server) -> None:
+    """A message body still unfinished after data_timeout: 421 4.4.2, nothing stored."""
+    context = slow_client_server.client_context()
+    with RawSMTP.connect(slow_client_server.implicit_port, tls=context) as client:
+        client.ehlo()
+        client.login(ALICE.address, ALICE.password)
+        assert client.command(f"MAIL FROM:<{ALICE.address}>").code == 250
+        assert client.command("RCPT TO:<slow@example.net>").code == 250
+        assert client.command("DATA").code == 354
+        started = time.monotonic()
+        body = b"Subject: slow data\r\n\r\n" + b"y" * 400
+        reply = _trickle(client, body, seconds=10)
+        waited = time.monotonic() - started
+        assert reply is not None
+        assert reply.status == "421 4.4.2", str(reply)
+        assert client.wait_closed(5)
+    # Each byte restarts neither timer: the whole body gets data_timeout, no more.
+    assert 2.4 <= waited <= 5.5, waited
+    assert "slow data" not in slow_client_server.subjects()
