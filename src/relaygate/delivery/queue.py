@@ -166,7 +166,8 @@ def finish(
     expired = bool(deferred) and now - delivery.created_at >= config.max_age
     if expired:
         failed += [
-            (r, f"{reply} (gave up after {delivery.attempts + 1} attempts)")
+            # RFC 3463 X.4.7: delivery time expired; the last remote reply follows.
+            (r, f"554 5.4.7 gave up after {delivery.attempts + 1} attempts; last reply: {reply}")
             for r, reply in deferred
         ]
         deferred = []
@@ -179,7 +180,7 @@ def finish(
                 r,
                 now,
                 outcome.host,
-                "250 delivered",
+                outcome.reply,
                 outcome.tls,
                 "delivered",
             )
