@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -132,8 +133,21 @@ def _describe(config: Config) -> str:
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
+def _raise_file_limit() -> None:
+    """Every connection is a file descriptor: use the hard limit, not the soft 1024."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass  # not allowed here: keep what we have
+
+
 def serve(config: Config) -> int:
     logs.setup(config.log.level, config.log.format, config.log.file)
+    _raise_file_limit()
     # Hold SIGTERM/SIGINT until every process has its handler: a stop request
     # that arrives during start-up is then delivered, not lost or fatal. Each
     # worker unblocks them once its event loop handles them (worker.py).
