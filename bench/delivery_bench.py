@@ -619,26 +619,8 @@ class DeliveryServer(RelaygateServer):
             encoding="utf-8",
         )
 
-    def start(self, timeout: float = 60.0) -> None:
-        with self.output_file.open("wb") as output:
-            self.process = subprocess.Popen(
-                self.cli("serve"),
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        limit = time.monotonic() + timeout
-        while time.monotonic() < limit:
-            if self.process.poll() is not None:
-                raise BenchError(
-                    f"relaygate serve exited with {self.process.returncode} while starting:\n"
-                    + self.tail_output()
-                )
-            if port_accepts(self.starttls_port):
-                return
-            time.sleep(0.1)
-        raise BenchError(f"relaygate did not open its port within {timeout:g} s")
+    def listening_ports(self) -> list[int]:
+        return [self.starttls_port]  # this config has no implicit-TLS listener
 
     def cli_json(self, *args: str) -> Any:
         done = subprocess.run(

@@ -382,6 +382,10 @@ class RelaygateServer:
         if problems:
             raise BenchError("creating users failed:\n  " + "\n  ".join(problems[:5]))
 
+    def listening_ports(self) -> list[int]:
+        """The ports ``start`` waits for."""
+        return [self.starttls_port, self.implicit_port]
+
     def start(self, timeout: float = 60.0) -> None:
         with self.output_file.open("wb") as output:
             self.process = subprocess.Popen(
@@ -398,7 +402,7 @@ class RelaygateServer:
                     f"relaygate serve exited with {self.process.returncode} while starting:\n"
                     + self.tail_output()
                 )
-            if port_accepts(self.starttls_port) and port_accepts(self.implicit_port):
+            if all(port_accepts(port) for port in self.listening_ports()):
                 return
             time.sleep(0.1)
         raise BenchError(f"relaygate did not open its ports within {timeout:g} s")
