@@ -365,8 +365,8 @@ class SMTPConnection(asyncio.Protocol):
             user=account.address,
             mail_from=event.address,
             reason=reason,
-            reply=reply[:9].decode().strip(),
-            text=reply[10:].decode(errors="replace").strip() if reason == "quota" else None,
+            reply=replies.status(reply),
+            text=replies.text(reply) if reason == "quota" else None,
         )
 
     def _on_recipient(self, event: RecipientRequest) -> None:
@@ -393,8 +393,8 @@ class SMTPConnection(asyncio.Protocol):
             user=account.address,
             rcpt=event.address,
             reason="quota",
-            reply=refusal[:9].decode().strip(),
-            text=refusal[10:].decode(errors="replace").strip(),
+            reply=replies.status(refusal),
+            text=replies.text(refusal),
         )
 
     def _on_message(self, event: MessageReady) -> None:
@@ -410,8 +410,8 @@ class SMTPConnection(asyncio.Protocol):
                 client_ip=self.client_ip,
                 user=account.address,
                 mail_from=event.mail_from,
-                reply=refusal[:9].decode().strip(),
-                reason=refusal[10:].decode().strip(),
+                reply=replies.status(refusal),
+                reason=replies.text(refusal),
             )
             return
         now = time.time()
@@ -494,7 +494,7 @@ class SMTPConnection(asyncio.Protocol):
             session=self.session_id,
             client_ip=self.client_ip,
             command=event.command or None,
-            reply=event.reply[:9].decode(errors="replace").strip(),
+            reply=replies.status(event.reply),
         )
 
     async def _start_tls(self) -> None:

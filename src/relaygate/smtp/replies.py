@@ -13,6 +13,22 @@ def reply(code: int, enhanced: str, text: str) -> bytes:
     return f"{code} {enhanced} {text}\r\n".encode()
 
 
+def status(line: bytes) -> str:
+    """``553 5.7.1`` of a reply line (just the code when it has no enhanced code), for logs."""
+    code, _, rest = line.decode("utf-8", "replace").strip().partition(" ")
+    enhanced = rest.partition(" ")[0]
+    if enhanced[:1] in ("2", "4", "5") and enhanced.count(".") == 2:
+        return f"{code} {enhanced}"
+    return code
+
+
+def text(line: bytes) -> str:
+    """The human part of a reply line, without code and enhanced code."""
+    rest = line.decode("utf-8", "replace").strip()[4:]
+    first, _, remainder = rest.partition(" ")
+    return remainder if first.count(".") == 2 else rest
+
+
 OK = reply(250, "2.0.0", "Ok")
 RSET_OK = OK
 NOOP_OK = OK
