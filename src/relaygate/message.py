@@ -119,6 +119,11 @@ class ReceivedInfo:
     smtputf8: bool = False
 
 
+def _address_literal(ip: str) -> str:
+    """RFC 5321 4.1.3: [192.0.2.1] or [IPv6:2001:db8::1]."""
+    return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+
+
 def protocol_name(info: ReceivedInfo) -> str:
     """RFC 3848 / RFC 6531 "with" keyword: ESMTPSA, UTF8SMTPSA, SMTP, ..."""
     if not info.esmtp:
@@ -129,7 +134,7 @@ def protocol_name(info: ReceivedInfo) -> str:
 
 def received_header(info: ReceivedInfo, date: str) -> bytes:
     lines = [
-        f"Received: from {_printable(info.helo)} ([{info.client_ip}])",
+        f"Received: from {_printable(info.helo)} ({_address_literal(info.client_ip)})",
         f"\tby {info.hostname} (relaygate) with {protocol_name(info)} id {info.queue_id}",
     ]
     if info.tls_version:

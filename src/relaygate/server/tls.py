@@ -96,8 +96,13 @@ def server_context(pairs: list[CertPair]) -> ssl.SSLContext:
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!MD5:!DSS")
     for cert, key in pairs:
+
+        def refuse_passphrase(key: Path = key) -> str:
+            # Without this OpenSSL would prompt on the terminal (once per worker).
+            raise TLSSetupError(f"{key}: the private key is encrypted; give an unencrypted key")
+
         try:
-            context.load_cert_chain(cert, key)
+            context.load_cert_chain(cert, key, password=refuse_passphrase)
         except FileNotFoundError as exc:
             raise TLSSetupError(f"{exc.filename}: file not found") from None
         except (ssl.SSLError, OSError) as exc:
