@@ -10,6 +10,7 @@ test drives (kept in the database, shared by the workers) never reach another.
 from __future__ import annotations
 
 import re
+import socket
 import time
 
 import pytest
@@ -264,3 +265,54 @@ def test_app_credential_network_and_senders(credentials_server: Server) -> None:
         # Narrower than the account (@example.org, bob@alias.test): only bob@alias.test.
         assert client.command("MAIL FROM:<someone@example.org>").status == "553 5.7.1"
         assert client.command("MAIL FROM:<bob@alias.test>").status == "250 2.1.0"
+
+
+def test_failed_starttls_handshakes_do_not_leak_connection_slots(per_ip: Server) -> None:
+    """A STARTTLS whose handshake fails must free its per-IP slot (and the server's)."""
+    endings = [
+        b"this is not a TLS client hello\r\n",  # OpenSSL refuses it at once
+        b"\x16\x03\x01\x02\x00" + b"\x01" * 40,  # a truncated record, then EOF
+        b"",  # EOF right after the 220
+    ]
+    for attempt, ending in enumerate(endings * 2):  # each twice: 6 > the limit of 2
+        with RawSMTP.connect(per_ip.starttls_port, source="127.0.6.1") as client:
+            assert client.greeting.code == 220, f"attempt {attempt}: {client.greeting}"
+            client.ehlo()
+            assert client.command("STARTTLS").code == 220
+            if ending:
+                client.send(ending)
+            client.sock.shutdown(socket.SHUT_WR)
+            assert client.wait_closed(10), f"attempt {attempt}"
+    with RawSMTP.connect(per_ip.starttls_port, source="127.0.6.1") as later:
+        assert later.greeting.code == 220, str(later.greeting)
+
+
+def test_client_gone_before_starttls_handshake_frees_its_slot(per_ip: Server) -> None:
+    """STARTTLS pipelined with junk, then an immediate close: the slot must come back."""
+    # The race (the client gone before the handshake starts) is hit by a few percent of
+    # such connections, so make many: each leak would hold one of the 2 slots for good.
+    for _ in range(300):
+        sock = socket.create_connection(
+            ("127.0.0.1", per_ip.starttls_port), timeout=5, source_address=("127.0.5.1", 0)
+        )
+        try:
+            greeting = sock.recv(512)
+            if greeting.startswith(b"220"):  # 421 while earlier closes are still in flight
+                sock.sendall(b"EHLO x\r\nSTARTTLS\r\nRSET\r\n" + bytes(range(100)))
+        finally:
+            sock.close()
+    # Every session that was let in must end with a disconnect event (a leaked one
+    # never does, and keeps its per-IP slot and its place in the worker for good).
+    deadline = time.monotonic() + 10
+    while True:
+        opened = {
+            e["session"] for e in per_ip.log_events("connect") if e["client_ip"] == "127.0.5.1"
+        }
+        closed = {e["session"] for e in per_ip.log_events("disconnect")}
+        if opened <= closed or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert opened, "no session got in"
+    assert opened <= closed, f"{len(opened - closed)} sessions never ended"
+    with RawSMTP.connect(per_ip.starttls_port, source="127.0.5.1") as later:
+        assert later.greeting.code == 220, str(later.greeting)

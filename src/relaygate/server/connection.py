@@ -122,6 +122,10 @@ class SMTPConnection(asyncio.Protocol):
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._forget()
+
+    def _forget(self) -> None:
+        """The connection is gone: unregister it (once), release its per-IP slot, log."""
         if self.lost:
             return
         self.lost = True
@@ -517,8 +521,12 @@ class SMTPConnection(asyncio.Protocol):
                 reason=type(exc).__name__,
             )
             transport.abort()
+            # A failed handshake never reaches connection_lost (the TLS layer had
+            # taken the transport), so unregister here or the connection leaks.
+            self._forget()
             return
         if new_transport is None or self.lost:
+            self._forget()
             return
         self.transport = new_transport
         self.tls_version, self.tls_cipher = cipher_info(new_transport.get_extra_info("ssl_object"))
@@ -561,6 +569,7 @@ class SMTPConnection(asyncio.Protocol):
             if self.waiting:
                 if self.transport is not None:
                     self.transport.abort()
+                self._forget()  # a pending TLS handshake would never report the loss
                 return
             session.shutdown()
             self._drive()
