@@ -101,6 +101,13 @@ class SendingLimits:
     new_recipients_per_day: int = 300
 
 
+# Capture mode keeps every message on this machine, so a stolen password cannot
+# spam anyone: without an explicit [sending_limits] there are no default limits
+# there (a developer's test run would otherwise hit 200 an hour). Limits set with
+# `relaygate user limits` / `credential limits` apply in every mode.
+NO_SENDING_LIMITS = SendingLimits(0, 0, 0, 0)
+
+
 @dataclass(frozen=True)
 class ConnectionLimitsConfig:
     """Per-client-IP connection limits across all workers; 0 means unlimited."""
@@ -212,6 +219,7 @@ def quickstart_config() -> Config:
         hostname="localhost",
         data_dir=Path("relaygate-data").absolute(),
         listeners=QUICKSTART_LISTENERS,
+        sending_limits=NO_SENDING_LIMITS,  # capture mode: nothing leaves the machine
         quickstart=True,
     )
 
@@ -602,7 +610,15 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
     auth_throttle = _number_section(
         check, data, "auth_throttle", AuthThrottleConfig(), {"known_network_days": 1}
     )
-    sending_limits = _number_section(check, data, "sending_limits", SendingLimits(), {})
+    sending_limits = _number_section(
+        check,
+        data,
+        "sending_limits",
+        NO_SENDING_LIMITS
+        if delivery.mode == "capture" and "sending_limits" not in data
+        else SendingLimits(),
+        {},
+    )
     connection_limits = _connection_limits(check, data)
 
     if check.problems:

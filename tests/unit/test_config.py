@@ -276,8 +276,15 @@ exempt = ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7", "10.1.2.3/16"]
 def test_throttle_and_limit_defaults(tmp_path: Path) -> None:
     for config in (load_config(write(tmp_path, "")), load_config()):
         assert config.auth_throttle == AuthThrottleConfig()
-        assert config.sending_limits == SendingLimits()
         assert config.connection_limits == ConnectionLimitsConfig()
+        # Capture mode: nothing leaves the machine, so no default sending limits.
+        assert config.sending_limits == SendingLimits(0, 0, 0, 0)
+    relay = load_config(
+        write(tmp_path, '[delivery]\nmode = "smarthost"\n[delivery.smarthost]\nhost = "h"\n')
+    )
+    assert relay.sending_limits == SendingLimits()
+    explicit = load_config(write(tmp_path, "[sending_limits]\nmessages_per_hour = 5\n"))
+    assert explicit.sending_limits == SendingLimits(messages_per_hour=5)
     assert AuthThrottleConfig().account_per_hour == 20
     assert SendingLimits().messages_per_day == 1000
     assert ConnectionLimitsConfig().exempt == ("127.0.0.0/8", "::1/128")
