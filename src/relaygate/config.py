@@ -64,6 +64,7 @@ class LimitsConfig:
     max_connections: int = 1000  # per worker process
     idle_timeout: float = 300.0  # no bytes from the client at all
     command_timeout: float = 60.0  # one command line, from its first byte to its end
+    tls_handshake_timeout: float = 15.0  # a handshake holds memory before any limit sees it
     data_timeout: float = 600.0  # one whole message body (DATA or all BDAT chunks)
     shutdown_grace: float = 10.0  # SIGTERM: how long transactions in flight may finish
 
@@ -586,6 +587,9 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
             limits_raw, "command_timeout", "limits", defaults.command_timeout
         ),
         data_timeout=check.number(limits_raw, "data_timeout", "limits", defaults.data_timeout),
+        tls_handshake_timeout=check.number(
+            limits_raw, "tls_handshake_timeout", "limits", defaults.tls_handshake_timeout
+        ),
         shutdown_grace=check.number(
             limits_raw, "shutdown_grace", "limits", defaults.shutdown_grace
         ),

@@ -7,6 +7,7 @@ test checks that the shared server still serves normally after all of this.
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
@@ -505,7 +506,12 @@ def slow_client_server(servers: ServerPool) -> Server:
     # Idle timeout far away: only the command and data timeouts can fire.
     return servers.create(
         "slowloris",
-        limits={"idle_timeout": 60, "command_timeout": 1.5, "data_timeout": 2.5},
+        limits={
+            "idle_timeout": 60,
+            "command_timeout": 1.5,
+            "data_timeout": 2.5,
+            "tls_handshake_timeout": 1.5,
+        },
         users=[ALICE],
     )
 
@@ -557,3 +563,19 @@ def test_data_timeout_cuts_a_body_sent_byte_by_byte(slow_client_server: Server) 
     # Each byte restarts neither timer: the whole body gets data_timeout, no more.
     assert 2.4 <= waited <= 5.5, waited
     assert "slow data" not in slow_client_server.subjects()
+
+
+def test_silent_tls_handshake_is_cut_after_tls_handshake_timeout(
+    slow_client_server: Server,
+) -> None:
+    """A client that connects to the implicit-TLS port and never says hello is dropped."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", slow_client_server.implicit_port), 10) as sock:
+        sock.settimeout(8)
+        try:
+            data = sock.recv(1024)  # b"" when the server closes
+        except ConnectionResetError:
+            data = b""
+    waited = time.monotonic() - started
+    assert data == b""
+    assert 1.2 <= waited <= 5, waited

@@ -510,7 +510,7 @@ class SMTPConnection(asyncio.Protocol):
                 self,
                 self.worker.tls_context,
                 server_side=True,
-                ssl_handshake_timeout=self.worker.config.limits.command_timeout,
+                ssl_handshake_timeout=self.worker.config.limits.tls_handshake_timeout,
             )
         except (TimeoutError, OSError, ssl.SSLError, RuntimeError) as exc:
             logs.event(

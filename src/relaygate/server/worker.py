@@ -104,7 +104,9 @@ class Worker:
                 factory,
                 sock=sock,
                 ssl=self.tls_context if implicit else None,
-                ssl_handshake_timeout=self.config.limits.command_timeout if implicit else None,
+                ssl_handshake_timeout=(
+                    self.config.limits.tls_handshake_timeout if implicit else None
+                ),
                 backlog=1024,
             )
             self._servers.append(server)
