@@ -69,12 +69,14 @@ from run import (
     BenchError,
     RelaygateServer,
     background_load,
+    cell,
     default_python,
     interrupts_as_errors,
     machine_busy_seconds,
     parse_proc_stat,
     port_accepts,
     read_processes,
+    render_table,
     tree_cpu_seconds,
 )
 
@@ -1174,16 +1176,6 @@ def final_checks(ctx: Context) -> dict[str, Any]:
 # ================================================================ output
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    if isinstance(value, float):
-        return f"{value:.2f}" if abs(value) < 1000 else f"{value:.0f}"
-    return str(value)
-
-
 COLUMNS = (
     ("submitted", "submitted"),
     ("delivered", "delivered"),
@@ -1205,21 +1197,12 @@ def format_table(phases: list[dict[str, Any]]) -> str:
     rows = [
         [str(p["phase"])]
         + [
-            _cell(p.get(key, p.get("window_s")) if key == "wall_s" else p.get(key))
+            cell(p.get(key, p.get("window_s")) if key == "wall_s" else p.get(key))
             for key, _ in COLUMNS
         ]
         for p in phases
     ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in [header, *rows]
-    ]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return render_table(header, rows)
 
 
 # ================================================================ main

@@ -614,9 +614,12 @@ def measure(args: argparse.Namespace, target: Target, scenario: str) -> Measurem
     return result
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
+    """A table cell: '-' for no value, booleans as yes/NO, floats rounded."""
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
     if isinstance(value, float):
         return f"{value:.2f}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
@@ -642,30 +645,35 @@ def table_rows(
         for m in (m for m in measurements if m.scenario == scenario):
             figures = m.figures()
             failed = sum(int(v) for v in figures["failed"].values())
-            row = [scenario, m.target] + [_cell(figures[key]) for key, _ in COLUMNS]
+            row = [scenario, m.target] + [cell(figures[key]) for key, _ in COLUMNS]
             row.append(str(failed) if m.ok else f"ERROR: {m.error[:60]}")
             rows.append(row)
         if scenario in ratios:
             rows.append(
                 [scenario, "ratio r/p"]
-                + [_cell(ratios[scenario].get(key)) for key, _ in COLUMNS[:-1]]
+                + [cell(ratios[scenario].get(key)) for key, _ in COLUMNS[:-1]]
                 + ["", ""]
             )
     return rows
 
 
-def format_table(rows: list[list[str]]) -> str:
-    header = ["scen", "server", *(title for _, title in COLUMNS), "failed"]
+def render_table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """Aligned text table: the first ``left`` columns left-aligned, the rest right."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [
         "  ".join(
-            cell.rjust(w) if i > 1 else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            text.ljust(w) if i < left else text.rjust(w)
+            for i, (text, w) in enumerate(zip(row, widths, strict=True))
         )
         for row in [header, *rows]
     ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def format_table(rows: list[list[str]]) -> str:
+    header = ["scen", "server", *(title for _, title in COLUMNS), "failed"]
+    return render_table(header, rows, left=2)
 
 
 def compute_ratios(measurements: list[Measurement]) -> dict[str, dict[str, float | None]]:

@@ -268,7 +268,10 @@ def test_app_credential_network_and_senders(credentials_server: Server) -> None:
 
 
 def test_failed_starttls_handshakes_do_not_leak_connection_slots(per_ip: Server) -> None:
-    """A STARTTLS whose handshake fails must free its per-IP slot (and the server's)."""
+    """A failed STARTTLS handshake ends the connection and leaves the per-IP slot free.
+
+    (The leak race itself is caught by the next test, which counts sessions.)
+    """
     endings = [
         b"this is not a TLS client hello\r\n",  # OpenSSL refuses it at once
         b"\x16\x03\x01\x02\x00" + b"\x01" * 40,  # a truncated record, then EOF

@@ -1344,7 +1344,6 @@ REPLY_CASES: dict[str, Case] = {
 }
 # Defined in replies.py but never sent by the session.
 NOT_SESSION_REPLIES = {
-    "NEED_RCPT": "DATA without a recipient is answered 554 5.5.1 (NO_VALID_RECIPIENTS)",
     "TOO_BUSY": "sent by the listener instead of a banner, before any session exists",
     "TOO_MANY_FROM_ADDRESS": "sent by the listener (per-IP limit), before any session exists",
     "AUTH_TOO_MANY_FAILURES": "chosen by the driver; see test_auth_failed_with_421_closes",

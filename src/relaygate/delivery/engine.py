@@ -33,6 +33,7 @@ from relaygate.delivery.mta_sts import MTASTS
 from relaygate.delivery.mta_sts import apply as apply_mta_sts
 from relaygate.delivery.mx import MXResolver, PermanentDNSError, TemporaryDNSError
 from relaygate.delivery.outbound import DeliveryError, Plan, open_connection, smarthost_plan
+from relaygate.eventloop import new_event_loop
 from relaygate.spool import new_queue_id
 from relaygate.storage import sqlite as storage
 
@@ -163,10 +164,10 @@ class DeliveryEngine:
         try:
             plans = await self._plans(key, first.domain)
         except PermanentDNSError as exc:
-            self._finish(first, q.Outcome(failed=tuple((r, str(exc)) for r in first.recipients)))
+            self._finish(first, q.Outcome.for_all(first, str(exc)))
             return
         except TemporaryDNSError as exc:
-            self._defer_all([first, *self._same_domain(waiting, first.domain)], str(exc), None)
+            self._finish_all([first, *self._same_domain(waiting, first.domain)], str(exc))
             return
         client = None
         tls: str | None = None
@@ -187,17 +188,19 @@ class DeliveryEngine:
                 if exc.reply.startswith("5"):
                     break  # a 5xx banner or login refusal: no other host will differ
         if client is None:
-            reply = "; ".join(errors) or "451 4.4.1 no host to connect to"
+            # The last host's answer decides (a 5xx stops the loop); earlier ones follow.
+            reply = errors[-1] if errors else "451 4.4.1 no host to connect to"
+            if len(errors) > 1:
+                reply += f" (before that: {'; '.join(errors[:-1])})"
             batch = (
                 [first, *self._same_domain(waiting, first.domain)]
                 if key.startswith("mx:")
                 else [first]
             )
-            if errors and errors[-1].startswith("5") and not key.startswith("smarthost:"):
-                for item in batch:
-                    self._finish(item, q.Outcome(failed=tuple((r, reply) for r in item.recipients)))
-            else:
-                self._defer_all(batch, reply, None)
+            if key.startswith("smarthost:") and reply.startswith("5"):
+                # Our upstream refusing us (say, a bad login) is ours to fix: keep the mail.
+                reply = "451 4.4.1 smarthost refused: " + reply
+            self._finish_all(batch, reply)
             return
         try:
             current: q.Delivery | None = first
@@ -230,12 +233,9 @@ class DeliveryEngine:
             waiting.remove(delivery)
         return same
 
-    def _defer_all(self, deliveries: list[q.Delivery], reply: str, host: str | None) -> None:
+    def _finish_all(self, deliveries: list[q.Delivery], reply: str) -> None:
         for delivery in deliveries:
-            self._finish(
-                delivery,
-                q.Outcome(deferred=tuple((r, reply) for r in delivery.recipients), host=host),
-            )
+            self._finish(delivery, q.Outcome.for_all(delivery, reply))
 
     async def _transaction(
         self, client: aiosmtplib.SMTP, delivery: q.Delivery, host: str | None, tls: str | None
@@ -245,15 +245,8 @@ class DeliveryEngine:
             "SELECT body FROM message_bodies WHERE id = ?", (delivery.message_id,)
         ).fetchone()
         if row is None:
-            self._finish(
-                delivery,
-                q.Outcome(
-                    failed=tuple(
-                        (r, "554 5.3.0 message body missing from the spool")
-                        for r in delivery.recipients
-                    )
-                ),
-            )
+            reply = "554 5.3.0 message body missing from the spool"
+            self._finish(delivery, q.Outcome.for_all(delivery, reply))
             return True
         body = bytes(row[0])
         body = self._sign(body) + body
@@ -273,15 +266,7 @@ class DeliveryEngine:
         except aiosmtplib.SMTPResponseException as exc:
             # MAIL FROM or DATA refused: the whole message shares the reply.
             reply = f"{exc.code} {exc.message}"
-            if 500 <= exc.code < 600:
-                outcome = q.Outcome(
-                    failed=tuple((r, reply) for r in delivery.recipients), host=host, tls=tls
-                )
-            else:
-                outcome = q.Outcome(
-                    deferred=tuple((r, reply) for r in delivery.recipients), host=host, tls=tls
-                )
-            self._finish(delivery, outcome)
+            self._finish(delivery, q.Outcome.for_all(delivery, reply, host=host, tls=tls))
             try:
                 await client.rset()
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
@@ -289,24 +274,14 @@ class DeliveryEngine:
             return True
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             reply = f"451 4.4.2 connection to {host} lost: {exc or type(exc).__name__}"
-            self._finish(
-                delivery,
-                q.Outcome(
-                    deferred=tuple((r, reply) for r in delivery.recipients), host=host, tls=tls
-                ),
-            )
+            self._finish(delivery, q.Outcome.for_all(delivery, reply, host=host, tls=tls))
             return False
         except Exception as exc:  # a bug must not strand the row in 'sending'
             logs.event(
                 "internal.error", logging.ERROR, queue_id=delivery.message_id, exception=repr(exc)
             )
             reply = f"451 4.3.0 local error while sending: {type(exc).__name__}"
-            self._finish(
-                delivery,
-                q.Outcome(
-                    deferred=tuple((r, reply) for r in delivery.recipients), host=host, tls=tls
-                ),
-            )
+            self._finish(delivery, q.Outcome.for_all(delivery, reply, host=host, tls=tls))
             return False
         accepted = [r for r in delivery.recipients if r not in refused]
         outcome = _recipients_outcome(
@@ -462,14 +437,7 @@ def store_notification(
 
 def run_delivery(config: Config) -> int:
     """Entry point of the delivery process."""
-    loop: asyncio.AbstractEventLoop
-    try:
-        import uvloop  # noqa: PLC0415
-
-        loop = uvloop.new_event_loop()
-    except ImportError:
-        loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
+    loop = new_event_loop()
     try:
         engine = DeliveryEngine(config, loop)
         logs.event("delivery.start", mode=config.delivery.mode, pid=os.getpid())

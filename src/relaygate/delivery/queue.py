@@ -42,6 +42,21 @@ class Delivery:
 class Outcome:
     """What one attempt did for each recipient of a delivery."""
 
+    @classmethod
+    def for_all(
+        cls,
+        delivery: Delivery,
+        reply: str,
+        *,
+        host: str | None = None,
+        tls: str | None = None,
+    ) -> Outcome:
+        """Every recipient shares ``reply``: failed if it is a 5xx, else deferred."""
+        pairs = tuple((r, reply) for r in delivery.recipients)
+        if reply.startswith("5"):
+            return cls(failed=pairs, host=host, tls=tls)
+        return cls(deferred=pairs, host=host, tls=tls)
+
     delivered: tuple[str, ...] = ()
     failed: tuple[tuple[str, str], ...] = ()  # (recipient, reply) refused for good
     deferred: tuple[tuple[str, str], ...] = ()  # (recipient, reply) to try again
@@ -173,44 +188,12 @@ def finish(
         deferred = []
     db.execute("BEGIN IMMEDIATE")
     try:
+        results = [(r, outcome.reply, "delivered") for r in outcome.delivered]
+        results += [(r, reply, "failed") for r, reply in failed]
+        results += [(r, reply, "deferred") for r, reply in deferred]
         rows = [
-            (
-                delivery.message_id,
-                delivery.domain,
-                r,
-                now,
-                outcome.host,
-                outcome.reply,
-                outcome.tls,
-                "delivered",
-            )
-            for r in outcome.delivered
-        ]
-        rows += [
-            (
-                delivery.message_id,
-                delivery.domain,
-                r,
-                now,
-                outcome.host,
-                reply,
-                outcome.tls,
-                "failed",
-            )
-            for r, reply in failed
-        ]
-        rows += [
-            (
-                delivery.message_id,
-                delivery.domain,
-                r,
-                now,
-                outcome.host,
-                reply,
-                outcome.tls,
-                "deferred",
-            )
-            for r, reply in deferred
+            (delivery.message_id, delivery.domain, r, now, outcome.host, reply, outcome.tls, kind)
+            for r, reply, kind in results
         ]
         db.executemany(
             "INSERT INTO delivery_attempts (message_id, domain, recipient, ts, host, reply, tls,"

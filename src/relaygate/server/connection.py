@@ -251,7 +251,9 @@ class SMTPConnection(asyncio.Protocol):
     def _on_auth(self, event: AuthRequest) -> None:
         credentials = event.credentials
         now = time.time()
-        if self._throttled(credentials.username):
+        # SCRAM's verdicts were throttle-checked at its key look-up (_on_keys).
+        scram = isinstance(credentials, Verified | Rejected)
+        if not scram and self._throttled(credentials.username):
             return
         if isinstance(credentials, Verified):
             self._auth_done(self.worker.authenticator.scram_verified(credentials.username), event)

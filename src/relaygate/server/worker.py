@@ -26,6 +26,7 @@ from relaygate.accounts.credentials import CredentialStore
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import AccountStore
 from relaygate.config import Config, ListenerConfig
+from relaygate.eventloop import new_event_loop
 from relaygate.quotas import Quotas
 from relaygate.server.connection import SMTPConnection
 from relaygate.server.connlimit import ConnectionLimiter
@@ -189,14 +190,7 @@ def run_worker(
     limiter: ConnectionLimiter | None = None,
 ) -> int:
     """Run one worker until it is told to stop; returns the exit status."""
-    loop: asyncio.AbstractEventLoop
-    try:
-        import uvloop  # noqa: PLC0415 - optional speed-up, plain asyncio works too
-
-        loop = uvloop.new_event_loop()
-    except ImportError:
-        loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
+    loop = new_event_loop()
     profile_path = os.environ.get("RELAYGATE_PROFILE")  # bench/: where the CPU goes
     profiler = cProfile.Profile() if profile_path else None
     try:

@@ -64,7 +64,6 @@ NEED_SMTPUTF8 = reply(553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 parame
 NEED_EHLO = reply(503, "5.5.1", "Send EHLO or HELO first")
 NESTED_MAIL = reply(503, "5.5.1", "Sender already specified")
 NEED_MAIL = reply(503, "5.5.1", "Send MAIL first")
-NEED_RCPT = reply(503, "5.5.1", "Send RCPT first")
 NO_VALID_RECIPIENTS = reply(554, "5.5.1", "No valid recipients")
 NOT_IN_TRANSACTION = reply(503, "5.5.1", "Not allowed during a mail transaction")
 DATA_AFTER_BDAT = reply(503, "5.5.1", "DATA not allowed after BDAT")
