@@ -62,6 +62,9 @@ class LimitsConfig:
     max_recipients: int = 100
     max_bad_commands: int = 10
     max_connections: int = 1000  # per worker process
+    max_commands_before_login: int = 50  # command lines before AUTH succeeds; 0 = no cap
+    max_messages_per_session: int = 1000  # then 421 at MAIL: reconnect for more; 0 = no cap
+    max_session_duration: float = 3600.0  # seconds a connection may last, however busy
     idle_timeout: float = 300.0  # no bytes from the client at all
     command_timeout: float = 60.0  # one command line, from its first byte to its end
     tls_handshake_timeout: float = 15.0  # a handshake holds memory before any limit sees it
@@ -581,6 +584,15 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
         ),
         max_connections=check.integer(
             limits_raw, "max_connections", "limits", defaults.max_connections, 1
+        ),
+        max_commands_before_login=check.integer(
+            limits_raw, "max_commands_before_login", "limits", defaults.max_commands_before_login
+        ),
+        max_messages_per_session=check.integer(
+            limits_raw, "max_messages_per_session", "limits", defaults.max_messages_per_session
+        ),
+        max_session_duration=check.number(
+            limits_raw, "max_session_duration", "limits", defaults.max_session_duration
         ),
         idle_timeout=check.number(limits_raw, "idle_timeout", "limits", defaults.idle_timeout),
         command_timeout=check.number(

@@ -42,6 +42,7 @@ from relaygate.smtp.session import (
     ALLOWED,
     MAX_AUTH_LINE,
     MAX_COMMAND_LINE,
+    MAX_QUEUED_REPLIES,
     WRONG_STATE,
     Session,
     Settings,
@@ -1312,6 +1313,9 @@ REPLY_CASES: dict[str, Case] = {
         ENVELOPE + "C: RCPT TO:<x@y.example>", Settings(HOSTNAME, max_recipients=1)
     ),
     "TOO_MANY_ERRORS": Case("C: FOO", Settings(HOSTNAME, max_bad_commands=1)),
+    "TOO_MANY_COMMANDS": Case(
+        "C: NOOP\nS: 250\nC: NOOP", Settings(HOSTNAME, max_commands_before_login=1)
+    ),
     "NOT_SMTP": Case("C: GET / HTTP/1.0"),
     "SIZE_EXCEEDED": Case(LOGIN + "C: MAIL FROM:<a@b.example> SIZE=999999999"),
     "BARE_LINE_ENDING": Case(ENVELOPE + "C: DATA\nS: 354\nC~ a\\nb\\r\\n.\\r\\n"),
@@ -1460,3 +1464,25 @@ def test_cut_anywhere_many_times(transcript: bytes, cuts: list[int]) -> None:
     points = [0, *sorted(c for c in cuts if c <= len(transcript)), len(transcript)]
     chunks = [transcript[a:b] for a, b in itertools.pairwise(points)]
     assert converse(chunks, SMALL) == converse([transcript], SMALL)
+
+
+def test_pipelined_commands_stop_when_replies_pile_up() -> None:
+    """The core hands out at most MAX_QUEUED_REPLIES replies before the driver sends them."""
+    session = Session(Settings(HOSTNAME, max_commands_before_login=0), tls_active=True)
+    session.receive(b"NOOP\r\n" * (3 * MAX_QUEUED_REPLIES + 5))
+    assert session.next_event() is None
+    assert session.output_backlogged
+    first = session.take_output()
+    assert first.count(b"\r\n") == MAX_QUEUED_REPLIES
+    total = MAX_QUEUED_REPLIES
+    while (out := (session.next_event(), session.take_output())[1]) != b"":
+        total += out.count(b"\r\n")
+    assert total == 3 * MAX_QUEUED_REPLIES + 5
+    assert not session.output_backlogged
+
+
+def test_commands_before_login_count_auth_lines_and_stop_after_login() -> None:
+    session = Session(Settings(HOSTNAME, max_commands_before_login=3), tls_active=True)
+    session.receive(b"EHLO c\r\nNOOP\r\nNOOP\r\nNOOP\r\n")
+    assert isinstance(session.next_event(), Close)
+    assert session.take_output().endswith(replies.TOO_MANY_COMMANDS)

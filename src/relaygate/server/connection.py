@@ -41,6 +41,13 @@ if TYPE_CHECKING:
 
 # Refusals worth a log line at info level; syntax noise goes to debug.
 _LOGGED_REFUSALS = frozenset({"MAIL", "RCPT", "DATA", "BDAT", "AUTH"})
+# Replies queued in the transport above this stop us reading the client
+# (flow control): a client that pipelines without reading holds at most this
+# much of our output, plus one read of its input.
+WRITE_HIGH_WATER = 64 * 1024
+# After our last reply (421, 221) a client gets this long to read it before the
+# connection is aborted: close() alone would wait forever on a peer that never reads.
+CLOSE_GRACE = 5.0
 
 
 class SMTPConnection(asyncio.Protocol):
@@ -59,7 +66,10 @@ class SMTPConnection(asyncio.Protocol):
         self.new_recipients: list[str] = []  # first-time recipients in this transaction
         self.tls_version: str | None = None
         self.tls_cipher: str | None = None
-        self.waiting = False
+        self.waiting = False  # a decision is pending: do not read
+        self.write_paused = False  # the transport's buffer is full: do not read
+        self.write_paused_since = 0.0
+        self._reading = True
         self.lost = False
         self.counted = False  # counted by the per-IP connection limiter
         self.started = time.time()
@@ -73,6 +83,7 @@ class SMTPConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]) if peer else "?"
         self.last_activity = self.worker.loop.time()
@@ -121,6 +132,18 @@ class SMTPConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         return None  # close our side too
 
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.write_paused_since = self.worker.loop.time()
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.lost:
+            return
+        self._update_reading()
+        self._drive()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._forget()
 
@@ -151,10 +174,13 @@ class SMTPConnection(asyncio.Protocol):
 
     def _drive(self) -> None:
         session = self.session
-        while not self.waiting:
+        while not self.waiting and not self.write_paused:
             event = session.next_event()
             if event is None:
-                break
+                if not session.output_backlogged:
+                    break
+                self._flush()  # may pause writing: then we stop until resume_writing
+                continue
             kind = type(event)
             if kind is RecipientRequest:
                 assert isinstance(event, RecipientRequest)
@@ -181,8 +207,7 @@ class SMTPConnection(asyncio.Protocol):
                 return
             elif kind is Close:
                 self._flush()
-                if self.transport is not None:
-                    self.transport.close()
+                self._close_transport()
                 return
         self._flush()
         now = self.worker.loop.time()
@@ -197,18 +222,40 @@ class SMTPConnection(asyncio.Protocol):
         else:
             self.message_since = None
 
+    def _update_reading(self) -> None:
+        """Read from the client only while no decision is pending and our replies flow."""
+        want = not self.waiting and not self.write_paused
+        transport = self.transport
+        if want == self._reading or transport is None or self.lost:
+            return
+        self._reading = want
+        if want:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
+
     def _wait(self) -> None:
         self.waiting = True
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._update_reading()
 
     def _resume(self) -> None:
         self.waiting = False
         if self.lost:
             return
-        if self.transport is not None:
-            self.transport.resume_reading()
+        self._update_reading()
         self._drive()
+
+    def _close_transport(self) -> None:
+        """Close after the last reply is sent; abort if the client will not take it."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        self.worker.loop.call_later(CLOSE_GRACE, self._abort_if_open, transport)
+
+    def _abort_if_open(self, transport: asyncio.Transport) -> None:
+        if not self.lost:
+            transport.abort()
 
     # -------------------------------------------------------------- decisions
 
@@ -531,6 +578,8 @@ class SMTPConnection(asyncio.Protocol):
             self._forget()
             return
         self.transport = new_transport
+        new_transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._reading = True  # a new transport reads from the start
         self.tls_version, self.tls_cipher = cipher_info(new_transport.get_extra_info("ssl_object"))
         logs.event(
             "tls",
@@ -548,9 +597,19 @@ class SMTPConnection(asyncio.Protocol):
 
     def check_timeouts(self, now: float) -> None:
         """Called about once a second by the worker's sweeper."""
-        if self.waiting or self.lost or self.session.state is State.WAITING:
+        if self.lost:
             return
         limits = self.worker.config.limits
+        if self.write_paused and now - self.write_paused_since > limits.command_timeout:
+            # It stopped reading our replies: nothing we could send would arrive.
+            logs.event(
+                "timeout", session=self.session_id, client_ip=self.client_ip, reason="not_reading"
+            )
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if self.waiting or self.session.state is State.WAITING:
+            return
         expired = now - self.last_activity > limits.idle_timeout
         if self.message_since is not None:
             expired = expired or now - self.message_since > limits.data_timeout

@@ -48,6 +48,7 @@ def session_settings(
         max_message_size=limits.max_message_size,
         max_recipients=limits.max_recipients,
         max_bad_commands=limits.max_bad_commands,
+        max_commands_before_login=limits.max_commands_before_login,
         starttls_available=listener.tls == "starttls",
         channel_bindings=channel_bindings if listener.tls != "none" else (),
     )

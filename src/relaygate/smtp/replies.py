@@ -69,6 +69,9 @@ NOT_IN_TRANSACTION = reply(503, "5.5.1", "Not allowed during a mail transaction"
 DATA_AFTER_BDAT = reply(503, "5.5.1", "DATA not allowed after BDAT")
 TOO_MANY_RECIPIENTS = reply(452, "4.5.3", "Too many recipients")
 TOO_MANY_ERRORS = reply(421, "4.7.0", "Too many errors, closing connection")
+TOO_MANY_COMMANDS = reply(
+    421, "4.7.0", "Too many commands before authentication, closing connection"
+)
 NOT_SMTP = reply(421, "4.7.0", "This is an SMTP server, closing connection")
 
 # Size and content

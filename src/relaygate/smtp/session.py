@@ -49,6 +49,10 @@ from relaygate.smtp.events import (
 
 MAX_COMMAND_LINE = 1000  # octets including CRLF (RFC 5321 4.5.3.1.4, 4.5.3.1.6)
 MAX_AUTH_LINE = 12288  # RFC 4954 section 4
+# Replies held before the session stops reading more pipelined commands: the
+# driver must send them (and the client read them) first, so a client that
+# pipelines without reading cannot make us hold unbounded output.
+MAX_QUEUED_REPLIES = 64
 
 
 class State(enum.Enum):
@@ -123,6 +127,9 @@ class Settings:
     # without it SCRAM-SHA-256-PLUS is neither offered nor accepted.
     channel_bindings: tuple[bytes, ...] = ()
     auth_without_tls: bool = False  # only for trusted plaintext listeners
+    # Command lines (AUTH responses included) a client may send before it logs in;
+    # a real client needs about six. 0 = no cap.
+    max_commands_before_login: int = 50
 
 
 class Session:
@@ -138,6 +145,7 @@ class Session:
         self.bad_commands = 0
         self.auth_failures = 0
         self.messages_accepted = 0
+        self.commands_before_login = 0
         self._buffer = bytearray()
         self._output: list[bytes] = []
         self._events: list[Event] = []
@@ -190,7 +198,8 @@ class Session:
     def next_event(self) -> Event | None:
         """The next event, or None when more input (or an answer) is needed."""
         events = self._events
-        while not events:
+        output = self._output
+        while not events and len(output) < MAX_QUEUED_REPLIES:
             state = self.state
             if state in _COMMAND_STATES or state is State.AUTH:
                 progressed = self._next_line()
@@ -217,6 +226,11 @@ class Session:
     @property
     def closed(self) -> bool:
         return self.state is State.CLOSED
+
+    @property
+    def output_backlogged(self) -> bool:
+        """Replies are piling up: send them before asking for more events."""
+        return len(self._output) >= MAX_QUEUED_REPLIES
 
     @property
     def has_partial_input(self) -> bool:
@@ -359,6 +373,11 @@ class Session:
             return True
         raw = bytes(buffer[: end - 1 if end and buffer[end - 1] == 13 else end])
         del buffer[: end + 1]
+        if self.authenticated_user is None and self.settings.max_commands_before_login:
+            self.commands_before_login += 1
+            if self.commands_before_login > self.settings.max_commands_before_login:
+                self._close(replies.TOO_MANY_COMMANDS, "too many commands before login")
+                return True
         if self.state is State.AUTH:
             self._auth_response(raw)
         else:
