@@ -1,8 +1,9 @@
 """Server-side cost of one login, per mechanism (issue 3: web apps log in per message).
 
-Runs relaygate's own login path in-process on a temporary SQLite database:
-the account look-up, argon2id, the verified-credentials cache, app credentials
-(keyed hash) and the SCRAM server steps. Client-side work (the SCRAM client's
+Runs relaygate's own login path (services/login.py) in-process on temporary
+SQLite databases: the account look-up and the throttle reservation (each in its
+database thread, as in the server), argon2id, the verified-credentials cache,
+app credentials (keyed hash) and the SCRAM server steps. Client-side work (the SCRAM client's
 PBKDF2) is excluded from the SCRAM figure by timing only the server calls.
 
     .venv/bin/python bench/auth_bench.py [--seconds 2] [--json FILE]
@@ -16,19 +17,19 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import scramp
 
-from relaygate.accounts.authenticator import Authenticator
 from relaygate.accounts.credentials import CredentialStore
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import AccountStore
-from relaygate.config import PasswordHashConfig
-from relaygate.sasl import Challenge, NeedKeys, Verified, stored_keys_for_password
+from relaygate.config import AuthThrottleConfig, PasswordHashConfig
+from relaygate.sasl import Challenge, NeedKeys, StoredKeys, Verified, stored_keys_for_password
 from relaygate.sasl.scram import Scram
-from relaygate.storage.sqlite import connect
+from relaygate.services.login import LoginService
+from relaygate.storage.sqlite import connect, connect_state
+from relaygate.storage.thread import DatabaseThread
 
 USER = "bench@example.test"
 PASSWORD = "correct horse battery staple"
@@ -53,7 +54,6 @@ def main() -> None:
     args = parser.parse_args()
 
     loop = asyncio.new_event_loop()
-    executor = ThreadPoolExecutor(max_workers=2)
     with tempfile.TemporaryDirectory() as tmp:
         db = connect(Path(tmp) / "bench.db")
         hasher = PasswordHasher(PasswordHashConfig())  # the defaults: m=19 MiB, t=2, p=1
@@ -62,11 +62,20 @@ def main() -> None:
         _, secret = CredentialStore(db).add(
             USER, "web", expires_at=None, senders=None, networks=None
         )
-        auth = Authenticator(store, CredentialStore(db), hasher, executor, loop)
+        accounts = DatabaseThread(lambda: connect(Path(tmp) / "bench.db"), loop, "accounts")
+        throttle = DatabaseThread(lambda: connect_state(Path(tmp) / "throttle.db"), loop, "state")
+        auth = LoginService(
+            accounts=accounts,
+            throttle_db=throttle,
+            throttle_config=AuthThrottleConfig(),
+            hasher=hasher,
+            decoy_key=LoginService.decoy_key(db),
+            loop=loop,
+        )
 
         def plain(password: str) -> float:
             started = time.perf_counter()
-            result = loop.run_until_complete(auth.verify(USER, password, "127.0.0.1", time.time()))
+            result = loop.run_until_complete(auth.password(USER, password, "127.0.0.1", 0))
             assert result.account is not None, result.outcome
             return time.perf_counter() - started
 
@@ -82,7 +91,11 @@ def main() -> None:
             started = time.perf_counter()
             step = server.start(client.get_client_first().encode())
             assert isinstance(step, NeedKeys)
-            step = server.provide(auth.stored_keys(step.username))
+            answer = loop.run_until_complete(auth.scram_keys(step.username, "127.0.0.1", 0))
+            assert isinstance(answer, tuple)
+            keys, reservation = answer
+            assert isinstance(keys, StoredKeys)
+            step = server.provide(keys)
             spent += time.perf_counter() - started
             assert isinstance(step, Challenge)
             client.set_server_first(step.data.decode())
@@ -95,7 +108,10 @@ def main() -> None:
             started = time.perf_counter()
             done = server.respond(b"")
             assert isinstance(done, Verified)
-            assert auth.scram_verified(done.username).account is not None
+            result = loop.run_until_complete(
+                auth.scram_finished(done.username, True, reservation, "127.0.0.1", 0)
+            )
+            assert result.account is not None
             return spent + time.perf_counter() - started
 
         plain(PASSWORD)  # fill the cache
@@ -115,8 +131,10 @@ def main() -> None:
             ),
             measure("SCRAM-SHA-256, server side", args.seconds, scram_server),
         ]
+        auth.close()
+        accounts.close()
+        throttle.close()
         db.close()
-    executor.shutdown()
     loop.close()
     width = max(len(str(r["case"])) for r in results)
     print(f"{'case':<{width}}  {'logins':>8}  {'us/login':>9}")

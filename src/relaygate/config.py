@@ -86,9 +86,13 @@ class AuthThrottleConfig:
     network_per_day: int = 300
     account_per_hour: int = 20  # failures against one user name, from any network
     known_network_days: int = 30  # a login exempts its network this long (>= 1: 0 = lockouts)
-    connection_delay_after: int = 3  # failures on one connection before each reply is delayed
+    # Failures (on one connection, or from one address in the last minute) answered
+    # at once; each later failure reply is held delay_seconds, doubling, up to
+    # max_delay. A throttled reply is held up to max_delay too. 0 = no delays.
+    connection_delay_after: int = 1
     connection_close_after: int = 5  # failures on one connection before it is closed
     delay_seconds: float = 1.0
+    max_delay: float = 30.0
 
 
 @dataclass(frozen=True)

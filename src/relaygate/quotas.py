@@ -74,7 +74,7 @@ class Usage:
     scopes: Sequence[Scope]
     account_address: str
     recipients: Sequence[str]
-    new_recipients: Sequence[str]  # those check_recipient called new
+    new_recipients: Sequence[str]  # candidates: counted new if never sent to before
     now: float
 
 
@@ -184,6 +184,45 @@ def _counters_sql(scopes: int, windows: int) -> str:
     return (  # only "?" placeholders are formatted in
         "SELECT scope, window, messages, recipients, new_recipients FROM send_counters"  # noqa: S608
         f" WHERE scope IN ({', '.join('?' * scopes)}) AND window IN ({', '.join('?' * windows)})"
+    )
+
+
+def message_limited(scopes: Sequence[Scope]) -> bool:
+    """Does MAIL need ``check_message`` (a database read) for these scopes?"""
+    return any(
+        s.limits.messages_per_hour or s.limits.messages_per_day or s.limits.recipients_per_day
+        for s in scopes
+    )
+
+
+def recipient_limited(scopes: Sequence[Scope]) -> bool:
+    """Does RCPT need ``check_recipient`` (a database read) for these scopes?"""
+    return any(s.limits.recipients_per_day or s.limits.new_recipients_per_day for s in scopes)
+
+
+def check_message(db: sqlite3.Connection, scopes: Sequence[Scope], now: float) -> bytes | None:
+    """``Quotas.check_message`` for a function-call API (storage threads)."""
+    return Quotas(db).check_message(scopes, now)
+
+
+def check_recipient(
+    db: sqlite3.Connection,
+    scopes: Sequence[Scope],
+    account_address: str,
+    recipient: str,
+    *,
+    accepted_so_far: int,
+    new_so_far: int,
+    now: float,
+) -> tuple[bytes | None, bool]:
+    """``Quotas.check_recipient`` for a function-call API (storage threads)."""
+    return Quotas(db).check_recipient(
+        scopes,
+        account_address,
+        recipient,
+        accepted_so_far=accepted_so_far,
+        new_so_far=new_so_far,
+        now=now,
     )
 
 
@@ -315,21 +354,29 @@ def record_many(db: sqlite3.Connection, items: Iterable[Usage]) -> None:
     Never BEGINs or COMMITs: the spool calls this in the transaction that
     stores the messages, so counts and messages commit (or roll back) together.
     Counts are summed per scope and window first, so a batch costs one upsert
-    per distinct row plus one insert per new recipient.
+    per distinct row plus one insert per candidate new recipient.
     """
     if not db.in_transaction:
         raise RuntimeError("record_many() must run inside the caller's transaction")
     totals: dict[tuple[str, str], list[int]] = {}
-    known: dict[tuple[str, str], float] = {}
+    seen: set[tuple[str, str]] = set()
     for item in items:
         account = item.account_address.lower()
-        # A recipient new to two messages of one batch is new only once.
+        # "New" is decided here, by the insert itself: the connection only looks
+        # recipients up when a new-recipient limit needs it, and a recipient new
+        # to two messages of one batch is new only once.
         fresh = 0
         for rcpt in item.new_recipients:
             key = (account, rcpt.lower())
-            if key not in known:
-                known[key] = item.now
-                fresh += 1
+            if key in seen:
+                continue
+            seen.add(key)
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO known_recipients (account, recipient, first_seen)"
+                " VALUES (?, ?, ?)",
+                (*key, item.now),
+            )
+            fresh += cursor.rowcount
         count = len(item.recipients)
         for window in window_keys(item.now):
             for scope in item.scopes:
@@ -345,10 +392,4 @@ def record_many(db: sqlite3.Connection, items: Iterable[Usage]) -> None:
             " recipients = recipients + excluded.recipients,"
             " new_recipients = new_recipients + excluded.new_recipients",
             [(scope, window, *total) for (scope, window), total in totals.items()],
-        )
-    if known:
-        db.executemany(
-            "INSERT OR IGNORE INTO known_recipients (account, recipient, first_seen)"
-            " VALUES (?, ?, ?)",
-            [(account, rcpt, first) for (account, rcpt), first in known.items()],
         )

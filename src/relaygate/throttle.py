@@ -13,6 +13,14 @@ Rules: a limit of N allows N failures in the window; with N counted, logins
 are refused (without checking the password) until the oldest of them leaves
 the window. A limit of 0 turns that rule off.
 
+Reserve before verifying. A login that needs a secret checked calls
+``reserve``: one write transaction that checks every rule and, when none is
+over, records the attempt as a failure at once. The verdict therefore holds
+under any concurrency, across connections and worker processes: 50 parallel
+guesses against a limit of 10 get 10 verified and 40 refused, not 50
+verified. A login that turns out right calls ``release`` to take its row
+back. An exchange abandoned half-way keeps its row: it counts as a failure.
+
 Hot path cost: ``check`` is one indexed query for ip+network and one for the
 account (its known-network exemption is a primary-key subquery of it).
 ``record_failure`` is one insert; ``record_success`` one upsert per account
@@ -50,6 +58,14 @@ class Verdict:
 
     scope: ThrottleScope
     retry_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """An attempt counted as a failure until ``release``; ``recent`` for delays."""
+
+    rowid: int
+    recent: int  # failures from this client IP in the last minute, this one included
 
 
 @lru_cache(maxsize=8192)
@@ -98,18 +114,52 @@ class AuthThrottle:
         self._network_span = DAY if config.ip_per_day or config.network_per_day else MINUTE
 
     def check(self, client_ip: str, username: str, now: float) -> Verdict | None:
-        """None: go ahead and verify the password. Else refuse without verifying."""
+        """None: go ahead and verify the password. Else refuse without verifying.
+
+        Reads only: use it where the secret is already known to be right (a
+        cached login); anything that still has a secret to check must ``reserve``.
+        """
+        return self._check(client_ip, username, now)[0]
+
+    def _check(self, client_ip: str, username: str, now: float) -> tuple[Verdict | None, int]:
+        """(verdict, failures from this IP in the last minute)."""
         config = self.config
         ip, network = _normalize(client_ip)
+        recent = 0
         if self._network_rules:
-            verdict = self._check_network(ip, network, now)
+            verdict, recent = self._check_network(ip, network, now)
             if verdict is not None:
-                return verdict
+                return verdict, recent
         if config.account_per_hour:
-            return self._check_account(_username(username), network, now)
-        return None
+            return self._check_account(_username(username), network, now), recent
+        return None, recent
 
-    def _check_network(self, ip: str, network: str, now: float) -> Verdict | None:
+    def reserve(self, client_ip: str, username: str, now: float) -> Verdict | Reservation:
+        """Check and count this attempt in one transaction (see the module's doc)."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            verdict, recent = self._check(client_ip, username, now)
+            rowid = 0
+            if verdict is None:
+                ip, network = _normalize(client_ip)
+                cursor = db.execute(
+                    "INSERT INTO auth_failures (ts, ip, network, account) VALUES (?, ?, ?, ?)",
+                    (now, ip, network, _username(username)),
+                )
+                rowid = cursor.lastrowid or 0
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return verdict if verdict is not None else Reservation(rowid, recent + 1)
+
+    def release(self, reservation: Reservation) -> None:
+        """The secret was right: the reserved attempt is not a failure after all."""
+        self.db.execute("DELETE FROM auth_failures WHERE rowid = ?", (reservation.rowid,))
+
+    def _check_network(self, ip: str, network: str, now: float) -> tuple[Verdict | None, int]:
         config = self.config
         minute_ago = now - MINUTE
         # One range scan of (network, ts) over the last day yields all four counts
@@ -125,7 +175,7 @@ class AuthThrottle:
         ip_minute, ip_minute_oldest, ip_day, ip_day_oldest = row[:4]
         net_minute, net_minute_oldest, net_day, net_day_oldest = row[4:]
         if not net_day:
-            return None
+            return None, 0
         # Every rule that is over must lift before a login may go ahead, so the
         # answer is the latest of them; the scope names the narrowest.
         rules: tuple[tuple[int, int, float | None, float, ThrottleScope], ...] = (
@@ -140,7 +190,7 @@ class AuthThrottle:
             if limit and count >= limit and oldest is not None:
                 scope = scope or rule
                 retry = max(retry, oldest + window - now)
-        return None if scope is None else Verdict(scope, retry)
+        return (None if scope is None else Verdict(scope, retry)), ip_minute or 0
 
     def _check_account(self, account: str, network: str, now: float) -> Verdict | None:
         config = self.config

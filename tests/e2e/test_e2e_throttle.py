@@ -70,8 +70,9 @@ def test_guessing_run_is_cut_off(fresh_servers: ServerPool) -> None:
     """200 wrong passwords from one IP over many connections: after the 10 the rule
     allows, every reply is 454 (the password is no longer even checked), while the
     owner logs in from another network."""
-    # relaygate's default rules, with the IP rule at 10 a minute.
-    rules = dataclasses.asdict(AuthThrottleConfig(ip_per_minute=10))
+    # relaygate's default rules, with the IP rule at 10 a minute and no reply
+    # delays (they would make 200 guesses take minutes: test_failure_delays_*).
+    rules = dataclasses.asdict(AuthThrottleConfig(ip_per_minute=10, connection_delay_after=0))
     server = fresh_servers.create("guessing", users=[ALICE], sections={"auth_throttle": rules})
     context = server.client_context()
     statuses: list[str] = []

@@ -350,11 +350,12 @@ def test_record_many_in_the_callers_transaction(db: sqlite3.Connection) -> None:
         (ALICE, "a@x.example", NOW),
         ("bob@example.com", "a@x.example", NOW + 2),
     ]
-    # A later batch adds to the same rows; known recipients keep their first time.
+    # A later batch adds to the same rows; known recipients keep their first time,
+    # and a candidate already known is not counted new again (the insert decides).
     db.execute("BEGIN IMMEDIATE")
     record_many(db, [Usage([account], ALICE, ["a@x.example"], ["a@x.example"], NOW + 5)])
     db.execute("COMMIT")
-    assert counters(db)[("account:alice@example.com", "d20261129")] == (4, 5, 2)
+    assert counters(db)[("account:alice@example.com", "d20261129")] == (4, 5, 1)
     first_seen = db.execute("SELECT first_seen FROM known_recipients WHERE account = ?", (ALICE,))
     assert first_seen.fetchall() == [(NOW,)]
 

@@ -1339,6 +1339,7 @@ REPLY_CASES: dict[str, Case] = {
         _EHLO + f"C: AUTH PLAIN {plain()}",
         driver=Driver(auth=refuse_with(replies.AUTH_TEMPORARY_FAILURE)),
     ),
+    "SERVICE_ERROR": Case(LOGIN, then=lambda s: s.fail(replies.SERVICE_ERROR)),
     "LOCAL_ERROR": Case(
         ENVELOPE + "C: DATA\nS: 354\nC: .",
         driver=Driver(message=refuse_with(replies.LOCAL_ERROR)),
@@ -1486,3 +1487,15 @@ def test_commands_before_login_count_auth_lines_and_stop_after_login() -> None:
     session.receive(b"EHLO c\r\nNOOP\r\nNOOP\r\nNOOP\r\n")
     assert isinstance(session.next_event(), Close)
     assert session.take_output().endswith(replies.TOO_MANY_COMMANDS)
+
+
+def test_fail_closes_from_any_state_and_knows_a_transaction() -> None:
+    """A local error mid-transaction (the driver answers 451) or outside one (421)."""
+    d = Dialog(SETTINGS, True).run(LOGIN + "C: MAIL FROM:<a@b.example>")
+    assert d.session.state is State.MAIL
+    assert d.session.in_transaction
+    d.session.fail(replies.LOCAL_ERROR)
+    assert d.session.closed
+    assert d.session.take_output().endswith(replies.LOCAL_ERROR)
+    idle = Dialog(SETTINGS, True).run(LOGIN)
+    assert not idle.session.in_transaction

@@ -478,6 +478,11 @@ class CredentialStore:
             return None
         return _credential_from_row(row[1:])
 
+    def by_id(self, credential_id: int) -> Credential | None:
+        """The credential with this id (revoked or expired too), or None if deleted."""
+        row = self._db.execute(_SELECT + " WHERE c.id = ?", (credential_id,)).fetchone()
+        return _credential_from_row(row) if row is not None else None
+
     def touch(self, credential_id: int, now: float) -> None:
         """Record a use; an older ``now`` than the stored one changes nothing."""
         self._db.execute(

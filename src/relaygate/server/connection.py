@@ -9,19 +9,21 @@ commit) reading is paused, so a client cannot pile up input meanwhile.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import ssl
 import time
-from typing import TYPE_CHECKING, cast
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar, cast
 
-from relaygate import logs, message, policy
-from relaygate.accounts.authenticator import AuthResult
+from relaygate import logs, message, policy, quotas
 from relaygate.accounts.credentials import Credential
 from relaygate.accounts.store import Account
 from relaygate.quotas import Scope, Usage, account_scope, credential_scope
-from relaygate.sasl import Rejected, Verified
+from relaygate.sasl import Rejected, StoredKeys, Verified
 from relaygate.server.tls import cipher_info
+from relaygate.services.login import LoginResult, failure_delay
 from relaygate.smtp import replies
 from relaygate.smtp.events import (
     AuthRequest,
@@ -35,6 +37,7 @@ from relaygate.smtp.events import (
 )
 from relaygate.smtp.session import Session, Settings, State
 from relaygate.spool import SpooledMessage, SpoolError, new_queue_id
+from relaygate.throttle import Reservation
 
 if TYPE_CHECKING:
     from relaygate.server.worker import Worker
@@ -48,6 +51,8 @@ WRITE_HIGH_WATER = 64 * 1024
 # After our last reply (421, 221) a client gets this long to read it before the
 # connection is aborted: close() alone would wait forever on a peer that never reads.
 CLOSE_GRACE = 5.0
+
+T = TypeVar("T")
 
 
 class SMTPConnection(asyncio.Protocol):
@@ -77,6 +82,10 @@ class SMTPConnection(asyncio.Protocol):
         self.partial_since: float | None = None
         self.message_since: float | None = None
         self._tls_task: asyncio.Future[None] | None = None
+        self._token = 0  # which pending decision an answer belongs to
+        self.decision_deadline = 0.0
+        self._reservation: Reservation | None = None  # a SCRAM exchange's throttle slot
+        self.login_generation = 0  # the account-change signal when we logged in
 
     # -------------------------------------------------------------- asyncio
 
@@ -181,33 +190,11 @@ class SMTPConnection(asyncio.Protocol):
                     break
                 self._flush()  # may pause writing: then we stop until resume_writing
                 continue
-            kind = type(event)
-            if kind is RecipientRequest:
-                assert isinstance(event, RecipientRequest)
-                self._on_recipient(event)
-            elif kind is SenderRequest:
-                assert isinstance(event, SenderRequest)
-                self._on_sender(event)
-            elif kind is MessageReady:
-                assert isinstance(event, MessageReady)
-                self._on_message(event)
-            elif kind is AuthRequest:
-                assert isinstance(event, AuthRequest)
-                self._on_auth(event)
-            elif kind is KeysRequest:
-                assert isinstance(event, KeysRequest)
-                self._on_keys(event)
-            elif kind is Refused:
-                assert isinstance(event, Refused)
-                self._on_refused(event)
-            elif kind is StartTLS:
-                self._flush()
-                self._wait()
-                self._tls_task = asyncio.ensure_future(self._start_tls())
-                return
-            elif kind is Close:
-                self._flush()
-                self._close_transport()
+            try:
+                if not self._handle(event):
+                    return
+            except Exception as exc:  # a decision handler failed: answer, never wedge
+                self._internal_error(exc)
                 return
         self._flush()
         now = self.worker.loop.time()
@@ -221,6 +208,38 @@ class SMTPConnection(asyncio.Protocol):
                 self.message_since = now
         else:
             self.message_since = None
+
+    def _handle(self, event: object) -> bool:
+        """Act on one event; False when driving must stop here (TLS, close)."""
+        kind = type(event)
+        if kind is RecipientRequest:
+            assert isinstance(event, RecipientRequest)
+            self._on_recipient(event)
+        elif kind is SenderRequest:
+            assert isinstance(event, SenderRequest)
+            self._on_sender(event)
+        elif kind is MessageReady:
+            assert isinstance(event, MessageReady)
+            self._on_message(event)
+        elif kind is AuthRequest:
+            assert isinstance(event, AuthRequest)
+            self._on_auth(event)
+        elif kind is KeysRequest:
+            assert isinstance(event, KeysRequest)
+            self._on_keys(event)
+        elif kind is Refused:
+            assert isinstance(event, Refused)
+            self._on_refused(event)
+        elif kind is StartTLS:
+            self._flush()
+            self._wait()
+            self._tls_task = asyncio.ensure_future(self._start_tls())
+            return False
+        elif kind is Close:
+            self._flush()
+            self._close_transport()
+            return False
+        return True
 
     def _update_reading(self) -> None:
         """Read from the client only while no decision is pending and our replies flow."""
@@ -259,137 +278,189 @@ class SMTPConnection(asyncio.Protocol):
 
     # -------------------------------------------------------------- decisions
 
-    def _on_keys(self, event: KeysRequest) -> None:
-        # SCRAM: refuse a throttled client before the first challenge, or the
-        # exchange itself would tell it whether its password guess was right.
-        if self._throttled(event.username):
-            return
-        self.session.provide_keys(self.worker.authenticator.stored_keys(event.username))
+    def _decide(
+        self,
+        work: Awaitable[T],
+        then: Callable[[asyncio.Future[T]], None],
+        extra_time: float = 0.0,
+    ) -> None:
+        """Hold the session while ``work`` runs off the loop, then let ``then`` answer.
 
-    def _throttled(self, username: str) -> bool:
-        """Over a failure limit: answer 454 without looking at the password."""
-        verdict = self.worker.throttle.check(self.client_ip, username, time.time())
-        if verdict is None:
-            return False
-        # Over a failure limit: refuse without even looking at the password,
-        # so guessing from here learns nothing until the window passes.
-        minutes = max(1, round(verdict.retry_after / 60))
-        reply = replies.reply(
-            454, "4.7.0", f"Too many failed logins, try again in {minutes} minute(s)"
+        Whatever goes wrong in ``work`` or ``then`` ends in ``_internal_error``
+        (a 421/451 and a closed connection), never in a session that waits
+        forever; a decision that outlasts the command timeout (plus ``extra_time``,
+        for a deliberate delay) ends the same way (check_timeouts). A result that
+        comes after that is dropped.
+        """
+        self._wait()
+        self._token += 1
+        token = self._token
+        self.decision_deadline = (
+            self.worker.loop.time() + self.worker.config.limits.command_timeout + extra_time
         )
+        future = asyncio.ensure_future(work)
+        future.add_done_callback(functools.partial(self._decided, token, then))
+
+    def _decided(
+        self, token: int, then: Callable[[asyncio.Future[T]], None], future: asyncio.Future[T]
+    ) -> None:
+        if self.lost or token != self._token:
+            if not future.cancelled():
+                future.exception()  # retrieved: asyncio must not log it as lost
+            return
+        try:
+            then(future)
+        except Exception as exc:  # a bug or a failed store: answer, never wedge
+            self._internal_error(exc)
+            return
+        if token == self._token:  # ``then`` did not start another wait
+            self._resume()
+
+    def _internal_error(self, exc: BaseException) -> None:
+        """Something failed while deciding: tell the client, hang up, keep serving others."""
+        session = self.session
+        reply = replies.LOCAL_ERROR if session.in_transaction else replies.SERVICE_ERROR
         logs.event(
-            "auth.throttled",
-            logging.WARNING,
+            "internal.error",
+            logging.ERROR,
             session=self.session_id,
             client_ip=self.client_ip,
-            user=username,
-            scope=verdict.scope,
-            retry_after=round(verdict.retry_after),
-            reply="454",
+            exception=repr(exc)[:500],
+            reply=replies.status(reply),
         )
-        rules = self.worker.config.auth_throttle
-        if rules.connection_close_after and (
-            self.session.auth_failures + 1 >= rules.connection_close_after
-        ):
-            reply = replies.AUTH_TOO_MANY_FAILURES
-        self.session.auth_failed(reply)
-        return True
+        self._token += 1  # late answers to what was pending are dropped
+        self.waiting = True  # read nothing more
+        session.fail(reply)
+        self._flush()
+        self._close_transport()
+
+    # -------------------------------------------------------------- login
+
+    def _on_keys(self, event: KeysRequest) -> None:
+        # SCRAM: the keys come only after a throttle reservation, or the proof
+        # check would tell a client over its limit whether its guess was right.
+        logins = self.worker.logins
+        work = logins.scram_keys(event.username, self.client_ip, self.session.auth_failures)
+        self._decide(work, functools.partial(self._keys_answered, event))
+
+    def _keys_answered(
+        self,
+        event: KeysRequest,
+        future: asyncio.Future[tuple[StoredKeys, Reservation] | LoginResult],
+    ) -> None:
+        answer = future.result()
+        if isinstance(answer, LoginResult):
+            self._auth_answered(event.mechanism, event.username, answer)
+            return
+        keys, self._reservation = answer
+        self.session.provide_keys(keys)
 
     def _on_auth(self, event: AuthRequest) -> None:
         credentials = event.credentials
-        now = time.time()
-        # SCRAM's verdicts were throttle-checked at its key look-up (_on_keys).
-        scram = isinstance(credentials, Verified | Rejected)
-        if not scram and self._throttled(credentials.username):
-            return
-        if isinstance(credentials, Verified):
-            self._auth_done(self.worker.authenticator.scram_verified(credentials.username), event)
-            return
-        if isinstance(credentials, Rejected):
-            known = self.worker.authenticator.scram_verified(credentials.username)
-            outcome = "bad_proof" if known.account is not None else known.outcome
-            self._auth_done(AuthResult(None, outcome), event)
-            return
-        if credentials.authzid and credentials.authzid.lower() != credentials.username.lower():
+        logins = self.worker.logins
+        failures = self.session.auth_failures
+        work: Awaitable[LoginResult]
+        if isinstance(credentials, Verified | Rejected):
+            reservation, self._reservation = self._reservation, None
+            work = logins.scram_finished(
+                credentials.username,
+                isinstance(credentials, Verified),
+                reservation,
+                self.client_ip,
+                failures,
+            )
+        elif credentials.authzid and credentials.authzid.lower() != credentials.username.lower():
             # Acting as another user (proxy authorization) is not offered.
-            self._auth_done(AuthResult(None, "authzid_mismatch"), event)
+            delay = failure_delay(logins.config, failures + 1, 0)
+            self._auth_answered(
+                event.mechanism,
+                credentials.username,
+                LoginResult(None, "authzid_mismatch", delay=delay),
+            )
             return
-        future = self.worker.authenticator.verify(
-            credentials.username, credentials.password, self.client_ip, now
+        else:
+            work = logins.password(
+                credentials.username, credentials.password, self.client_ip, failures
+            )
+        username = credentials.username
+        self._decide(
+            work, lambda done: self._auth_answered(event.mechanism, username, done.result())
         )
-        if future.done():
-            self._auth_done(future.result(), event)
-            return
-        self._wait()
-        future.add_done_callback(lambda f: self._auth_finished(f, event))
 
-    def _auth_finished(self, future: asyncio.Future[AuthResult], event: AuthRequest) -> None:
-        if self.lost:
-            return
-        if self._auth_done(future.result(), event):
-            self._resume()
-
-    def _auth_done(self, result: AuthResult, event: AuthRequest) -> bool:
-        """Answer the login; False when the answer is held back (failure delay)."""
-        username = event.credentials.username
+    def _auth_answered(self, mechanism: str, username: str, result: LoginResult) -> None:
+        """Answer the login; a failure reply may be held back (``result.delay``)."""
         fields = {
             "session": self.session_id,
             "client_ip": self.client_ip,
-            "mechanism": event.mechanism,
+            "mechanism": mechanism,
             "user": username,
         }
-        now = time.time()
-        if result.account is not None:
-            self.account = result.account
+        account = result.account
+        if account is not None:
+            self.account = account
             self.credential = result.credential
             self.senders = result.senders
-            self.scopes = self._quota_scopes(result)
-            self.worker.throttle.record_success(self.client_ip, result.account.address, now)
-            self.session.auth_succeeded(result.account.address)
+            self.scopes = self._quota_scopes(account, result.credential)
+            self.login_generation = self.worker.generation()
+            self.session.auth_succeeded(account.address)
             logs.event(
                 "auth.ok",
                 **fields,
                 credential=result.credential.name if result.credential else None,
                 cached=result.cached or None,
             )
-            return True
+            return
         if result.outcome == "error":
             self.session.auth_failed(replies.AUTH_TEMPORARY_FAILURE)
             logs.event("auth.error", logging.WARNING, **fields, reply="454")
-            return True
-        self.worker.throttle.record_failure(self.client_ip, username, now)
+            return
         rules = self.worker.config.auth_throttle
         failures = self.session.auth_failures + 1  # counting this one
         closing = bool(rules.connection_close_after) and failures >= rules.connection_close_after
-        reply = replies.AUTH_TOO_MANY_FAILURES if closing else replies.AUTH_FAILED
-        logs.event(
-            "auth.fail",
-            logging.WARNING,
-            **fields,
-            reason=result.outcome,
-            failures=failures,
-            reply=reply[:3].decode(),
-        )
-        if rules.connection_delay_after and failures > rules.connection_delay_after:
-            # Each further guess on this connection costs the guesser time.
-            self._wait()
-            delay = rules.delay_seconds * (failures - rules.connection_delay_after)
-            self.worker.loop.call_later(delay, self._delayed_failure, reply)
-            return False
-        self.session.auth_failed(reply)
-        return True
-
-    def _delayed_failure(self, reply: bytes) -> None:
-        if self.lost:
+        verdict = result.verdict
+        if verdict is not None:
+            # Over a failure limit: refused without looking at the secret, so
+            # guessing from here learns nothing until the window passes.
+            minutes = max(1, round(verdict.retry_after / 60))
+            reply = replies.reply(
+                454, "4.7.0", f"Too many failed logins, try again in {minutes} minute(s)"
+            )
+            logs.event(
+                "auth.throttled",
+                logging.WARNING,
+                session=self.session_id,
+                client_ip=self.client_ip,
+                user=username,
+                scope=verdict.scope,
+                retry_after=round(verdict.retry_after),
+                reply="454",
+            )
+        else:
+            reply = (
+                replies.AUTH_TEMPORARY_FAILURE if result.outcome == "busy" else replies.AUTH_FAILED
+            )
+            logs.event(
+                "auth.fail",
+                logging.WARNING,
+                **fields,
+                reason=result.outcome,
+                failures=failures,
+                reply="421" if closing else reply[:3].decode(),
+            )
+        if closing:
+            reply = replies.AUTH_TOO_MANY_FAILURES
+        if result.delay > 0:
+            # Each failure costs the client time; holding the connection costs us a timer.
+            self._decide(
+                asyncio.sleep(result.delay),
+                lambda _: self.session.auth_failed(reply),
+                extra_time=result.delay,
+            )
             return
         self.session.auth_failed(reply)
-        self._resume()
 
-    def _quota_scopes(self, result: AuthResult) -> list[Scope]:
-        account = result.account
-        assert account is not None
+    def _quota_scopes(self, account: Account, credential: Credential | None) -> list[Scope]:
         scopes = [account_scope(account.address, account.limits, self.worker.config.sending_limits)]
-        credential = result.credential
         if credential is not None:
             scope = credential_scope(
                 credential.id, credential.name, account.address, credential.limits
@@ -398,41 +469,67 @@ class SMTPConnection(asyncio.Protocol):
                 scopes.append(scope)
         return scopes
 
+    # -------------------------------------------------------------- submission
+
     def _on_sender(self, event: SenderRequest) -> None:
         account = self.account
         assert account is not None  # the session asks only once authenticated
         reply = policy.envelope_sender_refusal(self.senders, event.address)
-        reason = "sender"
-        if reply is None:
-            reply = self.worker.quotas.check_message(self.scopes, time.time())
-            reason = "quota"
-        if reply is None:
+        if reply is not None:
+            self._refuse_sender(event, reply, "sender")
+            return
+        scopes = self.scopes
+        if not quotas.message_limited(scopes):
             self.new_recipients = []
             self.session.accept_sender()
             return
+        now = time.time()
+        work = self.worker.accounts_db.run(quotas.check_message, scopes, now)
+        self._decide(work, functools.partial(self._sender_checked, event))
+
+    def _sender_checked(self, event: SenderRequest, future: asyncio.Future[bytes | None]) -> None:
+        reply = future.result()
+        if reply is not None:
+            self._refuse_sender(event, reply, "quota")
+            return
+        self.new_recipients = []
+        self.session.accept_sender()
+
+    def _refuse_sender(self, event: SenderRequest, reply: bytes, reason: str) -> None:
         self.session.refuse(reply)
         logs.event(
             "mail.refused",
             session=self.session_id,
             client_ip=self.client_ip,
-            user=account.address,
+            user=self.account.address if self.account else None,
             mail_from=event.address,
             reason=reason,
             reply=replies.status(reply),
-            text=replies.text(reply) if reason == "quota" else None,
+            text=replies.text(reply) if reason != "sender" else None,
         )
 
     def _on_recipient(self, event: RecipientRequest) -> None:
         account = self.account
         assert account is not None
-        refusal, is_new = self.worker.quotas.check_recipient(
-            self.scopes,
+        scopes = self.scopes
+        if not quotas.recipient_limited(scopes):
+            self.session.accept_recipient()
+            return
+        work = self.worker.accounts_db.run(
+            quotas.check_recipient,
+            scopes,
             account.address,
             event.address,
             accepted_so_far=len(self.session.recipients),
             new_so_far=len(self.new_recipients),
             now=time.time(),
         )
+        self._decide(work, functools.partial(self._recipient_checked, event))
+
+    def _recipient_checked(
+        self, event: RecipientRequest, future: asyncio.Future[tuple[bytes | None, bool]]
+    ) -> None:
+        refusal, is_new = future.result()
         if refusal is None:
             if is_new:
                 self.new_recipients.append(event.address)
@@ -443,7 +540,7 @@ class SMTPConnection(asyncio.Protocol):
             "rcpt.refused",
             session=self.session_id,
             client_ip=self.client_ip,
-            user=account.address,
+            user=self.account.address if self.account else None,
             rcpt=event.address,
             reason="quota",
             reply=replies.status(refusal),
@@ -488,6 +585,11 @@ class SMTPConnection(asyncio.Protocol):
         added = message.added_fields(
             summary, queue_id=queue_id, hostname=self.settings.hostname, date=date
         )
+        # New recipients were looked up at RCPT only if a limit needed it; the
+        # spool's insert decides what is new either way (quotas.record_many).
+        candidates = (
+            self.new_recipients if quotas.recipient_limited(self.scopes) else event.recipients
+        )
         stored = SpooledMessage(
             id=queue_id,
             account=account.address,
@@ -501,13 +603,11 @@ class SMTPConnection(asyncio.Protocol):
             credential=self.credential.name if self.credential else None,
             smtputf8=event.smtputf8,
             body_8bit=event.eight_bit,
-            usage=Usage(self.scopes, account.address, event.recipients, self.new_recipients, now),
+            usage=Usage(self.scopes, account.address, event.recipients, candidates, now),
         )
-        future = self.worker.spool.store(stored)
-        self._wait()
-        future.add_done_callback(lambda f: self._stored(f, stored))
+        self._decide(self.worker.spool.store(stored), functools.partial(self._stored, stored))
 
-    def _stored(self, future: asyncio.Future[None], stored: SpooledMessage) -> None:
+    def _stored(self, stored: SpooledMessage, future: asyncio.Future[None]) -> None:
         error = future.exception()
         if error is None:
             logs.event(
@@ -522,8 +622,7 @@ class SMTPConnection(asyncio.Protocol):
                 credential=stored.credential,
                 reply="250",
             )
-            if not self.lost:
-                self.session.message_queued(stored.id)
+            self.session.message_queued(stored.id)
         else:
             reason = str(error) if isinstance(error, SpoolError) else repr(error)
             logs.event(
@@ -535,9 +634,7 @@ class SMTPConnection(asyncio.Protocol):
                 reason=reason,
                 reply="451",
             )
-            if not self.lost:
-                self.session.refuse(replies.LOCAL_ERROR)
-        self._resume()
+            self.session.refuse(replies.LOCAL_ERROR)
 
     def _on_refused(self, event: Refused) -> None:
         level = logging.INFO if event.command in _LOGGED_REFUSALS else logging.DEBUG
@@ -609,6 +706,13 @@ class SMTPConnection(asyncio.Protocol):
                 self.transport.abort()
             return
         if self.waiting or self.session.state is State.WAITING:
+            # A decision (database, hash, disk) must not hold a session forever either;
+            # a TLS handshake has its own timeout (tls_handshake_timeout).
+            if self.session.state is State.WAITING and now > self.decision_deadline:
+                logs.event(
+                    "timeout", session=self.session_id, client_ip=self.client_ip, reason="decision"
+                )
+                self._internal_error(TimeoutError("no decision within the command timeout"))
             return
         expired = now - self.last_activity > limits.idle_timeout
         if self.message_since is not None:

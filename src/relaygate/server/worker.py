@@ -9,6 +9,7 @@ idle sessions get 421, transactions in flight may finish within
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import cProfile
 import logging
 import os
@@ -17,24 +18,21 @@ import socket
 import sqlite3
 import ssl
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from relaygate import logs
-from relaygate.accounts.authenticator import Authenticator
-from relaygate.accounts.credentials import CredentialStore
 from relaygate.accounts.passwords import PasswordHasher
-from relaygate.accounts.store import AccountStore
 from relaygate.config import Config, ListenerConfig
 from relaygate.eventloop import new_event_loop
 from relaygate.quotas import Quotas
 from relaygate.server.connection import SMTPConnection
 from relaygate.server.connlimit import ConnectionLimiter
 from relaygate.server.tls import certificate_pairs, end_point_binding, server_context
+from relaygate.services.login import LoginService
 from relaygate.smtp.session import Settings
 from relaygate.spool import Spool
 from relaygate.storage import sqlite as storage
-from relaygate.throttle import AuthThrottle
+from relaygate.storage.thread import DatabaseThread
 
 BoundListener = tuple[socket.socket, ListenerConfig]
 
@@ -72,25 +70,28 @@ class Worker:
         pairs = certificate_pairs(config)
         self.tls_context: ssl.SSLContext = server_context(pairs)
         self.channel_bindings = tuple(end_point_binding(cert) for cert, _ in pairs)
-        self._db = storage.connect(config.database_path)
-        self._executor = ThreadPoolExecutor(
-            max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="password-hash"
-        )
-        # Reads for logins; its few writes (credential last-used, throttling) need
-        # no fsync of their own, so this connection runs with synchronous=NORMAL.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self.authenticator = Authenticator(
-            AccountStore(self._db),
-            CredentialStore(self._db),
-            PasswordHasher(config.password_hash),
-            self._executor,
+        # Every database call made while serving runs in one of these threads,
+        # never on the event loop (a lock held elsewhere must not freeze sessions).
+        self.accounts_db = DatabaseThread(lambda: _reader(config), loop, name="accounts-db")
+        self.throttle_db = DatabaseThread(
+            lambda: storage.connect_state(storage.state_path(config.database_path)),
             loop,
+            name="throttle-db",
         )
-        self.throttle = AuthThrottle(self._db, config.auth_throttle)
-        self.quotas = Quotas(self._db)
+        with contextlib.closing(storage.connect(config.database_path)) as db:
+            decoy_key = LoginService.decoy_key(db)  # start-up: before any client
+        self.logins = LoginService(
+            accounts=self.accounts_db,
+            throttle_db=self.throttle_db,
+            throttle_config=config.auth_throttle,
+            hasher=PasswordHasher(config.password_hash),
+            decoy_key=decoy_key,
+            loop=loop,
+        )
         self.limiter = limiter
         self.spool = Spool(config.database_path, loop, deliver=config.delivery.mode != "capture")
         self._servers: list[asyncio.Server] = []
+        self._pruning: asyncio.Future[None] | None = None
 
     async def run(self, listeners: list[BoundListener]) -> None:
         loop = self.loop
@@ -123,15 +124,27 @@ class Worker:
             loop.remove_signal_handler(signum)
             signal.signal(signum, signal.SIG_IGN)  # already stopping: a repeat must not kill us
         sweeper.cancel()
+        # Decisions still pending (a delayed failure reply, a prune) belong to
+        # connections that are gone: end them here, not as "destroyed" tasks.
+        pending = [t for t in asyncio.all_tasks(loop) if t is not asyncio.current_task()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         self.spool.close()
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._db.close()
+        self.logins.close()
+        self.accounts_db.close()
+        self.throttle_db.close()
 
-    def _prune(self) -> None:
+    def generation(self) -> int:
+        """The account-change signal's current value (see accounts.changes)."""
+        return 0
+
+    async def _prune(self) -> None:
         try:
-            wall = time.time()
-            self.throttle.prune(wall)
-            self.quotas.prune(wall)
+            await self.logins.prune()
+            # Its own short-lived thread and connection: a delete that waits on a
+            # lock held elsewhere must not hold up the logins in the accounts thread.
+            await asyncio.to_thread(_prune_quotas, self.config)
         except sqlite3.Error as exc:
             logs.event("prune.error", logging.WARNING, reason=str(exc))
 
@@ -151,7 +164,7 @@ class Worker:
             now = self.loop.time()
             if self.index == 0 and now >= next_prune:
                 next_prune = now + PRUNE_INTERVAL
-                self._prune()
+                self._pruning = asyncio.ensure_future(self._prune())  # held: tasks are weak
             for connection in list(self.connections):
                 connection.check_timeouts(now)
             if not self.draining:
@@ -168,6 +181,19 @@ class Worker:
 
 
 PRUNE_INTERVAL = 600.0  # seconds between clean-ups of old throttle and quota rows
+
+
+def _prune_quotas(config: Config) -> None:
+    with contextlib.closing(storage.connect(config.database_path)) as db:
+        Quotas(db).prune(time.time())
+
+
+def _reader(config: Config) -> sqlite3.Connection:
+    """The accounts thread's connection: reads for logins and limits, a few small
+    writes (credential last-used) that need no fsync of their own."""
+    db = storage.connect(config.database_path)
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
 
 
 def _quiet_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

@@ -152,6 +152,7 @@ class Session:
         self._resume_state = State.GREETED
         self._discard_line = False  # skipping the rest of an over-long line
         # transaction
+        self._mail_given = False
         self.mail_from = ""
         self.mail_parameters: dict[str, str | None] = {}
         self.recipients: list[str] = []
@@ -241,6 +242,11 @@ class Session:
     def in_message(self) -> bool:
         return self.state in (State.DATA, State.BDAT) or self._bdat_used
 
+    @property
+    def in_transaction(self) -> bool:
+        """A MAIL command started a transaction that has not ended (for error replies)."""
+        return self._mail_given or self.in_message
+
     # answers to events
 
     def auth_succeeded(self, user: str) -> None:
@@ -310,6 +316,11 @@ class Session:
     def timeout(self) -> None:
         self._close(replies.TIMEOUT, "timeout")
 
+    def fail(self, reply: bytes) -> None:
+        """The server could not decide (a local error): ``reply`` and close, from any state."""
+        self._events.clear()
+        self._close(reply, "local error")
+
     def shutdown(self) -> None:
         self._close(replies.SHUTTING_DOWN, "server shutting down")
 
@@ -341,6 +352,7 @@ class Session:
                 self._close(replies.TOO_MANY_ERRORS, "too many errors")
 
     def _reset_transaction(self) -> None:
+        self._mail_given = False
         self.mail_from = ""
         self.mail_parameters = {}
         self.recipients = []
@@ -499,6 +511,7 @@ class Session:
                 return
         self.mail_from = path
         self.mail_parameters = params
+        self._mail_given = True
         self._wait(SenderRequest(path, params), State.GREETED)
 
     def _check_mail_parameters(self, params: dict[str, str | None]) -> bytes | None:

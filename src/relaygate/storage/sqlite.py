@@ -135,6 +135,50 @@ ALTER TABLE messages ADD COLUMN body_8bit INTEGER NOT NULL DEFAULT 0; -- MAIL ..
 }
 
 
+# Short-lived shared state (failed-login throttling) lives in a file of its own:
+# every AUTH writes there (see throttle.py), and in the main database those
+# writes would queue behind the spool's fsync-bound group commits. Losing it
+# costs little (the windows are minutes to hours), so it commits without fsync.
+# (Schema 2 of the main database has tables of the same names; they are unused.)
+_STATE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS auth_failures (
+    ts      REAL NOT NULL,
+    ip      TEXT NOT NULL,
+    network TEXT NOT NULL,               -- the /24 (IPv4) or /64 (IPv6) of ip
+    account TEXT NOT NULL COLLATE NOCASE -- the user name tried, known or not
+);
+CREATE INDEX IF NOT EXISTS auth_failures_network ON auth_failures(network, ts);
+CREATE INDEX IF NOT EXISTS auth_failures_account ON auth_failures(account, ts);
+CREATE TABLE IF NOT EXISTS auth_successes (
+    account TEXT NOT NULL COLLATE NOCASE,
+    network TEXT NOT NULL,
+    ts      REAL NOT NULL,
+    PRIMARY KEY (account, network)
+);
+"""
+
+
+def state_path(database: Path) -> Path:
+    """The throttle state file beside the main database."""
+    return database.with_name("throttle.db")
+
+
+def connect_state(path: Path) -> sqlite3.Connection:
+    """Open (creating if needed) the throttle state database."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=10000")
+        _run_script(db, _STATE_SCHEMA)
+    except sqlite3.Error as exc:
+        raise DatabaseError(f"{path}: {exc}") from None
+    except OSError as exc:
+        raise DatabaseError(f"{path}: {exc.strerror or exc}") from None
+    return db
+
+
 class DatabaseError(Exception):
     """A database problem a user can act on (unreadable file, newer schema)."""
 

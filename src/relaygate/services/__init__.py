@@ -1,0 +1,1 @@
+"""Use cases every edge calls: login, submission (see docs/architecture.md)."""

@@ -1,0 +1,412 @@
+"""Logging in: who may, and what a failed attempt costs the one who made it.
+
+The SMTP connection driver asks; this module decides. Nothing here blocks the
+event loop: database work runs in ``DatabaseThread``s, argon2id in thread pools.
+
+A password login, in order:
+
+1. The account row (accounts thread). An app-credential secret (``rgc_...``) is
+   checked right there: a keyed hash, no slow hash needed.
+2. A verified-cache hit: HMAC(process key, user NUL password) remembered with
+   the stored hash it matched, valid only while the account still has that
+   hash and is enabled. The password is then known to be right, so a read-only
+   throttle check is enough (it still refuses a client over its limit).
+3. Otherwise a throttle slot is *reserved* (throttle thread, see throttle.py)
+   before argon2id runs, so no concurrency gets more guesses checked than
+   the limits allow. Right: the reservation is released. Wrong: it stays,
+   as the failure.
+
+Failed attempts cost time, not only a count: each failure reply is held for
+``failure_delay`` (growing with the failures on the connection and from the
+address in the last minute, capped by ``max_delay``), and a throttled reply
+for up to ``max_delay``. The connection is kept meanwhile, which costs a
+timer, while a guesser that reconnects pays a TLS handshake.
+
+Clients that failed lately ("suspects") have their argon2id run in a pool of
+its own at the lowest CPU priority, with a bounded queue: a guessing storm
+then uses the CPU that good clients leave over, instead of taking it from them.
+
+SCRAM: the keys are handed out only after a reservation, so the proof check
+(which tells right from wrong) is throttled like a password. Unknown and
+disabled accounts get decoy keys derived from the user name with a server
+secret kept in the database: the same salt every time, in every worker,
+across restarts, so repeated starts do not tell real names from others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from relaygate.accounts.credentials import Credential, CredentialStore, looks_like_credential
+from relaygate.accounts.passwords import PasswordHasher
+from relaygate.accounts.store import Account, AccountStore
+from relaygate.config import AuthThrottleConfig
+from relaygate.sasl import StoredKeys, stored_keys_for_password
+from relaygate.sasl.scram import DEFAULT_ITERATIONS
+from relaygate.storage.secrets import get_or_create_secret
+from relaygate.storage.thread import DatabaseThread
+from relaygate.throttle import AuthThrottle, Reservation, Verdict
+
+CACHE_SIZE = 10000
+TOUCH_INTERVAL = 60.0  # seconds between last_used_at writes for one credential
+SUSPECT_QUEUE = 64  # argon2id runs waiting for suspects; more are refused for now
+SCRAM_DECOY_KEY = "scram_decoy_key"  # name of the server secret in storage.secrets
+_REAL_SALT_LENGTH = len(stored_keys_for_password("length probe", 4096).salt)
+
+
+@dataclass(frozen=True, slots=True)
+class LoginResult:
+    account: Account | None
+    # ok | unknown_user | bad_password | disabled | bad_proof | bad_credential |
+    # revoked | expired | network | authzid_mismatch | throttled | busy | error
+    outcome: str
+    credential: Credential | None = None
+    cached: bool = False
+    verdict: Verdict | None = None  # why, when throttled
+    delay: float = 0.0  # seconds to hold the reply back
+
+    @property
+    def ok(self) -> bool:
+        return self.account is not None
+
+    @property
+    def senders(self) -> tuple[str, ...]:
+        """The sender patterns this login may use (a credential may narrow them)."""
+        if self.account is None:
+            return ()
+        if self.credential is not None:
+            return self.credential.effective_senders(self.account.senders)
+        return self.account.senders
+
+
+def failure_delay(config: AuthThrottleConfig, connection_failures: int, recent: int) -> float:
+    """How long to hold a failure reply.
+
+    0 while within ``connection_delay_after`` (0 turns delays off), then
+    ``delay_seconds`` doubling with each further failure, at most ``max_delay``.
+
+    ``connection_failures`` counts this connection's failures and ``recent`` this
+    address's in the last minute, both including this one: reconnecting resets
+    the first, not the second.
+    """
+    if not config.connection_delay_after:
+        return 0.0  # delays turned off
+    over = max(connection_failures, recent) - config.connection_delay_after
+    if over <= 0:
+        return 0.0
+    return float(min(config.delay_seconds * 2.0 ** min(over - 1, 30), config.max_delay))
+
+
+def _lowest_priority() -> None:
+    """Pool initializer: this thread runs at nice 19 (Linux schedules threads singly)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (OSError, AttributeError):
+        pass  # not permitted or not Linux: it still runs, at normal priority
+
+
+class LoginService:
+    def __init__(
+        self,
+        *,
+        accounts: DatabaseThread,
+        throttle_db: DatabaseThread,
+        throttle_config: AuthThrottleConfig,
+        hasher: PasswordHasher,
+        decoy_key: bytes,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._accounts = accounts
+        self._throttle_db = throttle_db
+        self.config = throttle_config
+        self._throttle: AuthThrottle | None = None
+        self._hasher = hasher
+        self._decoy_key = decoy_key
+        self._loop = loop
+        self._key = os.urandom(32)
+        self._cache: dict[bytes, str] = {}
+        self._touched: dict[int, float] = {}
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="password-hash"
+        )
+        self._suspect_pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="suspect-hash", initializer=_lowest_priority
+        )
+        self._suspects_waiting = 0
+        self._credentials: CredentialStore | None = None  # the accounts thread's
+
+    @staticmethod
+    def decoy_key(db: sqlite3.Connection) -> bytes:
+        """The server's persistent SCRAM decoy secret (made on first use)."""
+        return get_or_create_secret(db, SCRAM_DECOY_KEY)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._suspect_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------ throttle calls
+
+    def _throttle_for(self, db: sqlite3.Connection) -> AuthThrottle:
+        # Built in the throttle thread on first use: it keeps a memo of recent
+        # successes and must only ever see that thread's connection.
+        if self._throttle is None:
+            self._throttle = AuthThrottle(db, self.config)
+        return self._throttle
+
+    def _reserve(self, db: sqlite3.Connection, ip: str, user: str) -> Verdict | Reservation:
+        return self._throttle_for(db).reserve(ip, user, time.time())
+
+    def _allow(self, db: sqlite3.Connection, ip: str, user: str) -> Verdict | None:
+        throttle = self._throttle_for(db)
+        now = time.time()
+        verdict = throttle.check(ip, user, now)
+        if verdict is None:
+            throttle.record_success(ip, user, now)
+        return verdict
+
+    def _release(
+        self, db: sqlite3.Connection, reservation: Reservation, ip: str, user: str
+    ) -> None:
+        throttle = self._throttle_for(db)
+        throttle.release(reservation)
+        throttle.record_success(ip, user, time.time())
+
+    def prune(self) -> asyncio.Future[None]:
+        return self._throttle_db.run(lambda db: self._throttle_for(db).prune(time.time()))
+
+    def _throttled(self, verdict: Verdict) -> LoginResult:
+        delay = min(self.config.max_delay, verdict.retry_after)
+        if not self.config.connection_delay_after:
+            delay = 0.0
+        return LoginResult(None, "throttled", verdict=verdict, delay=delay)
+
+    def _failed(self, outcome: str, connection_failures: int, recent: int) -> LoginResult:
+        delay = failure_delay(self.config, connection_failures + 1, recent)
+        return LoginResult(None, outcome, delay=delay)
+
+    # ------------------------------------------------------------ PLAIN, LOGIN
+
+    async def password(
+        self, username: str, password: str, client_ip: str, connection_failures: int
+    ) -> LoginResult:
+        """Check a user name and password (or app-credential secret)."""
+        try:
+            if looks_like_credential(password):
+                return await self._credential(username, password, client_ip, connection_failures)
+            account = await self._accounts.run(_get_account, username)
+            key = self._cache_key(username, password)
+            if account is not None and not account.disabled:
+                cached = self._cache.get(key)
+                if cached is not None and hmac.compare_digest(
+                    cached.encode(), account.password_hash.encode()
+                ):
+                    verdict = await self._throttle_db.run(self._allow, client_ip, account.address)
+                    if verdict is not None:
+                        return self._throttled(verdict)
+                    return LoginResult(account, "ok", cached=True)
+            self._cache.pop(key, None)
+            reserved = await self._throttle_db.run(self._reserve, client_ip, username)
+        except (sqlite3.Error, OSError):
+            return LoginResult(None, "error")
+        if isinstance(reserved, Verdict):
+            return self._throttled(reserved)
+        suspect = connection_failures > 0 or reserved.recent > 1
+        try:
+            outcome = await self._slow_verify(account, password, suspect)
+        except (sqlite3.Error, OSError, RuntimeError):
+            outcome = "error"
+        if outcome in ("ok", "busy", "error"):
+            try:
+                await self._throttle_db.run(self._release, reserved, client_ip, username)
+            except sqlite3.Error:
+                pass  # the attempt stays counted as a failure: the safe side
+        if outcome == "ok" and account is not None:
+            if len(self._cache) >= CACHE_SIZE:
+                self._cache.pop(next(iter(self._cache)))  # drop the oldest entry
+            self._cache[key] = account.password_hash
+            return LoginResult(account, "ok")
+        if outcome == "busy":
+            return LoginResult(
+                None, "busy", delay=failure_delay(self.config, connection_failures + 1, 0)
+            )
+        if outcome == "error":
+            return LoginResult(None, "error")
+        return self._failed(outcome, connection_failures, reserved.recent)
+
+    def _cache_key(self, username: str, password: str) -> bytes:
+        material = username.lower().encode() + b"\0" + password.encode()
+        return hmac.new(self._key, material, hashlib.sha256).digest()
+
+    async def _slow_verify(self, account: Account | None, password: str, suspect: bool) -> str:
+        if not suspect:
+            return await self._loop.run_in_executor(self._pool, self._verify, account, password)
+        if self._suspects_waiting >= SUSPECT_QUEUE:
+            return "busy"
+        self._suspects_waiting += 1
+        try:
+            return await self._loop.run_in_executor(
+                self._suspect_pool, self._verify, account, password
+            )
+        finally:
+            self._suspects_waiting -= 1
+
+    def _verify(self, account: Account | None, password: str) -> str:
+        if account is None:
+            self._hasher.verify_dummy(password)  # an unknown user costs the same time
+            return "unknown_user"
+        if not self._hasher.verify(account.password_hash, password):
+            return "bad_password"
+        return "disabled" if account.disabled else "ok"
+
+    async def _credential(
+        self, username: str, secret: str, client_ip: str, connection_failures: int
+    ) -> LoginResult:
+        """App credentials are high-entropy: checked at once, then the throttle decides."""
+        credential, account = await self._accounts.run(self._find_credential, secret)
+        now = time.time()
+        outcome = "ok"
+        if (
+            credential is None
+            or account is None
+            or credential.account_address.lower() != username.lower()
+        ):
+            outcome = "bad_credential"
+        elif credential.revoked_at is not None:
+            outcome = "revoked"
+        elif not credential.is_active(now):
+            outcome = "expired"
+        elif not credential.allows_network(client_ip):
+            outcome = "network"
+        elif account.disabled:
+            outcome = "disabled"
+        if outcome != "ok":
+            reserved = await self._throttle_db.run(self._reserve, client_ip, username)
+            if isinstance(reserved, Verdict):
+                return self._throttled(reserved)
+            return self._failed(outcome, connection_failures, reserved.recent)
+        assert credential is not None and account is not None
+        verdict = await self._throttle_db.run(self._allow, client_ip, account.address)
+        if verdict is not None:
+            return self._throttled(verdict)
+        if now - self._touched.get(credential.id, 0.0) >= TOUCH_INTERVAL:
+            self._touched[credential.id] = now
+            self._accounts.run(_touch_credential, credential.id, now)  # informational
+        return LoginResult(account, "ok", credential=credential)
+
+    # ------------------------------------------------------------ SCRAM
+
+    async def scram_keys(
+        self, username: str, client_ip: str, connection_failures: int
+    ) -> tuple[StoredKeys, Reservation] | LoginResult:
+        """The keys to run SCRAM with, after a throttle reservation; or a refusal."""
+        try:
+            reserved = await self._throttle_db.run(self._reserve, client_ip, username)
+            if isinstance(reserved, Verdict):
+                return self._throttled(reserved)
+            account = await self._accounts.run(_get_account, username)
+        except (sqlite3.Error, OSError):
+            return LoginResult(None, "error")
+        if account is not None and account.scram is not None and not account.disabled:
+            return account.scram, reserved
+        return self.decoy_keys(username), reserved
+
+    def decoy_keys(self, username: str) -> StoredKeys:
+        """Keys that fail every proof, the same for a name wherever and whenever asked."""
+        digest = hmac.new(
+            self._decoy_key, b"scram-decoy\0" + username.lower().encode(), hashlib.sha256
+        ).digest()
+        return StoredKeys(
+            salt=digest[:_REAL_SALT_LENGTH],
+            stored_key=hashlib.sha256(digest + b"stored").digest(),
+            server_key=hashlib.sha256(digest + b"server").digest(),
+            iterations=DEFAULT_ITERATIONS,
+        )
+
+    async def scram_finished(
+        self,
+        username: str,
+        proof_ok: bool,
+        reservation: Reservation | None,
+        client_ip: str,
+        connection_failures: int,
+    ) -> LoginResult:
+        """The mechanism checked the proof; the account must still exist and be enabled."""
+        recent = reservation.recent if reservation is not None else 0
+        try:
+            account = await self._accounts.run(_get_account, username)
+        except (sqlite3.Error, OSError):
+            return LoginResult(None, "error")
+        if account is None or account.scram is None:
+            outcome = "unknown_user"
+        elif not proof_ok:
+            outcome = "bad_proof"
+        elif account.disabled:
+            outcome = "disabled"
+        else:
+            if reservation is not None:
+                try:
+                    await self._throttle_db.run(
+                        self._release, reservation, client_ip, account.address
+                    )
+                except sqlite3.Error:
+                    pass
+            return LoginResult(account, "ok")
+        return self._failed(outcome, connection_failures, recent)
+
+    def _find_credential(
+        self, db: sqlite3.Connection, secret: str
+    ) -> tuple[Credential | None, Account | None]:
+        # Runs in the accounts thread; the store reads its HMAC key once.
+        if self._credentials is None:
+            self._credentials = CredentialStore(db)
+        credential = self._credentials.find(secret)
+        if credential is None:
+            return None, None
+        return credential, AccountStore(db).get(credential.account_address)
+
+    # ------------------------------------------------------------ re-checks
+
+    async def current(
+        self, address: str, credential_id: int | None
+    ) -> tuple[Account | None, Credential | None]:
+        """The account (and credential) as stored now, to re-check a live session."""
+        return await self._accounts.run(_current, address, credential_id)
+
+
+# Run in the accounts thread (they get its connection first).
+
+
+def _get_account(db: sqlite3.Connection, username: str) -> Account | None:
+    try:
+        return AccountStore(db).get(username)
+    except ValueError:
+        return None
+
+
+def _touch_credential(db: sqlite3.Connection, credential_id: int, now: float) -> None:
+    # Best effort with a short lock wait: a busy database must not hold up
+    # the logins queued behind this in the same thread.
+    db.execute("PRAGMA busy_timeout=50")
+    try:
+        CredentialStore(db).touch(credential_id, now)
+    except sqlite3.Error:
+        pass
+    finally:
+        db.execute("PRAGMA busy_timeout=30000")
+
+
+def _current(
+    db: sqlite3.Connection, address: str, credential_id: int | None
+) -> tuple[Account | None, Credential | None]:
+    account = AccountStore(db).get(address)
+    if account is None or credential_id is None:
+        return account, None
+    return account, CredentialStore(db).by_id(credential_id)
