@@ -1352,6 +1352,8 @@ NOT_SESSION_REPLIES = {
     "TOO_BUSY": "sent by the listener instead of a banner, before any session exists",
     "TOO_MANY_FROM_ADDRESS": "sent by the listener (per-IP limit), before any session exists",
     "AUTH_TOO_MANY_FAILURES": "chosen by the driver; see test_auth_failed_with_421_closes",
+    "SESSION_MESSAGES": "chosen by the driver at MAIL; see test_e2e_revocation.py",
+    "SESSION_TOO_LONG": "chosen by the driver; see test_e2e_revocation.py",
 }
 
 
@@ -1499,3 +1501,19 @@ def test_fail_closes_from_any_state_and_knows_a_transaction() -> None:
     assert d.session.take_output().endswith(replies.LOCAL_ERROR)
     idle = Dialog(SETTINGS, True).run(LOGIN)
     assert not idle.session.in_transaction
+
+
+def test_logout_refuses_and_forgets_the_login() -> None:
+    d = Dialog(SETTINGS, True, Driver(sender=lambda _: None)).run(LOGIN)
+    session = d.session
+    session.receive(b"MAIL FROM:<a@b.example>\r\n")
+    assert isinstance(session.next_event(), SenderRequest)
+    session.logout(replies.login_revoked("account disabled"))
+    assert session.authenticated_user is None
+    assert session.state is State.GREETED
+    assert session.take_output().endswith(
+        b"530 5.7.0 Login no longer valid (account disabled), authenticate again\r\n"
+    )
+    session.receive(b"MAIL FROM:<a@b.example>\r\n")
+    assert session.next_event() is not None  # Refused: 530, must log in again
+    assert session.take_output().startswith(b"530 5.7.0")

@@ -44,6 +44,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
+from relaygate.accounts.changes import announce_for
 from relaygate.accounts.store import (
     Account,
     AccountError,
@@ -327,6 +328,8 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+    # Sessions logged in before this change re-check their login (changes.py).
+    announce_for(db)
 
 
 def _credential_from_row(row: Sequence[Any]) -> Credential:

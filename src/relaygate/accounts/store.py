@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from relaygate.accounts.changes import announce_for
 from relaygate.policy import sender_allowed
 from relaygate.sasl.steps import StoredKeys
 
@@ -316,6 +317,8 @@ class AccountStore:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
+        # Sessions logged in before this change re-check their login (changes.py).
+        announce_for(self._db)
 
     @staticmethod
     def _existing(address: str) -> str:

@@ -79,6 +79,7 @@ class SMTPConnection(asyncio.Protocol):
         self.counted = False  # counted by the per-IP connection limiter
         self.started = time.time()
         self.last_activity = 0.0
+        self.opened = 0.0  # loop time
         self.partial_since: float | None = None
         self.message_since: float | None = None
         self._tls_task: asyncio.Future[None] | None = None
@@ -95,7 +96,7 @@ class SMTPConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
         self.client_ip = str(peer[0]) if peer else "?"
-        self.last_activity = self.worker.loop.time()
+        self.last_activity = self.opened = self.worker.loop.time()
         if self.implicit_tls:
             self.tls_version, self.tls_cipher = cipher_info(transport.get_extra_info("ssl_object"))
         reason: str | None = None
@@ -474,6 +475,93 @@ class SMTPConnection(asyncio.Protocol):
     def _on_sender(self, event: SenderRequest) -> None:
         account = self.account
         assert account is not None  # the session asks only once authenticated
+        limits = self.worker.config.limits
+        if limits.max_messages_per_session and (
+            self.session.messages_accepted >= limits.max_messages_per_session
+        ):
+            self._refuse_sender(event, replies.SESSION_MESSAGES, "session_messages")
+            return
+        if limits.max_session_duration and (
+            self.worker.loop.time() - self.opened > limits.max_session_duration
+        ):
+            self._refuse_sender(event, replies.SESSION_TOO_LONG, "session_duration")
+            return
+        self._with_valid_login(functools.partial(self._check_sender, event))
+
+    def _with_valid_login(self, then: Callable[[], None]) -> None:
+        """Go on with ``then`` if the login still holds; re-read it if an admin changed
+        accounts or credentials since (the change signal, accounts/changes.py)."""
+        credential = self.credential
+        if credential is not None and not credential.is_active(time.time()):
+            self._login_revoked("credential expired")
+            return
+        generation = self.worker.generation()
+        if generation == self.login_generation:
+            then()
+            return
+        assert self.account is not None
+        work = self.worker.logins.current(
+            self.account.address, credential.id if credential is not None else None
+        )
+        self._decide(work, functools.partial(self._login_rechecked, generation, then))
+
+    def _login_rechecked(
+        self,
+        generation: int,
+        then: Callable[[], None],
+        future: asyncio.Future[tuple[Account | None, Credential | None]],
+    ) -> None:
+        account, credential = future.result()
+        before = self.account
+        assert before is not None
+        problem: str | None = None
+        if account is None:
+            problem = "account removed"
+        elif account.disabled:
+            problem = "account disabled"
+        elif self.credential is not None:
+            if credential is None:
+                problem = "credential removed"
+            elif credential.revoked_at is not None:
+                problem = "credential revoked"
+            elif not credential.is_active(time.time()):
+                problem = "credential expired"
+            elif not credential.allows_network(self.client_ip):
+                problem = "network not allowed"
+        elif account.password_hash != before.password_hash:
+            problem = "password changed"
+        if problem is not None:
+            self._login_revoked(problem)
+            return
+        assert account is not None
+        self.account = account
+        self.credential = credential
+        self.senders = (
+            credential.effective_senders(account.senders) if credential else account.senders
+        )
+        self.scopes = self._quota_scopes(account, credential)
+        self.login_generation = generation
+        then()
+
+    def _login_revoked(self, problem: str) -> None:
+        account = self.account
+        logs.event(
+            "auth.revoked",
+            logging.WARNING,
+            session=self.session_id,
+            client_ip=self.client_ip,
+            user=account.address if account else None,
+            credential=self.credential.name if self.credential else None,
+            reason=problem,
+            reply="530",
+        )
+        self.account = None
+        self.credential = None
+        self.senders = ()
+        self.scopes = []
+        self.session.logout(replies.login_revoked(problem))
+
+    def _check_sender(self, event: SenderRequest) -> None:
         reply = policy.envelope_sender_refusal(self.senders, event.address)
         if reply is not None:
             self._refuse_sender(event, reply, "sender")
@@ -548,6 +636,9 @@ class SMTPConnection(asyncio.Protocol):
         )
 
     def _on_message(self, event: MessageReady) -> None:
+        self._with_valid_login(functools.partial(self._accept_message, event))
+
+    def _accept_message(self, event: MessageReady) -> None:
         account = self.account
         assert account is not None
         summary = message.summarize(event.body)
@@ -713,6 +804,19 @@ class SMTPConnection(asyncio.Protocol):
                     "timeout", session=self.session_id, client_ip=self.client_ip, reason="decision"
                 )
                 self._internal_error(TimeoutError("no decision within the command timeout"))
+            return
+        session = self.session
+        if (
+            limits.max_session_duration
+            and now - self.opened > limits.max_session_duration
+            and not session.in_message
+        ):
+            # However busy (a NOOP every minute), no connection lasts for ever.
+            logs.event(
+                "timeout", session=self.session_id, client_ip=self.client_ip, reason="duration"
+            )
+            session.end(replies.SESSION_TOO_LONG, "session too long")
+            self._drive()
             return
         expired = now - self.last_activity > limits.idle_timeout
         if self.message_since is not None:

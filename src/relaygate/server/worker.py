@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from relaygate import logs
+from relaygate.accounts.changes import ChangeSignal
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.config import Config, ListenerConfig
 from relaygate.eventloop import new_event_loop
@@ -78,6 +79,7 @@ class Worker:
             loop,
             name="throttle-db",
         )
+        self.changes = ChangeSignal(config.data_dir)
         with contextlib.closing(storage.connect(config.database_path)) as db:
             decoy_key = LoginService.decoy_key(db)  # start-up: before any client
         self.logins = LoginService(
@@ -134,10 +136,11 @@ class Worker:
         self.logins.close()
         self.accounts_db.close()
         self.throttle_db.close()
+        self.changes.close()
 
     def generation(self) -> int:
-        """The account-change signal's current value (see accounts.changes)."""
-        return 0
+        """The account-change signal's current value (see accounts/changes.py)."""
+        return self.changes.value()
 
     async def _prune(self) -> None:
         try:

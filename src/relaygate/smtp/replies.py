@@ -96,6 +96,18 @@ AUTH_TEMPORARY_FAILURE = reply(454, "4.7.0", "Temporary authentication failure")
 AUTH_TOO_MANY_FAILURES = reply(421, "4.7.0", "Too many authentication failures, closing connection")
 TOO_MANY_FROM_ADDRESS = reply(421, "4.7.0", "Too many connections from your address, try later")
 
+# The session itself (limits per connection, logins that stopped being valid)
+SESSION_MESSAGES = reply(
+    421, "4.7.0", "Message limit for one connection reached, reconnect to send more"
+)
+SESSION_TOO_LONG = reply(421, "4.4.2", "Connection open too long, reconnect to go on")
+
+
+def login_revoked(reason: str) -> bytes:
+    """MAIL or end of data after the account or credential changed under the session."""
+    return reply(530, "5.7.0", f"Login no longer valid ({reason}), authenticate again")
+
+
 # Closing
 TIMEOUT = reply(421, "4.4.2", "Timeout, closing connection")
 SHUTTING_DOWN = reply(421, "4.3.2", "Server shutting down, try again later")

@@ -318,8 +318,24 @@ class Session:
 
     def fail(self, reply: bytes) -> None:
         """The server could not decide (a local error): ``reply`` and close, from any state."""
+        self.end(reply, "local error")
+
+    def end(self, reply: bytes, reason: str) -> None:
+        """Close now with ``reply`` (421), whatever the state; pending events are dropped."""
         self._events.clear()
-        self._close(reply, "local error")
+        self._close(reply, reason)
+
+    def logout(self, reply: bytes) -> None:
+        """Refuse the pending command because the login is no longer valid.
+
+        The transaction ends and the session is no longer authenticated: the
+        client may AUTH again (with what is valid now).
+        """
+        self._expect_waiting()
+        self.authenticated_user = None
+        self._output.append(reply)
+        self._reset_transaction()
+        self.state = State.GREETED
 
     def shutdown(self) -> None:
         self._close(replies.SHUTTING_DOWN, "server shutting down")
