@@ -15,6 +15,7 @@ import random
 import time
 from collections import Counter
 from itertools import pairwise
+from pathlib import Path
 
 from relaygate.config import AuthThrottleConfig
 
@@ -44,6 +45,7 @@ from .security_helpers import (
 )
 
 THROTTLED = "454 4.7.0"
+AUTH_FAILED_STATUS = "535 5.7.8"
 OFF: dict[str, TomlValue] = {  # every failure rule off; tests switch on what they show
     "ip_per_minute": 0,
     "ip_per_day": 0,
@@ -360,3 +362,54 @@ def test_closed_connections_are_uncounted(fresh_servers: ServerPool) -> None:
     wait_until(
         lambda: greeting(server, source="127.0.3.1").code == 220, 5, what="room after closing"
     )
+
+
+# ------------------------------------------------ failure delays (issue 7, item 11)
+
+
+def test_failure_delays_grow_across_reconnects(fresh_servers: ServerPool) -> None:
+    """Reconnecting does not reset the delay: it counts the address's failures too.
+    Before, each new connection's first failures were answered at once, so a
+    guesser reconnected 60-125 times a second (a TLS handshake each time)."""
+    rules = _throttle(ip_per_minute=10, connection_delay_after=1, delay_seconds=0.3, max_delay=5.0)
+    server = fresh_servers.create("growing-delays", users=[ALICE], sections=rules)
+    timings = []
+    for n in range(4):  # a new connection each time
+        with session(server, source="127.0.6.1") as client:
+            started = time.monotonic()
+            assert client.auth_plain(ALICE.address, f"Guess-{n}-x").status == AUTH_FAILED_STATUS
+            timings.append(time.monotonic() - started)
+    assert timings[0] < 0.25, timings  # a typo costs nothing
+    assert 0.28 <= timings[1] < 0.6, timings
+    assert 0.58 <= timings[2] < 0.9, timings
+    assert 1.18 <= timings[3] < 1.6, timings
+    # Another address is not slowed by this one, and the right password is not delayed.
+    with session(server, source="127.0.7.1") as client:
+        started = time.monotonic()
+        assert client.auth_plain(ALICE.address, ALICE.password).code == 235
+        assert time.monotonic() - started < 0.25
+
+
+def test_throttled_replies_are_held(fresh_servers: ServerPool) -> None:
+    rules = _throttle(ip_per_minute=2, connection_delay_after=5, max_delay=0.8)
+    server = fresh_servers.create("held-454", users=[ALICE], sections=rules)
+    with session(server, source="127.0.8.1") as client:
+        for n in range(2):
+            assert client.auth_plain(ALICE.address, f"Guess-{n}-y").status == AUTH_FAILED_STATUS
+        started = time.monotonic()
+        assert client.auth_plain(ALICE.address, "Guess-2-y").status == THROTTLED
+        assert 0.75 <= time.monotonic() - started < 1.5
+
+
+def test_a_guessing_address_hashes_at_the_lowest_priority(fresh_servers: ServerPool) -> None:
+    """After a failure, that address's next password checks run in a nice-19 thread."""
+    rules = _throttle(ip_per_minute=10, connection_delay_after=0)
+    server = fresh_servers.create("suspects", users=[ALICE], sections=rules)
+    for n in range(2):
+        with session(server, source="127.0.9.1") as client:
+            assert client.auth_plain(ALICE.address, f"Guess-{n}-z").status == AUTH_FAILED_STATUS
+    nice = []
+    for task in Path(f"/proc/{server.pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        nice.append(int(fields[16]))  # field 19 of stat, counted after "(comm)"
+    assert 19 in nice, nice
