@@ -63,17 +63,35 @@ def announce_for(db: sqlite3.Connection) -> None:
 
 
 class ChangeSignal:
-    """The worker's read-only view of the signal file."""
+    """The worker's read-only view of the signal file.
+
+    If the file cannot be opened (made by another user, say root running the
+    CLI), the worker still serves: ``problem`` says why, and sessions then see
+    admin changes only when they log in again.
+    """
 
     def __init__(self, data_dir: Path) -> None:
-        fd = _ensure(signal_path(data_dir))
+        self._map: mmap.mmap | None = None
+        self.problem: str | None = None
+        path = signal_path(data_dir)
+        try:
+            fd = _ensure(path)
+        except OSError:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                self.problem = f"{path}: {exc.strerror or exc}"
+                return
         try:
             self._map = mmap.mmap(fd, _SIZE, prot=mmap.PROT_READ)
+        except (OSError, ValueError) as exc:
+            self.problem = f"{path}: {exc}"
         finally:
             os.close(fd)
 
     def value(self) -> int:
-        return int(_VALUE.unpack_from(self._map)[0])
+        return int(_VALUE.unpack_from(self._map)[0]) if self._map is not None else 0
 
     def close(self) -> None:
-        self._map.close()
+        if self._map is not None:
+            self._map.close()

@@ -80,6 +80,8 @@ class Worker:
             name="throttle-db",
         )
         self.changes = ChangeSignal(config.data_dir)
+        if self.changes.problem:
+            logs.event("changes.unavailable", logging.WARNING, reason=self.changes.problem)
         with contextlib.closing(storage.connect(config.database_path)) as db:
             decoy_key = LoginService.decoy_key(db)  # start-up: before any client
         self.logins = LoginService(
