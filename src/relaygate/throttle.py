@@ -15,11 +15,16 @@ the window. A limit of 0 turns that rule off.
 
 Reserve before verifying. A login that needs a secret checked calls
 ``reserve``: one write transaction that checks every rule and, when none is
-over, records the attempt as a failure at once. The verdict therefore holds
-under any concurrency, across connections and worker processes: 50 parallel
-guesses against a limit of 10 get 10 verified and 40 refused, not 50
-verified. A login that turns out right calls ``release`` to take its row
-back. An exchange abandoned half-way keeps its row: it counts as a failure.
+over, records the attempt as *pending* (``auth_pending``). Pending attempts
+count against the limits like failures, so the verdict holds under any
+concurrency, across connections and worker processes: 50 parallel guesses
+against a limit of 10 get 10 verified and 40 refused, not 50 verified. When
+failures alone are under a limit but failures and pending attempts together
+are not, ``reserve`` answers WAIT: the caller asks again shortly (a web app
+logging in on 20 connections at once is made to queue, not refused). The
+outcome settles the row: ``release`` (right: it goes) or ``fail`` (wrong: it
+becomes a failure). A pending row older than ``PENDING_TTL`` (a worker that
+died mid-check) no longer counts.
 
 Hot path cost: ``check`` is one indexed query for ip+network and one for the
 account (its known-network exemption is a primary-key subquery of it).
@@ -60,12 +65,22 @@ class Verdict:
     retry_after: float
 
 
+PENDING_TTL = 60.0  # seconds a pending attempt counts; checks take milliseconds
+
+
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """An attempt counted as a failure until ``release``; ``recent`` for delays."""
+    """An attempt counted as pending until ``release`` or ``fail``; ``recent`` for delays."""
 
     rowid: int
     recent: int  # failures from this client IP in the last minute, this one included
+
+
+class Wait:
+    """``reserve``: only attempts still being checked stand in the way; ask again soon."""
+
+
+WAIT = Wait()
 
 
 @lru_cache(maxsize=8192)
@@ -112,6 +127,9 @@ class AuthThrottle:
         )
         # Scan back only as far as the longest rule that is on.
         self._network_span = DAY if config.ip_per_day or config.network_per_day else MINUTE
+        # Per-rule counts of the last _check: ip minute, ip day, network minute,
+        # network day, account hour, account exempt (its known network).
+        self._counts: tuple[int, int, int, int, int, bool] = (0, 0, 0, 0, 0, True)
 
     def check(self, client_ip: str, username: str, now: float) -> Verdict | None:
         """None: go ahead and verify the password. Else refuse without verifying.
@@ -122,10 +140,12 @@ class AuthThrottle:
         return self._check(client_ip, username, now)[0]
 
     def _check(self, client_ip: str, username: str, now: float) -> tuple[Verdict | None, int]:
-        """(verdict, failures from this IP in the last minute)."""
+        """(verdict, failures from this IP in the last minute); leaves the counts
+        of each rule in ``self._counts`` for ``_over_with_pending``."""
         config = self.config
         ip, network = _normalize(client_ip)
         recent = 0
+        self._counts = (0, 0, 0, 0, 0, True)
         if self._network_rules:
             verdict, recent = self._check_network(ip, network, now)
             if verdict is not None:
@@ -134,30 +154,80 @@ class AuthThrottle:
             return self._check_account(_username(username), network, now), recent
         return None, recent
 
-    def reserve(self, client_ip: str, username: str, now: float) -> Verdict | Reservation:
+    def reserve(self, client_ip: str, username: str, now: float) -> Verdict | Reservation | Wait:
         """Check and count this attempt in one transaction (see the module's doc)."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
             verdict, recent = self._check(client_ip, username, now)
-            rowid = 0
-            if verdict is None:
+            result: Verdict | Reservation | Wait
+            if verdict is not None:
+                result = verdict
+            elif self._over_with_pending(client_ip, username, now):
+                result = WAIT
+            else:
                 ip, network = _normalize(client_ip)
                 cursor = db.execute(
-                    "INSERT INTO auth_failures (ts, ip, network, account) VALUES (?, ?, ?, ?)",
+                    "INSERT INTO auth_pending (ts, ip, network, account) VALUES (?, ?, ?, ?)",
                     (now, ip, network, _username(username)),
                 )
-                rowid = cursor.lastrowid or 0
+                result = Reservation(cursor.lastrowid or 0, recent + 1)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        return verdict if verdict is not None else Reservation(rowid, recent + 1)
+        return result
+
+    def _over_with_pending(self, client_ip: str, username: str, now: float) -> bool:
+        config = self.config
+        ip_minute, ip_day, net_minute, net_day, account, account_exempt = self._counts
+        ip, network = _normalize(client_ip)
+        fresh = now - PENDING_TTL
+        if self._network_rules:
+            pending_ip, pending_net = self.db.execute(
+                "SELECT COALESCE(SUM(ip = ?), 0), COUNT(*) FROM auth_pending"
+                " WHERE network = ? AND ts > ?",
+                (ip, network, fresh),
+            ).fetchone()
+            if pending_net and any(
+                limit and count + pending >= limit
+                for limit, count, pending in (
+                    (config.ip_per_minute, ip_minute, pending_ip),
+                    (config.ip_per_day, ip_day, pending_ip),
+                    (config.network_per_minute, net_minute, pending_net),
+                    (config.network_per_day, net_day, pending_net),
+                )
+            ):
+                return True
+        if config.account_per_hour and not account_exempt:
+            (pending_account,) = self.db.execute(
+                "SELECT COUNT(*) FROM auth_pending WHERE account = ? AND ts > ?",
+                (_username(username), fresh),
+            ).fetchone()
+            return bool(account + pending_account >= config.account_per_hour)
+        return False
 
     def release(self, reservation: Reservation) -> None:
-        """The secret was right: the reserved attempt is not a failure after all."""
-        self.db.execute("DELETE FROM auth_failures WHERE rowid = ?", (reservation.rowid,))
+        """The secret was right: the attempt is not a failure."""
+        self.db.execute("DELETE FROM auth_pending WHERE rowid = ?", (reservation.rowid,))
+
+    def fail(self, reservation: Reservation) -> None:
+        """The secret was wrong (or the exchange was abandoned): now a failure."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "INSERT INTO auth_failures (ts, ip, network, account)"
+                " SELECT ts, ip, network, account FROM auth_pending WHERE rowid = ?",
+                (reservation.rowid,),
+            )
+            db.execute("DELETE FROM auth_pending WHERE rowid = ?", (reservation.rowid,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     def _check_network(self, ip: str, network: str, now: float) -> tuple[Verdict | None, int]:
         config = self.config
@@ -174,6 +244,7 @@ class AuthThrottle:
         ).fetchone()
         ip_minute, ip_minute_oldest, ip_day, ip_day_oldest = row[:4]
         net_minute, net_minute_oldest, net_day, net_day_oldest = row[4:]
+        self._counts = (ip_minute or 0, ip_day or 0, net_minute or 0, net_day or 0, 0, True)
         if not net_day:
             return None, 0
         # Every rule that is over must lift before a login may go ahead, so the
@@ -200,10 +271,10 @@ class AuthThrottle:
             " FROM auth_failures WHERE account = :account AND ts > :hour",
             {"account": account, "network": network, "hour": now - HOUR},
         ).fetchone()
-        if count < config.account_per_hour:
-            return None
-        if known_since is not None and known_since > now - config.known_network_days * DAY:
-            return None  # the owner's usual network: guessing elsewhere must not lock them out
+        exempt = known_since is not None and known_since > now - config.known_network_days * DAY
+        self._counts = (*self._counts[:4], count, exempt)
+        if count < config.account_per_hour or exempt:
+            return None  # exempt: the owner's usual network must not be locked out
         return Verdict("account", oldest + HOUR - now)
 
     def record_failure(self, client_ip: str, username: str, now: float) -> None:
@@ -239,6 +310,8 @@ class AuthThrottle:
 
         Call periodically (say every few minutes), not on the hot path.
         """
+        # Pending rows left by a worker that died mid-check no longer count anyway.
+        self.db.execute("DELETE FROM auth_pending WHERE ts < ?", (now - PENDING_TTL,))
         # No index on ts alone, but rows arrive in ts order, so rowid order is
         # time order: find the first row young enough to keep (a scan that stops
         # there), then delete everything before it by rowid range. Rows written a

@@ -204,3 +204,18 @@ def session_login(server: Server, password: str) -> str:
     with RawSMTP.connect(server.implicit_port, tls=server.client_context()) as client:
         client.ehlo()
         return client.auth_plain(ALICE.address, password).status
+
+
+def test_parallel_right_logins_queue_instead_of_being_refused(fresh_servers: ServerPool) -> None:
+    """A web app opening 25 connections at once (first logins: every one needs its
+    hash checked) is not throttled by its own attempts still in flight."""
+    server = fresh_servers.create(
+        "parallel-right", workers=2, users=[ALICE], sections={"auth_throttle": NO_DELAYS}
+    )
+
+    def attempt(barrier: threading.Barrier) -> str:
+        with session(server, source="127.0.5.1") as client:
+            barrier.wait()
+            return client.auth_plain(ALICE.address, ALICE.password).status
+
+    assert Counter(parallel(25, attempt)) == {"235 2.7.0": 25}

@@ -1,4 +1,4 @@
-"""AuthThrottle against a real SQLite file: windows, boundaries, networks, the owner's exemption."""
+"""AuthThrottle against a real SQLite file (throttle.db): windows, boundaries, networks, the owner's exemption."""
 
 from __future__ import annotations
 
@@ -10,8 +10,15 @@ from pathlib import Path
 import pytest
 
 from relaygate.config import AuthThrottleConfig
-from relaygate.storage.sqlite import connect
-from relaygate.throttle import AuthThrottle, Verdict, network_of
+from relaygate.storage.sqlite import connect_state
+from relaygate.throttle import (
+    PENDING_TTL,
+    WAIT,
+    AuthThrottle,
+    Reservation,
+    Verdict,
+    network_of,
+)
 
 T0 = 1_800_000_000.0  # an arbitrary fixed "now"
 DAY = 86400.0
@@ -28,7 +35,7 @@ OFF = AuthThrottleConfig(
 
 @pytest.fixture
 def db(tmp_path: Path) -> Iterator[sqlite3.Connection]:
-    connection = connect(tmp_path / "relaygate.db")
+    connection = connect_state(tmp_path / "throttle.db")
     yield connection
     connection.close()
 
@@ -291,3 +298,59 @@ def test_record_calls_are_one_statement(db: sqlite3.Connection) -> None:
     t.record_success("192.0.2.1", "alice@example.com", T0 + 1)  # remembered: no write
     db.set_trace_callback(None)
     assert len(statements) == 2
+
+
+# ------------------------------------------------------------------ reservations
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    connection = connect_state(tmp_path / "throttle.db")
+    yield connection
+    connection.close()
+
+
+def test_reserve_counts_attempts_in_flight(state: sqlite3.Connection) -> None:
+    t = AuthThrottle(state, replace(OFF, ip_per_minute=3))
+    held = [t.reserve("192.0.2.1", "a@example.com", T0) for _ in range(3)]
+    assert all(isinstance(r, Reservation) for r in held)
+    # Three in flight: a fourth waits (they may still turn out right)...
+    assert t.reserve("192.0.2.1", "a@example.com", T0) is WAIT
+    # ...until they settle: two right, one wrong.
+    for r in held[:2]:
+        assert isinstance(r, Reservation)
+        t.release(r)
+    assert isinstance(held[2], Reservation)
+    t.fail(held[2])
+    again = t.reserve("192.0.2.1", "a@example.com", T0 + 1)
+    assert isinstance(again, Reservation)
+    assert again.recent == 2  # the failure before it and itself
+    t.fail(again)
+    third = t.reserve("192.0.2.1", "a@example.com", T0 + 2)
+    assert isinstance(third, Reservation)
+    t.fail(third)
+    # Three failures now: refused outright, the secret never checked.
+    verdict = t.reserve("192.0.2.1", "a@example.com", T0 + 3)
+    assert isinstance(verdict, Verdict) and verdict.scope == "ip"
+
+
+def test_a_pending_attempt_left_by_a_dead_worker_stops_counting(
+    state: sqlite3.Connection,
+) -> None:
+    t = AuthThrottle(state, replace(OFF, ip_per_minute=1))
+    assert isinstance(t.reserve("192.0.2.2", "a@example.com", T0), Reservation)
+    assert t.reserve("192.0.2.2", "a@example.com", T0 + 1) is WAIT
+    later = T0 + PENDING_TTL + 1
+    assert isinstance(t.reserve("192.0.2.2", "a@example.com", later), Reservation)
+    t.prune(later + PENDING_TTL + 1)
+    assert state.execute("SELECT COUNT(*) FROM auth_pending").fetchone()[0] == 0
+
+
+def test_pending_attempts_against_an_account_wait_except_on_its_known_network(
+    state: sqlite3.Connection,
+) -> None:
+    t = AuthThrottle(state, replace(OFF, account_per_hour=1))
+    t.record_success("198.51.100.7", "a@example.com", T0)
+    assert isinstance(t.reserve("192.0.2.3", "a@example.com", T0), Reservation)
+    assert t.reserve("203.0.113.3", "a@example.com", T0) is WAIT
+    assert isinstance(t.reserve("198.51.100.8", "a@example.com", T0), Reservation)

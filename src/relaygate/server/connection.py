@@ -163,6 +163,7 @@ class SMTPConnection(asyncio.Protocol):
             return
         self.lost = True
         self.worker.connections.discard(self)
+        self._abandon_reservation()
         if self.counted and self.worker.limiter is not None:
             self.worker.limiter.close(self.client_ip)
         logs.event(
@@ -337,9 +338,16 @@ class SMTPConnection(asyncio.Protocol):
 
     # -------------------------------------------------------------- login
 
+    def _abandon_reservation(self) -> None:
+        """A SCRAM exchange got its keys and was then given up: count it as a failure."""
+        reservation, self._reservation = self._reservation, None
+        if reservation is not None:
+            self.worker.logins.abandon(reservation)
+
     def _on_keys(self, event: KeysRequest) -> None:
         # SCRAM: the keys come only after a throttle reservation, or the proof
         # check would tell a client over its limit whether its guess was right.
+        self._abandon_reservation()
         logins = self.worker.logins
         work = logins.scram_keys(event.username, self.client_ip, self.session.auth_failures)
         self._decide(work, functools.partial(self._keys_answered, event))
@@ -370,16 +378,17 @@ class SMTPConnection(asyncio.Protocol):
                 self.client_ip,
                 failures,
             )
-        elif credentials.authzid and credentials.authzid.lower() != credentials.username.lower():
-            # Acting as another user (proxy authorization) is not offered.
-            delay = failure_delay(logins.config, failures + 1, 0)
-            self._auth_answered(
-                event.mechanism,
-                credentials.username,
-                LoginResult(None, "authzid_mismatch", delay=delay),
-            )
-            return
         else:
+            self._abandon_reservation()  # a SCRAM exchange left before its end
+            if credentials.authzid and credentials.authzid.lower() != credentials.username.lower():
+                # Acting as another user (proxy authorization) is not offered.
+                delay = failure_delay(logins.config, failures + 1, 0)
+                self._auth_answered(
+                    event.mechanism,
+                    credentials.username,
+                    LoginResult(None, "authzid_mismatch", delay=delay),
+                )
+                return
             work = logins.password(
                 credentials.username, credentials.password, self.client_ip, failures
             )

@@ -13,8 +13,9 @@ A password login, in order:
    throttle check is enough (it still refuses a client over its limit).
 3. Otherwise a throttle slot is *reserved* (throttle thread, see throttle.py)
    before argon2id runs, so no concurrency gets more guesses checked than
-   the limits allow. Right: the reservation is released. Wrong: it stays,
-   as the failure.
+   the limits allow; when only other attempts still in flight stand in the
+   way, we wait for them (briefly) instead of refusing. Right: the
+   reservation is released. Wrong: it becomes a failure.
 
 Failed attempts cost time, not only a count: each failure reply is held for
 ``failure_delay`` (growing with the failures on the connection and from the
@@ -53,11 +54,12 @@ from relaygate.sasl import StoredKeys, stored_keys_for_password
 from relaygate.sasl.scram import DEFAULT_ITERATIONS
 from relaygate.storage.secrets import get_or_create_secret
 from relaygate.storage.thread import DatabaseThread
-from relaygate.throttle import AuthThrottle, Reservation, Verdict
+from relaygate.throttle import AuthThrottle, Reservation, Verdict, Wait
 
 CACHE_SIZE = 10000
 TOUCH_INTERVAL = 60.0  # seconds between last_used_at writes for one credential
 SUSPECT_QUEUE = 64  # argon2id runs waiting for suspects; more are refused for now
+RESERVE_PATIENCE = 10.0  # seconds to queue behind other attempts still being checked
 SCRAM_DECOY_KEY = "scram_decoy_key"  # name of the server secret in storage.secrets
 _REAL_SALT_LENGTH = len(stored_keys_for_password("length probe", 4096).salt)
 
@@ -161,8 +163,38 @@ class LoginService:
             self._throttle = AuthThrottle(db, self.config)
         return self._throttle
 
-    def _reserve(self, db: sqlite3.Connection, ip: str, user: str) -> Verdict | Reservation:
+    def _reserve_once(
+        self, db: sqlite3.Connection, ip: str, user: str
+    ) -> Verdict | Reservation | Wait:
         return self._throttle_for(db).reserve(ip, user, time.time())
+
+    async def _reserve(self, ip: str, user: str) -> Verdict | Reservation | None:
+        """A reservation, a verdict, or None when others' checks kept us waiting too long."""
+        pause = 0.01
+        deadline = self._loop.time() + RESERVE_PATIENCE
+        while True:
+            answer = await self._throttle_db.run(self._reserve_once, ip, user)
+            if not isinstance(answer, Wait):
+                return answer
+            if self._loop.time() + pause > deadline:
+                return None
+            await asyncio.sleep(pause)  # attempts in flight settle in milliseconds
+            pause = min(pause * 2, 0.2)
+
+    def _fail(self, db: sqlite3.Connection, reservation: Reservation) -> None:
+        self._throttle_for(db).fail(reservation)
+
+    def abandon(self, reservation: Reservation) -> None:
+        """A SCRAM exchange given up after its keys were handed out: a failure.
+
+        Fire and forget: nobody waits for it, and at shutdown it may not run
+        (the pending row then stops counting after PENDING_TTL).
+        """
+        try:
+            future = self._throttle_db.run(self._fail, reservation)
+        except RuntimeError:
+            return  # shutting down
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _allow(self, db: sqlite3.Connection, ip: str, user: str) -> Verdict | None:
         throttle = self._throttle_for(db)
@@ -213,9 +245,11 @@ class LoginService:
                         return self._throttled(verdict)
                     return LoginResult(account, "ok", cached=True)
             self._cache.pop(key, None)
-            reserved = await self._throttle_db.run(self._reserve, client_ip, username)
+            reserved = await self._reserve(client_ip, username)
         except (sqlite3.Error, OSError):
             return LoginResult(None, "error")
+        if reserved is None:
+            return LoginResult(None, "busy", delay=1.0)
         if isinstance(reserved, Verdict):
             return self._throttled(reserved)
         suspect = connection_failures > 0 or reserved.recent > 1
@@ -223,11 +257,13 @@ class LoginService:
             outcome = await self._slow_verify(account, password, suspect)
         except (sqlite3.Error, OSError, RuntimeError):
             outcome = "error"
-        if outcome in ("ok", "busy", "error"):
-            try:
+        try:
+            if outcome in ("ok", "busy", "error"):
                 await self._throttle_db.run(self._release, reserved, client_ip, username)
-            except sqlite3.Error:
-                pass  # the attempt stays counted as a failure: the safe side
+            else:
+                await self._throttle_db.run(self._fail, reserved)
+        except sqlite3.Error:
+            pass  # a pending row left behind stops counting after PENDING_TTL
         if outcome == "ok" and account is not None:
             if len(self._cache) >= CACHE_SIZE:
                 self._cache.pop(next(iter(self._cache)))  # drop the oldest entry
@@ -288,9 +324,12 @@ class LoginService:
         elif account.disabled:
             outcome = "disabled"
         if outcome != "ok":
-            reserved = await self._throttle_db.run(self._reserve, client_ip, username)
+            reserved = await self._reserve(client_ip, username)
+            if reserved is None:
+                return LoginResult(None, "busy", delay=1.0)
             if isinstance(reserved, Verdict):
                 return self._throttled(reserved)
+            await self._throttle_db.run(self._fail, reserved)
             return self._failed(outcome, connection_failures, reserved.recent)
         assert credential is not None and account is not None
         verdict = await self._throttle_db.run(self._allow, client_ip, account.address)
@@ -308,7 +347,9 @@ class LoginService:
     ) -> tuple[StoredKeys, Reservation] | LoginResult:
         """The keys to run SCRAM with, after a throttle reservation; or a refusal."""
         try:
-            reserved = await self._throttle_db.run(self._reserve, client_ip, username)
+            reserved = await self._reserve(client_ip, username)
+            if reserved is None:
+                return LoginResult(None, "busy", delay=1.0)
             if isinstance(reserved, Verdict):
                 return self._throttled(reserved)
             account = await self._accounts.run(_get_account, username)
@@ -359,6 +400,11 @@ class LoginService:
                 except sqlite3.Error:
                     pass
             return LoginResult(account, "ok")
+        if reservation is not None:
+            try:
+                await self._throttle_db.run(self._fail, reservation)
+            except sqlite3.Error:
+                pass
         return self._failed(outcome, connection_failures, recent)
 
     def _find_credential(

@@ -149,6 +149,14 @@ CREATE TABLE IF NOT EXISTS auth_failures (
 );
 CREATE INDEX IF NOT EXISTS auth_failures_network ON auth_failures(network, ts);
 CREATE INDEX IF NOT EXISTS auth_failures_account ON auth_failures(account, ts);
+CREATE TABLE IF NOT EXISTS auth_pending ( -- attempts being checked right now (throttle.py)
+    ts      REAL NOT NULL,
+    ip      TEXT NOT NULL,
+    network TEXT NOT NULL,
+    account TEXT NOT NULL COLLATE NOCASE
+);
+CREATE INDEX IF NOT EXISTS auth_pending_network ON auth_pending(network);
+CREATE INDEX IF NOT EXISTS auth_pending_account ON auth_pending(account);
 CREATE TABLE IF NOT EXISTS auth_successes (
     account TEXT NOT NULL COLLATE NOCASE,
     network TEXT NOT NULL,
