@@ -1,4 +1,4 @@
-"""AuthThrottle against a real SQLite file (throttle.db): windows, boundaries, networks, the owner's exemption."""
+"""AuthThrottle on a real throttle.db: windows, boundaries, networks, reservations, exemptions."""
 
 from __future__ import annotations
 
