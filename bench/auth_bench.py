@@ -28,7 +28,7 @@ from relaygate.config import AuthThrottleConfig, PasswordHashConfig
 from relaygate.sasl import Challenge, NeedKeys, StoredKeys, Verified, stored_keys_for_password
 from relaygate.sasl.scram import Scram
 from relaygate.services.login import LoginService
-from relaygate.storage.sqlite import connect, connect_state
+from relaygate.storage.sqlite import connect, connect_service
 from relaygate.storage.thread import DatabaseThread
 
 USER = "bench@example.test"
@@ -62,11 +62,9 @@ def main() -> None:
         _, secret = CredentialStore(db).add(
             USER, "web", expires_at=None, senders=None, networks=None
         )
-        accounts = DatabaseThread(lambda: connect(Path(tmp) / "bench.db"), loop, "accounts")
-        throttle = DatabaseThread(lambda: connect_state(Path(tmp) / "throttle.db"), loop, "state")
+        service = DatabaseThread(lambda: connect_service(Path(tmp) / "bench.db"), loop, "db")
         auth = LoginService(
-            accounts=accounts,
-            throttle_db=throttle,
+            db=service,
             throttle_config=AuthThrottleConfig(),
             hasher=hasher,
             decoy_key=LoginService.decoy_key(db),
@@ -132,8 +130,7 @@ def main() -> None:
             measure("SCRAM-SHA-256, server side", args.seconds, scram_server),
         ]
         auth.close()
-        accounts.close()
-        throttle.close()
+        service.close()
         db.close()
     loop.close()
     width = max(len(str(r["case"])) for r in results)

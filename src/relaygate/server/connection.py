@@ -581,7 +581,7 @@ class SMTPConnection(asyncio.Protocol):
             self.session.accept_sender()
             return
         now = time.time()
-        work = self.worker.accounts_db.run(quotas.check_message, scopes, now)
+        work = self.worker.db.run(lambda c: quotas.check_message(c.data, scopes, now))
         self._decide(work, functools.partial(self._sender_checked, event))
 
     def _sender_checked(self, event: SenderRequest, future: asyncio.Future[bytes | None]) -> None:
@@ -612,14 +612,17 @@ class SMTPConnection(asyncio.Protocol):
         if not quotas.recipient_limited(scopes):
             self.session.accept_recipient()
             return
-        work = self.worker.accounts_db.run(
-            quotas.check_recipient,
-            scopes,
-            account.address,
-            event.address,
-            accepted_so_far=len(self.session.recipients),
-            new_so_far=len(self.new_recipients),
-            now=time.time(),
+        accepted, new, now = len(self.session.recipients), len(self.new_recipients), time.time()
+        work = self.worker.db.run(
+            lambda c: quotas.check_recipient(
+                c.data,
+                scopes,
+                account.address,
+                event.address,
+                accepted_so_far=accepted,
+                new_so_far=new,
+                now=now,
+            )
         )
         self._decide(work, functools.partial(self._recipient_checked, event))
 

@@ -71,13 +71,11 @@ class Worker:
         pairs = certificate_pairs(config)
         self.tls_context: ssl.SSLContext = server_context(pairs)
         self.channel_bindings = tuple(end_point_binding(cert) for cert, _ in pairs)
-        # Every database call made while serving runs in one of these threads,
-        # never on the event loop (a lock held elsewhere must not freeze sessions).
-        self.accounts_db = DatabaseThread(lambda: _reader(config), loop, name="accounts-db")
-        self.throttle_db = DatabaseThread(
-            lambda: storage.connect_state(storage.state_path(config.database_path)),
-            loop,
-            name="throttle-db",
+        # Every database call made while serving runs in this thread, never on
+        # the event loop (a lock held elsewhere must not freeze every session);
+        # the spool has its own writer thread.
+        self.db = DatabaseThread(
+            lambda: storage.connect_service(config.database_path), loop, name="service-db"
         )
         self.changes = ChangeSignal(config.data_dir)
         if self.changes.problem:
@@ -85,8 +83,7 @@ class Worker:
         with contextlib.closing(storage.connect(config.database_path)) as db:
             decoy_key = LoginService.decoy_key(db)  # start-up: before any client
         self.logins = LoginService(
-            accounts=self.accounts_db,
-            throttle_db=self.throttle_db,
+            db=self.db,
             throttle_config=config.auth_throttle,
             hasher=PasswordHasher(config.password_hash),
             decoy_key=decoy_key,
@@ -136,8 +133,7 @@ class Worker:
         await asyncio.gather(*pending, return_exceptions=True)
         self.spool.close()
         self.logins.close()
-        self.accounts_db.close()
-        self.throttle_db.close()
+        self.db.close()
         self.changes.close()
 
     def generation(self) -> int:
@@ -191,14 +187,6 @@ PRUNE_INTERVAL = 600.0  # seconds between clean-ups of old throttle and quota ro
 def _prune_quotas(config: Config) -> None:
     with contextlib.closing(storage.connect(config.database_path)) as db:
         Quotas(db).prune(time.time())
-
-
-def _reader(config: Config) -> sqlite3.Connection:
-    """The accounts thread's connection: reads for logins and limits, a few small
-    writes (credential last-used) that need no fsync of their own."""
-    db = storage.connect(config.database_path)
-    db.execute("PRAGMA synchronous=NORMAL")
-    return db
 
 
 def _quiet_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

@@ -53,6 +53,7 @@ from relaygate.config import AuthThrottleConfig
 from relaygate.sasl import StoredKeys, stored_keys_for_password
 from relaygate.sasl.scram import DEFAULT_ITERATIONS
 from relaygate.storage.secrets import get_or_create_secret
+from relaygate.storage.sqlite import ServiceConnections
 from relaygate.storage.thread import DatabaseThread
 from relaygate.throttle import AuthThrottle, Reservation, Verdict, Wait
 
@@ -119,15 +120,15 @@ class LoginService:
     def __init__(
         self,
         *,
-        accounts: DatabaseThread,
-        throttle_db: DatabaseThread,
+        db: DatabaseThread[ServiceConnections],
         throttle_config: AuthThrottleConfig,
         hasher: PasswordHasher,
         decoy_key: bytes,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        self._accounts = accounts
-        self._throttle_db = throttle_db
+        # One thread with both connections (storage.sqlite.connect_service), so
+        # a login takes one hop to it, and one back after the hash if any.
+        self._db = db
         self.config = throttle_config
         self._throttle: AuthThrottle | None = None
         self._hasher = hasher
@@ -164,16 +165,16 @@ class LoginService:
         return self._throttle
 
     def _reserve_once(
-        self, db: sqlite3.Connection, ip: str, user: str
+        self, c: ServiceConnections, ip: str, user: str
     ) -> Verdict | Reservation | Wait:
-        return self._throttle_for(db).reserve(ip, user, time.time())
+        return self._throttle_for(c.state).reserve(ip, user, time.time())
 
     async def _reserve(self, ip: str, user: str) -> Verdict | Reservation | None:
         """A reservation, a verdict, or None when others' checks kept us waiting too long."""
         pause = 0.01
         deadline = self._loop.time() + RESERVE_PATIENCE
         while True:
-            answer = await self._throttle_db.run(self._reserve_once, ip, user)
+            answer = await self._db.run(self._reserve_once, ip, user)
             if not isinstance(answer, Wait):
                 return answer
             if self._loop.time() + pause > deadline:
@@ -181,8 +182,8 @@ class LoginService:
             await asyncio.sleep(pause)  # attempts in flight settle in milliseconds
             pause = min(pause * 2, 0.2)
 
-    def _fail(self, db: sqlite3.Connection, reservation: Reservation) -> None:
-        self._throttle_for(db).fail(reservation)
+    def _fail(self, c: ServiceConnections, reservation: Reservation) -> None:
+        self._throttle_for(c.state).fail(reservation)
 
     def abandon(self, reservation: Reservation) -> None:
         """A SCRAM exchange given up after its keys were handed out: a failure.
@@ -191,28 +192,26 @@ class LoginService:
         (the pending row then stops counting after PENDING_TTL).
         """
         try:
-            future = self._throttle_db.run(self._fail, reservation)
+            future = self._db.run(self._fail, reservation)
         except RuntimeError:
             return  # shutting down
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
-    def _allow(self, db: sqlite3.Connection, ip: str, user: str) -> Verdict | None:
-        throttle = self._throttle_for(db)
+    def _allow(self, c: ServiceConnections, ip: str, user: str) -> Verdict | None:
+        throttle = self._throttle_for(c.state)
         now = time.time()
         verdict = throttle.check(ip, user, now)
         if verdict is None:
             throttle.record_success(ip, user, now)
         return verdict
 
-    def _release(
-        self, db: sqlite3.Connection, reservation: Reservation, ip: str, user: str
-    ) -> None:
-        throttle = self._throttle_for(db)
+    def _release(self, c: ServiceConnections, reservation: Reservation, ip: str, user: str) -> None:
+        throttle = self._throttle_for(c.state)
         throttle.release(reservation)
         throttle.record_success(ip, user, time.time())
 
     def prune(self) -> asyncio.Future[None]:
-        return self._throttle_db.run(lambda db: self._throttle_for(db).prune(time.time()))
+        return self._db.run(lambda c: self._throttle_for(c.state).prune(time.time()))
 
     def _throttled(self, verdict: Verdict) -> LoginResult:
         delay = min(self.config.max_delay, verdict.retry_after)
@@ -230,28 +229,27 @@ class LoginService:
         self, username: str, password: str, client_ip: str, connection_failures: int
     ) -> LoginResult:
         """Check a user name and password (or app-credential secret)."""
+        key = b""
         try:
             if looks_like_credential(password):
                 return await self._credential(username, password, client_ip, connection_failures)
-            account = await self._accounts.run(_get_account, username)
             key = self._cache_key(username, password)
-            if account is not None and not account.disabled:
-                cached = self._cache.get(key)
-                if cached is not None and hmac.compare_digest(
-                    cached.encode(), account.password_hash.encode()
-                ):
-                    verdict = await self._throttle_db.run(self._allow, client_ip, account.address)
-                    if verdict is not None:
-                        return self._throttled(verdict)
-                    return LoginResult(account, "ok", cached=True)
-            self._cache.pop(key, None)
-            reserved = await self._reserve(client_ip, username)
+            account, cached, reserved = await self._db.run(
+                self._begin_password, username, key, client_ip
+            )
+            if cached:
+                if isinstance(reserved, Verdict):
+                    return self._throttled(reserved)
+                return LoginResult(account, "ok", cached=True)
+            if isinstance(reserved, Wait):
+                reserved = await self._reserve(client_ip, username)
         except (sqlite3.Error, OSError):
             return LoginResult(None, "error")
         if reserved is None:
             return LoginResult(None, "busy", delay=1.0)
         if isinstance(reserved, Verdict):
             return self._throttled(reserved)
+        assert isinstance(reserved, Reservation)
         suspect = connection_failures > 0 or reserved.recent > 1
         try:
             outcome = await self._slow_verify(account, password, suspect)
@@ -259,9 +257,9 @@ class LoginService:
             outcome = "error"
         try:
             if outcome in ("ok", "busy", "error"):
-                await self._throttle_db.run(self._release, reserved, client_ip, username)
+                await self._db.run(self._release, reserved, client_ip, username)
             else:
-                await self._throttle_db.run(self._fail, reserved)
+                await self._db.run(self._fail, reserved)
         except sqlite3.Error:
             pass  # a pending row left behind stops counting after PENDING_TTL
         if outcome == "ok" and account is not None:
@@ -276,6 +274,24 @@ class LoginService:
         if outcome == "error":
             return LoginResult(None, "error")
         return self._failed(outcome, connection_failures, reserved.recent)
+
+    def _begin_password(
+        self, c: ServiceConnections, username: str, key: bytes, ip: str
+    ) -> tuple[Account | None, bool, Verdict | Reservation | Wait | None]:
+        """In the database thread: (account, cache hit, throttle answer), in one hop.
+
+        A cache hit (the password is known right) needs only the read-only check;
+        anything else reserves its place before the secret is checked.
+        """
+        account = _get_account(c.data, username)
+        if account is not None and not account.disabled:
+            cached = self._cache.get(key)
+            if cached is not None and hmac.compare_digest(
+                cached.encode(), account.password_hash.encode()
+            ):
+                return account, True, self._allow(c, ip, account.address)
+        self._cache.pop(key, None)
+        return account, False, self._reserve_once(c, ip, username)
 
     def _cache_key(self, username: str, password: str) -> bytes:
         material = username.lower().encode() + b"\0" + password.encode()
@@ -306,9 +322,41 @@ class LoginService:
         self, username: str, secret: str, client_ip: str, connection_failures: int
     ) -> LoginResult:
         """App credentials are high-entropy: checked at once, then the throttle decides."""
-        credential, account = await self._accounts.run(self._find_credential, secret)
+        outcome, account, credential, answer = await self._db.run(
+            self._begin_credential, username, secret, client_ip
+        )
+        if outcome != "ok":
+            if isinstance(answer, Wait):  # a wrong secret queued behind checks in flight
+                answer = await self._reserve(client_ip, username)
+                if isinstance(answer, Reservation):
+                    await self._db.run(self._fail, answer)
+            if answer is None:
+                return LoginResult(None, "busy", delay=1.0)
+            if isinstance(answer, Verdict):
+                return self._throttled(answer)
+            recent = answer.recent if isinstance(answer, Reservation) else 0
+            return self._failed(outcome, connection_failures, recent)
+        if isinstance(answer, Verdict):  # right, but this client is over a limit
+            return self._throttled(answer)
+        assert credential is not None and account is not None
         now = time.time()
+        if now - self._touched.get(credential.id, 0.0) >= TOUCH_INTERVAL:
+            self._touched[credential.id] = now
+            self._db.run(_touch_credential, credential.id, now)  # informational
+        return LoginResult(account, "ok", credential=credential)
+
+    def _begin_credential(
+        self, c: ServiceConnections, username: str, secret: str, ip: str
+    ) -> tuple[str, Account | None, Credential | None, Verdict | Reservation | Wait | None]:
+        """In the database thread: the credential's verdict and the throttle's, in one hop.
+
+        The secret is checked first (a keyed hash: nothing to gain by throttling
+        that), then a right one gets the read-only check and a wrong one is
+        recorded as a failure through a reservation.
+        """
+        credential, account = self._find_credential(c.data, secret)
         outcome = "ok"
+        now = time.time()
         if (
             credential is None
             or account is None
@@ -319,26 +367,17 @@ class LoginService:
             outcome = "revoked"
         elif not credential.is_active(now):
             outcome = "expired"
-        elif not credential.allows_network(client_ip):
+        elif not credential.allows_network(ip):
             outcome = "network"
         elif account.disabled:
             outcome = "disabled"
-        if outcome != "ok":
-            reserved = await self._reserve(client_ip, username)
-            if reserved is None:
-                return LoginResult(None, "busy", delay=1.0)
-            if isinstance(reserved, Verdict):
-                return self._throttled(reserved)
-            await self._throttle_db.run(self._fail, reserved)
-            return self._failed(outcome, connection_failures, reserved.recent)
-        assert credential is not None and account is not None
-        verdict = await self._throttle_db.run(self._allow, client_ip, account.address)
-        if verdict is not None:
-            return self._throttled(verdict)
-        if now - self._touched.get(credential.id, 0.0) >= TOUCH_INTERVAL:
-            self._touched[credential.id] = now
-            self._accounts.run(_touch_credential, credential.id, now)  # informational
-        return LoginResult(account, "ok", credential=credential)
+        if outcome == "ok":
+            assert account is not None
+            return outcome, account, credential, self._allow(c, ip, account.address)
+        answer = self._reserve_once(c, ip, username)
+        if isinstance(answer, Reservation):
+            self._fail(c, answer)  # known wrong already: straight to a failure
+        return outcome, None, None, answer
 
     # ------------------------------------------------------------ SCRAM
 
@@ -346,18 +385,26 @@ class LoginService:
         self, username: str, client_ip: str, connection_failures: int
     ) -> tuple[StoredKeys, Reservation] | LoginResult:
         """The keys to run SCRAM with, after a throttle reservation; or a refusal."""
+        reserved: Verdict | Reservation | Wait | None
         try:
-            reserved = await self._reserve(client_ip, username)
-            if reserved is None:
-                return LoginResult(None, "busy", delay=1.0)
-            if isinstance(reserved, Verdict):
-                return self._throttled(reserved)
-            account = await self._accounts.run(_get_account, username)
+            reserved, account = await self._db.run(self._begin_scram, username, client_ip)
+            if isinstance(reserved, Wait):
+                reserved = await self._reserve(client_ip, username)
         except (sqlite3.Error, OSError):
             return LoginResult(None, "error")
+        if reserved is None:
+            return LoginResult(None, "busy", delay=1.0)
+        if isinstance(reserved, Verdict):
+            return self._throttled(reserved)
+        assert isinstance(reserved, Reservation)
         if account is not None and account.scram is not None and not account.disabled:
             return account.scram, reserved
         return self.decoy_keys(username), reserved
+
+    def _begin_scram(
+        self, c: ServiceConnections, username: str, ip: str
+    ) -> tuple[Verdict | Reservation | Wait, Account | None]:
+        return self._reserve_once(c, ip, username), _get_account(c.data, username)
 
     def decoy_keys(self, username: str) -> StoredKeys:
         """Keys that fail every proof, the same for a name wherever and whenever asked."""
@@ -382,9 +429,25 @@ class LoginService:
         """The mechanism checked the proof; the account must still exist and be enabled."""
         recent = reservation.recent if reservation is not None else 0
         try:
-            account = await self._accounts.run(_get_account, username)
+            account, outcome = await self._db.run(
+                self._finish_scram, username, proof_ok, reservation, client_ip
+            )
         except (sqlite3.Error, OSError):
             return LoginResult(None, "error")
+        if outcome == "ok":
+            return LoginResult(account, "ok")
+        return self._failed(outcome, connection_failures, recent)
+
+    def _finish_scram(
+        self,
+        c: ServiceConnections,
+        username: str,
+        proof_ok: bool,
+        reservation: Reservation | None,
+        ip: str,
+    ) -> tuple[Account | None, str]:
+        """In the database thread: the verdict on the account, and the reservation settled."""
+        account = _get_account(c.data, username)
         if account is None or account.scram is None:
             outcome = "unknown_user"
         elif not proof_ok:
@@ -392,20 +455,14 @@ class LoginService:
         elif account.disabled:
             outcome = "disabled"
         else:
-            if reservation is not None:
-                try:
-                    await self._throttle_db.run(
-                        self._release, reservation, client_ip, account.address
-                    )
-                except sqlite3.Error:
-                    pass
-            return LoginResult(account, "ok")
+            outcome = "ok"
         if reservation is not None:
-            try:
-                await self._throttle_db.run(self._fail, reservation)
-            except sqlite3.Error:
-                pass
-        return self._failed(outcome, connection_failures, recent)
+            if outcome == "ok":
+                assert account is not None
+                self._release(c, reservation, ip, account.address)
+            else:
+                self._fail(c, reservation)
+        return account, outcome
 
     def _find_credential(
         self, db: sqlite3.Connection, secret: str
@@ -424,7 +481,7 @@ class LoginService:
         self, address: str, credential_id: int | None
     ) -> tuple[Account | None, Credential | None]:
         """The account (and credential) as stored now, to re-check a live session."""
-        return await self._accounts.run(_current, address, credential_id)
+        return await self._db.run(_current, address, credential_id)
 
 
 # Run in the accounts thread (they get its connection first).
@@ -437,7 +494,8 @@ def _get_account(db: sqlite3.Connection, username: str) -> Account | None:
         return None
 
 
-def _touch_credential(db: sqlite3.Connection, credential_id: int, now: float) -> None:
+def _touch_credential(c: ServiceConnections, credential_id: int, now: float) -> None:
+    db = c.data
     # Best effort with a short lock wait: a busy database must not hold up
     # the logins queued behind this in the same thread.
     db.execute("PRAGMA busy_timeout=50")
@@ -450,9 +508,9 @@ def _touch_credential(db: sqlite3.Connection, credential_id: int, now: float) ->
 
 
 def _current(
-    db: sqlite3.Connection, address: str, credential_id: int | None
+    c: ServiceConnections, address: str, credential_id: int | None
 ) -> tuple[Account | None, Credential | None]:
-    account = AccountStore(db).get(address)
+    account = AccountStore(c.data).get(address)
     if account is None or credential_id is None:
         return account, None
-    return account, CredentialStore(db).by_id(credential_id)
+    return account, CredentialStore(c.data).by_id(credential_id)

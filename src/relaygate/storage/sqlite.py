@@ -8,6 +8,7 @@ makes a commit durable before we answer 250.
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 
 SCHEMA_VERSION = 4
@@ -185,6 +186,34 @@ def connect_state(path: Path) -> sqlite3.Connection:
     except OSError as exc:
         raise DatabaseError(f"{path}: {exc.strerror or exc}") from None
     return db
+
+
+@dataclass
+class ServiceConnections:
+    """What a worker's service thread works with: the relaygate database
+    (``data``: accounts, credentials, sending counters) and the throttle state
+    (``state``). Two connections, not one with the other attached: a write
+    transaction on an attached pair would lock both files, and a lock held on
+    the main database (a backup, the CLI) must not stop throttle reservations.
+    """
+
+    data: sqlite3.Connection
+    state: sqlite3.Connection
+
+    def close(self) -> None:
+        self.data.close()
+        self.state.close()
+
+
+def connect_service(database: Path) -> ServiceConnections:
+    data = connect(database)
+    # Reads, and small writes (credential last-used) that need no fsync.
+    data.execute("PRAGMA synchronous=NORMAL")
+    try:
+        return ServiceConnections(data, connect_state(state_path(database)))
+    except DatabaseError:
+        data.close()
+        raise
 
 
 class DatabaseError(Exception):
