@@ -401,3 +401,34 @@ def test_slow_dns_and_silent_hosts_do_not_hold_the_delivery_slots(world: World) 
         assert any("destination_timeout" in r for r in replies[:3]), replies
         delete_leftovers(slow)
     _no_internal_errors(slow)
+
+
+def test_waiting_for_a_slot_does_not_use_up_the_destination_budget(world: World) -> None:
+    """concurrency = 1 and a 2 s budget: a message waits 3 s for the one slot
+    behind a slow (but honest) transaction and is still delivered at its first
+    attempt; the budget covers DNS and connecting, not the queue for a slot."""
+    single = new_server(
+        world.pool,
+        "one-slot",
+        extra_toml=_toml(
+            world.dns,
+            world.port,
+            concurrency=1,
+            per_destination=1,
+            destination_timeout=2,
+            retry_schedule=[30],
+        ),
+        users=[SENDER],
+    )
+    with world.sinks(2) as (busy, other):
+        busy.delay_reply("DATA_END", 3.0)
+        world.mx("busy-slot.test", busy.host)
+        world.mx("after-slot.test", other.host)
+        first = submit_one(single, SENDER, ["user@busy-slot.test"], "slot: slow transaction")
+        busy.wait_until(lambda: "DATA" in busy.commands(), WAIT)
+        second = submit_one(single, SENDER, ["user@after-slot.test"], "slot: waits its turn")
+        wait_status(single, first, "delivered")
+        wait_status(single, second, "delivered")
+        [attempt] = history(single, second)
+        assert attempt.outcome == "delivered", attempt
+    _no_internal_errors(single)

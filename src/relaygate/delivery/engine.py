@@ -193,7 +193,7 @@ class DeliveryEngine:
         # One budget for DNS and connecting: a domain whose DNS or hosts never
         # answer cannot hold a delivery slot (or this destination) for long.
         budget = self.delivery.destination_timeout
-        deadline = self.loop.time() + budget
+        started = self.loop.time()
         mx = key.startswith("mx:")
 
         def with_same_domain() -> list[q.Delivery]:
@@ -228,7 +228,11 @@ class DeliveryEngine:
             reply = f"451 4.3.0 local error while looking up {clean(first.domain)}"
             self._finish_all(with_same_domain(), f"{reply}: {type(exc).__name__}")
             return
+        resolving = self.loop.time() - started
         async with self._slots:
+            # Waiting for a slot is not the destination's fault: the rest of the budget
+            # starts once we have one.
+            deadline = self.loop.time() + max(budget - resolving, 0.0)
             client, tls, host, errors = await self._connect(plans, deadline)
             if client is None:
                 # The last host's answer decides (a 5xx stops the loop); earlier ones follow.
