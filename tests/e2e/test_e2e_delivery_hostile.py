@@ -136,6 +136,8 @@ def test_non_utf8_replies_at_every_step_deliver_exactly_once(world: World) -> No
             times=None,
         )
         sink.reply_to("MAIL", b"250 2.1.0 s\xe9nder \xff ok \x00", times=None)
+        # 2xx for every RCPT the recipient rules below do not refuse.
+        sink.reply_to("RCPT", b"250 2.1.5 r\xe9cipient \xff ok \x00", times=None)
         sink.reply_to("DATA", b"354 go \xe9 \xff", times=None)
         sink.reply_to("DATA_END", b"250 2.0.0 Ok: queued as X \xe9t\xe9 \x00 bare\rCR", times=None)
         sink.reject_recipient("later@bytes.test", b"451 4.2.0 busy \xff\xe9 \x00")
