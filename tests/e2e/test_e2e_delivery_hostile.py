@@ -406,9 +406,10 @@ def test_slow_dns_and_silent_hosts_do_not_hold_the_delivery_slots(world: World) 
 
 
 def test_waiting_for_a_slot_does_not_use_up_the_destination_budget(world: World) -> None:
-    """concurrency = 1 and a 2 s budget: a message waits 3 s for the one slot
-    behind a slow (but honest) transaction and is still delivered at its first
-    attempt; the budget covers DNS and connecting, not the queue for a slot."""
+    """concurrency = 1 and a 2 s budget: a message waits ~3 s for the one slot
+    (a slow but honest 1 s transaction, then that connection's 2 s keep-alive)
+    and is still delivered at its first attempt; the budget covers DNS and
+    connecting, not the queue for a slot."""
     single = new_server(
         world.pool,
         "one-slot",
@@ -423,7 +424,7 @@ def test_waiting_for_a_slot_does_not_use_up_the_destination_budget(world: World)
         users=[SENDER],
     )
     with world.sinks(2) as (busy, other):
-        busy.delay_reply("DATA_END", 3.0)
+        busy.delay_reply("DATA_END", 1.0)
         world.mx("busy-slot.test", busy.host)
         world.mx("after-slot.test", other.host)
         first = submit_one(single, SENDER, ["user@busy-slot.test"], "slot: slow transaction")
