@@ -13,6 +13,8 @@ import email.policy
 import sqlite3
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relaygate.delivery import dsn
 from relaygate.delivery.mx import is_public
@@ -43,6 +45,35 @@ def test_clean(raw: str | bytes, expected: str) -> None:
     assert result == expected
     result.encode("utf-8")  # storable by SQLite, writable to any log
     assert result.splitlines() in ([result], [])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=700), st.text(max_size=700)))
+def test_clean_any_input_gives_one_safe_line(raw: str | bytes) -> None:
+    result = clean(raw)
+    result.encode("utf-8")
+    assert len(result) <= MAX_REMOTE_TEXT
+    assert result.splitlines() in ([result], [])
+    assert not any(ord(c) < 0x20 or ord(c) == 0x7F for c in result)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=1500))
+def test_a_bounce_can_be_built_from_any_reply_bytes(raw: bytes) -> None:
+    reply = "550 " + raw.decode("utf-8", "surrogateescape")  # as aiosmtplib hands it over
+    built = dsn.build(
+        hostname="relay.test",
+        queue_id="Q1",
+        original=b"Subject: s\r\n\r\n",
+        sender="a@b.test",
+        recipients=[("u@x.test", reply, "mx.x.test")],
+        arrival=0.0,
+        now=1.0,
+    )
+    parsed = email.message_from_bytes(built, policy=email.policy.default)
+    payload = list(parsed.iter_parts())[1].get_payload()
+    assert isinstance(payload, list) and len(payload) == 2
+    assert all(len(line) <= 998 for line in built.split(b"\r\n"))
 
 
 def test_clean_caps_length() -> None:
