@@ -87,7 +87,8 @@ class MXResolver:
         # whose MX points there (smarthosts and routes are the admin's, never filtered).
         public = [t for t in targets if is_public(t.address)]
         if not public:
-            refused = ", ".join(sorted({t.address for t in targets}))
+            addresses = sorted({t.address for t in targets})
+            refused = ", ".join(addresses[:4]) + (", ..." if len(addresses) > 4 else "")
             raise PermanentDNSError(
                 f"554 5.4.4 MX hosts of {clean(domain)} have only non-public addresses"
                 f" ({refused}), refused by [delivery] allow_private_targets = false"
