@@ -43,7 +43,8 @@ class Target:
 
 
 class PermanentDNSError(Exception):
-    """The domain cannot take mail (no such domain, null MX): bounce at once."""
+    """The domain cannot take our mail (no such domain, null MX, a name DNS cannot
+    hold, only non-public addresses): bounce at once."""
 
 
 class TemporaryDNSError(Exception):
