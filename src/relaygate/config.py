@@ -167,6 +167,10 @@ class DeliveryConfig:
     command_timeout: float = 300.0
     mta_sts: bool = True  # RFC 8461 policies for MX delivery
     mta_sts_port: int = 443  # HTTPS port of mta-sts.<domain> (tests use another)
+    # MX-resolved addresses that are loopback/private/link-local/...: refused unless true.
+    allow_private_targets: bool = False
+    # Seconds one attempt may spend on DNS and on connecting across a destination's hosts.
+    destination_timeout: float = 60.0
 
     def route_for(self, domain: str) -> SmarthostConfig | None:
         """The smarthost for ``domain`` (a route, else the mode's), None = its MX."""
@@ -456,6 +460,8 @@ def _delivery(raw: dict[str, Any], check: _Checker, base: Path) -> DeliveryConfi
             "command_timeout",
             "mta_sts",
             "mta_sts_port",
+            "allow_private_targets",
+            "destination_timeout",
         },
         where,
     )
@@ -530,6 +536,10 @@ def _delivery(raw: dict[str, Any], check: _Checker, base: Path) -> DeliveryConfi
         command_timeout=check.number(raw, "command_timeout", where, defaults.command_timeout),
         mta_sts=_boolean(raw, "mta_sts", where, check, True),
         mta_sts_port=check.integer(raw, "mta_sts_port", where, 443, 1),
+        allow_private_targets=_boolean(raw, "allow_private_targets", where, check, False),
+        destination_timeout=check.number(
+            raw, "destination_timeout", where, defaults.destination_timeout
+        ),
     )
 
 

@@ -85,6 +85,7 @@ def _server_toml(dns: FakeDNS, port: int, **extra: float | list[float]) -> str:
             "mode": "mx",
             "resolvers": [dns.address],
             "mx_port": port,
+            "allow_private_targets": True,  # the sinks are on 127.66.x.y
             "retry_schedule": [1],
             "delay_warning_after": 0,
             "per_destination": 2,

@@ -238,6 +238,7 @@ def _server_toml(dns: FakeDNS, port: int, https_port: int, *, mta_sts: bool) -> 
             "mode": "mx",
             "resolvers": [dns.address],
             "mx_port": port,
+            "allow_private_targets": True,  # the sinks are on 127.66.x.y
             "mta_sts": mta_sts,
             "mta_sts_port": https_port,
             "retry_schedule": [600],

@@ -165,14 +165,17 @@ def _code(reply: str) -> int:
 
 
 def _format_reply(reply: str) -> bytes:
-    """``"250 ok"`` or several lines separated by ``\\n`` (codes optional after the first)."""
+    """``"250 ok"`` or several lines separated by ``\\n`` (codes optional after the first).
+
+    Lone surrogates U+DC80..U+DCFF become the raw bytes 0x80..0xFF (a reply
+    given as bytes arrives here so), to send text that is not UTF-8."""
     code = reply[:3]
     texts: list[str] = []
     for line in reply.split("\n"):
         coded = len(line) >= 3 and line[:3].isdigit() and (len(line) == 3 or line[3] in " -")
         texts.append(line[4:] if coded else line)
     out = [f"{code}-{text}" for text in texts[:-1]] + [f"{code} {texts[-1]}"]
-    return ("\r\n".join(out) + "\r\n").encode("utf-8")
+    return ("\r\n".join(out) + "\r\n").encode("utf-8", "surrogateescape")
 
 
 def _parse_path(arg: str, keyword: str) -> tuple[str, list[str]] | None:
@@ -460,7 +463,7 @@ class SMTPSink:
 
     # -- behaviour script --------------------------------------------------
 
-    def reply_to(self, command: str, reply: str, *, times: int | None = 1) -> None:
+    def reply_to(self, command: str, reply: str | bytes, *, times: int | None = 1) -> None:
         """The next ``times`` ``command`` commands (None: all, until
         ``reset_behaviour``) get ``reply`` instead of the normal one.
 
@@ -469,7 +472,11 @@ class SMTPSink:
         command is processed normally (``"250 2.0.0 Ok: queued as X"`` for
         DATA_END; a multi-line EHLO reply, lines separated by ``\\n``,
         replaces the advertised extensions). Several calls queue up in order.
+        ``reply`` as bytes is sent as given, invalid UTF-8 included (a hostile
+        or broken server); NUL and bare CR in it are sent as they are too.
         """
+        if isinstance(reply, bytes):
+            reply = reply.decode("utf-8", "surrogateescape")
         self._queue(self._replies, command, _Scripted(reply, 0.0, times), reply)
 
     def delay_reply(self, command: str, seconds: float, *, times: int | None = 1) -> None:
@@ -494,8 +501,11 @@ class SMTPSink:
         with self._lock:
             table.setdefault(command, []).append(entry)
 
-    def reject_recipient(self, address: str, reply: str = "550 5.1.1 No such user") -> None:
-        """Every RCPT of ``address`` (case-insensitive) gets ``reply`` (4xx/5xx)."""
+    def reject_recipient(self, address: str, reply: str | bytes = "550 5.1.1 No such user") -> None:
+        """Every RCPT of ``address`` (case-insensitive) gets ``reply`` (4xx/5xx; bytes
+        as in ``reply_to``)."""
+        if isinstance(reply, bytes):
+            reply = reply.decode("utf-8", "surrogateescape")
         if _check_reply(reply) < 400:
             raise ValueError("a recipient rule must refuse (4xx or 5xx)")
         with self._lock:

@@ -295,6 +295,24 @@ def test_an_empty_exempt_list_limits_everyone(tmp_path: Path) -> None:
     assert config.connection_limits.exempt == ()
 
 
+def test_delivery_private_targets_and_destination_timeout(tmp_path: Path) -> None:
+    default = load_config(write(tmp_path, ""))
+    assert default.delivery.allow_private_targets is False  # refused unless allowed
+    assert default.delivery.destination_timeout == 60.0
+    config = load_config(
+        write(tmp_path, "[delivery]\nallow_private_targets = true\ndestination_timeout = 5\n")
+    )
+    assert config.delivery.allow_private_targets is True
+    assert config.delivery.destination_timeout == 5.0
+    for text, expected in [
+        ('allow_private_targets = "yes"', "delivery.allow_private_targets: must be true or false"),
+        ("destination_timeout = 0", "delivery.destination_timeout: must be a number of seconds"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            load_config(write(tmp_path, f"[delivery]\n{text}\n"))
+        assert expected in str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -1302,6 +1302,11 @@ REPLY_CASES: dict[str, Case] = {
     "UNSUPPORTED_PARAMETER": Case(LOGIN + "C: MAIL FROM:<a@b.example> RET=FULL"),
     "BAD_SENDER_SYNTAX": Case(LOGIN + "C: MAIL FROM:<a@>"),
     "BAD_RECIPIENT_SYNTAX": Case(_MAIL + "C: RCPT TO:<rcpt>"),
+    "SENDER_DOMAIN_TOO_LONG": Case(LOGIN + f"C: MAIL FROM:<a@{'b' * 64}.example>"),
+    "RECIPIENT_DOMAIN_TOO_LONG": Case(
+        LOGIN + "C: MAIL FROM:<a@b.example> SMTPUTF8\nS: 250\n"
+        "C: RCPT TO:<u@" + "\u00fc" * 70 + ".example>"
+    ),
     "NEED_SMTPUTF8": Case(LOGIN + "C: MAIL FROM:<j\u00f6rg@b.example>"),
     "NEED_EHLO": Case("C: AUTH PLAIN"),
     "NESTED_MAIL": Case(_MAIL + "C: MAIL FROM:<a@b.example>"),

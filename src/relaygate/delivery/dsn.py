@@ -17,7 +17,12 @@ from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 
+from relaygate.delivery.remote_text import clean
 from relaygate.message import header_block
+
+# RFC 5322 allows 998 octets per line; a Diagnostic-Code is folded at spaces to
+# 78, and this cap keeps even one unbreakable word well inside the limit.
+MAX_DIAGNOSTIC = 900
 
 _STATUS = re.compile(r"^\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})")
 
@@ -41,7 +46,16 @@ def build(
     now: float,
     warning: bool = False,
 ) -> bytes:
-    """The DSN as bytes with CRLF line ends, ready to spool."""
+    """The DSN as bytes with CRLF line ends, ready to spool.
+
+    Replies and host names may come from hostile servers: each is made one
+    safe line here again (whatever the caller did), so no reply can add a
+    header field or break the message/delivery-status part.
+    """
+    recipients = [
+        (recipient, clean(reply, MAX_DIAGNOSTIC), clean(host) if host else None)
+        for recipient, reply, host in recipients
+    ]
     report = MIMEMultipart("report", report_type="delivery-status")
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
     report["To"] = sender
@@ -82,7 +96,8 @@ def build(
         block["Status"] = status_code(reply, permanent=not warning)
         if host:
             block["Remote-MTA"] = f"dns; {host.partition('[')[0]}"  # the name, not [ip]:port
-        block["Diagnostic-Code"] = f"smtp; {reply}"
+        # RFC 3464 2.3.6: one field of US-ASCII text, folded (RFC 5322 2.2.3).
+        block["Diagnostic-Code"] = fold("Diagnostic-Code", f"smtp; {_ascii(reply)}")
         blocks.append(block)
     delivery_status = MIMEBase("message", "delivery-status")
     delivery_status.set_payload(blocks)  # type: ignore[arg-type]
@@ -93,3 +108,27 @@ def build(
     report.attach(headers)
     text = report.as_string()
     return text.replace("\r\n", "\n").replace("\n", "\r\n").encode("utf-8")
+
+
+def fold(name: str, value: str, width: int = 78) -> str:
+    """``value`` folded at spaces so each line of ``name: value`` fits ``width``.
+
+    A word longer than a line stays whole on a line of its own (RFC 5322
+    folds only at white space); ``value`` must already be one line.
+    """
+    lines: list[str] = []
+    current = ""
+    used = len(name) + 2  # "Name: " on the first line
+    for word in value.split(" "):
+        if current and used + len(current) + 1 + len(word) > width:
+            lines.append(current)
+            current, used = word, 1  # a continuation line starts with one space
+        else:
+            current = f"{current} {word}" if current else word
+    lines.append(current)
+    return "\n ".join(lines)
+
+
+def _ascii(text: str) -> str:
+    """Non-ASCII characters as ``\\u00e9`` escapes (message/delivery-status is ASCII)."""
+    return text.encode("ascii", "backslashreplace").decode("ascii")

@@ -26,13 +26,14 @@ import aiosmtplib
 
 from relaygate import logs, message
 from relaygate.config import Config
-from relaygate.delivery import dsn
+from relaygate.delivery import dsn, remote_text
 from relaygate.delivery import queue as q
 from relaygate.delivery.dkim import Signer, key_directory, load_keys
 from relaygate.delivery.mta_sts import MTASTS
 from relaygate.delivery.mta_sts import apply as apply_mta_sts
 from relaygate.delivery.mx import MXResolver, PermanentDNSError, TemporaryDNSError
 from relaygate.delivery.outbound import DeliveryError, Plan, open_connection, smarthost_plan
+from relaygate.delivery.remote_text import clean
 from relaygate.eventloop import new_event_loop
 from relaygate.spool import new_queue_id
 from relaygate.storage import sqlite as storage
@@ -59,6 +60,7 @@ class DeliveryEngine:
         self._slots = asyncio.Semaphore(config.delivery.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._more: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self._held: dict[int, q.Delivery] = {}  # taken by an attempt, not yet finished
         self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------ main loop
@@ -90,7 +92,18 @@ class DeliveryEngine:
         # Let connections in flight finish their current message, briefly.
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.config.limits.shutdown_grace)
+        self._release_pending()
         self.db.close()
+
+    def _release_pending(self) -> None:
+        """At shutdown: claimed rows no attempt took go back to the queue, due now."""
+        now = time.time()
+        try:
+            for waiting in self._pending.values():
+                while waiting:
+                    q.release(self.db, waiting.popleft().id, now, now)
+        except sqlite3.Error as exc:  # left 'sending': reset_interrupted at the next start
+            logs.event("delivery.error", logging.ERROR, reason=str(exc))
 
     def _dispatch(self, deliveries: list[q.Delivery]) -> None:
         for delivery in deliveries:
@@ -118,13 +131,29 @@ class DeliveryEngine:
         """Work through this destination's queue on one connection at a time."""
         waiting = self._pending[key]
         try:
-            async with self._slots:
-                while waiting and not self._stopping.is_set():
-                    await self._one_connection(key, waiting)
-        except Exception as exc:  # rows it held stay 'sending' until the next start
-            logs.event("internal.error", logging.ERROR, destination=key, exception=repr(exc))
+            while waiting and not self._stopping.is_set():
+                await self._one_connection(key, waiting)
+        except Exception as exc:  # _one_connection settles its rows; a last guard only
+            logs.event("internal.error", logging.ERROR, destination=key, exception=clean(repr(exc)))
         finally:
             self._running[key] -= 1
+
+    def _take(self, delivery: q.Delivery, taken: list[q.Delivery]) -> q.Delivery:
+        """Note that this attempt now holds ``delivery``: it must finish or release it."""
+        self._held[delivery.id] = delivery
+        taken.append(delivery)
+        return delivery
+
+    async def _one_connection(self, key: str, waiting: deque[q.Delivery]) -> None:
+        taken: list[q.Delivery] = []
+        try:
+            await self._attempt(key, waiting, taken)
+        except Exception as exc:  # a bug must not strand a row in 'sending'
+            logs.event("internal.error", logging.ERROR, destination=key, exception=clean(repr(exc)))
+            reply = f"451 4.3.0 local error while delivering: {type(exc).__name__}"
+            for delivery in taken:
+                if delivery.id in self._held:
+                    self._finish(delivery, q.Outcome.for_all(delivery, reply))
 
     async def _plans(self, key: str, domain: str) -> list[Plan]:
         smarthost = self.delivery.route_for(domain)
@@ -135,7 +164,7 @@ class DeliveryEngine:
         if self.delivery.mta_sts:
             policy = await self.mta_sts.policy_for(domain, time.time())
             if self.mta_sts.last_error:
-                logs.event("delivery.mta_sts", domain=domain, reason=self.mta_sts.last_error)
+                logs.event("delivery.mta_sts", domain=domain, reason=clean(self.mta_sts.last_error))
             allowed, enforce = apply_mta_sts(policy, [t.host for t in targets])
             if enforce and policy is not None:
                 keep = set(allowed)
@@ -143,8 +172,8 @@ class DeliveryEngine:
                 if not targets:
                     # Temporary (RFC 8461 5.1): the next attempt looks for a new policy.
                     raise TemporaryDNSError(
-                        f"451 4.7.5 no MX host of {domain} matches its MTA-STS policy"
-                        f" (id={policy.id})"
+                        f"451 4.7.5 no MX host of {clean(domain)} matches its MTA-STS policy"
+                        f" (id={clean(policy.id)})"
                     )
                 tls_required = True
         tls = "starttls-required" if tls_required else "starttls-opportunistic"
@@ -159,63 +188,113 @@ class DeliveryEngine:
             for t in targets
         ]
 
-    async def _one_connection(self, key: str, waiting: deque[q.Delivery]) -> None:
-        first = waiting.popleft()
+    async def _attempt(self, key: str, waiting: deque[q.Delivery], taken: list[q.Delivery]) -> None:
+        first = self._take(waiting.popleft(), taken)
+        # One budget for DNS and connecting: a domain whose DNS or hosts never
+        # answer cannot hold a delivery slot (or this destination) for long.
+        budget = self.delivery.destination_timeout
+        started = self.loop.time()
+        mx = key.startswith("mx:")
+
+        def with_same_domain() -> list[q.Delivery]:
+            if not mx:
+                return [first]
+            return [first, *self._same_domain(waiting, first.domain, taken)]
+
         try:
-            plans = await self._plans(key, first.domain)
+            # No delivery slot is held while resolving: slow DNS delays only its own domain.
+            plans = await asyncio.wait_for(self._plans(key, first.domain), budget)
         except PermanentDNSError as exc:
             self._finish(first, q.Outcome.for_all(first, str(exc)))
             return
         except TemporaryDNSError as exc:
-            self._finish_all([first, *self._same_domain(waiting, first.domain)], str(exc))
+            self._finish_all(with_same_domain(), str(exc))
             return
-        client = None
-        tls: str | None = None
-        host = None
+        except TimeoutError:
+            reply = (
+                f"451 4.4.3 DNS lookups for {clean(first.domain)} took longer than"
+                f" {budget:g} s ([delivery] destination_timeout)"
+            )
+            self._finish_all(with_same_domain(), reply)
+            return
+        except Exception as exc:
+            logs.event(
+                "internal.error",
+                logging.ERROR,
+                queue_id=first.message_id,
+                domain=clean(first.domain),
+                exception=clean(repr(exc)),
+            )
+            reply = f"451 4.3.0 local error while looking up {clean(first.domain)}"
+            self._finish_all(with_same_domain(), f"{reply}: {type(exc).__name__}")
+            return
+        resolving = self.loop.time() - started
+        async with self._slots:
+            # Waiting for a slot is not the destination's fault: the rest of the budget
+            # starts once we have one.
+            deadline = self.loop.time() + max(budget - resolving, 0.0)
+            client, tls, host, errors = await self._connect(plans, deadline)
+            if client is None:
+                # The last host's answer decides (a 5xx stops the loop); earlier ones follow.
+                reply = errors[-1] if errors else "451 4.4.1 no host to connect to"
+                if len(errors) > 1:
+                    reply += f" (before that: {'; '.join(errors[:-1])})"
+                if not mx and reply.startswith("5"):
+                    # Our upstream refusing us (say, a bad login) is ours to fix: keep the mail.
+                    reply = "451 4.4.1 smarthost refused: " + reply
+                self._finish_all(with_same_domain(), reply)
+                return
+            try:
+                current: q.Delivery | None = first
+                while current is not None:
+                    alive = await self._transaction(client, current, host, tls)
+                    if not alive or self._stopping.is_set():
+                        break
+                    current = await self._next_for(key, waiting, taken)
+            finally:
+                try:
+                    await client.quit()
+                except Exception:  # whatever the remote does at QUIT, the mail is settled
+                    client.close()
+
+    async def _connect(
+        self, plans: list[Plan], deadline: float
+    ) -> tuple[aiosmtplib.SMTP | None, str | None, str | None, list[str]]:
+        """The first host that takes us, within the budget; else the errors seen."""
         errors: list[str] = []
         for plan in plans:
-            try:
-                client, tls = await open_connection(
-                    plan,
-                    local_hostname=self.config.hostname,
-                    connect_timeout=self.delivery.connect_timeout,
-                    command_timeout=self.delivery.command_timeout,
+            label = clean(f"{plan.server_name}[{plan.connect_to}]:{plan.port}")
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                errors.append(
+                    f"451 4.4.1 {label} not tried: [delivery] destination_timeout"
+                    f" ({self.delivery.destination_timeout:g} s) spent"
                 )
-                host = f"{plan.server_name}[{plan.connect_to}]:{plan.port}"
                 break
+            try:
+                client, tls = await asyncio.wait_for(
+                    open_connection(
+                        plan,
+                        local_hostname=self.config.hostname,
+                        connect_timeout=min(self.delivery.connect_timeout, remaining),
+                        command_timeout=self.delivery.command_timeout,
+                    ),
+                    remaining,
+                )
+            except TimeoutError:
+                errors.append(f"451 4.4.1 cannot use {label}: no answer in time")
+                continue
             except DeliveryError as exc:
                 errors.append(exc.reply)
                 if exc.reply.startswith("5"):
                     break  # a 5xx banner or login refusal: no other host will differ
-        if client is None:
-            # The last host's answer decides (a 5xx stops the loop); earlier ones follow.
-            reply = errors[-1] if errors else "451 4.4.1 no host to connect to"
-            if len(errors) > 1:
-                reply += f" (before that: {'; '.join(errors[:-1])})"
-            batch = (
-                [first, *self._same_domain(waiting, first.domain)]
-                if key.startswith("mx:")
-                else [first]
-            )
-            if key.startswith("smarthost:") and reply.startswith("5"):
-                # Our upstream refusing us (say, a bad login) is ours to fix: keep the mail.
-                reply = "451 4.4.1 smarthost refused: " + reply
-            self._finish_all(batch, reply)
-            return
-        try:
-            current: q.Delivery | None = first
-            while current is not None:
-                alive = await self._transaction(client, current, host, tls)
-                if not alive or self._stopping.is_set():
-                    break
-                current = await self._next_for(key, waiting)
-        finally:
-            try:
-                await client.quit()
-            except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                client.close()
+                continue
+            return client, tls, label, errors
+        return None, None, None, errors
 
-    async def _next_for(self, key: str, waiting: deque[q.Delivery]) -> q.Delivery | None:
+    async def _next_for(
+        self, key: str, waiting: deque[q.Delivery], taken: list[q.Delivery]
+    ) -> q.Delivery | None:
         """The next message for this open connection; wait a little for one to be queued."""
         if not waiting:
             more = self._more[key]
@@ -224,13 +303,16 @@ class DeliveryEngine:
                 await asyncio.wait_for(more.wait(), KEEPALIVE)
             except TimeoutError:
                 return None
-        return waiting.popleft() if waiting else None
+        return self._take(waiting.popleft(), taken) if waiting else None
 
-    def _same_domain(self, waiting: deque[q.Delivery], domain: str) -> list[q.Delivery]:
+    def _same_domain(
+        self, waiting: deque[q.Delivery], domain: str, taken: list[q.Delivery]
+    ) -> list[q.Delivery]:
         """Take the other queued rows for ``domain``: they share the outcome of a DNS failure."""
         same = [d for d in waiting if d.domain == domain]
         for delivery in same:
             waiting.remove(delivery)
+            self._take(delivery, taken)
         return same
 
     def _finish_all(self, deliveries: list[q.Delivery], reply: str) -> None:
@@ -265,20 +347,24 @@ class DeliveryEngine:
             return True
         except aiosmtplib.SMTPResponseException as exc:
             # MAIL FROM or DATA refused: the whole message shares the reply.
-            reply = f"{exc.code} {exc.message}"
+            reply = remote_text.reply(exc.code, exc.message)
             self._finish(delivery, q.Outcome.for_all(delivery, reply, host=host, tls=tls))
             try:
                 await client.rset()
-            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            except Exception:  # any failure here only means: do not reuse the connection
                 return False
             return True
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            reply = f"451 4.4.2 connection to {host} lost: {exc or type(exc).__name__}"
+            reason = clean(str(exc)) or type(exc).__name__
+            reply = f"451 4.4.2 connection to {host} lost: {reason}"
             self._finish(delivery, q.Outcome.for_all(delivery, reply, host=host, tls=tls))
             return False
         except Exception as exc:  # a bug must not strand the row in 'sending'
             logs.event(
-                "internal.error", logging.ERROR, queue_id=delivery.message_id, exception=repr(exc)
+                "internal.error",
+                logging.ERROR,
+                queue_id=delivery.message_id,
+                exception=clean(repr(exc)),
             )
             reply = f"451 4.3.0 local error while sending: {type(exc).__name__}"
             self._finish(delivery, q.Outcome.for_all(delivery, reply, host=host, tls=tls))
@@ -287,7 +373,7 @@ class DeliveryEngine:
         outcome = _recipients_outcome(
             {r: (resp.code, resp.message) for r, resp in refused.items()}, accepted, host, tls
         )
-        self._finish(delivery, dataclasses.replace(outcome, reply=f"250 {response}"))
+        self._finish(delivery, dataclasses.replace(outcome, reply=f"250 {clean(response)}"))
         return True
 
     def _sign(self, body: bytes) -> bytes:
@@ -304,13 +390,49 @@ class DeliveryEngine:
     # ------------------------------------------------------------ bookkeeping
 
     def _finish(self, delivery: q.Delivery, outcome: q.Outcome) -> None:
+        """Record an attempt together with the DSN it causes; never leave the row 'sending'."""
+        self._held.pop(delivery.id, None)
         now = time.time()
+        stored: list[str] = []  # the DSN's queue id, once stored
         try:
-            failed, _ = q.finish(self.db, delivery, outcome, now, self.delivery)
-        except sqlite3.Error as exc:
+            outcome, _ = q.settle(delivery, outcome, now, self.delivery)
+            notice = self._notice(delivery, outcome, now)
+            store = None
+            if notice is not None:
+                body, warning = notice
+
+                def store(db: sqlite3.Connection) -> None:
+                    stored.append(
+                        insert_notification(
+                            db,
+                            account=delivery.account,
+                            recipient=delivery.mail_from,
+                            body=body,
+                            now=now,
+                        )
+                    )
+                    if warning:
+                        q.mark_warned(db, delivery.id)
+
+            q.finish(self.db, delivery, outcome, now, self.delivery, also=store)
+        except Exception as exc:
             logs.event(
-                "delivery.error", logging.ERROR, queue_id=delivery.message_id, reason=str(exc)
+                "delivery.error",
+                logging.ERROR,
+                queue_id=delivery.message_id,
+                reason=clean(repr(exc)),
             )
+            # Try again later rather than leave the row 'sending' until a restart.
+            retry_at = now + q.retry_delay(self.delivery, delivery.attempts + 1)
+            try:
+                q.release(self.db, delivery.id, retry_at, now)
+            except Exception as again:  # the database is gone: reset_interrupted at start
+                logs.event(
+                    "delivery.error",
+                    logging.ERROR,
+                    queue_id=delivery.message_id,
+                    reason=clean(repr(again)),
+                )
             return
         for recipient in outcome.delivered:
             logs.event(
@@ -328,7 +450,7 @@ class DeliveryEngine:
                 host=outcome.host,
                 reply=reply,
             )
-        for recipient, reply in failed:
+        for recipient, reply in outcome.failed:
             logs.event(
                 "delivery.failed",
                 logging.WARNING,
@@ -337,29 +459,31 @@ class DeliveryEngine:
                 host=outcome.host,
                 reply=reply,
             )
-        if failed:
-            self._bounce(delivery, failed, outcome.host, now, warning=False)
+        for queue_id in stored:
+            logs.event(
+                "dsn.created", queue_id=queue_id, rcpt=delivery.mail_from, about=delivery.message_id
+            )
+
+    def _notice(
+        self, delivery: q.Delivery, outcome: q.Outcome, now: float
+    ) -> tuple[bytes, bool] | None:
+        """The bounce (or delay warning) this outcome calls for, and whether it is a warning.
+
+        Never for a null-sender message: no bounce loops.
+        """
+        if not delivery.mail_from:
+            return None
+        if outcome.failed:
+            recipients, warning = list(outcome.failed), False
         elif (
             outcome.deferred
             and not delivery.warned
             and self.delivery.delay_warning_after
             and now - delivery.created_at >= self.delivery.delay_warning_after
         ):
-            self._bounce(delivery, list(outcome.deferred), outcome.host, now, warning=True)
-            q.mark_warned(self.db, delivery.id)
-
-    def _bounce(
-        self,
-        delivery: q.Delivery,
-        recipients: list[tuple[str, str]],
-        host: str | None,
-        now: float,
-        *,
-        warning: bool,
-    ) -> None:
-        """Tell the sender (never for a null-sender message: no bounce loops)."""
-        if not delivery.mail_from:
-            return
+            recipients, warning = list(outcome.deferred), True
+        else:
+            return None
         row = self.db.execute(
             "SELECT body, (SELECT created_at FROM messages WHERE id = ?) FROM message_bodies"
             " WHERE id = ?",
@@ -367,7 +491,47 @@ class DeliveryEngine:
         ).fetchone()
         original = bytes(row[0]) if row else b""
         arrival = float(row[1]) if row and row[1] is not None else delivery.created_at
-        body = dsn.build(
+        try:
+            body = self._dsn(
+                delivery,
+                recipients,
+                host=outcome.host,
+                original=original,
+                arrival=arrival,
+                now=now,
+                warning=warning,
+            )
+        except Exception as exc:  # a reply we failed to make safe: bounce without its text
+            logs.event(
+                "internal.error",
+                logging.ERROR,
+                queue_id=delivery.message_id,
+                exception=clean(repr(exc)),
+            )
+            plain = [(r, f"{reply[:9]} (remote text withheld)") for r, reply in recipients]
+            body = self._dsn(
+                delivery,
+                plain,
+                host=outcome.host,
+                original=original,
+                arrival=arrival,
+                now=now,
+                warning=warning,
+            )
+        return body, warning
+
+    def _dsn(
+        self,
+        delivery: q.Delivery,
+        recipients: list[tuple[str, str]],
+        *,
+        host: str | None,
+        original: bytes,
+        arrival: float,
+        now: float,
+        warning: bool,
+    ) -> bytes:
+        return dsn.build(
             hostname=self.config.hostname,
             queue_id=delivery.message_id,
             original=original,
@@ -377,9 +541,6 @@ class DeliveryEngine:
             now=now,
             warning=warning,
         )
-        store_notification(
-            self.db, account=delivery.account, recipient=delivery.mail_from, body=body, now=now
-        )
 
 
 def _recipients_outcome(
@@ -388,17 +549,18 @@ def _recipients_outcome(
     host: str | None,
     tls: str | None,
 ) -> q.Outcome:
-    failed = tuple((r, f"{c} {m}") for r, (c, m) in refused.items() if 500 <= c < 600)
-    deferred = tuple((r, f"{c} {m}") for r, (c, m) in refused.items() if not 500 <= c < 600)
+    replies = {r: remote_text.reply(c, m) for r, (c, m) in refused.items()}
+    failed = tuple((r, replies[r]) for r, (c, _) in refused.items() if 500 <= c < 600)
+    deferred = tuple((r, replies[r]) for r, (c, _) in refused.items() if not 500 <= c < 600)
     return q.Outcome(
         delivered=tuple(accepted), failed=failed, deferred=deferred, host=host, tls=tls
     )
 
 
-def store_notification(
+def insert_notification(
     db: sqlite3.Connection, *, account: str, recipient: str, body: bytes, now: float
 ) -> str:
-    """Spool a DSN from the null sender to ``recipient``.
+    """Spool a DSN from the null sender to ``recipient``; the caller holds the transaction.
 
     If the recipient is one of our own accounts the DSN stays here, in the
     message log ("captured"), where that user's messages are; otherwise it is
@@ -409,29 +571,22 @@ def store_notification(
         db.execute("SELECT 1 FROM accounts WHERE address = ?", (recipient,)).fetchone() is not None
     )
     summary = message.summarize(body)
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        db.execute(
-            "INSERT INTO messages (id, account, client_ip, mail_from, rcpt_to, subject, size,"
-            " status, created_at, recipients) VALUES (?, ?, '', '', ?, ?, ?, ?, ?, 1)",
-            (
-                queue_id,
-                account,
-                json.dumps([recipient]),
-                summary.subject,
-                len(body),
-                "captured" if local else "queued",
-                now,
-            ),
-        )
-        db.execute("INSERT INTO message_bodies (id, body) VALUES (?, ?)", (queue_id, body))
-        if not local:
-            q.enqueue(db, queue_id, [recipient], now)
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    logs.event("dsn.created", queue_id=queue_id, rcpt=recipient, local=local)
+    db.execute(
+        "INSERT INTO messages (id, account, client_ip, mail_from, rcpt_to, subject, size,"
+        " status, created_at, recipients) VALUES (?, ?, '', '', ?, ?, ?, ?, ?, 1)",
+        (
+            queue_id,
+            account,
+            json.dumps([recipient]),
+            summary.subject,
+            len(body),
+            "captured" if local else "queued",
+            now,
+        ),
+    )
+    db.execute("INSERT INTO message_bodies (id, body) VALUES (?, ?)", (queue_id, body))
+    if not local:
+        q.enqueue(db, queue_id, [recipient], now)
     return queue_id
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import aiosmtplib
 
 from relaygate.config import SmarthostConfig
+from relaygate.delivery.remote_text import clean
 
 
 class DeliveryError(Exception):
@@ -94,7 +95,7 @@ async def open_connection(
         validate_certs=plan.verify,
         tls_context=_context(plan.verify) if implicit else None,
     )
-    label = f"{plan.server_name}[{plan.connect_to}]:{plan.port}"
+    label = clean(f"{plan.server_name}[{plan.connect_to}]:{plan.port}")
     try:
         await client.connect(timeout=connect_timeout)
         await client.ehlo()
@@ -117,12 +118,22 @@ async def open_connection(
         raise
     except aiosmtplib.SMTPAuthenticationError as exc:
         client.close()
-        raise DeliveryError(f"{exc.code} login to {label} failed: {exc.message}") from None
+        reply = f"{exc.code} {clean(exc.message)} (login to {label} failed)"
+        raise DeliveryError(reply) from None
     except aiosmtplib.SMTPResponseException as exc:
         client.close()
-        raise DeliveryError(f"{exc.code} {label} said: {exc.message}") from None
+        # The remote's own code and enhanced code first: they decide (and go in DSNs).
+        raise DeliveryError(f"{exc.code} {clean(exc.message)} (from {label})") from None
     except (aiosmtplib.SMTPException, OSError, TimeoutError, ssl.SSLError) as exc:
         client.close()
-        raise DeliveryError(f"451 4.4.1 cannot use {label}: {exc or type(exc).__name__}") from None
+        reason = clean(str(exc)) or type(exc).__name__
+        raise DeliveryError(f"451 4.4.1 cannot use {label}: {reason}") from None
+    except Exception as exc:  # anything else the remote provoked: this host is unusable
+        client.close()
+        reason = clean(f"{type(exc).__name__}: {exc}")
+        raise DeliveryError(f"451 4.4.1 cannot use {label}: {reason}") from None
+    except BaseException:  # cancelled (the caller's time budget ran out): do not leak it
+        client.close()
+        raise
     verified = plan.verify and plan.tls in ("implicit", "starttls-required")
     return client, describe_tls(client, verified)

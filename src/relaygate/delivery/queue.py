@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 
 from relaygate.config import DeliveryConfig
 
@@ -163,29 +163,42 @@ def retry_delay(config: DeliveryConfig, attempts: int) -> float:
     return base * random.uniform(0.8, 1.2)
 
 
+def settle(
+    delivery: Delivery, outcome: Outcome, now: float, config: DeliveryConfig
+) -> tuple[Outcome, bool]:
+    """The outcome to record, and whether the message expired with this attempt.
+
+    Deferred recipients whose message is older than ``max_age`` fail instead
+    (the caller bounces them). Pure: the caller builds the bounce from the
+    result before anything is recorded.
+    """
+    if not outcome.deferred or now - delivery.created_at < config.max_age:
+        return outcome, False
+    expired = tuple(
+        # RFC 3463 X.4.7: delivery time expired; the last remote reply follows.
+        (r, f"554 5.4.7 gave up after {delivery.attempts + 1} attempts; last reply: {reply}")
+        for r, reply in outcome.deferred
+    )
+    return replace(outcome, failed=outcome.failed + expired, deferred=()), True
+
+
 def finish(
     db: sqlite3.Connection,
     delivery: Delivery,
     outcome: Outcome,
     now: float,
     config: DeliveryConfig,
-) -> tuple[list[tuple[str, str]], bool]:
-    """Record an attempt; return (recipients failed for good, expired-now flag).
+    *,
+    also: Callable[[sqlite3.Connection], object] | None = None,
+) -> None:
+    """Record a settled attempt (see ``settle``) in one transaction.
 
-    Deferred recipients whose message is older than ``max_age`` fail too
-    (the caller bounces them). Runs as one transaction, right after the
+    ``also`` runs inside that transaction (the bounce it caused is stored with
+    it: a failure is never recorded without its DSN). Runs right after the
     remote's last reply, to keep the crash window short.
     """
     failed = list(outcome.failed)
     deferred = list(outcome.deferred)
-    expired = bool(deferred) and now - delivery.created_at >= config.max_age
-    if expired:
-        failed += [
-            # RFC 3463 X.4.7: delivery time expired; the last remote reply follows.
-            (r, f"554 5.4.7 gave up after {delivery.attempts + 1} attempts; last reply: {reply}")
-            for r, reply in deferred
-        ]
-        deferred = []
     db.execute("BEGIN IMMEDIATE")
     try:
         results = [(r, outcome.reply, "delivered") for r in outcome.delivered]
@@ -222,11 +235,25 @@ def finish(
                 ("failed" if failed else "delivered", attempts, now, last_reply, delivery.id),
             )
         _update_message_status(db, delivery.message_id)
+        if also is not None:
+            also(db)
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
         raise
-    return failed, expired
+
+
+def release(db: sqlite3.Connection, delivery_id: int, next_attempt: float, now: float) -> None:
+    """Put a claimed row back to ``queued`` unchanged, due at ``next_attempt``.
+
+    For an attempt whose outcome could not be recorded: better to try again
+    later than to leave the row ``sending`` until the next start.
+    """
+    db.execute(
+        "UPDATE deliveries SET status = 'queued', next_attempt = ?, updated_at = ?"
+        " WHERE id = ? AND status = 'sending'",
+        (next_attempt, now, delivery_id),
+    )
 
 
 def _update_message_status(db: sqlite3.Connection, message_id: str) -> None:

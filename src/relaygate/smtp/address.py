@@ -12,13 +12,16 @@ import re
 
 MAX_ADDRESS = 254  # RFC 5321 4.5.3.1.3 path limit (256) minus the brackets
 MAX_LOCAL_PART = 64
+MAX_LABEL = 63  # octets per DNS label (RFC 1035 2.3.4), A-label form for IDNs
+MAX_DOMAIN = 253  # octets of a domain name in text form, A-labels (RFC 1035, RFC 5890)
 
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
 _DOT_ATOM = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
 _DOT_ATOM_UTF8 = re.compile(rf"[{_ATEXT}\u0080-\U0010ffff]+(?:\.[{_ATEXT}\u0080-\U0010ffff]+)*")
 _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
 _QUOTED_UTF8 = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"')
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
+# Lengths are checked apart (_check_domain_length), for a reply that says so.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _LABEL_UTF8 = (
     r"[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]*[A-Za-z0-9\u0080-\U0010ffff])?"
@@ -27,11 +30,13 @@ _DOMAIN_UTF8 = re.compile(rf"{_LABEL_UTF8}(?:\.{_LABEL_UTF8})*")
 
 
 class AddressSyntaxError(ValueError):
-    """The path is malformed; ``non_ascii`` tells if only SMTPUTF8 was missing."""
+    """The path is malformed; ``non_ascii`` tells if only SMTPUTF8 was missing,
+    ``too_long`` if the domain (or one of its labels) is longer than DNS allows."""
 
-    def __init__(self, message: str, *, non_ascii: bool = False) -> None:
+    def __init__(self, message: str, *, non_ascii: bool = False, too_long: bool = False) -> None:
         super().__init__(message)
         self.non_ascii = non_ascii
+        self.too_long = too_long
 
 
 def split_path(argument: str) -> tuple[str, str]:
@@ -91,7 +96,29 @@ def check_mailbox(path: str, *, smtputf8: bool) -> str:
         _check_literal(domain)
     elif (_DOMAIN if ascii_only else _DOMAIN_UTF8).fullmatch(domain) is None:
         raise AddressSyntaxError("malformed domain")
+    else:
+        _check_domain_length(domain)
     return path
+
+
+def _check_domain_length(domain: str) -> None:
+    """DNS limits, counted as the A-labels a resolver will ask for.
+
+    A domain past them can never be looked up: refused here, it cannot reach
+    the queue (where it once stranded messages).
+    """
+    labels = [_a_label_length(label) for label in domain.split(".")]
+    if max(labels) > MAX_LABEL:
+        raise AddressSyntaxError("domain label longer than 63 octets", too_long=True)
+    if sum(labels) + len(labels) - 1 > MAX_DOMAIN:
+        raise AddressSyntaxError("domain longer than 253 octets", too_long=True)
+
+
+def _a_label_length(label: str) -> int:
+    if label.isascii():
+        return len(label)
+    # "xn--" + Punycode (RFC 3492) of the label; IDNA case mapping can only shorten it.
+    return 4 + len(label.lower().encode("punycode"))
 
 
 def _check_literal(domain: str) -> None:

@@ -521,9 +521,7 @@ class Session:
             try:
                 path = check_mailbox(path, smtputf8=smtputf8)
             except AddressSyntaxError as exc:
-                self._refuse_command(
-                    "MAIL", replies.NEED_SMTPUTF8 if exc.non_ascii else replies.BAD_SENDER_SYNTAX
-                )
+                self._refuse_command("MAIL", _sender_refusal(exc))
                 return
         self.mail_from = path
         self.mail_parameters = params
@@ -560,9 +558,7 @@ class Session:
                 raise AddressSyntaxError("empty recipient")
             path = check_mailbox(path, smtputf8="SMTPUTF8" in self.mail_parameters)
         except AddressSyntaxError as exc:
-            self._refuse_command(
-                "RCPT", replies.NEED_SMTPUTF8 if exc.non_ascii else replies.BAD_RECIPIENT_SYNTAX
-            )
+            self._refuse_command("RCPT", _recipient_refusal(exc))
             return
         if rest:
             self._refuse_command("RCPT", replies.UNSUPPORTED_PARAMETER)
@@ -799,3 +795,15 @@ class Session:
             self._wait(AuthRequest(name, step), State.GREETED)
         else:
             self._end_auth(replies.BAD_SASL_MESSAGE)
+
+
+def _sender_refusal(exc: AddressSyntaxError) -> bytes:
+    if exc.non_ascii:
+        return replies.NEED_SMTPUTF8
+    return replies.SENDER_DOMAIN_TOO_LONG if exc.too_long else replies.BAD_SENDER_SYNTAX
+
+
+def _recipient_refusal(exc: AddressSyntaxError) -> bytes:
+    if exc.non_ascii:
+        return replies.NEED_SMTPUTF8
+    return replies.RECIPIENT_DOMAIN_TOO_LONG if exc.too_long else replies.BAD_RECIPIENT_SYNTAX
