@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from relaygate.storage.files import open_private_append
+
 # Bare values: what cannot break a line, a key or a quote.
 _BARE = re.compile(r"[A-Za-z0-9.\-_@:/+\[\]<>,*]+")
 _LEVEL_NAMES = {
@@ -62,9 +64,10 @@ def setup(level: str = "info", fmt: str = "logfmt", file: Path | None = None) ->
     if file is None:
         _sink.stream = sys.stderr
     else:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        # Line-buffered append: each event is one write(2), whole even with several workers.
-        _sink.stream = open(file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        # Line-buffered append: each event is one write(2), whole even with several
+        # workers. 0600 when we create it: it names users, addresses and subjects.
+        fd = open_private_append(file)
+        _sink.stream = open(fd, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
     _sink.level = logging.getLevelName(level.upper())
     _sink.json = fmt == "json"
 

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import resource
 import secrets
 import signal
 import socket
+import stat
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 
 from relaygate import logs
@@ -31,6 +34,7 @@ from relaygate.server.connlimit import ConnectionLimiter
 from relaygate.server.tls import TLSSetupError, certificate_pairs, server_context
 from relaygate.server.worker import BoundListener, run_worker
 from relaygate.storage import sqlite as storage
+from relaygate.storage.files import private_directory, shared_bits, tighten
 
 PR_SET_PDEATHSIG = 1
 QUICKSTART_ADDRESS = "dev@example.test"
@@ -85,7 +89,10 @@ def bind_all(config: Config) -> list[BoundListener]:
 def prepare(config: Config) -> None:
     """Data directory, database schema, certificates, quickstart account."""
     try:
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        if config.data_dir.exists():
+            _check_private(config.data_dir)
+        else:
+            private_directory(config.data_dir)
     except OSError as exc:
         raise StartupError([f"data_dir {config.data_dir}: {exc.strerror or exc}"]) from None
     try:
@@ -101,6 +108,34 @@ def prepare(config: Config) -> None:
         server_context(certificate_pairs(config))
     except (TLSSetupError, OSError) as exc:
         raise StartupError([f"tls: {exc}"]) from None
+
+
+# Files of ours that an older relaygate (or a loose umask) may have left readable.
+_PRIVATE_FILES = (
+    "relaygate.db",
+    "relaygate.db-wal",
+    "relaygate.db-shm",
+    "throttle.db",
+    "throttle.db-wal",
+    "throttle.db-shm",
+    "changes",
+)
+
+
+def _check_private(data_dir: Path) -> None:
+    """Warn about a data_dir others can enter; make our own files in it private."""
+    bits = shared_bits(data_dir)
+    if bits:
+        mode = stat.S_IMODE(data_dir.stat().st_mode)
+        text = (
+            f"data_dir {data_dir} is accessible to other users (mode {mode:o}): it holds"
+            f" password hashes, keys and mail; run: chmod 700 {data_dir}"
+        )
+        print(f"relaygate: warning: {text}", file=sys.stderr, flush=True)
+        logs.event("data_dir.shared", logging.WARNING, path=str(data_dir), mode=f"{mode:o}")
+    for name in _PRIVATE_FILES:
+        if tighten(data_dir / name):
+            logs.event("file.tightened", logging.WARNING, path=str(data_dir / name), mode="600")
 
 
 def _create_quickstart_account(config: Config, store: AccountStore) -> None:

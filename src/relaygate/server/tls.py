@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from relaygate.config import Config
+from relaygate.storage.files import private_directory
 
 CertPair = tuple[Path, Path]  # (certificate chain, private key)
 
@@ -60,7 +61,7 @@ def _self_signed(hostname: str, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivate
 
 def ensure_self_signed(directory: Path, hostname: str) -> list[CertPair]:
     """Create the ECDSA and RSA self-signed pairs once; return both."""
-    directory.mkdir(parents=True, exist_ok=True)
+    private_directory(directory)
     pairs: list[CertPair] = []
     for kind in ("ecdsa", "rsa"):
         cert_path = directory / f"selfsigned-{kind}.crt"
@@ -79,7 +80,7 @@ def ensure_self_signed(directory: Path, hostname: str) -> list[CertPair]:
                     serialization.NoEncryption(),
                 ),
             )
-            cert_path.write_bytes(_self_signed(hostname, key))
+            _write_private(cert_path, _self_signed(hostname, key))
         pairs.append((cert_path, key_path))
     return pairs
 

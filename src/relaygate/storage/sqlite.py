@@ -11,6 +11,8 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from relaygate.storage.files import private_file
+
 SCHEMA_VERSION = 4
 
 _SCHEMA = """
@@ -175,7 +177,7 @@ def state_path(database: Path) -> Path:
 def connect_state(path: Path) -> sqlite3.Connection:
     """Open (creating if needed) the throttle state database."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(path)  # 0600, and so its -wal and -shm (storage/files.py)
         db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
@@ -223,7 +225,7 @@ class DatabaseError(Exception):
 def connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection:
     """Open (creating if needed) the database with our pragmas and schema."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(path)  # 0600, and so its -wal and -shm (storage/files.py)
         db = sqlite3.connect(
             path, isolation_level=None, timeout=30.0, check_same_thread=check_same_thread
         )
