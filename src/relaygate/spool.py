@@ -26,6 +26,7 @@ from relaygate.storage import sqlite as storage
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 MAX_BATCH = 256
+WAL_LIMIT = 256 * 1024 * 1024  # bytes of WAL file before the spool forces a truncation
 
 
 _rng: tuple[int, random.Random] | None = None
@@ -63,13 +64,18 @@ class SpooledMessage:
     mail_from: str
     recipients: list[str]
     subject: str
-    body: bytes
+    body: bytes  # as the client sent it (dot-unstuffed)
     created_at: float
     status: str = "captured"
     credential: str | None = None  # the app credential's name; None: the password
     usage: Usage | None = None  # what it counts against sending limits
     smtputf8: bool = False  # relayed onward with the same MAIL parameters
     body_8bit: bool = False
+    header: bytes = b""  # what we add in front (Received, Message-ID, Date)
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + len(self.body)
 
 
 class SpoolError(Exception):
@@ -81,6 +87,7 @@ class Spool:
         self, database: Path, loop: asyncio.AbstractEventLoop, *, deliver: bool = False
     ) -> None:
         self._database = database
+        self._wal = database.with_name(database.name + "-wal")
         self._deliver = deliver  # queue for onward delivery (smarthost / mx modes)
         self._loop = loop
         self._pending: list[tuple[SpooledMessage, asyncio.Future[None]]] = []
@@ -122,7 +129,11 @@ class Spool:
                     batch = self._pending[:MAX_BATCH]
                     del self._pending[:MAX_BATCH]
                 error = self._commit(db, [m for m, _ in batch])
-                self._loop.call_soon_threadsafe(_resolve, batch, error)
+                try:
+                    self._loop.call_soon_threadsafe(_resolve, batch, error)
+                except RuntimeError:
+                    return  # the event loop is gone: nobody is waiting
+                del batch  # let large bodies go now, not at the next batch
         finally:
             db.close()
 
@@ -142,7 +153,7 @@ class Spool:
                             m.mail_from,
                             json.dumps(m.recipients),
                             m.subject,
-                            len(m.body),
+                            m.size,
                             m.status,
                             m.created_at,
                             m.credential,
@@ -153,10 +164,8 @@ class Spool:
                         for m in messages
                     ],
                 )
-                db.executemany(
-                    "INSERT INTO message_bodies (id, body) VALUES (?, ?)",
-                    [(m.id, m.body) for m in messages],
-                )
+                for m in messages:
+                    _store_body(db, m)
                 if self._deliver:
                     delivery_queue.enqueue_many(
                         db, [(m.id, m.recipients) for m in messages], messages[0].created_at
@@ -165,13 +174,55 @@ class Spool:
                 quotas.record_many(db, [m.usage for m in messages if m.usage is not None])
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             return str(exc)
+        except Exception as exc:  # anything else fails this batch, never the thread
+            return f"{type(exc).__name__}: {exc}"
         self.commits += 1
         self.messages += len(messages)
+        self._limit_wal(db)
         return None
+
+    def _limit_wal(self, db: sqlite3.Connection) -> None:
+        """Keep the WAL file bounded under sustained large messages.
+
+        The automatic checkpoint is PASSIVE: with readers active (logins, the CLI,
+        delivery) it cannot always reset the log, so the file keeps growing, and
+        SQLite never shrinks it by itself. journal_size_limit (storage.sqlite)
+        truncates it whenever a reset happens; past WAL_LIMIT we also ask for a
+        TRUNCATE checkpoint, waiting for readers only briefly.
+        """
+        try:
+            if os.stat(self._wal).st_size <= WAL_LIMIT:
+                return
+            db.execute("PRAGMA busy_timeout=200")
+            try:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                db.execute("PRAGMA busy_timeout=30000")
+        except (OSError, sqlite3.Error):
+            pass  # the next commit tries again
+
+
+def _store_body(db: sqlite3.Connection, message: SpooledMessage) -> None:
+    """The header we add and the client's body, written into one blob in place:
+    no concatenated copy of a message that may be tens of MB."""
+    if not message.header:
+        db.execute(
+            "INSERT INTO message_bodies (id, body) VALUES (?, ?)", (message.id, message.body)
+        )
+        return
+    cursor = db.execute(
+        "INSERT INTO message_bodies (id, body) VALUES (?, zeroblob(?))",
+        (message.id, message.size),
+    )
+    assert cursor.lastrowid is not None
+    with db.blobopen("message_bodies", "body", cursor.lastrowid) as blob:
+        blob.write(message.header)
+        blob.write(message.body)
 
 
 def _resolve(batch: list[tuple[SpooledMessage, asyncio.Future[None]]], error: str | None) -> None:

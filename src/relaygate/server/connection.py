@@ -700,7 +700,8 @@ class SMTPConnection(asyncio.Protocol):
             mail_from=event.mail_from,
             recipients=event.recipients,
             subject=summary.subject,
-            body=received + added + event.body,
+            header=received + added,
+            body=event.body,
             created_at=now,
             status="captured" if self.worker.config.delivery.mode == "capture" else "queued",
             credential=self.credential.name if self.credential else None,
@@ -721,7 +722,7 @@ class SMTPConnection(asyncio.Protocol):
                 queue_id=stored.id,
                 mail_from=stored.mail_from,
                 rcpts=len(stored.recipients),
-                size=len(stored.body),
+                size=stored.size,
                 credential=stored.credential,
                 reply="250",
             )

@@ -599,14 +599,22 @@ class Session:
                 del buffer[:-4]
             self._data_scan = max(0, len(buffer) - 4)
             return False
-        content = bytes(buffer[: end + 2])
-        del buffer[: end + 5]
+        too_big = self._message_too_big or end > self.settings.max_message_size
+        # One copy of the message (the leading CRLF that _data added left out),
+        # then the buffer is rebuilt from what follows, so its megabytes go now.
+        body = b"" if too_big else bytes(memoryview(buffer)[2 : end + 2])
+        self._buffer = bytearray(memoryview(buffer)[end + 5 :])
+        del buffer  # the old buffer's megabytes are freed here, before any unstuffing
         self.state = State.RCPT
-        if self._message_too_big or len(content) - 2 > self.settings.max_message_size:
+        if too_big:
             self._refuse_message(replies.SIZE_EXCEEDED)
             return True
-        # Dot-unstuffing: every line starting with "." loses that dot (4.5.2).
-        body = content.replace(b"\r\n.", b"\r\n")[2:]
+        # Dot-unstuffing: every line starting with "." loses that dot (4.5.2);
+        # a message without such a line (most) is not copied again.
+        if body[:1] == b".":
+            body = body[1:]
+        if b"\r\n." in body:
+            body = body.replace(b"\r\n.", b"\r\n")
         self._finish_message(body)
         return True
 
@@ -647,15 +655,17 @@ class Session:
         self._chunk_left = self._chunk_size = int(parts[0])
         self._chunk_last = len(parts) == 2
         refusal: bytes | None = None
+        if self.authenticated_user is None:
+            # The chunk would have to be read and thrown away (RFC 3030 section 2):
+            # a client that never logged in could hold us for gigabytes. Hang up.
+            self._close(self._auth_refusal(), "BDAT before login")
+            return
         if self.state is not State.RCPT:
-            if self.authenticated_user is None:
-                refusal = self._auth_refusal()
-            elif self.state is State.MAIL:
-                refusal = replies.NO_VALID_RECIPIENTS
-            else:
-                refusal = replies.NEED_MAIL
+            refusal = replies.NO_VALID_RECIPIENTS if self.state is State.MAIL else replies.NEED_MAIL
         elif len(self._message) + self._chunk_left > self.settings.max_message_size:
-            refusal = replies.SIZE_EXCEEDED
+            # Too big whatever follows: say so and hang up rather than read it all.
+            self._close(replies.SIZE_EXCEEDED, "BDAT over the size limit")
+            return
         if refusal is None:
             self._bdat_used = True
         self._chunk_refusal = refusal
@@ -668,7 +678,7 @@ class Session:
         if take == 0 and self._chunk_left:
             return False
         if self._chunk_refusal is None:
-            self._message += buffer[:take]
+            self._message += memoryview(buffer)[:take]
         del buffer[:take]
         self._chunk_left -= take
         if self._chunk_left:
