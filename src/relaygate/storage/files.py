@@ -37,9 +37,19 @@ def private_directory(path: Path) -> None:
 
 
 def private_file(path: Path) -> None:
-    """Create ``path`` empty and 0600 unless it exists."""
+    """Create ``path`` empty and 0600 unless it exists.
+
+    An existing file is never opened: closing any descriptor of a SQLite
+    database drops every POSIX lock this process holds on it (fcntl semantics),
+    which would break the locking of the connections already open on it.
+    """
+    if path.exists():
+        return
     private_directory(path.parent)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        return  # made meanwhile by another process
     os.close(fd)
 
 
