@@ -97,6 +97,8 @@ def prepare(config: Config) -> None:
         raise StartupError([f"data_dir {config.data_dir}: {exc.strerror or exc}"]) from None
     try:
         db = storage.connect(config.database_path)
+        # Made here, before the workers, so they never race to create it.
+        storage.connect_state(storage.state_path(config.database_path)).close()
     except storage.DatabaseError as exc:
         raise StartupError([f"database {exc}"]) from None
     try:

@@ -179,10 +179,11 @@ def connect_state(path: Path) -> sqlite3.Connection:
     try:
         private_file(path)  # 0600, and so its -wal and -shm (storage/files.py)
         db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
-        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA busy_timeout=10000")  # first: workers open it at the same time
+        if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA busy_timeout=10000")
-        _run_script(db, _STATE_SCHEMA)
+        _run_script(db, _STATE_SCHEMA)  # IF NOT EXISTS: also adds tables to an older file
     except sqlite3.Error as exc:
         raise DatabaseError(f"{path}: {exc}") from None
     except OSError as exc:
