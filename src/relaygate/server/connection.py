@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, TypeVar, cast
 from relaygate import logs, message, policy, quotas
 from relaygate.accounts.credentials import Credential
 from relaygate.accounts.store import Account
+from relaygate.eventloop import LARGE_BLOCK, release_memory_soon
 from relaygate.quotas import Scope, Usage, account_scope, credential_scope
 from relaygate.sasl import Rejected, StoredKeys, Verified
 from relaygate.server.tls import cipher_info
@@ -727,6 +728,8 @@ class SMTPConnection(asyncio.Protocol):
                 reply="250",
             )
             self.session.message_queued(stored.id)
+            if stored.size >= LARGE_BLOCK:
+                release_memory_soon(self.worker.loop)
         else:
             reason = str(error) if isinstance(error, SpoolError) else repr(error)
             logs.event(
