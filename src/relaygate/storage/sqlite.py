@@ -232,7 +232,7 @@ def connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection
         )
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
-        # Truncate the WAL file back to this whenever it is reset (see spool._limit_wal).
+        # Truncate the WAL file back to 256 MiB whenever it is reset (see spool._limit_wal).
         db.execute("PRAGMA journal_size_limit=268435456")
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("PRAGMA busy_timeout=30000")
