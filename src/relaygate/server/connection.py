@@ -24,7 +24,7 @@ from relaygate.eventloop import LARGE_BLOCK, release_memory_soon
 from relaygate.quotas import Scope, Usage, account_scope, credential_scope
 from relaygate.sasl import Rejected, StoredKeys, Verified
 from relaygate.server.tls import cipher_info
-from relaygate.services.login import LoginResult, failure_delay
+from relaygate.services.login import LoginResult, failure_delay, login_problem
 from relaygate.smtp import replies
 from relaygate.smtp.events import (
     AuthRequest,
@@ -524,31 +524,14 @@ class SMTPConnection(asyncio.Protocol):
         account, credential = future.result()
         before = self.account
         assert before is not None
-        problem: str | None = None
-        if account is None:
-            problem = "account removed"
-        elif account.disabled:
-            problem = "account disabled"
-        elif self.credential is not None:
-            if credential is None:
-                problem = "credential removed"
-            elif credential.revoked_at is not None:
-                problem = "credential revoked"
-            elif not credential.is_active(time.time()):
-                problem = "credential expired"
-            elif not credential.allows_network(self.client_ip):
-                problem = "network not allowed"
-        elif account.password_hash != before.password_hash:
-            problem = "password changed"
+        problem = login_problem(before, self.credential, account, credential, self.client_ip)
         if problem is not None:
             self._login_revoked(problem)
             return
         assert account is not None
         self.account = account
         self.credential = credential
-        self.senders = (
-            credential.effective_senders(account.senders) if credential else account.senders
-        )
+        self.senders = LoginResult(account, "ok", credential=credential).senders
         self.scopes = self._quota_scopes(account, credential)
         self.login_generation = generation
         then()

@@ -497,7 +497,35 @@ class LoginService:
         return await self._db.run(_current, address, credential_id)
 
 
-# Run in the accounts thread (they get its connection first).
+def login_problem(
+    before: Account,
+    credential_before: Credential | None,
+    account: Account | None,
+    credential: Credential | None,
+    client_ip: str,
+) -> str | None:
+    """Why a login made as ``before`` (with ``credential_before``, if any) no longer
+    holds now that the account and credential read as given; None if it still does."""
+    if account is None:
+        return "account removed"
+    if account.disabled:
+        return "account disabled"
+    if credential_before is not None:
+        if credential is None:
+            return "credential removed"
+        if credential.revoked_at is not None:
+            return "credential revoked"
+        if not credential.is_active(time.time()):
+            return "credential expired"
+        if not credential.allows_network(client_ip):
+            return "network not allowed"
+        return None
+    if account.password_hash != before.password_hash:
+        return "password changed"
+    return None
+
+
+# Run in the service thread (they get its connections first).
 
 
 def _get_account(db: sqlite3.Connection, username: str) -> Account | None:
