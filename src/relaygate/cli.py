@@ -56,6 +56,7 @@ from relaygate.delivery.dkim import (
     txt_record,
 )
 from relaygate.sasl import stored_keys_for_password
+from relaygate.storage import bodies
 from relaygate.storage.sqlite import DatabaseError, connect
 
 PROG = "relaygate"
@@ -751,11 +752,11 @@ def _messages_show(args: argparse.Namespace, config: Config) -> int:
         ).fetchone()
         if row is None:
             raise CommandError(f"no such message: {args.message_id}")
-        body_row = db.execute(
-            "SELECT body FROM message_bodies WHERE id = ?", (args.message_id,)
-        ).fetchone()
+        try:
+            body = bodies.read(db, bodies.directory_for(config.database_path), args.message_id)
+        except bodies.BodyMissing as exc:
+            raise CommandError(f"message {args.message_id}: {exc}") from None
         history = delivery_queue.history(db, args.message_id)
-    body: bytes | None = bytes(body_row[0]) if body_row is not None else None
     if args.raw:
         if body is None:
             raise CommandError(f"message {args.message_id} has no stored body")

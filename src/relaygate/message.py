@@ -29,15 +29,15 @@ class HeaderSummary:
     has_date: bool = False
 
 
-def header_block(body: bytes) -> bytes:
+def header_block(body: bytes | bytearray) -> bytes:
     """The header section, up to (not including) the empty line."""
     if body.startswith(b"\r\n"):
         return b""
     end = body.find(b"\r\n\r\n")
-    return body if end < 0 else body[: end + 2]
+    return bytes(body if end < 0 else body[: end + 2])
 
 
-def summarize(body: bytes) -> HeaderSummary:
+def summarize(body: bytes | bytearray) -> HeaderSummary:
     summary = HeaderSummary()
     name = b""
     value_parts: list[bytes] = []

@@ -22,6 +22,7 @@ from pathlib import Path
 from relaygate import quotas
 from relaygate.delivery import queue as delivery_queue
 from relaygate.quotas import Usage
+from relaygate.storage import bodies
 from relaygate.storage import sqlite as storage
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -64,7 +65,7 @@ class SpooledMessage:
     mail_from: str
     recipients: list[str]
     subject: str
-    body: bytes  # as the client sent it (dot-unstuffed)
+    body: bytes | bytearray  # as the client sent it (dot-unstuffed)
     created_at: float
     status: str = "captured"
     credential: str | None = None  # the app credential's name; None: the password
@@ -88,6 +89,7 @@ class Spool:
     ) -> None:
         self._database = database
         self._wal = database.with_name(database.name + "-wal")
+        self._bodies = bodies.directory_for(database)
         self._deliver = deliver  # queue for onward delivery (smarthost / mx modes)
         self._loop = loop
         self._pending: list[tuple[SpooledMessage, asyncio.Future[None]]] = []
@@ -138,7 +140,18 @@ class Spool:
             db.close()
 
     def _commit(self, db: sqlite3.Connection, messages: list[SpooledMessage]) -> str | None:
+        spilled: list[str] = []
         try:
+            # Large bodies first, each in its own file, durable before the rows
+            # that name them commit (storage/bodies.py).
+            for m in messages:
+                if m.size >= bodies.SPILL_BYTES:
+                    if not spilled:
+                        bodies.prepare(self._bodies)
+                    spilled.append(m.id)
+                    bodies.write_file(self._bodies, m.id, (m.header, m.body))
+            if spilled:
+                bodies.sync_directory(self._bodies)
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.executemany(
@@ -177,14 +190,18 @@ class Spool:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as exc:
-            return str(exc)
+        except (sqlite3.Error, OSError) as exc:
+            error = str(exc)
         except Exception as exc:  # anything else fails this batch, never the thread
-            return f"{type(exc).__name__}: {exc}"
-        self.commits += 1
-        self.messages += len(messages)
-        self._limit_wal(db)
-        return None
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            self.commits += 1
+            self.messages += len(messages)
+            self._limit_wal(db)
+            return None
+        for message_id in spilled:  # nobody was told 250: the files go too
+            bodies.remove_file(self._bodies, message_id)
+        return error
 
     def _limit_wal(self, db: sqlite3.Connection) -> None:
         """Keep the WAL file bounded under sustained large messages.
@@ -208,13 +225,17 @@ class Spool:
 
 
 def _store_body(db: sqlite3.Connection, message: SpooledMessage) -> None:
-    """Our header and the client's body as one blob.
+    """The row for the body: the bytes themselves, or a mark that they are in a file.
 
-    Joined here, in the writer thread, right before the insert (the joined copy
-    lives for that statement only). Writing the pieces into a zeroblob in place
-    was tried: SQLite then writes every page twice (zeros, then data) once a
-    large body spills its cache, which cost more than the copy.
+    A small body is our header and the client's body joined as one blob, here
+    in the writer thread right before the insert (the joined copy lives for
+    that statement only).
     """
+    if message.size >= bodies.SPILL_BYTES:
+        db.execute(
+            "INSERT INTO message_bodies (id, body, in_file) VALUES (?, x'', 1)", (message.id,)
+        )
+        return
     db.execute(
         "INSERT INTO message_bodies (id, body) VALUES (?, ?)",
         (message.id, message.header + message.body if message.header else message.body),

@@ -71,7 +71,7 @@ _START_DATA = b"354 End data with <CR><LF>.<CR><LF>"
 _COMMAND_STATES = (State.CONNECTED, State.GREETED, State.MAIL, State.RCPT)
 
 
-def has_bare_line_ending(body: bytes) -> bool:
+def has_bare_line_ending(body: bytes | bytearray) -> bool:
     crlf = body.count(b"\r\n")
     return body.count(b"\r") != crlf or body.count(b"\n") != crlf
 

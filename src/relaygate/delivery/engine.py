@@ -36,6 +36,7 @@ from relaygate.delivery.outbound import DeliveryError, Plan, open_connection, sm
 from relaygate.delivery.remote_text import clean
 from relaygate.eventloop import new_event_loop
 from relaygate.spool import new_queue_id
+from relaygate.storage import bodies
 from relaygate.storage import sqlite as storage
 
 POLL_INTERVAL = 0.5  # seconds between looks at the queue when idle
@@ -50,6 +51,7 @@ class DeliveryEngine:
         self.delivery = config.delivery
         self.loop = loop
         self.db = storage.connect(config.database_path)
+        self.bodies = bodies.directory_for(config.database_path)
         self.resolver = MXResolver(config.delivery)
         self.signer = Signer(load_keys(key_directory(config.data_dir)))
         self.mta_sts = MTASTS(
@@ -323,14 +325,14 @@ class DeliveryEngine:
         self, client: aiosmtplib.SMTP, delivery: q.Delivery, host: str | None, tls: str | None
     ) -> bool:
         """Send one message; False when the connection is no longer usable."""
-        row = self.db.execute(
-            "SELECT body FROM message_bodies WHERE id = ?", (delivery.message_id,)
-        ).fetchone()
-        if row is None:
+        try:
+            body = bodies.read(self.db, self.bodies, delivery.message_id)
+        except bodies.BodyMissing:
+            body = None
+        if body is None:
             reply = "554 5.3.0 message body missing from the spool"
             self._finish(delivery, q.Outcome.for_all(delivery, reply))
             return True
-        body = bytes(row[0])
         body = self._sign(body) + body
         try:
             refused, response = await client.sendmail(
@@ -484,13 +486,14 @@ class DeliveryEngine:
             recipients, warning = list(outcome.deferred), True
         else:
             return None
+        try:
+            original = bodies.read(self.db, self.bodies, delivery.message_id) or b""
+        except bodies.BodyMissing:
+            original = b""
         row = self.db.execute(
-            "SELECT body, (SELECT created_at FROM messages WHERE id = ?) FROM message_bodies"
-            " WHERE id = ?",
-            (delivery.message_id, delivery.message_id),
+            "SELECT created_at FROM messages WHERE id = ?", (delivery.message_id,)
         ).fetchone()
-        original = bytes(row[0]) if row else b""
-        arrival = float(row[1]) if row and row[1] is not None else delivery.created_at
+        arrival = float(row[0]) if row and row[0] is not None else delivery.created_at
         try:
             body = self._dsn(
                 delivery,

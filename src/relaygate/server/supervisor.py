@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import resource
@@ -33,6 +34,7 @@ from relaygate.sasl import stored_keys_for_password
 from relaygate.server.connlimit import ConnectionLimiter
 from relaygate.server.tls import TLSSetupError, certificate_pairs, server_context
 from relaygate.server.worker import BoundListener, run_worker
+from relaygate.storage import bodies
 from relaygate.storage import sqlite as storage
 from relaygate.storage.files import private_directory, shared_bits, tighten
 
@@ -95,6 +97,7 @@ def prepare(config: Config) -> None:
             private_directory(config.data_dir)
     except OSError as exc:
         raise StartupError([f"data_dir {config.data_dir}: {exc.strerror or exc}"]) from None
+    _lock_data_dir(config.data_dir)
     try:
         db = storage.connect(config.database_path)
         # Made here, before the workers, so they never race to create it.
@@ -104,12 +107,79 @@ def prepare(config: Config) -> None:
     try:
         if config.quickstart and AccountStore(db).count() == 0:
             _create_quickstart_account(config, AccountStore(db))
+        # No spool writer runs yet: a body file without a row is from a crash.
+        removed = bodies.remove_orphans(db, bodies.directory_for(config.database_path))
+        if removed:
+            logs.event("spool.orphans_removed", files=removed)
+    except OSError as exc:
+        raise StartupError([f"data_dir {config.data_dir}: {exc.strerror or exc}"]) from None
     finally:
         db.close()
     try:
         server_context(certificate_pairs(config))
     except (TLSSetupError, OSError) as exc:
         raise StartupError([f"tls: {exc}"]) from None
+
+
+LOCK_FILE = "serve.lock"
+LOCK_PATIENCE = 30.0  # seconds to wait for a previous instance that is still draining
+_locks: dict[Path, int] = {}  # held (and inherited by every child) for the life of serve
+
+
+def _lock_data_dir(data_dir: Path) -> None:
+    """One ``serve`` per data_dir: two would run two delivery engines (duplicate
+    deliveries) and one's start-up clean-up could remove the other's new files.
+
+    The lock is an flock on data_dir/serve.lock, inherited by the workers, so
+    it is free only once every process of the previous instance has exited; a
+    restart waits up to LOCK_PATIENCE for a draining one.
+    """
+    path = (data_dir / LOCK_FILE).resolve()
+    if path in _locks:
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StartupError([f"data_dir {data_dir}: {exc.strerror or exc}"]) from None
+    deadline = time.monotonic() + LOCK_PATIENCE
+    waiting = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            # The supervisor alive: another serve runs. Gone: its workers are
+            # still draining after it died; they will let go soon.
+            if _alive(holder) or time.monotonic() >= deadline:
+                os.close(fd)
+                raise StartupError(
+                    [f"another relaygate serve (pid {holder or '?'}) is using data_dir {data_dir}"]
+                ) from None
+            if not waiting:
+                waiting = True
+                print(
+                    f"relaygate: waiting for the workers of relaygate serve {holder or '?'}"
+                    f" to let go of {data_dir}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            time.sleep(0.1)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    _locks[path] = fd
+
+
+def _alive(pid_text: str) -> bool:
+    if not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # Files of ours that an older relaygate (or a loose umask) may have left readable.

@@ -54,7 +54,7 @@ class MessageReady:
 
     mail_from: str
     recipients: list[str]
-    body: bytes
+    body: bytes | bytearray  # the session hands over its buffer: no copy of large bodies
     smtputf8: bool = False
     eight_bit: bool = False
     extra: dict[str, str] = field(default_factory=dict)

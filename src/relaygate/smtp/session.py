@@ -581,40 +581,59 @@ class Session:
         # search for CRLF.CRLF also finds the terminator of an empty message.
         self._buffer[0:0] = b"\r\n"
         self._data_scan = 0
+        self._dot_lines = False
         self._message_too_big = False
         self.state = State.DATA
 
     def _read_data(self) -> bool:
         buffer = self._buffer
-        end = buffer.find(b"\r\n.\r\n", self._data_scan)
-        if end < 0:
-            # The content ends at most 2 bytes before the buffer does (a partial
-            # terminator ".\r" may follow its CRLF), and may be max + 2 long
-            # (the leading CRLF): only then is it sure to be too big, whatever
-            # way the input was split.
-            limit = self.settings.max_message_size + 4
-            if len(buffer) > limit:
-                # Too big: keep scanning for the terminator, keep no content.
-                self._message_too_big = True
-                del buffer[:-4]
-            self._data_scan = max(0, len(buffer) - 4)
+        # One search finds both the terminator (CRLF "." CRLF) and dot-stuffed
+        # lines (CRLF "." anything else), so the body is read once, not twice.
+        scan = self._data_scan
+        while True:
+            end = buffer.find(b"\r\n.", scan)
+            if end < 0 or len(buffer) < end + 5:
+                break  # no candidate, or too few bytes after it to tell which
+            if buffer[end + 3] == 13 and buffer[end + 4] == 10:
+                return self._end_data(end)
+            self._dot_lines = True
+            scan = end + 3
+        # The content ends at most 2 bytes before the buffer does (a partial
+        # terminator ".\r" may follow its CRLF), and may be max + 2 long
+        # (the leading CRLF): only then is it sure to be too big, whatever
+        # way the input was split.
+        limit = self.settings.max_message_size + 4
+        if len(buffer) > limit:
+            # Too big: keep scanning for the terminator, keep no content (a
+            # partial terminator or candidate is within the last 4 bytes).
+            self._message_too_big = True
+            del buffer[:-4]
+            self._data_scan = 0
             return False
+        # Next time: from an undecided candidate, or from where one may begin.
+        self._data_scan = end if end >= 0 else max(scan, len(buffer) - 2)
+        return False
+
+    def _end_data(self, end: int) -> bool:
+        buffer = self._buffer
         too_big = self._message_too_big or end > self.settings.max_message_size
-        # One copy of the message (the leading CRLF that _data added left out),
-        # then the buffer is rebuilt from what follows, so its megabytes go now.
-        body = b"" if too_big else bytes(memoryview(buffer)[2 : end + 2])
+        # The buffer itself becomes the body (no copy of the megabytes): the
+        # rest of the input moves to a new buffer, then the body is trimmed to
+        # the content (the leading CRLF that _data added left out).
         self._buffer = bytearray(memoryview(buffer)[end + 5 :])
-        del buffer  # the old buffer's megabytes are freed here, before any unstuffing
         self.state = State.RCPT
         if too_big:
             self._refuse_message(replies.SIZE_EXCEEDED)
             return True
+        del buffer[end + 2 :]
+        del buffer[:2]
+        body: bytes | bytearray = buffer
         # Dot-unstuffing: every line starting with "." loses that dot (4.5.2);
-        # a message without such a line (most) is not copied again.
-        if body[:1] == b".":
-            body = body[1:]
-        if b"\r\n." in body:
-            body = body.replace(b"\r\n.", b"\r\n")
+        # a message without such a line (most) is not copied.
+        if buffer[:1] == b".":
+            del buffer[:1]
+        if self._dot_lines:
+            body = buffer.replace(b"\r\n.", b"\r\n")
         self._finish_message(body)
         return True
 
@@ -624,7 +643,7 @@ class Session:
         self._reset_transaction()
         self.state = State.GREETED
 
-    def _finish_message(self, body: bytes) -> None:
+    def _finish_message(self, body: bytes | bytearray) -> None:
         crs = body.count(b"\r")
         if crs != body.count(b"\n") or crs != body.count(b"\r\n"):
             self._refuse_message(replies.BARE_LINE_ENDING)
@@ -696,7 +715,7 @@ class Session:
         if not self._chunk_last:
             self._output.append(f"250 2.0.0 {self._chunk_size} octets received\r\n".encode())
             return True
-        body = bytes(self._message)
+        body = self._message  # handed over, not copied
         self._message = bytearray()
         self._finish_message(body)
         return True

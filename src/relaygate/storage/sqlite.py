@@ -13,7 +13,7 @@ from pathlib import Path
 
 from relaygate.storage.files import private_file
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -134,6 +134,9 @@ CREATE INDEX delivery_attempts_message ON delivery_attempts(message_id);
     4: """
 ALTER TABLE messages ADD COLUMN smtputf8 INTEGER NOT NULL DEFAULT 0;  -- MAIL ... SMTPUTF8
 ALTER TABLE messages ADD COLUMN body_8bit INTEGER NOT NULL DEFAULT 0; -- MAIL ... BODY=8BITMIME
+""",
+    5: """
+ALTER TABLE message_bodies ADD COLUMN in_file INTEGER NOT NULL DEFAULT 0; -- 1: body in bodies/<id>
 """,
 }
 
