@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from relaygate.smtp import replies
 from relaygate.smtp.events import MessageReady, SenderRequest
+from relaygate.smtp.session import unstuff
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
 from fuzz_session import TOKENS, has_bare_line_ending, run_chunks
@@ -114,3 +115,27 @@ def test_bare_line_ending_refuses_the_message(
     assert d.of_type(MessageReady) == []
     assert len(d.of_type(SenderRequest)) == 2  # no command was read from inside the body
     assert replies.BARE_LINE_ENDING.startswith(b"550 5.5.2 ")
+
+
+# ------------------------------------------------------------ (d) unstuffing in place
+
+lines_with_dots = st.lists(
+    st.one_of(st.sampled_from([b".", b"..", b".x", b"x", b"", b"x.y", b"...."]), st.binary()),
+    max_size=60,
+).map(lambda parts: b"\r\n".join(p.replace(b"\r", b"").replace(b"\n", b"") for p in parts))
+
+
+@FAST
+@given(body=lines_with_dots)
+def test_unstuffing_in_place_matches_a_plain_replace(body: bytes) -> None:
+    buffer = bytearray(b"\r\n" + body)
+    unstuff(buffer)
+    assert bytes(buffer) == (b"\r\n" + body).replace(b"\r\n.", b"\r\n")
+
+
+def test_unstuffing_a_message_of_dot_lines_stays_linear() -> None:
+    # Far past the in-place budget (one dot line per KiB): the rest is one replace.
+    body = b"\r\n" + b"\r\n".join([b".", b"..x", b".y"] * 200_000)
+    buffer = bytearray(body)
+    unstuff(buffer)
+    assert bytes(buffer) == body.replace(b"\r\n.", b"\r\n")
