@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -9,7 +10,12 @@ import pytest
 from relaygate.accounts.credentials import Credential
 from relaygate.accounts.store import Account
 from relaygate.config import AuthThrottleConfig
-from relaygate.services.login import failure_delay, login_problem
+from relaygate.services.login import (
+    SUSPECT_SHARE,
+    LoginService,
+    failure_delay,
+    login_problem,
+)
 
 RULES = AuthThrottleConfig(connection_delay_after=1, delay_seconds=1.0, max_delay=30.0)
 
@@ -53,3 +59,30 @@ def test_login_problem(
     problem: str | None,
 ) -> None:
     assert login_problem(ACCOUNT, credential_before, account, credential, "192.0.2.1") == problem
+
+
+def _burn(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_suspect_hashing_rests_to_stay_within_its_share_of_a_core() -> None:
+    service = LoginService.__new__(LoginService)  # only the suspect thread's own state
+    service._rest_until = 0.0
+    hashes: list[float] = []
+
+    def verify(account: Account | None, password: str) -> str:
+        hashes.append(time.monotonic())
+        _burn(0.05)
+        return "bad_password"
+
+    service._verify = verify  # type: ignore[method-assign]
+    started = time.monotonic()
+    assert service._verify_resting(None, "guess") == "bad_password"
+    first_reply = time.monotonic() - started
+    assert service._verify_resting(None, "guess") == "bad_password"
+    # The first answer is not held back; the next hash starts only after a rest
+    # of 1/share - 1 times the CPU the previous one took.
+    assert first_reply < 0.05 * 1.0 / SUSPECT_SHARE * 0.9
+    assert hashes[1] - hashes[0] >= 0.05 / SUSPECT_SHARE * 0.95

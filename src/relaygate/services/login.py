@@ -24,8 +24,12 @@ for up to ``max_delay``. The connection is kept meanwhile, which costs a
 timer, while a guesser that reconnects pays a TLS handshake.
 
 Clients that failed lately ("suspects") have their argon2id run in a pool of
-its own at the lowest CPU priority (SCHED_IDLE), with a bounded queue: a guessing storm
-then uses the CPU that good clients leave over, instead of taking it from them.
+its own at the lowest CPU priority (SCHED_IDLE), with a bounded queue, and
+at most SUSPECT_SHARE of one core per worker (the thread rests between
+hashes): a guessing storm then uses a bounded part of the CPU that good
+clients leave over, instead of taking it from them (idle CPU is not free on
+a small machine: the storm's 19 MiB hashes also evict the good clients'
+caches). Suspects wait longer; their replies are held anyway.
 
 SCRAM: the keys are handed out only after a reservation, so the proof check
 (which tells right from wrong) is throttled like a password. Unknown and
@@ -60,6 +64,7 @@ from relaygate.throttle import AuthThrottle, Reservation, Verdict, Wait
 CACHE_SIZE = 10000
 TOUCH_INTERVAL = 60.0  # seconds between last_used_at writes for one credential
 SUSPECT_QUEUE = 64  # argon2id runs waiting for suspects; more are refused for now
+SUSPECT_SHARE = 0.25  # of one core, at most, for suspects' hashes (per worker)
 RESERVE_PATIENCE = 10.0  # seconds to queue behind other attempts still being checked
 SCRAM_DECOY_KEY = "scram_decoy_key"  # name of the server secret in storage.secrets
 _REAL_SALT_LENGTH = len(stored_keys_for_password("length probe", 4096).salt)
@@ -157,6 +162,7 @@ class LoginService:
             max_workers=1, thread_name_prefix="suspect-hash", initializer=_lowest_priority
         )
         self._suspects_waiting = 0
+        self._rest_until = 0.0  # the suspect thread's own: when it may hash again
         self._credentials: CredentialStore | None = None  # the accounts thread's
 
     @staticmethod
@@ -318,10 +324,29 @@ class LoginService:
         self._suspects_waiting += 1
         try:
             return await self._loop.run_in_executor(
-                self._suspect_pool, self._verify, account, password
+                self._suspect_pool, self._verify_resting, account, password
             )
         finally:
             self._suspects_waiting -= 1
+
+    def _verify_resting(self, account: Account | None, password: str) -> str:
+        """``_verify``, then rest so suspects use at most SUSPECT_SHARE of a core.
+
+        The rest comes before the next suspect's hash, not after this one's:
+        this reply is not delayed by it.
+        """
+        self._suspect_rest()
+        started = time.thread_time()
+        try:
+            return self._verify(account, password)
+        finally:
+            spent = time.thread_time() - started
+            self._rest_until = time.monotonic() + spent * (1.0 / SUSPECT_SHARE - 1.0)
+
+    def _suspect_rest(self) -> None:
+        pause = self._rest_until - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
 
     def _verify(self, account: Account | None, password: str) -> str:
         if account is None:
