@@ -11,16 +11,17 @@ error, prefixed ``relaygate: ``, and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import secrets
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import closing
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from relaygate.accounts.credentials import (
     LIMIT_KEYS,
@@ -56,8 +57,11 @@ from relaygate.delivery.dkim import (
     txt_record,
 )
 from relaygate.sasl import stored_keys_for_password
+from relaygate.services.admin import MessagesAdmin, NotFound
 from relaygate.storage import bodies
+from relaygate.storage.api import DeliveryAttempt, MessageRecord
 from relaygate.storage.sqlite import DatabaseError, connect
+from relaygate.storage.sqlite_messages import SQLiteMessageLog
 
 PROG = "relaygate"
 EXIT_USER_ERROR = 2  # the same status argparse uses for a bad command line
@@ -69,6 +73,7 @@ class CommandError(Exception):
 
 
 Handler = Callable[[argparse.Namespace, Config], int]
+T = TypeVar("T")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -691,35 +696,40 @@ def _credential_limits(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-_MESSAGE_COLUMNS = (
-    "id, created_at, account, client_ip, mail_from, rcpt_to, subject, size, status, credential"
-)
+def _with_messages(config: Config, work: Callable[[MessagesAdmin], Awaitable[T]]) -> T:
+    """Run one admin use case on the message log (storage/api.py) and close it."""
+
+    async def run() -> T:
+        log = SQLiteMessageLog(config.database_path)
+        try:
+            return await work(MessagesAdmin(log))
+        finally:
+            await log.close()
+
+    try:
+        return asyncio.run(run())
+    except (NotFound, bodies.BodyMissing) as exc:
+        raise CommandError(str(exc)) from None
 
 
-def _message_json(row: tuple[Any, ...]) -> dict[str, Any]:
-    id_, created_at, account, client_ip, mail_from, rcpt_to, subject, size, status, credential = row
+def _message_json(message: MessageRecord) -> dict[str, Any]:
     return {
-        "id": id_,
-        "created_at": created_at,
-        "account": account,
-        "credential": credential,
-        "client_ip": client_ip,
-        "mail_from": mail_from,
-        "rcpt_to": _recipients(rcpt_to),
-        "subject": subject,
-        "size": size,
-        "status": status,
+        "id": message.id,
+        "created_at": message.created_at,
+        "account": message.account,
+        "credential": message.credential,
+        "client_ip": message.client_ip,
+        "mail_from": message.mail_from,
+        "rcpt_to": list(message.rcpt_to),
+        "subject": message.subject,
+        "size": message.size,
+        "status": message.status,
     }
 
 
 def _messages_list(args: argparse.Namespace, config: Config) -> int:
-    with _open_database(config) as db:
-        rows = db.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages"  # noqa: S608 (constant column list)
-            " ORDER BY created_at DESC, id DESC LIMIT ?",
-            (args.limit,),
-        ).fetchall()
-    messages = [_message_json(row) for row in rows]
+    records = _with_messages(config, lambda admin: admin.recent(args.limit))
+    messages = [_message_json(record) for record in records]
     if args.json:
         print(json.dumps(messages, indent=2))
     elif not messages:
@@ -745,18 +755,8 @@ def _messages_list(args: argparse.Namespace, config: Config) -> int:
 
 
 def _messages_show(args: argparse.Namespace, config: Config) -> int:
-    with _open_database(config) as db:
-        row = db.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?",  # noqa: S608
-            (args.message_id,),
-        ).fetchone()
-        if row is None:
-            raise CommandError(f"no such message: {args.message_id}")
-        try:
-            body = bodies.read(db, bodies.directory_for(config.database_path), args.message_id)
-        except bodies.BodyMissing as exc:
-            raise CommandError(f"message {args.message_id}: {exc}") from None
-        history = delivery_queue.history(db, args.message_id)
+    view = _with_messages(config, lambda admin: admin.show(args.message_id))
+    body = view.body
     if args.raw:
         if body is None:
             raise CommandError(f"message {args.message_id} has no stored body")
@@ -764,7 +764,7 @@ def _messages_show(args: argparse.Namespace, config: Config) -> int:
         sys.stdout.buffer.write(body)
         sys.stdout.buffer.flush()
         return 0
-    message = _message_json(row)
+    message = _message_json(view.record)
     for label, value in (
         ("id", message["id"]),
         ("created", _local_time(message["created_at"])),
@@ -778,8 +778,8 @@ def _messages_show(args: argparse.Namespace, config: Config) -> int:
         ("status", message["status"]),
     ):
         print(f"{label}: {_printable(value)}")
-    if history:
-        _print_history(history)
+    if view.history:
+        _print_history(view.history)
     print()
     if body is None:
         print("(no stored body)")
@@ -893,14 +893,6 @@ def _optional_time(timestamp: float | None, missing: str) -> str:
     return missing if timestamp is None else _local_time(timestamp)
 
 
-def _recipients(rcpt_to: str) -> list[str]:
-    try:
-        value = json.loads(rcpt_to)
-    except ValueError:
-        return [rcpt_to]  # not JSON after all: show what is stored rather than fail
-    return [str(item) for item in value] if isinstance(value, list) else [str(value)]
-
-
 # ----------------------------------------------------------------- queue
 
 
@@ -931,35 +923,30 @@ def _queue_list(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _print_history(history: list[dict[str, Any]]) -> None:
+def _print_history(history: list[DeliveryAttempt]) -> None:
     if not history:
         print("delivery: no attempt yet")
         return
     print("delivery history:")
     for item in history:
         print(
-            f"  {_local_time(float(item['ts']))}  {item['outcome']:<9}  <{item['recipient']}>"
-            f"  via {item['host'] or '-'}  tls: {item['tls'] or 'none'}  {item['reply']}"
+            f"  {_local_time(item.ts)}  {item.outcome:<9}  <{item.recipient}>"
+            f"  via {item.host or '-'}  tls: {item.tls or 'none'}  {item.reply}"
         )
 
 
 def _queue_show(args: argparse.Namespace, config: Config) -> int:
+    view = _with_messages(config, lambda admin: admin.show(args.message_id, body=False))
     with _open_database(config) as db:
-        exists = db.execute(
-            "SELECT status FROM messages WHERE id = ?", (args.message_id,)
-        ).fetchone()
-        if exists is None:
-            raise CommandError(f"no such message: {args.message_id}")
         pending = [r for r in delivery_queue.queue_rows(db) if r["id"] == args.message_id]
-        history = delivery_queue.history(db, args.message_id)
     print(f"id: {args.message_id}")
-    print(f"status: {exists[0]}")
+    print(f"status: {view.record.status}")
     for row in pending:
         print(
             f"waiting: {row['domain']} ({row['status']}, {row['attempts']} tries, next"
             f" {_local_time(float(str(row['next_attempt'])))})"
         )
-    _print_history(history)
+    _print_history(view.history)
     return 0
 
 

@@ -1,0 +1,69 @@
+"""What the services need from storage, one typed interface per concern.
+
+Services and edges (CLI, the HTTP API to come) depend on these, never on a
+database module: each backend (today SQLite in data_dir; PostgreSQL and Redis
+with the scale-out work) implements them, and one contract test suite
+(tests/unit/test_storage_contract.py) runs every interface against every
+backend. Methods are async: no backend call may block an event loop.
+
+Interfaces land here as their callers move off raw connections; see
+docs/architecture.md for the list still to come.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRecord:
+    """One accepted (or bounce) message in the message log."""
+
+    id: str
+    created_at: float
+    account: str
+    credential: str | None  # the app credential's name; None: the password
+    client_ip: str
+    mail_from: str  # "" for a bounce
+    rcpt_to: tuple[str, ...]
+    subject: str
+    size: int
+    status: str  # captured | queued | delivered | failed | ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryAttempt:
+    """One try to hand a message (or one recipient of it) to the next hop."""
+
+    ts: float
+    domain: str
+    recipient: str | None  # None: the whole transaction
+    host: str | None
+    reply: str | None
+    tls: str | None  # "TLSv1.3 <cipher> verified"; None: clear text
+    outcome: str  # delivered | deferred | failed
+
+
+class MessageLog(Protocol):
+    """The read side of accepted mail: what the CLI, API and UI show."""
+
+    async def recent(self, limit: int) -> list[MessageRecord]:
+        """The newest ``limit`` messages, newest first."""
+        ...
+
+    async def get(self, message_id: str) -> MessageRecord | None: ...
+
+    async def body(self, message_id: str) -> bytes | None:
+        """The stored message as delivered onward; None if none is stored.
+
+        Raises storage.bodies.BodyMissing when the record says it exists but it
+        cannot be found (a file removed by hand).
+        """
+        ...
+
+    async def history(self, message_id: str) -> list[DeliveryAttempt]:
+        """Delivery attempts, oldest first."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,95 @@
+"""The message log (storage.api.MessageLog) on the embedded SQLite database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from relaygate.storage import bodies
+from relaygate.storage import sqlite as storage
+from relaygate.storage.api import DeliveryAttempt, MessageRecord
+from relaygate.storage.thread import DatabaseThread
+
+_COLUMNS = (
+    "id, created_at, account, credential, client_ip, mail_from, rcpt_to, subject, size, status"
+)
+
+
+def _recipients(rcpt_to: str) -> tuple[str, ...]:
+    try:
+        value: Any = json.loads(rcpt_to)
+    except ValueError:
+        return (rcpt_to,)  # not JSON after all: show what is stored rather than fail
+    return tuple(str(item) for item in value) if isinstance(value, list) else (str(value),)
+
+
+def _record(row: tuple[Any, ...]) -> MessageRecord:
+    id_, created_at, account, credential, client_ip, mail_from, rcpt_to, subject, size, status = row
+    return MessageRecord(
+        id=id_,
+        created_at=float(created_at),
+        account=account,
+        credential=credential,
+        client_ip=client_ip,
+        mail_from=mail_from,
+        rcpt_to=_recipients(rcpt_to),
+        subject=subject,
+        size=int(size),
+        status=status,
+    )
+
+
+class SQLiteMessageLog:
+    """Reads run in a thread of their own (storage/thread.py), never on the loop."""
+
+    def __init__(self, database: Path, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._bodies = bodies.directory_for(database)
+        self._thread = DatabaseThread(
+            lambda: storage.connect(database),
+            loop or asyncio.get_running_loop(),
+            "message-log",
+        )
+
+    async def recent(self, limit: int) -> list[MessageRecord]:
+        return await self._thread.run(_recent, limit)
+
+    async def get(self, message_id: str) -> MessageRecord | None:
+        return await self._thread.run(_get, message_id)
+
+    async def body(self, message_id: str) -> bytes | None:
+        return await self._thread.run(bodies.read, self._bodies, message_id)
+
+    async def history(self, message_id: str) -> list[DeliveryAttempt]:
+        return await self._thread.run(_history, message_id)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._thread.close)
+
+
+def _recent(db: sqlite3.Connection, limit: int) -> list[MessageRecord]:
+    rows = db.execute(
+        f"SELECT {_COLUMNS} FROM messages"  # noqa: S608 (a constant column list)
+        " ORDER BY created_at DESC, id DESC LIMIT ?",
+        (limit,),
+    ).fetchall()
+    return [_record(row) for row in rows]
+
+
+def _get(db: sqlite3.Connection, message_id: str) -> MessageRecord | None:
+    row = db.execute(
+        f"SELECT {_COLUMNS} FROM messages WHERE id = ?",  # noqa: S608
+        (message_id,),
+    ).fetchone()
+    return None if row is None else _record(row)
+
+
+def _history(db: sqlite3.Connection, message_id: str) -> list[DeliveryAttempt]:
+    rows = db.execute(
+        "SELECT ts, domain, recipient, host, reply, tls, outcome FROM delivery_attempts"
+        " WHERE message_id = ? ORDER BY ts, id",
+        (message_id,),
+    ).fetchall()
+    return [DeliveryAttempt(*row) for row in rows]
