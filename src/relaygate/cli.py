@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import closing
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -31,16 +32,13 @@ from relaygate.accounts.credentials import (
     CredentialStore,
     account_limits,
     all_account_limits,
-    looks_like_credential,
     update_account_limits,
 )
-from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import (
     Account,
     AccountError,
     AccountStore,
     normalize_address,
-    normalize_sender_pattern,
 )
 from relaygate.config import ENV_VAR, Config, ConfigError, load_config
 from relaygate.delivery import queue as delivery_queue
@@ -56,11 +54,11 @@ from relaygate.delivery.dkim import (
     normalize_domain,
     txt_record,
 )
-from relaygate.sasl import stored_keys_for_password
-from relaygate.services.admin import MessagesAdmin, NotFound
+from relaygate.services.admin import AccountsAdmin, MessagesAdmin, NotFound
 from relaygate.storage import bodies
 from relaygate.storage.api import DeliveryAttempt, MessageRecord
 from relaygate.storage.sqlite import DatabaseError, connect
+from relaygate.storage.sqlite_accounts import SQLiteAccounts
 from relaygate.storage.sqlite_messages import SQLiteMessageLog
 
 PROG = "relaygate"
@@ -401,29 +399,19 @@ def _new_password(from_stdin: bool) -> tuple[str, bool]:
     password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
     if not password:
         raise CommandError("no password on standard input (the first line is empty)")
-    if looks_like_credential(password):
-        # The server tells credentials from passwords by their shape alone.
-        raise CommandError(
-            "that password has the shape of an app credential (rgc_ and 43 characters);"
-            " choose another"
-        )
-    return password, False
+    return password, False  # its shape is checked by the admin use case
 
 
 def _user_add(args: argparse.Namespace, config: Config) -> int:
-    # Check everything cheap first, so a typo costs neither the password on
-    # stdin nor a slow hash.
-    address = normalize_address(args.address)
-    senders = [normalize_sender_pattern(p) for p in args.sender] if args.sender else None
-    with _open_database(config) as db:
-        store = AccountStore(db)
-        if store.get(address) is not None:
-            raise AccountError(f"account already exists: {address}")
+    async def add(admin: _Admin) -> tuple[Account, str, bool]:
+        # Everything cheap first, so a typo costs neither the password on
+        # stdin nor a slow hash.
+        address = await admin.accounts.check_new(args.address, args.sender or None)
         password, generated = _new_password(args.password_stdin)
-        password_hash = PasswordHasher(config.password_hash).hash(password)
-        account = store.add(
-            address, password_hash, senders, scram=stored_keys_for_password(password)
-        )
+        account = await admin.accounts.add(address, password, args.sender or None)
+        return account, password, generated
+
+    account, password, generated = _with_admin(config, add)
     print(f"added {account.address}, may send as: {', '.join(account.senders)}")
     if generated:
         print(f"password: {password}")
@@ -431,17 +419,12 @@ def _user_add(args: argparse.Namespace, config: Config) -> int:
 
 
 def _user_passwd(args: argparse.Namespace, config: Config) -> int:
-    with _open_database(config) as db:
-        store = AccountStore(db)
-        account = store.get(args.address)
-        if account is None:
-            raise AccountError(f"no such account: {args.address}")
+    async def change(admin: _Admin) -> tuple[Account, str, bool]:
+        await admin.accounts.get(args.address)
         password, generated = _new_password(args.password_stdin)
-        store.set_password_hash(
-            account.address,
-            PasswordHasher(config.password_hash).hash(password),
-            scram=stored_keys_for_password(password),
-        )
+        return await admin.accounts.set_password(args.address, password), password, generated
+
+    account, password, generated = _with_admin(config, change)
     print(f"password changed for {account.address}")
     if generated:
         print(f"password: {password}")
@@ -457,32 +440,28 @@ def _user_enable(args: argparse.Namespace, config: Config) -> int:
 
 
 def _set_disabled(address: str, config: Config, *, disabled: bool) -> int:
-    with _open_database(config) as db:
-        AccountStore(db).set_disabled(address, disabled)
+    _with_admin(config, lambda admin: admin.accounts.set_disabled(address, disabled))
     print(f"{'disabled' if disabled else 'enabled'} {address}")
     return 0
 
 
 def _user_remove(args: argparse.Namespace, config: Config) -> int:
-    with _open_database(config) as db:
-        AccountStore(db).remove(args.address)
+    _with_admin(config, lambda admin: admin.accounts.remove(args.address))
     print(f"removed {args.address}")
     return 0
 
 
 def _user_senders(args: argparse.Namespace, config: Config) -> int:
-    with _open_database(config) as db:
-        store = AccountStore(db)
-        store.set_senders(args.address, args.patterns)
-        account = store.get(args.address)
-    senders = account.senders if account is not None else ()
-    print(f"{args.address} may send as: {', '.join(senders)}")
+    account = _with_admin(
+        config, lambda admin: admin.accounts.set_senders(args.address, args.patterns)
+    )
+    print(f"{args.address} may send as: {', '.join(account.senders)}")
     return 0
 
 
 def _user_list(args: argparse.Namespace, config: Config) -> int:
+    accounts = _with_admin(config, lambda admin: admin.accounts.list())
     with _open_database(config) as db:
-        accounts = AccountStore(db).list()
         limits = all_account_limits(db)
     if args.json:
         print(
@@ -696,15 +675,27 @@ def _credential_limits(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _with_messages(config: Config, work: Callable[[MessagesAdmin], Awaitable[T]]) -> T:
-    """Run one admin use case on the message log (storage/api.py) and close it."""
+@dataclass
+class _Admin:
+    """The admin use cases the CLI calls (services/admin.py), on this data_dir."""
+
+    messages: MessagesAdmin
+    accounts: AccountsAdmin
+
+
+def _with_admin(config: Config, work: Callable[[_Admin], Awaitable[T]]) -> T:
+    """Run one admin use case and close what it opened."""
 
     async def run() -> T:
         log = SQLiteMessageLog(config.database_path)
+        accounts = SQLiteAccounts(config.database_path)
         try:
-            return await work(MessagesAdmin(log))
+            return await work(
+                _Admin(MessagesAdmin(log), AccountsAdmin(accounts, config.password_hash))
+            )
         finally:
             await log.close()
+            await accounts.close()
 
     try:
         return asyncio.run(run())
@@ -728,7 +719,7 @@ def _message_json(message: MessageRecord) -> dict[str, Any]:
 
 
 def _messages_list(args: argparse.Namespace, config: Config) -> int:
-    records = _with_messages(config, lambda admin: admin.recent(args.limit))
+    records = _with_admin(config, lambda admin: admin.messages.recent(args.limit))
     messages = [_message_json(record) for record in records]
     if args.json:
         print(json.dumps(messages, indent=2))
@@ -755,7 +746,7 @@ def _messages_list(args: argparse.Namespace, config: Config) -> int:
 
 
 def _messages_show(args: argparse.Namespace, config: Config) -> int:
-    view = _with_messages(config, lambda admin: admin.show(args.message_id))
+    view = _with_admin(config, lambda admin: admin.messages.show(args.message_id))
     body = view.body
     if args.raw:
         if body is None:
@@ -936,7 +927,7 @@ def _print_history(history: list[DeliveryAttempt]) -> None:
 
 
 def _queue_show(args: argparse.Namespace, config: Config) -> int:
-    view = _with_messages(config, lambda admin: admin.show(args.message_id, body=False))
+    view = _with_admin(config, lambda admin: admin.messages.show(args.message_id, body=False))
     with _open_database(config) as db:
         pending = [r for r in delivery_queue.queue_rows(db) if r["id"] == args.message_id]
     print(f"id: {args.message_id}")

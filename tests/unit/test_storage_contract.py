@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,16 @@ import pytest
 from postgres_helpers import scratch_database
 from psycopg_pool import AsyncConnectionPool
 
-from relaygate.services.admin import MessagesAdmin, NotFound
+from relaygate.accounts.store import AccountError
+from relaygate.config import PasswordHashConfig
+from relaygate.services.admin import AccountsAdmin, MessagesAdmin, NotFound
 from relaygate.spool import Spool, SpooledMessage, new_queue_id
 from relaygate.storage import bodies
 from relaygate.storage.api import DeliveryAttempt, MessageLog, MessageRecord
 from relaygate.storage.postgres.messages import PostgresMessageLog
 from relaygate.storage.postgres.schema import migrate
 from relaygate.storage.sqlite import connect
+from relaygate.storage.sqlite_accounts import SQLiteAccounts
 from relaygate.storage.sqlite_messages import SQLiteMessageLog
 
 
@@ -250,3 +253,68 @@ def test_sqlite_a_lost_body_file_is_an_error_a_user_can_read(tmp_path: Path) -> 
                 await admin.show(message.id)
 
     run(check())
+
+
+# ------------------------------------------------------------------ accounts
+
+# The PostgreSQL accounts backend joins this list when it lands.
+ACCOUNT_BACKENDS = ("sqlite",)
+
+
+@pytest.fixture(params=ACCOUNT_BACKENDS)
+def accounts_admin(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    database = tmp_path / "relaygate.db"
+    connect(database).close()
+    yield database
+
+
+def _accounts(database: Path, work: Callable[[AccountsAdmin], Coroutine[Any, Any, Any]]) -> Any:
+    async def go() -> Any:
+        store = SQLiteAccounts(database)
+        try:
+            return await work(AccountsAdmin(store, FAST_HASH))
+        finally:
+            await store.close()
+
+    return run(go())
+
+
+FAST_HASH = PasswordHashConfig(memory_kib=1024, time_cost=1, parallelism=1)
+
+
+def test_accounts_add_list_and_the_rules_every_edge_shares(accounts_admin: Path) -> None:
+    async def work(admin: AccountsAdmin) -> None:
+        added = await admin.add("Alice@Example.COM", "correct horse", ["@example.com"])
+        assert added.address == "Alice@example.com"  # the local part keeps its case
+        assert added.senders == ("@example.com",)
+        assert added.scram is not None  # SCRAM keys made with the hash, every time
+        with pytest.raises(AccountError, match="already exists: alice@example"):
+            await admin.add("alice@example.com", "another", None)
+        with pytest.raises(AccountError, match="shape of an app credential"):
+            await admin.add("bob@example.com", "rgc_" + "a" * 43, None)
+        with pytest.raises(AccountError):
+            await admin.check_new("not an address", None)
+        await admin.add("bob@example.com", "pw", None)
+        assert [a.address for a in await admin.list()] == ["Alice@example.com", "bob@example.com"]
+        assert await admin.count() == 2
+
+    _accounts(accounts_admin, work)
+
+
+def test_accounts_changes_and_removal(accounts_admin: Path) -> None:
+    async def work(admin: AccountsAdmin) -> None:
+        first = await admin.add("carol@example.com", "one", None)
+        changed = await admin.set_password("CAROL@example.com", "two")
+        assert changed.address == "carol@example.com"
+        assert (await admin.get("carol@example.com")).password_hash != first.password_hash
+        await admin.set_disabled("carol@example.com", True)
+        assert (await admin.get("carol@example.com")).disabled
+        narrowed = await admin.set_senders("carol@example.com", ["carol@example.com", "@x.test"])
+        assert narrowed.senders == ("@x.test", "carol@example.com")
+        await admin.remove("carol@example.com")
+        with pytest.raises(AccountError, match="no such account"):
+            await admin.get("carol@example.com")
+        with pytest.raises(AccountError, match="no such account"):
+            await admin.remove("carol@example.com")
+
+    _accounts(accounts_admin, work)

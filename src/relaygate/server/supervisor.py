@@ -10,6 +10,7 @@ A worker that dies is restarted; SIGTERM is passed on and awaited.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import fcntl
@@ -26,17 +27,17 @@ from pathlib import Path
 from types import FrameType
 
 from relaygate import logs
-from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import AccountStore
 from relaygate.config import Config, ListenerConfig
 from relaygate.delivery.engine import run_delivery
-from relaygate.sasl import stored_keys_for_password
 from relaygate.server.connlimit import ConnectionLimiter
 from relaygate.server.tls import TLSSetupError, certificate_pairs, server_context
 from relaygate.server.worker import BoundListener, run_worker
+from relaygate.services.admin import AccountsAdmin
 from relaygate.storage import bodies
 from relaygate.storage import sqlite as storage
 from relaygate.storage.files import private_directory, shared_bits, tighten
+from relaygate.storage.sqlite_accounts import SQLiteAccounts
 
 PR_SET_PDEATHSIG = 1
 QUICKSTART_ADDRESS = "dev@example.test"
@@ -106,7 +107,7 @@ def prepare(config: Config) -> None:
         raise StartupError([f"database {exc}"]) from None
     try:
         if config.quickstart and AccountStore(db).count() == 0:
-            _create_quickstart_account(config, AccountStore(db))
+            _create_quickstart_account(config)
         # No spool writer runs yet: a body file without a row is from a crash.
         removed = bodies.remove_orphans(db, bodies.directory_for(config.database_path))
         if removed:
@@ -210,14 +211,18 @@ def _check_private(data_dir: Path) -> None:
             logs.event("file.tightened", logging.WARNING, path=str(data_dir / name), mode="600")
 
 
-def _create_quickstart_account(config: Config, store: AccountStore) -> None:
+def _create_quickstart_account(config: Config) -> None:
     password = secrets.token_urlsafe(18)
-    store.add(
-        QUICKSTART_ADDRESS,
-        PasswordHasher(config.password_hash).hash(password),
-        senders=[QUICKSTART_ADDRESS, *QUICKSTART_SENDERS],
-        scram=stored_keys_for_password(password),
-    )
+
+    async def add() -> None:
+        accounts = SQLiteAccounts(config.database_path)
+        try:
+            admin = AccountsAdmin(accounts, config.password_hash)
+            await admin.add(QUICKSTART_ADDRESS, password, [QUICKSTART_ADDRESS, *QUICKSTART_SENDERS])
+        finally:
+            await accounts.close()
+
+    asyncio.run(add())
     print(
         "relaygate: created a quickstart account (the password is shown only this once):\n"
         f"    login:    {QUICKSTART_ADDRESS}\n"

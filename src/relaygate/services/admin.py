@@ -7,9 +7,21 @@ credentials, limits, queue and DKIM keys move here as the scale-out work goes on
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from relaygate.storage.api import DeliveryAttempt, MessageLog, MessageRecord
+from relaygate.accounts.credentials import looks_like_credential
+from relaygate.accounts.passwords import PasswordHasher
+from relaygate.accounts.store import (
+    Account,
+    AccountError,
+    normalize_address,
+    normalize_sender_pattern,
+)
+from relaygate.config import PasswordHashConfig
+from relaygate.sasl import StoredKeys, stored_keys_for_password
+from relaygate.storage.api import Accounts, DeliveryAttempt, MessageLog, MessageRecord
 
 
 class NotFound(LookupError):
@@ -41,3 +53,70 @@ class MessagesAdmin:
             raise NotFound(f"no such message: {message_id}")
         stored = await self._log.body(message_id) if body else None
         return MessageView(record, stored, await self._log.history(message_id))
+
+
+class AccountsAdmin:
+    """Accounts: the rules every edge shares (address and pattern syntax, a
+    password is stored as argon2id plus SCRAM keys, never in the shape of an
+    app credential). Errors are accounts.store.AccountError, worded for users."""
+
+    def __init__(self, accounts: Accounts, hashing: PasswordHashConfig) -> None:
+        self._accounts = accounts
+        self._hasher = PasswordHasher(hashing)
+
+    async def check_new(self, address: str, senders: Sequence[str] | None) -> str:
+        """The normalised address if ``add`` would take it (cheap: no hashing)."""
+        address = normalize_address(address)
+        for pattern in senders or ():
+            normalize_sender_pattern(pattern)
+        if await self._accounts.get(address) is not None:
+            raise AccountError(f"account already exists: {address}")
+        return address
+
+    async def add(self, address: str, password: str, senders: Sequence[str] | None) -> Account:
+        address = await self.check_new(address, senders)
+        password_hash, scram = await self._secrets(password)
+        return await self._accounts.add(address, password_hash, senders, scram)
+
+    async def set_password(self, address: str, password: str) -> Account:
+        account = await self.get(address)
+        password_hash, scram = await self._secrets(password)
+        await self._accounts.set_password_hash(account.address, password_hash, scram)
+        return account
+
+    async def get(self, address: str) -> Account:
+        account = await self._accounts.get(address)
+        if account is None:
+            raise AccountError(f"no such account: {address}")
+        return account
+
+    async def list(self) -> list[Account]:
+        return await self._accounts.list()
+
+    async def count(self) -> int:
+        return await self._accounts.count()
+
+    async def set_disabled(self, address: str, disabled: bool) -> None:
+        await self._accounts.set_disabled(address, disabled)
+
+    async def set_senders(self, address: str, senders: Sequence[str]) -> Account:
+        await self._accounts.set_senders(address, senders)
+        return await self.get(address)
+
+    async def remove(self, address: str) -> None:
+        await self._accounts.remove(address)
+
+    async def _secrets(self, password: str) -> tuple[str, StoredKeys]:
+        if not password:
+            raise AccountError("the password is empty")
+        if looks_like_credential(password):
+            # The server tells credentials from passwords by their shape alone.
+            raise AccountError(
+                "that password has the shape of an app credential (rgc_ and 43 characters);"
+                " choose another"
+            )
+
+        def derive() -> tuple[str, StoredKeys]:  # argon2id and PBKDF2: off the event loop
+            return self._hasher.hash(password), stored_keys_for_password(password)
+
+        return await asyncio.to_thread(derive)

@@ -12,8 +12,12 @@ docs/architecture.md for the list still to come.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from relaygate.accounts.store import Account
+from relaygate.sasl import StoredKeys
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,5 +69,39 @@ class MessageLog(Protocol):
     async def history(self, message_id: str) -> list[DeliveryAttempt]:
         """Delivery attempts, oldest first."""
         ...
+
+    async def close(self) -> None: ...
+
+
+class Accounts(Protocol):
+    """Accounts and their sender patterns. Writes raise accounts.store.AccountError
+    with a message a user can act on (no such account, already exists, bad pattern)
+    and tell running servers (the change signal) before they return."""
+
+    async def get(self, address: str) -> Account | None: ...
+
+    async def list(self) -> list[Account]:
+        """Every account, ordered by address."""
+        ...
+
+    async def count(self) -> int: ...
+
+    async def add(
+        self,
+        address: str,
+        password_hash: str,
+        senders: Sequence[str] | None,
+        scram: StoredKeys | None,
+    ) -> Account: ...
+
+    async def set_password_hash(
+        self, address: str, password_hash: str, scram: StoredKeys | None
+    ) -> None: ...
+
+    async def set_disabled(self, address: str, disabled: bool) -> None: ...
+
+    async def set_senders(self, address: str, senders: Sequence[str]) -> None: ...
+
+    async def remove(self, address: str) -> None: ...
 
     async def close(self) -> None: ...
