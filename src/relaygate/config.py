@@ -35,6 +35,9 @@ class ListenerConfig:
     host: str
     port: int
     tls: TLSMode = "starttls"
+    # A PROXY protocol header (v1 or v2) comes first, from one of these networks only.
+    proxy_protocol: bool = False
+    proxy_trusted: tuple[str, ...] = ()  # CIDRs, normalised
 
     @property
     def address(self) -> str:
@@ -351,20 +354,63 @@ def _listeners(raw: Any, check: _Checker) -> tuple[ListenerConfig, ...]:
         if not isinstance(item, dict):
             check.problem(where, "must be a table")
             continue
-        check.unknown(item, {"address", "tls"}, where)
+        check.unknown(item, {"address", "tls", "proxy_protocol", "proxy_trusted"}, where)
         address = item.get("address")
         parsed = parse_address(address) if isinstance(address, str) else None
         if parsed is None:
             check.problem(f"{where}.address", f"must be host:port or [v6]:port (got {address!r})")
             continue
         tls = check.choice(item, "tls", where, "starttls", ("starttls", "implicit", "none"))
-        result.append(ListenerConfig(parsed[0], parsed[1], tls))  # type: ignore[arg-type]
+        proxy = _boolean(item, "proxy_protocol", where, check, False)
+        trusted = _proxy_trusted(item, where, check, proxy)
+        result.append(
+            ListenerConfig(parsed[0], parsed[1], tls, proxy, trusted)  # type: ignore[arg-type]
+        )
     seen: set[tuple[str, int]] = set()
     for listener in result:
         if (listener.host, listener.port) in seen:
             check.problem("listeners", f"{listener.address} is listed twice")
         seen.add((listener.host, listener.port))
     return tuple(result)
+
+
+def _networks(value: Any, where: str, check: _Checker) -> tuple[str, ...]:
+    """An array of CIDRs, normalised (``10.1.2.3/8`` means 10.0.0.0/8, as in most tools)."""
+    if not isinstance(value, list):
+        check.problem(where, f"must be an array of CIDRs (got {value!r})")
+        return ()
+    networks = []
+    for index, item in enumerate(value):
+        try:
+            if not isinstance(item, str):
+                raise TypeError  # ip_network() would take 5 as 0.0.0.5/32
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except (TypeError, ValueError):
+            check.problem(
+                f"{where}[{index}]", f"must be an IP network such as 192.0.2.0/24 (got {item!r})"
+            )
+    return tuple(networks)
+
+
+def _proxy_trusted(
+    item: dict[str, Any], where: str, check: _Checker, proxy: bool
+) -> tuple[str, ...]:
+    if "proxy_trusted" not in item:
+        if proxy:
+            check.problem(
+                f"{where}.proxy_trusted",
+                "is required with proxy_protocol = true (the balancers' networks, "
+                'e.g. ["10.0.0.0/8"])',
+            )
+        return ()
+    value = item["proxy_trusted"]
+    trusted = _networks(value, f"{where}.proxy_trusted", check)
+    if not proxy:
+        # Likely a listener the admin believes is behind the balancer: say so.
+        check.problem(f"{where}.proxy_trusted", "is set but proxy_protocol is not true")
+    elif value == []:
+        check.problem(f"{where}.proxy_trusted", "must not be empty with proxy_protocol = true")
+    return trusted
 
 
 _Section = TypeVar("_Section", AuthThrottleConfig, SendingLimits)
@@ -396,23 +442,7 @@ def _connection_limits(check: _Checker, data: dict[str, Any]) -> ConnectionLimit
     per_minute = check.integer(raw, "per_ip_per_minute", where, defaults.per_ip_per_minute)
     exempt = defaults.exempt
     if "exempt" in raw:
-        value = raw["exempt"]
-        if not isinstance(value, list):
-            check.problem(f"{where}.exempt", f"must be an array of CIDRs (got {value!r})")
-        else:
-            networks = []
-            for index, item in enumerate(value):
-                try:
-                    if not isinstance(item, str):
-                        raise TypeError  # ip_network() would take 5 as 0.0.0.5/32
-                    # strict=False: "10.1.2.3/8" means 10.0.0.0/8, as in most tools.
-                    networks.append(str(ipaddress.ip_network(item, strict=False)))
-                except (TypeError, ValueError):
-                    check.problem(
-                        f"{where}.exempt[{index}]",
-                        f"must be an IP network such as 192.0.2.0/24 (got {item!r})",
-                    )
-            exempt = tuple(networks)
+        exempt = _networks(raw["exempt"], f"{where}.exempt", check)
     return ConnectionLimitsConfig(concurrent, per_minute, exempt)
 
 

@@ -324,6 +324,7 @@ class Server:
         workers: int = 1,
         limits: Mapping[str, int | float] | None = None,
         sections: Mapping[str, Mapping[str, TomlValue]] | None = None,
+        proxy_trusted: Sequence[str] | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
@@ -335,6 +336,8 @@ class Server:
         self.workers = workers
         self.limits = dict(limits or {})
         self.sections = relaxed_sections(sections)
+        # Given: both listeners expect a PROXY header first, from these networks.
+        self.proxy_trusted = list(proxy_trusted) if proxy_trusted is not None else None
         self.starttls_port, self.implicit_port = free_ports(2)
         self.process: subprocess.Popen[bytes] | None = None
         self.terminated = False  # SIGTERM sent to the current process
@@ -356,10 +359,12 @@ class Server:
             "[[listeners]]",
             f'address = "{HOST}:{self.starttls_port}"',
             'tls = "starttls"',
+            *self._proxy_lines(),
             "",
             "[[listeners]]",
             f'address = "{HOST}:{self.implicit_port}"',
             'tls = "implicit"',
+            *self._proxy_lines(),
             "",
             "[password_hash]",
             "memory_kib = 8192",
@@ -373,6 +378,11 @@ class Server:
         for name, values in self.sections.items():
             lines += ["", f"[{name}]"] + [f"{k} = {json.dumps(v)}" for k, v in values.items()]
         self.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def _proxy_lines(self) -> list[str]:
+        if self.proxy_trusted is None:
+            return []
+        return ["proxy_protocol = true", f"proxy_trusted = {json.dumps(self.proxy_trusted)}"]
 
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "relaygate", "--config", str(self.config_path), *args]
@@ -509,13 +519,20 @@ class Server:
             )
 
     def _greets(self, port: int) -> bool:
+        """A 220 greeting; on a PROXY listener that does not trust us, a logged refusal."""
+        header = b"PROXY UNKNOWN\r\n" if self.proxy_trusted is not None else None
         try:
             tls = self.client_context() if port == self.implicit_port else None
-            with RawSMTP.connect(port, tls=tls, timeout=2.0) as client:
+            with RawSMTP.connect(port, tls=tls, timeout=2.0, proxy_header=header) as client:
                 client.send(b"QUIT\r\n")
                 return client.greeting.code == 220
         except (OSError, ssl.SSLError, SMTPClosed, AssertionError):
-            return False
+            if header is None or not self.log_path.exists():
+                return False
+            return any(
+                event.get("listener") == f"{HOST}:{port}"
+                for event in self.log_events("proxy.refused")
+            )
 
     def signal(self, signum: int) -> None:
         assert self.process is not None
@@ -661,16 +678,20 @@ class RawSMTP:
         tls: ssl.SSLContext | None = None,
         timeout: float = IO_TIMEOUT,
         source: str | None = None,
+        proxy_header: bytes | None = None,
     ) -> RawSMTP:
         """Connect to 127.0.0.1:``port``; ``source`` picks our own 127.x.y.z address.
 
         All of 127.0.0.0/8 is loopback on Linux, so a test can play clients
         from other addresses and /24 networks without leaving this machine.
+        ``proxy_header`` is sent first, before TLS, as a load balancer would.
         """
         sock = socket.create_connection(
             (HOST, port), timeout=timeout, source_address=(source, 0) if source else None
         )
         try:
+            if proxy_header is not None:
+                sock.sendall(proxy_header)
             if tls is not None:
                 sock = tls.wrap_socket(sock, server_hostname=TLS_NAME)
             client = cls(sock, timeout)
@@ -948,8 +969,15 @@ class ServerPool:
         sections: Mapping[str, Mapping[str, TomlValue]] | None = None,
         users: Iterable[User] = (),
         start: bool = True,
+        proxy_trusted: Sequence[str] | None = None,
     ) -> Server:
-        server = Server(self.base / name, workers=workers, limits=limits, sections=sections)
+        server = Server(
+            self.base / name,
+            workers=workers,
+            limits=limits,
+            sections=sections,
+            proxy_trusted=proxy_trusted,
+        )
         self.servers.append(server)
         for user in users:
             server.add_user(user)

@@ -388,3 +388,77 @@ exempt = ["nope", "10.0.0.0/8", "::1/200"]
         "connection_limits.exempt[0]",
         "connection_limits.exempt[2]",
     ]
+
+
+def test_proxy_protocol_listener(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            """
+[[listeners]]
+address = "127.0.0.1:2587"
+tls = "starttls"
+proxy_protocol = true
+proxy_trusted = ["127.0.0.1/32", "10.1.2.3/8", "::1"]
+
+[[listeners]]
+address = "127.0.0.1:2465"
+tls = "implicit"
+""",
+        )
+    )
+    proxied, plain = config.listeners
+    assert proxied.proxy_protocol is True
+    assert proxied.proxy_trusted == ("127.0.0.1/32", "10.0.0.0/8", "::1/128")
+    assert plain.proxy_protocol is False
+    assert plain.proxy_trusted == ()
+
+
+_LISTENER = '[[listeners]]\naddress = "127.0.0.1:2587"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "proxy_protocol = true\n",
+            "listeners[0].proxy_trusted: is required with proxy_protocol = true",
+        ),
+        (
+            "proxy_protocol = true\nproxy_trusted = []\n",
+            "listeners[0].proxy_trusted: must not be empty with proxy_protocol = true",
+        ),
+        (
+            'proxy_protocol = true\nproxy_trusted = "10.0.0.0/8"\n',
+            "listeners[0].proxy_trusted: must be an array of CIDRs",
+        ),
+        (
+            'proxy_protocol = true\nproxy_trusted = ["10.0.0.0/8", "balancer.internal"]\n',
+            "listeners[0].proxy_trusted[1]: must be an IP network such as 192.0.2.0/24 "
+            "(got 'balancer.internal')",
+        ),
+        (
+            'proxy_protocol = true\nproxy_trusted = ["10.0.0.0/33"]\n',
+            "listeners[0].proxy_trusted[0]: must be an IP network",
+        ),
+        (
+            "proxy_protocol = true\nproxy_trusted = [10]\n",
+            "listeners[0].proxy_trusted[0]: must be an IP network",
+        ),
+        (
+            'proxy_protocol = "yes"\n',
+            "listeners[0].proxy_protocol: must be true or false (got 'yes')",
+        ),
+        (
+            'proxy_trusted = ["10.0.0.0/8"]\n',
+            "listeners[0].proxy_trusted: is set but proxy_protocol is not true",
+        ),
+        ("proxy = true\n", "listeners[0].proxy: unknown setting"),
+    ],
+)
+def test_proxy_protocol_problems(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, _LISTENER + text)
+    found = problems(path)
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{path}: {expected}"), found
+    assert "\n" not in found[0]

@@ -57,14 +57,26 @@ T = TypeVar("T")
 
 
 class SMTPConnection(asyncio.Protocol):
-    def __init__(self, worker: Worker, settings: Settings, implicit_tls: bool) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        settings: Settings,
+        implicit_tls: bool,
+        *,
+        session_id: str | None = None,
+        client_ip: str | None = None,
+        proxy_peer: str | None = None,
+    ) -> None:
         self.worker = worker
         self.settings = settings
         self.implicit_tls = implicit_tls
         self.session = Session(settings, tls_active=implicit_tls)
         self.transport: asyncio.Transport | None = None
-        self.session_id = os.urandom(5).hex()
-        self.client_ip = "?"
+        self.session_id = session_id or os.urandom(5).hex()
+        # Behind a load balancer (server/listener.py) the client is the PROXY
+        # header's address, and the balancer is ``proxy_peer``.
+        self.client_ip = client_ip or "?"
+        self.proxy_peer = proxy_peer
         self.account: Account | None = None
         self.credential: Credential | None = None
         self.senders: tuple[str, ...] = ()  # what this login may send as
@@ -95,8 +107,9 @@ class SMTPConnection(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        peer = transport.get_extra_info("peername")
-        self.client_ip = str(peer[0]) if peer else "?"
+        if self.proxy_peer is None:
+            peer = transport.get_extra_info("peername")
+            self.client_ip = str(peer[0]) if peer else "?"
         self.last_activity = self.opened = self.worker.loop.time()
         if self.implicit_tls:
             self.tls_version, self.tls_cipher = cipher_info(transport.get_extra_info("ssl_object"))
@@ -117,6 +130,7 @@ class SMTPConnection(asyncio.Protocol):
                 logging.WARNING,
                 session=self.session_id,
                 client_ip=self.client_ip,
+                proxy=self.proxy_peer,
                 reason=reason,
                 reply=reply[:3].decode(),
             )
@@ -129,6 +143,7 @@ class SMTPConnection(asyncio.Protocol):
             "connect",
             session=self.session_id,
             client_ip=self.client_ip,
+            proxy=self.proxy_peer,
             tls=self.tls_version,
             cipher=self.tls_cipher,
         )

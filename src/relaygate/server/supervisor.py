@@ -235,7 +235,10 @@ def _create_quickstart_account(config: Config) -> None:
 
 def _describe(config: Config) -> str:
     kinds = {"starttls": "STARTTLS", "implicit": "implicit TLS", "none": "no TLS"}
-    listeners = ", ".join(f"{item.address} ({kinds[item.tls]})" for item in config.listeners)
+    listeners = ", ".join(
+        f"{item.address} ({kinds[item.tls]}{', PROXY protocol' if item.proxy_protocol else ''})"
+        for item in config.listeners
+    )
     return (
         f"relaygate: listening on {listeners}; {config.worker_count()} worker(s); "
         f"delivery: {config.delivery.mode}; data: {config.data_dir}"

@@ -28,6 +28,7 @@ from relaygate.eventloop import new_event_loop
 from relaygate.quotas import Quotas
 from relaygate.server.connection import SMTPConnection
 from relaygate.server.connlimit import ConnectionLimiter
+from relaygate.server.listener import ProxyListener
 from relaygate.server.tls import certificate_pairs, end_point_binding, server_context
 from relaygate.services.login import LoginService
 from relaygate.smtp.session import Settings
@@ -92,6 +93,7 @@ class Worker:
         self.limiter = limiter
         self.spool = Spool(config.database_path, loop, deliver=config.delivery.mode != "capture")
         self._servers: list[asyncio.Server] = []
+        self._proxy_listeners: list[ProxyListener] = []
         self._pruning: asyncio.Future[None] | None = None
 
     async def run(self, listeners: list[BoundListener]) -> None:
@@ -100,6 +102,12 @@ class Worker:
         for sock, listener in listeners:
             settings = session_settings(self.config, listener, self.channel_bindings)
             implicit = listener.tls == "implicit"
+            if listener.proxy_protocol:
+                # PROXY header first, then TLS: not an asyncio.Server (server/listener.py).
+                proxied = ProxyListener(self, sock, listener, settings)
+                proxied.start()
+                self._proxy_listeners.append(proxied)
+                continue
 
             def factory(settings: Settings = settings, implicit: bool = implicit) -> SMTPConnection:
                 return SMTPConnection(self, settings, implicit)
@@ -156,6 +164,8 @@ class Worker:
         logs.event("shutdown.start", worker=self.index, connections=len(self.connections))
         for server in self._servers:
             server.close()
+        for proxied in self._proxy_listeners:
+            proxied.close()
 
     async def _sweep(self) -> None:
         deadline: float | None = None
