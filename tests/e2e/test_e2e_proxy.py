@@ -26,7 +26,6 @@ from .helpers import (
     RawSMTP,
     Server,
     ServerPool,
-    SMTPClosed,
     header_fields,
     make_message,
 )
@@ -309,25 +308,19 @@ def test_server_still_serves_after_refusals(proxied: Server) -> None:
 
 
 @pytest.mark.parametrize("header", [v1("192.0.2.81"), v2("192.0.2.82")], ids=["v1", "v2"])
-def test_header_on_a_plain_listener_is_bad_smtp(server: Server, header: bytes) -> None:
-    """No proxy_protocol: the header is not believed; it is only a bad command."""
+def test_header_on_a_plain_listener_closes_the_connection(server: Server, header: bytes) -> None:
+    """No proxy_protocol: the header is not believed and never read as SMTP."""
     mark = server.log_mark()
     with RawSMTP.connect(server.starttls_port) as client:
         assert client.greeting.code == 220
         client.send(header + b"NOOP\r\n")
-        replies = []
-        while True:
-            try:
-                reply = client.reply(timeout=2.0)
-            except (SMTPClosed, OSError, AssertionError):
-                break
-            replies.append(reply)
-            if reply.code in (250, 221, 421):
-                break
-        assert replies and replies[0].code in (500, 221), [str(r) for r in replies]
-    if header.startswith(b"PROXY"):
-        assert replies[0].status.startswith("500 5.5."), str(replies[0])
-        assert replies[-1].code == 250  # the session goes on: NOOP answered
+        reply = client.reply(timeout=5.0)
+        assert reply.status == "421 4.7.0", str(reply)
+        assert "without proxy_protocol" in reply.text
+        assert client.wait_closed(5)  # the NOOP behind it is never answered
+    refused = server.wait_for_event("proxy.refused", since=mark)
+    assert refused["reason"] == "not_expected"
+    assert refused["peer"] == HOST
     events = server.log_events(since=mark)
     assert not [e for e in events if e["event"] == "internal.error"], events
     assert all(e.get("client_ip") in (None, HOST) for e in events), events

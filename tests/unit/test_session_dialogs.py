@@ -43,6 +43,7 @@ from relaygate.smtp.session import (
     MAX_AUTH_LINE,
     MAX_COMMAND_LINE,
     MAX_QUEUED_REPLIES,
+    PROXY_NOT_EXPECTED_REASON,
     WRONG_STATE,
     Session,
     Settings,
@@ -1321,6 +1322,7 @@ REPLY_CASES: dict[str, Case] = {
         "C: NOOP\nS: 250\nC: NOOP", Settings(HOSTNAME, max_commands_before_login=1)
     ),
     "NOT_SMTP": Case("C: GET / HTTP/1.0"),
+    "PROXY_NOT_EXPECTED": Case("C: PROXY TCP4 192.0.2.1 192.0.2.2 4000 587"),
     "SIZE_EXCEEDED": Case(LOGIN + "C: MAIL FROM:<a@b.example> SIZE=999999999"),
     "BARE_LINE_ENDING": Case(ENVELOPE + "C: DATA\nS: 354\nC~ a\\nb\\r\\n.\\r\\n"),
     "TLS_ALREADY_ACTIVE": Case(_EHLO + "C: STARTTLS"),
@@ -1521,3 +1523,31 @@ def test_logout_refuses_and_forgets_the_login() -> None:
     session.receive(b"MAIL FROM:<a@b.example>\r\n")
     assert session.next_event() is not None  # Refused: 530, must log in again
     assert session.take_output().startswith(b"530 5.7.0")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"PROXY TCP4 192.0.2.1 192.0.2.2 4000 587\r\nEHLO c\r\n",
+        b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + bytes(12) + b"EHLO c\r\n",
+    ],
+    ids=["v1", "v2"],
+)
+def test_a_proxy_header_without_proxy_protocol_closes_before_any_smtp(header: bytes) -> None:
+    session = Session(Settings(HOSTNAME))
+    session.receive(header)
+    events = []
+    while (event := session.next_event()) is not None:
+        events.append(event)
+    assert events == [Close(PROXY_NOT_EXPECTED_REASON)]
+    assert session.take_output().endswith(replies.PROXY_NOT_EXPECTED)  # and no EHLO reply
+    assert session.state is State.CLOSED
+
+
+def test_proxy_later_in_a_session_is_only_an_unknown_command() -> None:
+    session = Session(Settings(HOSTNAME))
+    session.receive(b"EHLO c\r\nPROXY TCP4 192.0.2.1 192.0.2.2 4000 587\r\n")
+    while session.next_event() is not None:
+        pass
+    assert session.take_output().endswith(replies.UNRECOGNIZED)
+    assert session.state is State.GREETED

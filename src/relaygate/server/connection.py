@@ -36,7 +36,7 @@ from relaygate.smtp.events import (
     SenderRequest,
     StartTLS,
 )
-from relaygate.smtp.session import Session, Settings, State
+from relaygate.smtp.session import PROXY_NOT_EXPECTED_REASON, Session, Settings, State
 from relaygate.spool import SpooledMessage, SpoolError, new_queue_id
 from relaygate.throttle import Reservation
 
@@ -254,6 +254,14 @@ class SMTPConnection(asyncio.Protocol):
             self._tls_task = asyncio.ensure_future(self._start_tls())
             return False
         elif kind is Close:
+            if cast(Close, event).reason == PROXY_NOT_EXPECTED_REASON:
+                logs.event(
+                    "proxy.refused",
+                    logging.WARNING,
+                    session=self.session_id,
+                    peer=self.client_ip,
+                    reason="not_expected",
+                )
             self._flush()
             self._close_transport()
             return False

@@ -76,6 +76,9 @@ TOO_MANY_COMMANDS = reply(
     421, "4.7.0", "Too many commands before authentication, closing connection"
 )
 NOT_SMTP = reply(421, "4.7.0", "This is an SMTP server, closing connection")
+PROXY_NOT_EXPECTED = reply(
+    421, "4.7.0", "PROXY header on a listener without proxy_protocol, closing connection"
+)
 
 # Size and content
 SIZE_EXCEEDED = reply(552, "5.3.4", "Message size exceeds fixed maximum message size")

@@ -110,6 +110,11 @@ WRONG_STATE: dict[tuple[str, State], bytes] = {
 
 # Verbs that only a web client would send: answer once and hang up.
 _NOT_SMTP = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE"})
+# What a load balancer's PROXY header (v1, v2) starts with: on a listener without
+# proxy_protocol it is refused whole, never read as SMTP (server/proxy.py parses it
+# where it is expected).
+_PROXY_STARTS = (b"PROXY ", b"\r\n\r\n\x00\r\nQUIT\n")
+PROXY_NOT_EXPECTED_REASON = "proxy header without proxy_protocol"
 _BODY_TYPES = frozenset({"7BIT", "8BITMIME"})
 # Submission relays nothing for anonymous clients (RFC 6409 section 4.3).
 _NEEDS_AUTH = frozenset({"MAIL", "RCPT", "DATA"})
@@ -139,6 +144,7 @@ class Session:
         self.settings = settings
         self.tls_active = tls_active
         self.state = State.CONNECTED
+        self._first_bytes = True  # the start of input is still to be checked for PROXY
         self.helo_name = ""
         self.esmtp = False
         self.authenticated_user: str | None = None
@@ -200,6 +206,8 @@ class Session:
         """The next event, or None when more input (or an answer) is needed."""
         events = self._events
         output = self._output
+        if self._first_bytes and self._buffer:
+            self._check_first_bytes()
         while not events and len(output) < MAX_QUEUED_REPLIES:
             state = self.state
             if state in _COMMAND_STATES or state is State.AUTH:
@@ -350,6 +358,18 @@ class Session:
         self._events.append(event)
         self._resume_state = resume
         self.state = State.WAITING
+
+    def _check_first_bytes(self) -> None:
+        """Refuse a PROXY header at the start of the input (checked once).
+
+        A balancer sends its header in one piece, so no waiting for more bytes:
+        a header split oddly is then refused line by line as bad commands.
+        """
+        self._first_bytes = False
+        head = bytes(self._buffer[:12])
+        v1, v2 = _PROXY_STARTS
+        if head.startswith(v1) or (len(head) >= 5 and v2.startswith(head[: len(v2)])):
+            self._close(replies.PROXY_NOT_EXPECTED, PROXY_NOT_EXPECTED_REASON)
 
     def _close(self, reply: bytes, reason: str) -> None:
         if self.state is State.CLOSED:
