@@ -29,15 +29,10 @@ from relaygate.accounts.credentials import (
     MAX_LIMIT,
     Credential,
     CredentialError,
-    CredentialStore,
-    account_limits,
-    all_account_limits,
-    update_account_limits,
 )
 from relaygate.accounts.store import (
     Account,
     AccountError,
-    AccountStore,
     normalize_address,
 )
 from relaygate.config import ENV_VAR, Config, ConfigError, load_config
@@ -54,11 +49,17 @@ from relaygate.delivery.dkim import (
     normalize_domain,
     txt_record,
 )
-from relaygate.services.admin import AccountsAdmin, MessagesAdmin, NotFound
+from relaygate.services.admin import (
+    AccountsAdmin,
+    CredentialsAdmin,
+    MessagesAdmin,
+    NotFound,
+)
 from relaygate.storage import bodies
 from relaygate.storage.api import DeliveryAttempt, MessageRecord
 from relaygate.storage.sqlite import DatabaseError, connect
 from relaygate.storage.sqlite_accounts import SQLiteAccounts
+from relaygate.storage.sqlite_credentials import SQLiteCredentials
 from relaygate.storage.sqlite_messages import SQLiteMessageLog
 
 PROG = "relaygate"
@@ -460,9 +461,10 @@ def _user_senders(args: argparse.Namespace, config: Config) -> int:
 
 
 def _user_list(args: argparse.Namespace, config: Config) -> int:
-    accounts = _with_admin(config, lambda admin: admin.accounts.list())
-    with _open_database(config) as db:
-        limits = all_account_limits(db)
+    async def read(admin: _Admin) -> tuple[list[Account], dict[str, dict[str, int] | None]]:
+        return await admin.accounts.list(), await admin.credentials.all_account_limits()
+
+    accounts, limits = _with_admin(config, read)
     if args.json:
         print(
             json.dumps(
@@ -507,14 +509,10 @@ def _limit_changes(args: argparse.Namespace) -> dict[str, int]:
 
 def _user_limits(args: argparse.Namespace, config: Config) -> int:
     changes = _limit_changes(args)
-    with _open_database(config) as db:
-        account = AccountStore(db).get(args.address)
-        if account is None:
-            raise AccountError(f"no such account: {args.address}")
-        if changes or args.clear:
-            limits = update_account_limits(db, account.address, changes, clear=args.clear)
-        else:
-            limits = account_limits(db, account.address)
+    account, limits = _with_admin(
+        config,
+        lambda admin: admin.credentials.account_limits(args.address, changes, clear=args.clear),
+    )
     _print_limits(account.address, limits, "the server's defaults apply")
     return 0
 
@@ -544,14 +542,16 @@ def _limits_summary(limits: dict[str, int] | None) -> str:
 
 def _credential_add(args: argparse.Namespace, config: Config) -> int:
     expires_at = _parse_expiry(args.expires, time.time()) if args.expires else None
-    with _open_database(config) as db:
-        credential, secret = CredentialStore(db).add(
+    credential, secret = _with_admin(
+        config,
+        lambda admin: admin.credentials.add(
             args.address,
             args.name,
             expires_at=expires_at,
             senders=args.sender,
             networks=args.network,
-        )
+        ),
+    )
     address = credential.account_address
     print(f"added credential {credential.name!r} for {address}")
     print(f"secret (shown only now): {secret}")
@@ -597,8 +597,7 @@ def _parse_expiry(text: str, now: float) -> float:
 
 
 def _credential_list(args: argparse.Namespace, config: Config) -> int:
-    with _open_database(config) as db:
-        credentials = CredentialStore(db).list(args.address)
+    credentials = _with_admin(config, lambda admin: admin.credentials.list(args.address))
     now = time.time()
     if args.json:
         print(json.dumps([_credential_json(c, now) for c in credentials], indent=2))
@@ -653,20 +652,19 @@ def _credential_networks(credential: Credential) -> str:
 
 
 def _credential_revoke(args: argparse.Namespace, config: Config) -> int:
-    with _open_database(config) as db:
-        credential = CredentialStore(db).revoke(args.address, args.name)
+    credential = _with_admin(
+        config, lambda admin: admin.credentials.revoke(args.address, args.name)
+    )
     print(f"revoked credential {credential.name!r} of {credential.account_address}")
     return 0
 
 
 def _credential_limits(args: argparse.Namespace, config: Config) -> int:
     changes = _limit_changes(args)
-    with _open_database(config) as db:
-        store = CredentialStore(db)
-        if changes or args.clear:
-            credential = store.update_limits(args.address, args.name, changes, clear=args.clear)
-        else:
-            credential = store.get(args.address, args.name)
+    credential = _with_admin(
+        config,
+        lambda admin: admin.credentials.limits(args.address, args.name, changes, clear=args.clear),
+    )
     _print_limits(
         f"credential {credential.name!r} of {credential.account_address}",
         credential.limits,
@@ -681,6 +679,7 @@ class _Admin:
 
     messages: MessagesAdmin
     accounts: AccountsAdmin
+    credentials: CredentialsAdmin
 
 
 def _with_admin(config: Config, work: Callable[[_Admin], Awaitable[T]]) -> T:
@@ -689,13 +688,19 @@ def _with_admin(config: Config, work: Callable[[_Admin], Awaitable[T]]) -> T:
     async def run() -> T:
         log = SQLiteMessageLog(config.database_path)
         accounts = SQLiteAccounts(config.database_path)
+        credentials = SQLiteCredentials(config.database_path)
         try:
             return await work(
-                _Admin(MessagesAdmin(log), AccountsAdmin(accounts, config.password_hash))
+                _Admin(
+                    MessagesAdmin(log),
+                    AccountsAdmin(accounts, config.password_hash),
+                    CredentialsAdmin(accounts, credentials),
+                )
             )
         finally:
             await log.close()
             await accounts.close()
+            await credentials.close()
 
     try:
         return asyncio.run(run())

@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from relaygate.accounts.store import AccountError
 from relaygate.config import PasswordHashConfig
-from relaygate.services.admin import AccountsAdmin, MessagesAdmin, NotFound
+from relaygate.services.admin import AccountsAdmin, CredentialsAdmin, MessagesAdmin, NotFound
 from relaygate.spool import Spool, SpooledMessage, new_queue_id
 from relaygate.storage import bodies
 from relaygate.storage.api import DeliveryAttempt, MessageLog, MessageRecord
@@ -31,6 +31,7 @@ from relaygate.storage.postgres.messages import PostgresMessageLog
 from relaygate.storage.postgres.schema import migrate
 from relaygate.storage.sqlite import connect
 from relaygate.storage.sqlite_accounts import SQLiteAccounts
+from relaygate.storage.sqlite_credentials import SQLiteCredentials
 from relaygate.storage.sqlite_messages import SQLiteMessageLog
 
 
@@ -318,3 +319,38 @@ def test_accounts_changes_and_removal(accounts_admin: Path) -> None:
             await admin.remove("carol@example.com")
 
     _accounts(accounts_admin, work)
+
+
+def _credentials(
+    database: Path, work: Callable[[CredentialsAdmin], Coroutine[Any, Any, Any]]
+) -> Any:
+    async def go() -> Any:
+        accounts, credentials = SQLiteAccounts(database), SQLiteCredentials(database)
+        try:
+            await AccountsAdmin(accounts, FAST_HASH).add("dave@example.com", "pw", None)
+            return await work(CredentialsAdmin(accounts, credentials))
+        finally:
+            await accounts.close()
+            await credentials.close()
+
+    return run(go())
+
+
+def test_credentials_and_limits_through_the_admin_use_cases(accounts_admin: Path) -> None:
+    async def work(admin: CredentialsAdmin) -> None:
+        credential, secret = await admin.add("dave@example.com", "shop", networks=["10.0.0.0/8"])
+        assert secret.startswith("rgc_") and len(secret) == 47
+        assert credential.networks == ("10.0.0.0/8",)
+        assert [c.name for c in await admin.list("dave@example.com")] == ["shop"]
+        limited = await admin.limits("dave@example.com", "shop", {"messages_per_hour": 5})
+        assert limited.limits == {"messages_per_hour": 5}
+        assert (await admin.limits("dave@example.com", "shop", {})).limits == limited.limits
+        revoked = await admin.revoke("dave@example.com", "shop")
+        assert revoked.revoked_at is not None
+        account, limits = await admin.account_limits("dave@example.com", {"messages_per_day": 9})
+        assert (account.address, limits) == ("dave@example.com", {"messages_per_day": 9})
+        assert (await admin.all_account_limits()) == {"dave@example.com": {"messages_per_day": 9}}
+        with pytest.raises(AccountError, match="no such account"):
+            await admin.account_limits("nobody@example.com", {})
+
+    _credentials(accounts_admin, work)

@@ -1,17 +1,17 @@
 """Admin use cases, the same for every edge (CLI today, the HTTP API and UI next).
 
 Each takes its storage as typed interfaces (storage/api.py) and returns plain
-data; printing and serialising stay in the edges. Messages first; accounts,
-credentials, limits, queue and DKIM keys move here as the scale-out work goes on.
+data; printing and serialising stay in the edges. Messages, accounts, app
+credentials and limits so far; the queue and DKIM keys move here next.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from relaygate.accounts.credentials import looks_like_credential
+from relaygate.accounts.credentials import Credential, looks_like_credential
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import (
     Account,
@@ -21,7 +21,13 @@ from relaygate.accounts.store import (
 )
 from relaygate.config import PasswordHashConfig
 from relaygate.sasl import StoredKeys, stored_keys_for_password
-from relaygate.storage.api import Accounts, DeliveryAttempt, MessageLog, MessageRecord
+from relaygate.storage.api import (
+    Accounts,
+    Credentials,
+    DeliveryAttempt,
+    MessageLog,
+    MessageRecord,
+)
 
 
 class NotFound(LookupError):
@@ -120,3 +126,57 @@ class AccountsAdmin:
             return self._hasher.hash(password), stored_keys_for_password(password)
 
         return await asyncio.to_thread(derive)
+
+
+class CredentialsAdmin:
+    """App credentials and sending-limit overrides, for every edge."""
+
+    def __init__(self, accounts: Accounts, credentials: Credentials) -> None:
+        self._accounts = accounts
+        self._credentials = credentials
+
+    async def add(
+        self,
+        address: str,
+        name: str,
+        *,
+        expires_at: float | None = None,
+        senders: Sequence[str] | None = None,
+        networks: Sequence[str] | None = None,
+    ) -> tuple[Credential, str]:
+        """The credential and its secret: show the secret once, it is not kept."""
+        return await self._credentials.add(
+            address, name, expires_at=expires_at, senders=senders, networks=networks
+        )
+
+    async def list(self, address: str) -> list[Credential]:
+        return await self._credentials.list(address)
+
+    async def revoke(self, address: str, name: str) -> Credential:
+        return await self._credentials.revoke(address, name)
+
+    async def limits(
+        self, address: str, name: str, changes: Mapping[str, int], *, clear: bool = False
+    ) -> Credential:
+        """The credential after setting ``changes`` (none: just read it)."""
+        if changes or clear:
+            return await self._credentials.update_limits(address, name, changes, clear=clear)
+        return await self._credentials.get(address, name)
+
+    async def account_limits(
+        self, address: str, changes: Mapping[str, int], *, clear: bool = False
+    ) -> tuple[Account, dict[str, int] | None]:
+        """The account and its overrides after setting ``changes`` (none: just read)."""
+        account = await self._accounts.get(address)
+        if account is None:
+            raise AccountError(f"no such account: {address}")
+        if changes or clear:
+            limits = await self._credentials.update_account_limits(
+                account.address, changes, clear=clear
+            )
+        else:
+            limits = await self._credentials.account_limits(account.address)
+        return account, limits
+
+    async def all_account_limits(self) -> dict[str, dict[str, int] | None]:
+        return await self._credentials.all_account_limits()

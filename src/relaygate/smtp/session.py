@@ -110,10 +110,8 @@ WRONG_STATE: dict[tuple[str, State], bytes] = {
 
 # Verbs that only a web client would send: answer once and hang up.
 _NOT_SMTP = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE"})
-# What a load balancer's PROXY header (v1, v2) starts with: on a listener without
-# proxy_protocol it is refused whole, never read as SMTP (server/proxy.py parses it
-# where it is expected).
-_PROXY_STARTS = (b"PROXY ", b"\r\n\r\n\x00\r\nQUIT\n")
+# A load balancer's PROXY header on a listener without proxy_protocol closes the
+# connection, never read as SMTP (server/proxy.py parses it where it is expected).
 PROXY_NOT_EXPECTED_REASON = "proxy header without proxy_protocol"
 _BODY_TYPES = frozenset({"7BIT", "8BITMIME"})
 # Submission relays nothing for anonymous clients (RFC 6409 section 4.3).
@@ -144,7 +142,7 @@ class Session:
         self.settings = settings
         self.tls_active = tls_active
         self.state = State.CONNECTED
-        self._first_bytes = True  # the start of input is still to be checked for PROXY
+        self._leading_empty = 0  # empty lines at the start; -1 once a PROXY header is ruled out
         self.helo_name = ""
         self.esmtp = False
         self.authenticated_user: str | None = None
@@ -206,8 +204,6 @@ class Session:
         """The next event, or None when more input (or an answer) is needed."""
         events = self._events
         output = self._output
-        if self._first_bytes and self._buffer:
-            self._check_first_bytes()
         while not events and len(output) < MAX_QUEUED_REPLIES:
             state = self.state
             if state in _COMMAND_STATES or state is State.AUTH:
@@ -359,17 +355,22 @@ class Session:
         self._resume_state = resume
         self.state = State.WAITING
 
-    def _check_first_bytes(self) -> None:
-        """Refuse a PROXY header at the start of the input (checked once).
+    def _proxy_header_line(self, raw: bytes) -> bool:
+        """True if this line, at the start of the input, is part of a PROXY header.
 
-        A balancer sends its header in one piece, so no waiting for more bytes:
-        a header split oddly is then refused line by line as bad commands.
+        Decided line by line (so however the input is cut, the answer is the
+        same): v1 is a first line "PROXY ..."; v2 starts with two empty lines
+        and a line holding one NUL byte (its signature is CRLF CRLF NUL CRLF
+        "QUIT" LF), so the two empty lines get their usual 500 first.
         """
-        self._first_bytes = False
-        head = bytes(self._buffer[:12])
-        v1, v2 = _PROXY_STARTS
-        if head.startswith(v1) or (len(head) >= 5 and v2.startswith(head[: len(v2)])):
-            self._close(replies.PROXY_NOT_EXPECTED, PROXY_NOT_EXPECTED_REASON)
+        leading = self._leading_empty
+        if leading < 0:
+            return False
+        if not raw and leading < 2:
+            self._leading_empty += 1
+            return False
+        self._leading_empty = -1  # decided: anything after is ordinary input
+        return (leading == 0 and raw.startswith(b"PROXY ")) or (leading == 2 and raw == b"\0")
 
     def _close(self, reply: bytes, reason: str) -> None:
         if self.state is State.CLOSED:
@@ -421,6 +422,9 @@ class Session:
             return True
         raw = bytes(buffer[: end - 1 if end and buffer[end - 1] == 13 else end])
         del buffer[: end + 1]
+        if self._leading_empty >= 0 and self._proxy_header_line(raw):
+            self._close(replies.PROXY_NOT_EXPECTED, PROXY_NOT_EXPECTED_REASON)
+            return True
         if self.authenticated_user is None and self.settings.max_commands_before_login:
             self.commands_before_login += 1
             if self.commands_before_login > self.settings.max_commands_before_login:

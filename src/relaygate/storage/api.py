@@ -12,10 +12,11 @@ docs/architecture.md for the list still to come.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from relaygate.accounts.credentials import Credential
 from relaygate.accounts.store import Account
 from relaygate.sasl import StoredKeys
 
@@ -103,5 +104,45 @@ class Accounts(Protocol):
     async def set_senders(self, address: str, senders: Sequence[str]) -> None: ...
 
     async def remove(self, address: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class Credentials(Protocol):
+    """App credentials of accounts, and sending-limit overrides (of accounts and
+    of credentials). Errors are accounts.credentials.CredentialError or
+    accounts.store.AccountError, worded for users; writes tell running servers."""
+
+    async def add(
+        self,
+        address: str,
+        name: str,
+        *,
+        expires_at: float | None,
+        senders: Sequence[str] | None,
+        networks: Sequence[str] | None,
+    ) -> tuple[Credential, str]:
+        """The new credential and its secret (stored only as a keyed hash)."""
+        ...
+
+    async def list(self, address: str) -> list[Credential]: ...
+
+    async def get(self, address: str, name: str) -> Credential: ...
+
+    async def revoke(self, address: str, name: str) -> Credential: ...
+
+    async def update_limits(
+        self, address: str, name: str, changes: Mapping[str, int], *, clear: bool
+    ) -> Credential: ...
+
+    async def account_limits(self, address: str) -> dict[str, int] | None: ...
+
+    async def all_account_limits(self) -> dict[str, dict[str, int] | None]:
+        """Every account's overrides, keyed by lower-cased address."""
+        ...
+
+    async def update_account_limits(
+        self, address: str, changes: Mapping[str, int], *, clear: bool
+    ) -> dict[str, int] | None: ...
 
     async def close(self) -> None: ...

@@ -1,0 +1,80 @@
+"""App credentials and sending-limit overrides (storage.api.Credentials,
+storage.api.Limits) on the embedded SQLite database.
+
+accounts/credentials.py keeps the SQL, the secret's keyed hash and the change
+signal; this runs it in a thread of its own, never on an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from relaygate.accounts.credentials import (
+    Credential,
+    CredentialStore,
+    account_limits,
+    all_account_limits,
+    update_account_limits,
+)
+from relaygate.storage import sqlite as storage
+from relaygate.storage.thread import DatabaseThread
+
+
+class SQLiteCredentials:
+    def __init__(self, database: Path, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._thread = DatabaseThread(
+            lambda: storage.connect(database), loop or asyncio.get_running_loop(), "credentials"
+        )
+
+    async def add(
+        self,
+        address: str,
+        name: str,
+        *,
+        expires_at: float | None,
+        senders: Sequence[str] | None,
+        networks: Sequence[str] | None,
+    ) -> tuple[Credential, str]:
+        def add(db: sqlite3.Connection) -> tuple[Credential, str]:
+            return CredentialStore(db).add(
+                address, name, expires_at=expires_at, senders=senders, networks=networks
+            )
+
+        return await self._thread.run(add)
+
+    async def list(self, address: str) -> list[Credential]:
+        return await self._thread.run(lambda db: CredentialStore(db).list(address))
+
+    async def get(self, address: str, name: str) -> Credential:
+        return await self._thread.run(lambda db: CredentialStore(db).get(address, name))
+
+    async def revoke(self, address: str, name: str) -> Credential:
+        return await self._thread.run(lambda db: CredentialStore(db).revoke(address, name))
+
+    async def update_limits(
+        self, address: str, name: str, changes: Mapping[str, int], *, clear: bool
+    ) -> Credential:
+        def update(db: sqlite3.Connection) -> Credential:
+            return CredentialStore(db).update_limits(address, name, changes, clear=clear)
+
+        return await self._thread.run(update)
+
+    async def account_limits(self, address: str) -> dict[str, int] | None:
+        return await self._thread.run(account_limits, address)
+
+    async def all_account_limits(self) -> dict[str, dict[str, int] | None]:
+        return await self._thread.run(all_account_limits)
+
+    async def update_account_limits(
+        self, address: str, changes: Mapping[str, int], *, clear: bool
+    ) -> dict[str, int] | None:
+        def update(db: sqlite3.Connection) -> dict[str, int] | None:
+            return update_account_limits(db, address, changes, clear=clear)
+
+        return await self._thread.run(update)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._thread.close)
