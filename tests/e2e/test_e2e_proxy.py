@@ -6,7 +6,7 @@ TLS (implicit). What the rest of the server sees is the header's address: the
 message log, the Received field, the connect event, the per-IP connection
 limit. Untrusted peers, malformed and truncated headers and silence are closed
 before any banner, and logged as ``proxy.refused``. A header sent to a listener
-without ``proxy_protocol`` is only a bad SMTP command there.
+without ``proxy_protocol`` closes the connection there (421, ``not_expected``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from .helpers import (
     RawSMTP,
     Server,
     ServerPool,
+    TomlValue,
     header_fields,
     make_message,
 )
@@ -329,3 +330,36 @@ def test_header_on_a_plain_listener_closes_the_connection(server: Server, header
     assert all(e.get("client_ip") in (None, HOST) for e in events), events
     with RawSMTP.connect(server.starttls_port) as again:
         assert again.greeting.code == 220
+
+
+# ------------------------------------------------------------------ login throttles
+
+# The rest of the failure rules stay off (tests/e2e/helpers.py RELAXED_SECTIONS).
+THROTTLE_RULES: dict[str, TomlValue] = {"ip_per_minute": 3}
+
+
+def test_login_throttles_count_the_header_address_not_the_balancer(
+    fresh_servers: ServerPool,
+) -> None:
+    """Every client arrives from the balancer's 127.0.0.1: the failure windows must
+    be kept per header address, or one guesser would lock everyone out."""
+    server = fresh_servers.create(
+        "proxy-throttle",
+        users=[ALICE],
+        sections={"auth_throttle": THROTTLE_RULES},
+        proxy_trusted=TRUSTED,
+    )
+    guesser = v1("198.51.100.7")
+    statuses = []
+    for n in range(5):
+        with connect(server, guesser, implicit=True, login=False) as client:
+            statuses.append(client.auth_plain(ALICE.address, f"wrong-{n}").status)
+    assert statuses == ["535 5.7.8"] * 3 + ["454 4.7.0"] * 2, statuses
+    # Another client behind the same balancer is not throttled...
+    with connect(server, v2("203.0.113.9"), implicit=True, login=False) as client:
+        assert client.auth_plain(ALICE.address, ALICE.password).code == 235
+    # ...while the guesser's address still is, even with the right password.
+    with connect(server, guesser, implicit=True, login=False) as client:
+        assert client.auth_plain(ALICE.address, ALICE.password).status == "454 4.7.0"
+    refused = server.log_events("auth.throttled")
+    assert refused and all(e["client_ip"] == "198.51.100.7" for e in refused), refused
