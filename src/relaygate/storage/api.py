@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from relaygate.accounts.credentials import Credential
 from relaygate.accounts.store import Account
@@ -35,6 +35,29 @@ class MessageRecord:
     subject: str
     size: int
     status: str  # captured | queued | delivered | failed | ...
+
+
+# The column order every backend selects a MessageRecord in (record_from_row).
+MESSAGE_COLUMNS = (
+    "id, created_at, account, credential, client_ip, mail_from, rcpt_to, subject, size, status"
+)
+
+
+def record_from_row(row: Sequence[Any], recipients: Sequence[str]) -> MessageRecord:
+    """A MessageRecord from MESSAGE_COLUMNS; ``recipients`` decoded by the backend."""
+    id_, created_at, account, credential, client_ip, mail_from, _, subject, size, status = row
+    return MessageRecord(
+        id=str(id_),
+        created_at=float(created_at),
+        account=str(account),
+        credential=credential,
+        client_ip=str(client_ip),
+        mail_from=str(mail_from),
+        rcpt_to=tuple(str(r) for r in recipients),
+        subject=str(subject),
+        size=int(size),
+        status=str(status),
+    )
 
 
 @dataclass(frozen=True, slots=True)

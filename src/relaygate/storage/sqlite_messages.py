@@ -10,36 +10,25 @@ from typing import Any
 
 from relaygate.storage import bodies
 from relaygate.storage import sqlite as storage
-from relaygate.storage.api import DeliveryAttempt, MessageRecord
+from relaygate.storage.api import (
+    MESSAGE_COLUMNS,
+    DeliveryAttempt,
+    MessageRecord,
+    record_from_row,
+)
 from relaygate.storage.thread import DatabaseThread
 
-_COLUMNS = (
-    "id, created_at, account, credential, client_ip, mail_from, rcpt_to, subject, size, status"
-)
 
-
-def _recipients(rcpt_to: str) -> tuple[str, ...]:
+def _recipients(rcpt_to: str) -> list[str]:
     try:
         value: Any = json.loads(rcpt_to)
     except ValueError:
-        return (rcpt_to,)  # not JSON after all: show what is stored rather than fail
-    return tuple(str(item) for item in value) if isinstance(value, list) else (str(value),)
+        return [rcpt_to]  # not JSON after all: show what is stored rather than fail
+    return [str(item) for item in value] if isinstance(value, list) else [str(value)]
 
 
 def _record(row: tuple[Any, ...]) -> MessageRecord:
-    id_, created_at, account, credential, client_ip, mail_from, rcpt_to, subject, size, status = row
-    return MessageRecord(
-        id=id_,
-        created_at=float(created_at),
-        account=account,
-        credential=credential,
-        client_ip=client_ip,
-        mail_from=mail_from,
-        rcpt_to=_recipients(rcpt_to),
-        subject=subject,
-        size=int(size),
-        status=status,
-    )
+    return record_from_row(row, _recipients(row[6]))
 
 
 class SQLiteMessageLog:
@@ -71,7 +60,7 @@ class SQLiteMessageLog:
 
 def _recent(db: sqlite3.Connection, limit: int) -> list[MessageRecord]:
     rows = db.execute(
-        f"SELECT {_COLUMNS} FROM messages"  # noqa: S608 (a constant column list)
+        f"SELECT {MESSAGE_COLUMNS} FROM messages"  # noqa: S608 (a constant column list)
         " ORDER BY created_at DESC, id DESC LIMIT ?",
         (limit,),
     ).fetchall()
@@ -80,7 +69,7 @@ def _recent(db: sqlite3.Connection, limit: int) -> list[MessageRecord]:
 
 def _get(db: sqlite3.Connection, message_id: str) -> MessageRecord | None:
     row = db.execute(
-        f"SELECT {_COLUMNS} FROM messages WHERE id = ?",  # noqa: S608
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?",  # noqa: S608
         (message_id,),
     ).fetchone()
     return None if row is None else _record(row)

@@ -6,28 +6,17 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from relaygate.storage.api import DeliveryAttempt, MessageRecord
-
-_COLUMNS = (
-    "id, created_at, account, credential, client_ip, mail_from, rcpt_to, subject, size, status"
+from relaygate.storage.api import (
+    MESSAGE_COLUMNS,
+    DeliveryAttempt,
+    MessageRecord,
+    record_from_row,
 )
 
 
 def _record(row: tuple[Any, ...]) -> MessageRecord:
-    id_, created_at, account, credential, client_ip, mail_from, rcpt_to, subject, size, status = row
-    recipients = rcpt_to if isinstance(rcpt_to, list) else [rcpt_to]
-    return MessageRecord(
-        id=id_,
-        created_at=float(created_at),
-        account=account,
-        credential=credential,
-        client_ip=client_ip,
-        mail_from=mail_from,
-        rcpt_to=tuple(str(r) for r in recipients),
-        subject=subject,
-        size=int(size),
-        status=status,
-    )
+    rcpt_to = row[6]  # JSONB: psycopg hands back the list
+    return record_from_row(row, rcpt_to if isinstance(rcpt_to, list) else [rcpt_to])
 
 
 class PostgresMessageLog:
@@ -39,7 +28,7 @@ class PostgresMessageLog:
     async def recent(self, limit: int) -> list[MessageRecord]:
         async with self._pool.connection() as connection:
             cursor = await connection.execute(
-                f"SELECT {_COLUMNS} FROM messages"  # noqa: S608 (a constant column list)
+                f"SELECT {MESSAGE_COLUMNS} FROM messages"  # noqa: S608 (a constant column list)
                 " ORDER BY created_at DESC, id DESC LIMIT %s",
                 (limit,),
             )
@@ -48,7 +37,7 @@ class PostgresMessageLog:
     async def get(self, message_id: str) -> MessageRecord | None:
         async with self._pool.connection() as connection:
             cursor = await connection.execute(
-                f"SELECT {_COLUMNS} FROM messages WHERE id = %s",  # noqa: S608
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = %s",  # noqa: S608
                 (message_id,),
             )
             row = await cursor.fetchone()
