@@ -58,9 +58,7 @@ from relaygate.services.admin import (
 from relaygate.storage import bodies
 from relaygate.storage.api import DeliveryAttempt, MessageRecord
 from relaygate.storage.sqlite import DatabaseError, connect
-from relaygate.storage.sqlite_accounts import SQLiteAccounts
-from relaygate.storage.sqlite_credentials import SQLiteCredentials
-from relaygate.storage.sqlite_messages import SQLiteMessageLog
+from relaygate.storage.sqlite_backend import SQLiteStorage
 
 PROG = "relaygate"
 EXIT_USER_ERROR = 2  # the same status argparse uses for a bad command line
@@ -686,21 +684,17 @@ def _with_admin(config: Config, work: Callable[[_Admin], Awaitable[T]]) -> T:
     """Run one admin use case and close what it opened."""
 
     async def run() -> T:
-        log = SQLiteMessageLog(config.database_path)
-        accounts = SQLiteAccounts(config.database_path)
-        credentials = SQLiteCredentials(config.database_path)
+        store = SQLiteStorage(config.database_path)
         try:
             return await work(
                 _Admin(
-                    MessagesAdmin(log),
-                    AccountsAdmin(accounts, config.password_hash),
-                    CredentialsAdmin(accounts, credentials),
+                    MessagesAdmin(store.messages),
+                    AccountsAdmin(store.accounts, config.password_hash),
+                    CredentialsAdmin(store.accounts, store.credentials),
                 )
             )
         finally:
-            await log.close()
-            await accounts.close()
-            await credentials.close()
+            await store.close()
 
     try:
         return asyncio.run(run())

@@ -90,6 +90,7 @@ class Spool:
         self._database = database
         self._wal = database.with_name(database.name + "-wal")
         self._bodies = bodies.directory_for(database)
+        self._bodies_ready = False  # data_dir/bodies made (once, by this writer)
         self._deliver = deliver  # queue for onward delivery (smarthost / mx modes)
         self._loop = loop
         self._pending: list[tuple[SpooledMessage, asyncio.Future[None]]] = []
@@ -140,17 +141,17 @@ class Spool:
             db.close()
 
     def _commit(self, db: sqlite3.Connection, messages: list[SpooledMessage]) -> str | None:
-        spilled: list[str] = []
+        # Large bodies first, each in its own file, durable before the rows
+        # that name them commit (storage/bodies.py).
+        spilled = {m.id for m in messages if m.size >= bodies.SPILL_BYTES}
         try:
-            # Large bodies first, each in its own file, durable before the rows
-            # that name them commit (storage/bodies.py).
-            for m in messages:
-                if m.size >= bodies.SPILL_BYTES:
-                    if not spilled:
-                        bodies.prepare(self._bodies)
-                    spilled.append(m.id)
-                    bodies.write_file(self._bodies, m.id, (m.header, m.body))
             if spilled:
+                if not self._bodies_ready:
+                    bodies.prepare(self._bodies)
+                    self._bodies_ready = True
+                for m in messages:
+                    if m.id in spilled:
+                        bodies.write_file(self._bodies, m.id, (m.header, m.body))
                 bodies.sync_directory(self._bodies)
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -178,7 +179,7 @@ class Spool:
                     ],
                 )
                 for m in messages:
-                    _store_body(db, m)
+                    _store_body(db, m, in_file=m.id in spilled)
                 if self._deliver:
                     delivery_queue.enqueue_many(
                         db, [(m.id, m.recipients) for m in messages], messages[0].created_at
@@ -199,7 +200,7 @@ class Spool:
             self.messages += len(messages)
             self._limit_wal(db)
             return None
-        for message_id in spilled:  # nobody was told 250: the files go too
+        for message_id in spilled:  # nobody was told 250: the files go too (if made)
             bodies.remove_file(self._bodies, message_id)
         return error
 
@@ -224,14 +225,14 @@ class Spool:
             pass  # the next commit tries again
 
 
-def _store_body(db: sqlite3.Connection, message: SpooledMessage) -> None:
+def _store_body(db: sqlite3.Connection, message: SpooledMessage, *, in_file: bool) -> None:
     """The row for the body: the bytes themselves, or a mark that they are in a file.
 
     A small body is our header and the client's body joined as one blob, here
     in the writer thread right before the insert (the joined copy lives for
     that statement only).
     """
-    if message.size >= bodies.SPILL_BYTES:
+    if in_file:
         db.execute(
             "INSERT INTO message_bodies (id, body, in_file) VALUES (?, x'', 1)", (message.id,)
         )

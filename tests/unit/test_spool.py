@@ -142,3 +142,20 @@ def test_orphan_body_files_are_removed_and_committed_ones_kept(tmp_path: Path) -
         assert bodies.read(db, directory, kept.id) == kept.body
     finally:
         db.close()
+
+
+def test_reading_only_the_head_of_a_body_in_a_row_or_a_file(tmp_path: Path) -> None:
+    database = tmp_path / "relaygate.db"
+    connect(database).close()
+    small, large = _message("small"), _message("large")
+    large.body = b"Subject: large\r\n\r\n" + b"z" * bodies.SPILL_BYTES
+    assert _store_all(database, [small, large]) == [None, None]
+    directory = bodies.directory_for(database)
+    db = connect(database)
+    try:
+        for m in (small, large):
+            whole = bodies.read(db, directory, m.id)
+            assert whole == m.header + bytes(m.body)
+            assert bodies.read(db, directory, m.id, limit=10) == whole[:10]
+    finally:
+        db.close()

@@ -13,6 +13,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,11 @@ from relaygate.config import PasswordHashConfig
 from relaygate.services.admin import AccountsAdmin, CredentialsAdmin, MessagesAdmin, NotFound
 from relaygate.spool import Spool, SpooledMessage, new_queue_id
 from relaygate.storage import bodies
-from relaygate.storage.api import DeliveryAttempt, MessageLog, MessageRecord
+from relaygate.storage.api import DeliveryAttempt, MessageLog
 from relaygate.storage.postgres.messages import PostgresMessageLog
 from relaygate.storage.postgres.schema import migrate
 from relaygate.storage.sqlite import connect
-from relaygate.storage.sqlite_accounts import SQLiteAccounts
-from relaygate.storage.sqlite_credentials import SQLiteCredentials
-from relaygate.storage.sqlite_messages import SQLiteMessageLog
+from relaygate.storage.sqlite_backend import SQLiteStorage
 
 
 def run(coroutine: Coroutine[Any, Any, Any]) -> Any:
@@ -85,38 +84,16 @@ class SQLiteBackend:
         finally:
             db.close()
 
-    def open_log(self) -> MessageLog:
-        return SQLiteMessageLog(self.database)
+    @asynccontextmanager
+    async def message_log(self) -> AsyncIterator[MessageLog]:
+        store = SQLiteStorage(self.database)
+        try:
+            yield store.messages
+        finally:
+            await store.close()
 
     def lose_body(self, message_id: str) -> None:
         (bodies.directory_for(self.database) / message_id).unlink()
-
-
-class _PooledLog:
-    """A PostgresMessageLog with a pool of its own, closed with it."""
-
-    def __init__(self, url: str) -> None:
-        self._pool = AsyncConnectionPool(url, min_size=1, max_size=2, open=False)
-        self._log = PostgresMessageLog(self._pool)
-
-    async def _ready(self) -> PostgresMessageLog:
-        await self._pool.open(wait=True, timeout=10)
-        return self._log
-
-    async def recent(self, limit: int) -> list[MessageRecord]:
-        return await (await self._ready()).recent(limit)
-
-    async def get(self, message_id: str) -> MessageRecord | None:
-        return await (await self._ready()).get(message_id)
-
-    async def body(self, message_id: str) -> bytes | None:
-        return await (await self._ready()).body(message_id)
-
-    async def history(self, message_id: str) -> list[DeliveryAttempt]:
-        return await (await self._ready()).history(message_id)
-
-    async def close(self) -> None:
-        await self._pool.close()
 
 
 class PostgresBackend:
@@ -164,8 +141,10 @@ class PostgresBackend:
                 (message_id, time.time(), reply, outcome),
             )
 
-    def open_log(self) -> MessageLog:
-        return _PooledLog(self.url)
+    @asynccontextmanager
+    async def message_log(self) -> AsyncIterator[MessageLog]:
+        async with AsyncConnectionPool(self.url, min_size=1, max_size=2) as pool:
+            yield PostgresMessageLog(pool)
 
 
 Backend = SQLiteBackend | PostgresBackend
@@ -182,11 +161,8 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
 
 
 async def _admin(backend: Backend) -> AsyncIterator[MessagesAdmin]:
-    log = backend.open_log()
-    try:
+    async with backend.message_log() as log:
         yield MessagesAdmin(log)
-    finally:
-        await log.close()
 
 
 def test_recent_messages_newest_first_with_their_records(backend: Backend) -> None:
@@ -206,7 +182,7 @@ def test_recent_messages_newest_first_with_their_records(backend: Backend) -> No
             assert first.rcpt_to == ("r@example.net", "s@example.org")
             assert first.size == messages[4].size
             assert first.status == "queued"
-            assert await admin.recent(100) and len(await admin.recent(100)) == 5
+            assert len(await admin.recent(100)) == 5
 
     run(check())
 
@@ -263,7 +239,7 @@ ACCOUNT_BACKENDS = ("sqlite",)
 
 
 @pytest.fixture(params=ACCOUNT_BACKENDS)
-def accounts_admin(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+def account_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
     database = tmp_path / "relaygate.db"
     connect(database).close()
     yield database
@@ -271,9 +247,9 @@ def accounts_admin(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[P
 
 def _accounts(database: Path, work: Callable[[AccountsAdmin], Coroutine[Any, Any, Any]]) -> Any:
     async def go() -> Any:
-        store = SQLiteAccounts(database)
+        store = SQLiteStorage(database)
         try:
-            return await work(AccountsAdmin(store, FAST_HASH))
+            return await work(AccountsAdmin(store.accounts, FAST_HASH))
         finally:
             await store.close()
 
@@ -283,7 +259,7 @@ def _accounts(database: Path, work: Callable[[AccountsAdmin], Coroutine[Any, Any
 FAST_HASH = PasswordHashConfig(memory_kib=1024, time_cost=1, parallelism=1)
 
 
-def test_accounts_add_list_and_the_rules_every_edge_shares(accounts_admin: Path) -> None:
+def test_accounts_add_list_and_the_rules_every_edge_shares(account_database: Path) -> None:
     async def work(admin: AccountsAdmin) -> None:
         added = await admin.add("Alice@Example.COM", "correct horse", ["@example.com"])
         assert added.address == "Alice@example.com"  # the local part keeps its case
@@ -299,10 +275,10 @@ def test_accounts_add_list_and_the_rules_every_edge_shares(accounts_admin: Path)
         assert [a.address for a in await admin.list()] == ["Alice@example.com", "bob@example.com"]
         assert await admin.count() == 2
 
-    _accounts(accounts_admin, work)
+    _accounts(account_database, work)
 
 
-def test_accounts_changes_and_removal(accounts_admin: Path) -> None:
+def test_accounts_changes_and_removal(account_database: Path) -> None:
     async def work(admin: AccountsAdmin) -> None:
         first = await admin.add("carol@example.com", "one", None)
         changed = await admin.set_password("CAROL@example.com", "two")
@@ -318,25 +294,24 @@ def test_accounts_changes_and_removal(accounts_admin: Path) -> None:
         with pytest.raises(AccountError, match="no such account"):
             await admin.remove("carol@example.com")
 
-    _accounts(accounts_admin, work)
+    _accounts(account_database, work)
 
 
 def _credentials(
     database: Path, work: Callable[[CredentialsAdmin], Coroutine[Any, Any, Any]]
 ) -> Any:
     async def go() -> Any:
-        accounts, credentials = SQLiteAccounts(database), SQLiteCredentials(database)
+        store = SQLiteStorage(database)
         try:
-            await AccountsAdmin(accounts, FAST_HASH).add("dave@example.com", "pw", None)
-            return await work(CredentialsAdmin(accounts, credentials))
+            await AccountsAdmin(store.accounts, FAST_HASH).add("dave@example.com", "pw", None)
+            return await work(CredentialsAdmin(store.accounts, store.credentials))
         finally:
-            await accounts.close()
-            await credentials.close()
+            await store.close()
 
     return run(go())
 
 
-def test_credentials_and_limits_through_the_admin_use_cases(accounts_admin: Path) -> None:
+def test_credentials_and_limits_through_the_admin_use_cases(account_database: Path) -> None:
     async def work(admin: CredentialsAdmin) -> None:
         credential, secret = await admin.add("dave@example.com", "shop", networks=["10.0.0.0/8"])
         assert secret.startswith("rgc_") and len(secret) == 47
@@ -353,4 +328,4 @@ def test_credentials_and_limits_through_the_admin_use_cases(accounts_admin: Path
         with pytest.raises(AccountError, match="no such account"):
             await admin.account_limits("nobody@example.com", {})
 
-    _credentials(accounts_admin, work)
+    _credentials(account_database, work)

@@ -39,6 +39,7 @@ from relaygate.spool import new_queue_id
 from relaygate.storage import bodies
 from relaygate.storage import sqlite as storage
 
+DSN_HEAD_BYTES = 256 * 1024  # of the original message read for its header section
 POLL_INTERVAL = 0.5  # seconds between looks at the queue when idle
 CLAIM_BATCH = 200
 MAX_IN_MEMORY = 2000  # claimed rows waiting for a connection; more stay in the queue
@@ -487,7 +488,10 @@ class DeliveryEngine:
         else:
             return None
         try:
-            original = bodies.read(self.db, self.bodies, delivery.message_id) or b""
+            # A bounce quotes the header section only: no need to read megabytes.
+            original = (
+                bodies.read(self.db, self.bodies, delivery.message_id, limit=DSN_HEAD_BYTES) or b""
+            )
         except bodies.BodyMissing:
             original = b""
         row = self.db.execute(

@@ -37,7 +37,7 @@ from relaygate.services.admin import AccountsAdmin
 from relaygate.storage import bodies
 from relaygate.storage import sqlite as storage
 from relaygate.storage.files import private_directory, shared_bits, tighten
-from relaygate.storage.sqlite_accounts import SQLiteAccounts
+from relaygate.storage.sqlite_backend import SQLiteStorage
 
 PR_SET_PDEATHSIG = 1
 QUICKSTART_ADDRESS = "dev@example.test"
@@ -124,7 +124,7 @@ def prepare(config: Config) -> None:
 
 LOCK_FILE = "serve.lock"
 LOCK_PATIENCE = 30.0  # seconds to wait for a previous instance that is still draining
-_locks: dict[Path, int] = {}  # held (and inherited by every child) for the life of serve
+_lock_fd: int | None = None  # held (and inherited by every child) for the life of serve
 
 
 def _lock_data_dir(data_dir: Path) -> None:
@@ -135,9 +135,8 @@ def _lock_data_dir(data_dir: Path) -> None:
     it is free only once every process of the previous instance has exited; a
     restart waits up to LOCK_PATIENCE for a draining one.
     """
-    path = (data_dir / LOCK_FILE).resolve()
-    if path in _locks:
-        return
+    global _lock_fd
+    path = data_dir / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
@@ -168,7 +167,7 @@ def _lock_data_dir(data_dir: Path) -> None:
             time.sleep(0.1)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-    _locks[path] = fd
+    _lock_fd = fd
 
 
 def _alive(pid_text: str) -> bool:
@@ -215,12 +214,12 @@ def _create_quickstart_account(config: Config) -> None:
     password = secrets.token_urlsafe(18)
 
     async def add() -> None:
-        accounts = SQLiteAccounts(config.database_path)
+        store = SQLiteStorage(config.database_path)
         try:
-            admin = AccountsAdmin(accounts, config.password_hash)
+            admin = AccountsAdmin(store.accounts, config.password_hash)
             await admin.add(QUICKSTART_ADDRESS, password, [QUICKSTART_ADDRESS, *QUICKSTART_SENDERS])
         finally:
-            await accounts.close()
+            await store.close()
 
     asyncio.run(add())
     print(

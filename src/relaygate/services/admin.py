@@ -71,16 +71,16 @@ class AccountsAdmin:
         self._hasher = PasswordHasher(hashing)
 
     async def check_new(self, address: str, senders: Sequence[str] | None) -> str:
-        """The normalised address if ``add`` would take it (cheap: no hashing)."""
-        address = normalize_address(address)
-        for pattern in senders or ():
-            normalize_sender_pattern(pattern)
+        """The normalised address if ``add`` would take it (cheap: no hashing), so
+        an edge can ask before it reads a password."""
+        address = _valid_new(address, senders)
         if await self._accounts.get(address) is not None:
             raise AccountError(f"account already exists: {address}")
         return address
 
     async def add(self, address: str, password: str, senders: Sequence[str] | None) -> Account:
-        address = await self.check_new(address, senders)
+        # Syntax before the slow hash; a duplicate is refused by the store itself.
+        address = _valid_new(address, senders)
         password_hash, scram = await self._secrets(password)
         return await self._accounts.add(address, password_hash, senders, scram)
 
@@ -126,6 +126,12 @@ class AccountsAdmin:
             return self._hasher.hash(password), stored_keys_for_password(password)
 
         return await asyncio.to_thread(derive)
+
+
+def _valid_new(address: str, senders: Sequence[str] | None) -> str:
+    for pattern in senders or ():
+        normalize_sender_pattern(pattern)
+    return normalize_address(address)
 
 
 class CredentialsAdmin:

@@ -335,18 +335,15 @@ class LoginService:
         The rest comes before the next suspect's hash, not after this one's:
         this reply is not delayed by it.
         """
-        self._suspect_rest()
+        pause = self._rest_until - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
         started = time.thread_time()
         try:
             return self._verify(account, password)
         finally:
             spent = time.thread_time() - started
             self._rest_until = time.monotonic() + spent * (1.0 / SUSPECT_SHARE - 1.0)
-
-    def _suspect_rest(self) -> None:
-        pause = self._rest_until - time.monotonic()
-        if pause > 0:
-            time.sleep(pause)
 
     def _verify(self, account: Account | None, password: str) -> str:
         if account is None:

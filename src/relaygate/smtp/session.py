@@ -363,9 +363,7 @@ class Session:
         and a line holding one NUL byte (its signature is CRLF CRLF NUL CRLF
         "QUIT" LF), so the two empty lines get their usual 500 first.
         """
-        leading = self._leading_empty
-        if leading < 0:
-            return False
+        leading = self._leading_empty  # >= 0: the caller checks
         if not raw and leading < 2:
             self._leading_empty += 1
             return False

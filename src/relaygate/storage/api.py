@@ -4,7 +4,9 @@ Services and edges (CLI, the HTTP API to come) depend on these, never on a
 database module: each backend (today SQLite in data_dir; PostgreSQL and Redis
 with the scale-out work) implements them, and one contract test suite
 (tests/unit/test_storage_contract.py) runs every interface against every
-backend. Methods are async: no backend call may block an event loop.
+backend. Methods are async: no backend call may block an event loop. The
+interfaces do not open or close anything: a backend's resources (a thread and
+connection, a pool) belong to whoever made them (storage/sqlite_backend.py).
 
 Interfaces land here as their callers move off raw connections; see
 docs/architecture.md for the list still to come.
@@ -94,8 +96,6 @@ class MessageLog(Protocol):
         """Delivery attempts, oldest first."""
         ...
 
-    async def close(self) -> None: ...
-
 
 class Accounts(Protocol):
     """Accounts and their sender patterns. Writes raise accounts.store.AccountError
@@ -127,8 +127,6 @@ class Accounts(Protocol):
     async def set_senders(self, address: str, senders: Sequence[str]) -> None: ...
 
     async def remove(self, address: str) -> None: ...
-
-    async def close(self) -> None: ...
 
 
 class Credentials(Protocol):
@@ -167,5 +165,3 @@ class Credentials(Protocol):
     async def update_account_limits(
         self, address: str, changes: Mapping[str, int], *, clear: bool
     ) -> dict[str, int] | None: ...
-
-    async def close(self) -> None: ...

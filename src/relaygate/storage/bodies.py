@@ -85,20 +85,30 @@ def sync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def read(db: sqlite3.Connection, directory: Path, message_id: str) -> bytes | None:
-    """The stored body of ``message_id``; None if there is no body row.
+def read(
+    db: sqlite3.Connection, directory: Path, message_id: str, limit: int | None = None
+) -> bytes | None:
+    """The stored body of ``message_id`` (its first ``limit`` bytes if given);
+    None if there is no body row.
 
     Raises BodyMissing when the row points at a file that is gone.
     """
-    row = db.execute(
-        "SELECT body, in_file FROM message_bodies WHERE id = ?", (message_id,)
-    ).fetchone()
+    if limit is None:
+        row = db.execute(
+            "SELECT body, in_file FROM message_bodies WHERE id = ?", (message_id,)
+        ).fetchone()
+    else:
+        row = db.execute(
+            "SELECT substr(body, 1, ?), in_file FROM message_bodies WHERE id = ?",
+            (limit, message_id),
+        ).fetchone()
     if row is None:
         return None
     if not row[1]:
         return bytes(row[0])
     try:
-        return (directory / message_id).read_bytes()
+        with open(directory / message_id, "rb") as file:
+            return file.read() if limit is None else file.read(limit)
     except FileNotFoundError:
         raise BodyMissing(f"body file {directory / message_id} is missing") from None
 

@@ -1,27 +1,22 @@
 """Accounts (storage.api.Accounts) on the embedded SQLite database.
 
-accounts/store.py keeps the SQL and the change signal; this runs it in a
-thread of its own (storage/thread.py), never on an event loop.
+accounts/store.py keeps the SQL and the change signal; this runs it in the
+backend's database thread (storage/sqlite_backend.py), never on an event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections.abc import Sequence
-from pathlib import Path
 
 from relaygate.accounts.store import Account, AccountStore
 from relaygate.sasl import StoredKeys
-from relaygate.storage import sqlite as storage
 from relaygate.storage.thread import DatabaseThread
 
 
 class SQLiteAccounts:
-    def __init__(self, database: Path, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self._thread = DatabaseThread(
-            lambda: storage.connect(database), loop or asyncio.get_running_loop(), "accounts"
-        )
+    def __init__(self, thread: DatabaseThread[sqlite3.Connection]) -> None:
+        self._thread = thread
 
     async def get(self, address: str) -> Account | None:
         return await self._thread.run(lambda db: AccountStore(db).get(address))
@@ -59,6 +54,3 @@ class SQLiteAccounts:
 
     async def remove(self, address: str) -> None:
         await self._thread.run(lambda db: AccountStore(db).remove(address))
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self._thread.close)

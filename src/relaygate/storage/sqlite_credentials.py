@@ -1,16 +1,15 @@
-"""App credentials and sending-limit overrides (storage.api.Credentials,
-storage.api.Limits) on the embedded SQLite database.
+"""App credentials and sending-limit overrides (storage.api.Credentials) on the
+embedded SQLite database.
 
 accounts/credentials.py keeps the SQL, the secret's keyed hash and the change
-signal; this runs it in a thread of its own, never on an event loop.
+signal; this runs it in the backend's database thread (storage/sqlite_backend.py),
+never on an event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from relaygate.accounts.credentials import (
     Credential,
@@ -19,15 +18,12 @@ from relaygate.accounts.credentials import (
     all_account_limits,
     update_account_limits,
 )
-from relaygate.storage import sqlite as storage
 from relaygate.storage.thread import DatabaseThread
 
 
 class SQLiteCredentials:
-    def __init__(self, database: Path, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self._thread = DatabaseThread(
-            lambda: storage.connect(database), loop or asyncio.get_running_loop(), "credentials"
-        )
+    def __init__(self, thread: DatabaseThread[sqlite3.Connection]) -> None:
+        self._thread = thread
 
     async def add(
         self,
@@ -75,6 +71,3 @@ class SQLiteCredentials:
             return update_account_limits(db, address, changes, clear=clear)
 
         return await self._thread.run(update)
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self._thread.close)

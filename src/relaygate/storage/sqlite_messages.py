@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 from relaygate.storage import bodies
-from relaygate.storage import sqlite as storage
 from relaygate.storage.api import (
     MESSAGE_COLUMNS,
     DeliveryAttempt,
@@ -32,15 +30,11 @@ def _record(row: tuple[Any, ...]) -> MessageRecord:
 
 
 class SQLiteMessageLog:
-    """Reads run in a thread of their own (storage/thread.py), never on the loop."""
+    """Reads run in the backend's database thread (storage/sqlite_backend.py)."""
 
-    def __init__(self, database: Path, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self._bodies = bodies.directory_for(database)
-        self._thread = DatabaseThread(
-            lambda: storage.connect(database),
-            loop or asyncio.get_running_loop(),
-            "message-log",
-        )
+    def __init__(self, thread: DatabaseThread[sqlite3.Connection], bodies_directory: Path) -> None:
+        self._thread = thread
+        self._bodies = bodies_directory
 
     async def recent(self, limit: int) -> list[MessageRecord]:
         return await self._thread.run(_recent, limit)
@@ -53,9 +47,6 @@ class SQLiteMessageLog:
 
     async def history(self, message_id: str) -> list[DeliveryAttempt]:
         return await self._thread.run(_history, message_id)
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self._thread.close)
 
 
 def _recent(db: sqlite3.Connection, limit: int) -> list[MessageRecord]:

@@ -59,6 +59,3 @@ class PostgresMessageLog:
                 (message_id,),
             )
             return [DeliveryAttempt(*row) for row in await cursor.fetchall()]
-
-    async def close(self) -> None:
-        pass  # the pool belongs to whoever made it

@@ -1,0 +1,33 @@
+"""The SQLite backend of storage/api.py, as one object: one thread, one connection.
+
+The message log, accounts and credentials share a DatabaseThread (one
+connection to relaygate.db, opened at first use, never on the event loop);
+``close`` finishes what was asked and closes it. The edges (the CLI, and the
+HTTP API to come) make one of these per process or command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+from relaygate.storage import bodies
+from relaygate.storage import sqlite as storage
+from relaygate.storage.sqlite_accounts import SQLiteAccounts
+from relaygate.storage.sqlite_credentials import SQLiteCredentials
+from relaygate.storage.sqlite_messages import SQLiteMessageLog
+from relaygate.storage.thread import DatabaseThread
+
+
+class SQLiteStorage:
+    def __init__(self, database: Path, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._thread: DatabaseThread[sqlite3.Connection] = DatabaseThread(
+            lambda: storage.connect(database), loop or asyncio.get_running_loop(), "storage"
+        )
+        self.messages = SQLiteMessageLog(self._thread, bodies.directory_for(database))
+        self.accounts = SQLiteAccounts(self._thread)
+        self.credentials = SQLiteCredentials(self._thread)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._thread.close)
