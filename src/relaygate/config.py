@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -187,6 +188,30 @@ class DeliveryConfig:
         return dict(self.tls_policy).get(domain.lower()) == "required"
 
 
+def default_node_name() -> str:
+    """This machine's short host name: unique per node in a usual cluster."""
+    return socket.gethostname().split(".")[0] or "relaygate"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where accounts, messages and the queue live: SQLite in data_dir, or PostgreSQL."""
+
+    url: str | None = None  # postgresql://...; None: the embedded SQLite database
+    pool_size: int = 10  # connections per process to PostgreSQL
+
+    @property
+    def backend(self) -> Literal["sqlite", "postgresql"]:
+        return "sqlite" if self.url is None else "postgresql"
+
+
+@dataclass(frozen=True)
+class SharedConfig:
+    """Short-lived state shared by nodes (throttles, connection counts, invalidation)."""
+
+    redis_url: str | None = None  # redis://...; None: kept per node
+
+
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
@@ -208,6 +233,9 @@ class Config:
     auth_throttle: AuthThrottleConfig = field(default_factory=AuthThrottleConfig)
     sending_limits: SendingLimits = field(default_factory=SendingLimits)
     connection_limits: ConnectionLimitsConfig = field(default_factory=ConnectionLimitsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    shared: SharedConfig = field(default_factory=SharedConfig)
+    node_name: str = field(default_factory=default_node_name)
     quickstart: bool = False
     source: Path | None = None  # the file this came from, None in quickstart
 
@@ -243,6 +271,9 @@ def default_hostname() -> str:
     return socket.getfqdn() or "localhost"
 
 
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
 # --------------------------------------------------------------------- loading
 
 _TOP_KEYS = {
@@ -256,6 +287,8 @@ _TOP_KEYS = {
     "auth_throttle",
     "sending_limits",
     "connection_limits",
+    "storage",
+    "shared",
 }
 
 
@@ -591,13 +624,52 @@ def _non_negative(
     return float(value)
 
 
+def _url(
+    raw: dict[str, Any], key: str, where: str, schemes: tuple[str, ...], check: _Checker
+) -> str | None:
+    if key not in raw:
+        return None
+    value = raw[key]
+    if not isinstance(value, str) or not value.strip():
+        check.problem(f"{where}.{key}", "must be a non-empty string")
+        return None
+    scheme = value.partition("://")[0].lower()
+    if "://" not in value or scheme not in schemes:
+        check.problem(f"{where}.{key}", f"must be a {' or '.join(s + '://' for s in schemes)} URL")
+        return None
+    return value.strip()
+
+
+def _storage(check: _Checker, data: dict[str, Any]) -> StorageConfig:
+    raw = check.table(data, "storage", "storage")
+    check.unknown(raw, {"url", "pool_size"}, "storage")
+    return StorageConfig(
+        url=_url(raw, "url", "storage", ("postgresql", "postgres"), check),
+        pool_size=check.integer(raw, "pool_size", "storage", StorageConfig.pool_size, 1),
+    )
+
+
+def _shared(check: _Checker, data: dict[str, Any]) -> SharedConfig:
+    raw = check.table(data, "shared", "shared")
+    check.unknown(raw, {"redis_url"}, "shared")
+    return SharedConfig(
+        redis_url=_url(raw, "redis_url", "shared", ("redis", "rediss", "unix"), check)
+    )
+
+
 def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = None) -> Config:
     """Validate parsed TOML; raise ConfigError with every problem found."""
     check = _Checker()
     check.unknown(data, _TOP_KEYS, "")
     server = check.table(data, "server", "server")
-    check.unknown(server, {"hostname", "data_dir", "workers"}, "server")
+    check.unknown(server, {"hostname", "data_dir", "workers", "node_name"}, "server")
     hostname = check.string(server, "hostname", "server", default_hostname())
+    node_name = check.string(server, "node_name", "server", default_node_name())
+    if not _NODE_NAME.fullmatch(node_name):
+        check.problem(
+            "server.node_name",
+            "must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )
     data_dir_text = check.string(server, "data_dir", "server", "./relaygate-data")
     data_dir = (base / data_dir_text).resolve()
     workers = check.integer(server, "workers", "server", 0)
@@ -680,6 +752,8 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
         {},
     )
     connection_limits = _connection_limits(check, data)
+    storage = _storage(check, data)
+    shared = _shared(check, data)
 
     if check.problems:
         raise ConfigError(check.problems)
@@ -696,6 +770,9 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
         auth_throttle=auth_throttle,
         sending_limits=sending_limits,
         connection_limits=connection_limits,
+        storage=storage,
+        shared=shared,
+        node_name=node_name,
         source=source,
     )
 

@@ -14,13 +14,19 @@ docs/architecture.md for the list still to come.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from relaygate.accounts.credentials import Credential
 from relaygate.accounts.store import Account
+from relaygate.quotas import Scope
 from relaygate.sasl import StoredKeys
+from relaygate.throttle import Reservation, Verdict, Wait
+
+if TYPE_CHECKING:
+    from relaygate.spool import SpooledMessage
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,3 +171,121 @@ class Credentials(Protocol):
     async def update_account_limits(
         self, address: str, changes: Mapping[str, int], *, clear: bool
     ) -> dict[str, int] | None: ...
+
+
+# ---------------------------------------------------------------- the hot path
+#
+# Below: what a serving node needs beyond the admin side. Node-local backends
+# (SQLite files, an mmap) serve one machine; PostgreSQL and Redis backends let
+# several nodes share the same limits and queue (docs/scale-out.md).
+
+
+class LoginFailures(Protocol):
+    """Failed-login windows with reservations; the rules are throttle.py's.
+
+    ``reserve`` checks every rule and counts the attempt as pending in one
+    atomic step, so parallel attempts (across workers and, when shared, across
+    nodes) never get more secrets checked than the limits allow.
+    """
+
+    async def check(self, client_ip: str, username: str, now: float) -> Verdict | None:
+        """Read-only: for a login whose secret is already known right (a cache hit)."""
+        ...
+
+    async def reserve(
+        self, client_ip: str, username: str, now: float
+    ) -> Verdict | Reservation | Wait: ...
+
+    async def release(self, reservation: Reservation) -> None:
+        """The secret was right: the pending attempt goes."""
+        ...
+
+    async def fail(self, reservation: Reservation) -> None:
+        """The secret was wrong (or the exchange abandoned): it becomes a failure."""
+        ...
+
+    async def record_success(self, client_ip: str, account: str, now: float) -> None:
+        """The account logs in from this network (its known-network exemption)."""
+        ...
+
+    async def prune(self, now: float) -> None: ...
+
+
+class ConnectionCounts(Protocol):
+    """Per-client-IP concurrent connections and connections per minute."""
+
+    async def open(self, client_ip: str, now: float) -> str | None:
+        """None: allowed and counted; else "concurrent" or "rate" (not counted)."""
+        ...
+
+    async def close(self, client_ip: str) -> None:
+        """An allowed connection ended."""
+        ...
+
+
+class SendingCounters(Protocol):
+    """The read side of sending limits (quotas.py); writes come with acceptance."""
+
+    async def check_message(self, scopes: Sequence[Scope], now: float) -> bytes | None:
+        """At MAIL: None, or the 451 reply naming the limit reached."""
+        ...
+
+    async def check_recipient(
+        self,
+        scopes: Sequence[Scope],
+        account_address: str,
+        recipient: str,
+        *,
+        accepted_so_far: int,
+        new_so_far: int,
+        now: float,
+    ) -> tuple[bytes | None, bool]:
+        """At RCPT: (None or a 451, whether the recipient is new for the account)."""
+        ...
+
+    async def prune(self, now: float) -> None: ...
+
+
+class Acceptance(Protocol):
+    """Accepting a message as one unit of work: the message, its body, its queue
+    rows and the sending counters it adds commit together (or not at all), and
+    concurrent sessions' messages share a commit (group commit)."""
+
+    def store(self, message: SpooledMessage) -> asyncio.Future[None]:
+        """Completes once durable; fails with spool.SpoolError (reply 451)."""
+        ...
+
+    async def close(self) -> None:
+        """Commit what is pending, then stop."""
+        ...
+
+
+class Secrets(Protocol):
+    """Server secrets (keys for decoys and credential hashes), made on first use."""
+
+    async def get_or_create(self, name: str, size: int = 32) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    name: str
+    started_at: float
+    last_seen: float
+    pid: int
+    version: str
+    leases: int  # delivery rows it holds now
+
+
+class Nodes(Protocol):
+    """The nodes sharing the storage (``relaygate nodes``)."""
+
+    async def heartbeat(self, name: str, started_at: float, pid: int, version: str) -> None: ...
+
+    async def list(self, now: float) -> list[NodeRecord]: ...
+
+
+class ChangeNotices(Protocol):
+    """Telling every node that accounts or credentials changed (their sessions
+    re-check their login, their caches drop what changed)."""
+
+    async def announce(self) -> None: ...
