@@ -178,6 +178,15 @@ async def migrate(connection: psycopg.AsyncConnection[object]) -> tuple[int, int
         await connection.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
 
 
+async def current_version(connection: psycopg.AsyncConnection[object]) -> int:
+    """The schema version of the database (0: none yet)."""
+    cursor = await connection.execute("SELECT to_regclass('schema_version') IS NOT NULL")
+    row = await cursor.fetchone()
+    if row is None or not row[0]:  # type: ignore[index]
+        return 0
+    return await _version(connection)
+
+
 async def _version(connection: psycopg.AsyncConnection[object]) -> int:
     cursor = await connection.execute("SELECT max(version) FROM schema_version")
     row = await cursor.fetchone()
