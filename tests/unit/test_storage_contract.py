@@ -22,12 +22,15 @@ import pytest
 from postgres_helpers import scratch_database
 from psycopg_pool import AsyncConnectionPool
 
+from relaygate.accounts.credentials import CredentialError
 from relaygate.accounts.store import AccountError
 from relaygate.config import PasswordHashConfig
 from relaygate.services.admin import AccountsAdmin, CredentialsAdmin, MessagesAdmin, NotFound
 from relaygate.spool import Spool, SpooledMessage, new_queue_id
 from relaygate.storage import bodies
 from relaygate.storage.api import DeliveryAttempt, MessageLog
+from relaygate.storage.postgres import pool as pool_module
+from relaygate.storage.postgres.backend import PostgresStorage
 from relaygate.storage.postgres.messages import PostgresMessageLog
 from relaygate.storage.postgres.schema import migrate
 from relaygate.storage.sqlite import connect
@@ -234,20 +237,38 @@ def test_sqlite_a_lost_body_file_is_an_error_a_user_can_read(tmp_path: Path) -> 
 
 # ------------------------------------------------------------------ accounts
 
-# The PostgreSQL accounts backend joins this list when it lands.
-ACCOUNT_BACKENDS = ("sqlite",)
+ACCOUNT_BACKENDS = ("sqlite", "postgresql")
+Store = SQLiteStorage | PostgresStorage
 
 
 @pytest.fixture(params=ACCOUNT_BACKENDS)
-def account_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
-    database = tmp_path / "relaygate.db"
-    connect(database).close()
-    yield database
+def account_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path | str]:
+    """A SQLite file or a PostgreSQL URL, each with the current schema."""
+    if request.param == "sqlite":
+        database = tmp_path / "relaygate.db"
+        connect(database).close()
+        yield database
+        return
+    with scratch_database() as url:
+        run(pool_module.migrate(url))
+        yield url
 
 
-def _accounts(database: Path, work: Callable[[AccountsAdmin], Coroutine[Any, Any, Any]]) -> Any:
+async def _nothing() -> None:
+    pass
+
+
+async def _open(database: Path | str) -> Store:
+    if isinstance(database, Path):
+        return SQLiteStorage(database)
+    return await PostgresStorage.open(database, 2, _nothing)
+
+
+def _accounts(
+    database: Path | str, work: Callable[[AccountsAdmin], Coroutine[Any, Any, Any]]
+) -> Any:
     async def go() -> Any:
-        store = SQLiteStorage(database)
+        store = await _open(database)
         try:
             return await work(AccountsAdmin(store.accounts, FAST_HASH))
         finally:
@@ -259,7 +280,7 @@ def _accounts(database: Path, work: Callable[[AccountsAdmin], Coroutine[Any, Any
 FAST_HASH = PasswordHashConfig(memory_kib=1024, time_cost=1, parallelism=1)
 
 
-def test_accounts_add_list_and_the_rules_every_edge_shares(account_database: Path) -> None:
+def test_accounts_add_list_and_the_rules_every_edge_shares(account_database: Path | str) -> None:
     async def work(admin: AccountsAdmin) -> None:
         added = await admin.add("Alice@Example.COM", "correct horse", ["@example.com"])
         assert added.address == "Alice@example.com"  # the local part keeps its case
@@ -278,7 +299,7 @@ def test_accounts_add_list_and_the_rules_every_edge_shares(account_database: Pat
     _accounts(account_database, work)
 
 
-def test_accounts_changes_and_removal(account_database: Path) -> None:
+def test_accounts_changes_and_removal(account_database: Path | str) -> None:
     async def work(admin: AccountsAdmin) -> None:
         first = await admin.add("carol@example.com", "one", None)
         changed = await admin.set_password("CAROL@example.com", "two")
@@ -298,10 +319,10 @@ def test_accounts_changes_and_removal(account_database: Path) -> None:
 
 
 def _credentials(
-    database: Path, work: Callable[[CredentialsAdmin], Coroutine[Any, Any, Any]]
+    database: Path | str, work: Callable[[CredentialsAdmin], Coroutine[Any, Any, Any]]
 ) -> Any:
     async def go() -> Any:
-        store = SQLiteStorage(database)
+        store = await _open(database)
         try:
             await AccountsAdmin(store.accounts, FAST_HASH).add("dave@example.com", "pw", None)
             return await work(CredentialsAdmin(store.accounts, store.credentials))
@@ -311,7 +332,7 @@ def _credentials(
     return run(go())
 
 
-def test_credentials_and_limits_through_the_admin_use_cases(account_database: Path) -> None:
+def test_credentials_and_limits_through_the_admin_use_cases(account_database: Path | str) -> None:
     async def work(admin: CredentialsAdmin) -> None:
         credential, secret = await admin.add("dave@example.com", "shop", networks=["10.0.0.0/8"])
         assert secret.startswith("rgc_") and len(secret) == 47
@@ -329,3 +350,37 @@ def test_credentials_and_limits_through_the_admin_use_cases(account_database: Pa
             await admin.account_limits("nobody@example.com", {})
 
     _credentials(account_database, work)
+
+
+def test_credentials_are_found_by_their_secret_on_the_login_path(
+    account_database: Path | str,
+) -> None:
+    async def go() -> None:
+        store = await _open(account_database)
+        try:
+            await AccountsAdmin(store.accounts, FAST_HASH).add("erin@example.com", "pw", None)
+            credential, secret = await store.credentials.add(
+                "ERIN@example.com", "App", expires_at=None, senders=None, networks=None
+            )
+            found = await store.credentials.find(secret)
+            assert found is not None and found.id == credential.id
+            assert found.account_address == "erin@example.com"
+            assert (
+                await store.credentials.find(secret[:-1] + ("A" if secret[-1] != "A" else "B"))
+                is None
+            )
+            assert await store.credentials.find("not a secret") is None
+            await store.credentials.touch(credential.id, 1000.0)
+            await store.credentials.touch(credential.id, 999.0)  # older: no change
+            again = await store.credentials.by_id(credential.id)
+            assert again is not None and again.last_used_at == 1000.0
+            with pytest.raises(CredentialError, match="already exists"):
+                await store.credentials.add(
+                    "erin@example.com", "app", expires_at=None, senders=None, networks=None
+                )
+            assert await store.credentials.by_id(credential.id + 1000) is None
+            assert (await store.accounts.get("Erin@EXAMPLE.com")) is not None
+        finally:
+            await store.close()
+
+    run(go())

@@ -97,7 +97,7 @@ def looks_like_credential(password: str) -> bool:
     return _SECRET_RE.fullmatch(password) is not None
 
 
-def _new_secret() -> str:
+def new_secret() -> str:
     raw = base64.urlsafe_b64encode(secrets.token_bytes(SECRET_BYTES)).rstrip(b"=")
     return SECRET_PREFIX + raw.decode("ascii")
 
@@ -183,7 +183,7 @@ class Credential:
 # ------------------------------------------------------------------ validation
 
 
-def _normalize_name(name: str) -> str:
+def normalize_name(name: str) -> str:
     if not _NAME_RE.fullmatch(name):
         raise CredentialError(
             f"invalid credential name: {name!r}: use 1-64 letters, digits, dots,"
@@ -192,7 +192,7 @@ def _normalize_name(name: str) -> str:
     return name
 
 
-def _normalize_senders(senders: Sequence[str], account: Account) -> list[str]:
+def credential_senders(senders: Sequence[str], account: Account) -> list[str]:
     if isinstance(senders, str):
         raise TypeError("senders must be a sequence of patterns, not one string")
     unique: dict[str, str] = {}
@@ -231,7 +231,7 @@ def _normalize_network(text: str) -> str:
     return str(network)
 
 
-def _normalize_networks(networks: Sequence[str]) -> list[str]:
+def normalize_networks(networks: Sequence[str]) -> list[str]:
     if isinstance(networks, str):
         raise TypeError("networks must be a sequence of CIDRs, not one string")
     unique = list(dict.fromkeys(_normalize_network(text) for text in networks))
@@ -275,7 +275,7 @@ def decode_limits(text: str | None) -> dict[str, int] | None:
     return limits or None
 
 
-def _merge_limits(
+def merge_limits(
     current: dict[str, int] | None, changes: Mapping[str, int], clear: bool
 ) -> dict[str, int] | None:
     merged = {} if clear else dict(current or {})
@@ -283,7 +283,7 @@ def _merge_limits(
     return normalize_limits(merged) or None
 
 
-def _encode_limits(limits: dict[str, int] | None) -> str | None:
+def encode_limits(limits: dict[str, int] | None) -> str | None:
     return json.dumps(limits, separators=(",", ":")) if limits else None
 
 
@@ -332,7 +332,7 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     announce_for(db)
 
 
-def _credential_from_row(row: Sequence[Any]) -> Credential:
+def credential_from_row(row: Sequence[Any]) -> Credential:
     (
         id_,
         account_id,
@@ -386,18 +386,18 @@ class CredentialStore:
         networks: Sequence[str] | None,
     ) -> tuple[Credential, str]:
         """Create a credential; returns it and its secret, which is never shown again."""
-        name = _normalize_name(name)
+        name = normalize_name(name)
         now = time.time()
         if expires_at is not None:
             if not math.isfinite(expires_at):
                 raise CredentialError("the expiry time must be a finite unix time")
             if expires_at <= now:
                 raise CredentialError("the expiry time is in the past")
-        network_list = None if networks is None else _normalize_networks(networks)
-        secret = _new_secret()
+        network_list = None if networks is None else normalize_networks(networks)
+        secret = new_secret()
         with self._transaction():
             account = self._account(address)
-            sender_list = None if senders is None else _normalize_senders(senders, account)
+            sender_list = None if senders is None else credential_senders(senders, account)
             self._check_name_free(account, name)
             cursor = self._db.execute(
                 "INSERT INTO credentials (account_id, name, secret_hash, senders, networks,"
@@ -436,7 +436,7 @@ class CredentialStore:
             _SELECT + " WHERE c.account_id = ? ORDER BY c.name COLLATE NOCASE, c.id",
             (account.id,),
         ).fetchall()
-        return [_credential_from_row(row) for row in rows]
+        return [credential_from_row(row) for row in rows]
 
     def get(self, address: str, name: str) -> Credential:
         """One credential by account and name (any case); raises when missing."""
@@ -464,10 +464,10 @@ class CredentialStore:
         """Set the given limit overrides (others kept, or all dropped with ``clear``)."""
         with self._transaction():
             credential = self._named(self._account(address), name)
-            limits = _merge_limits(credential.limits, changes, clear)
+            limits = merge_limits(credential.limits, changes, clear)
             self._db.execute(
                 "UPDATE credentials SET limits = ? WHERE id = ?",
-                (_encode_limits(limits), credential.id),
+                (encode_limits(limits), credential.id),
             )
         return replace(credential, limits=limits)
 
@@ -479,12 +479,12 @@ class CredentialStore:
         row = self._db.execute(_FIND, (wanted,)).fetchone()
         if row is None or not hmac.compare_digest(bytes(row[0]), wanted):
             return None
-        return _credential_from_row(row[1:])
+        return credential_from_row(row[1:])
 
     def by_id(self, credential_id: int) -> Credential | None:
         """The credential with this id (revoked or expired too), or None if deleted."""
         row = self._db.execute(_SELECT + " WHERE c.id = ?", (credential_id,)).fetchone()
-        return _credential_from_row(row) if row is not None else None
+        return credential_from_row(row) if row is not None else None
 
     def touch(self, credential_id: int, now: float) -> None:
         """Record a use; an older ``now`` than the stored one changes nothing."""
@@ -512,7 +512,7 @@ class CredentialStore:
         ).fetchone()
         if row is None:
             raise CredentialError(f"no such credential: {name!r} of {account.address}")
-        return _credential_from_row(row)
+        return credential_from_row(row)
 
     def _check_name_free(self, account: Account, name: str) -> None:
         row = self._db.execute(
@@ -556,10 +556,10 @@ def update_account_limits(
         row = db.execute("SELECT limits FROM accounts WHERE address = ?", (normalized,)).fetchone()
         if row is None:
             raise CredentialError(f"no such account: {address}")
-        limits = _merge_limits(decode_limits(row[0]), changes, clear)
+        limits = merge_limits(decode_limits(row[0]), changes, clear)
         db.execute(
             "UPDATE accounts SET limits = ?, updated_at = ? WHERE address = ?",
-            (_encode_limits(limits), time.time(), normalized),
+            (encode_limits(limits), time.time(), normalized),
         )
     return limits
 

@@ -148,7 +148,7 @@ def normalize_sender_pattern(text: str) -> str:
         ) from None
 
 
-def _normalize_senders(senders: Sequence[str]) -> list[str]:
+def normalize_senders(senders: Sequence[str]) -> list[str]:
     if isinstance(senders, str):
         # A lone string is a Sequence too; iterating it would store letters.
         raise TypeError("senders must be a sequence of patterns, not one string")
@@ -239,7 +239,7 @@ class AccountStore:
     ) -> Account:
         """Create an account; by default it may send only as its own address."""
         address = normalize_address(address)
-        patterns = _normalize_senders([address] if senders is None else senders)
+        patterns = normalize_senders([address] if senders is None else senders)
         now = time.time()
         with self._transaction():
             try:
@@ -279,7 +279,7 @@ class AccountStore:
 
     def set_senders(self, address: str, senders: Sequence[str]) -> None:
         """Replace the account's sender patterns."""
-        patterns = _normalize_senders(senders)
+        patterns = normalize_senders(senders)
         with self._transaction():
             account_id = self._touch(address)
             self._db.execute("DELETE FROM account_senders WHERE account_id = ?", (account_id,))

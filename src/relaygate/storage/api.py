@@ -162,6 +162,17 @@ class Credentials(Protocol):
         self, address: str, name: str, changes: Mapping[str, int], *, clear: bool
     ) -> Credential: ...
 
+    async def find(self, secret: str) -> Credential | None:
+        """The credential with this secret (revoked or expired too), or None: the
+        AUTH path, one indexed look-up of the secret's keyed hash."""
+        ...
+
+    async def by_id(self, credential_id: int) -> Credential | None: ...
+
+    async def touch(self, credential_id: int, now: float) -> None:
+        """Record a use (last_used_at); informational, best effort."""
+        ...
+
     async def account_limits(self, address: str) -> dict[str, int] | None: ...
 
     async def all_account_limits(self) -> dict[str, dict[str, int] | None]:

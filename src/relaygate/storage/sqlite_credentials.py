@@ -58,6 +58,15 @@ class SQLiteCredentials:
 
         return await self._thread.run(update)
 
+    async def find(self, secret: str) -> Credential | None:
+        return await self._thread.run(lambda db: CredentialStore(db).find(secret))
+
+    async def by_id(self, credential_id: int) -> Credential | None:
+        return await self._thread.run(lambda db: CredentialStore(db).by_id(credential_id))
+
+    async def touch(self, credential_id: int, now: float) -> None:
+        await self._thread.run(lambda db: CredentialStore(db).touch(credential_id, now))
+
     async def account_limits(self, address: str) -> dict[str, int] | None:
         return await self._thread.run(account_limits, address)
 

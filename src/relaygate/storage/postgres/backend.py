@@ -1,0 +1,42 @@
+"""The PostgreSQL backend of storage/api.py, as one object over one pool.
+
+A process (a worker, the delivery process, one CLI command) makes one of
+these; its interfaces share the pool. ``announce`` is how writes to accounts
+and credentials reach running sessions (storage.api.ChangeNotices): the local
+change signal, and Redis pub/sub when nodes share one.
+"""
+
+from __future__ import annotations
+
+from psycopg_pool import AsyncConnectionPool
+
+from relaygate.storage.postgres.accounts import Announce, PostgresAccounts, PostgresSecrets
+from relaygate.storage.postgres.credentials import PostgresCredentials
+from relaygate.storage.postgres.messages import PostgresMessageLog
+from relaygate.storage.postgres.pool import open_pool
+from relaygate.storage.secrets import CREDENTIAL_KEY
+
+
+class PostgresStorage:
+    def __init__(
+        self, pool: AsyncConnectionPool, announce: Announce, credential_key: bytes
+    ) -> None:
+        self.pool = pool
+        self.messages = PostgresMessageLog(pool)
+        self.accounts = PostgresAccounts(pool, announce)
+        self.secrets = PostgresSecrets(pool)
+        self.credentials = PostgresCredentials(pool, announce, credential_key)
+
+    @classmethod
+    async def open(cls, url: str, pool_size: int, announce: Announce) -> PostgresStorage:
+        """Raises pool.PostgresUnavailable with one line for the user."""
+        pool = await open_pool(url, pool_size)
+        try:
+            key = await PostgresSecrets(pool).get_or_create(CREDENTIAL_KEY)
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool, announce, key)
+
+    async def close(self) -> None:
+        await self.pool.close()
