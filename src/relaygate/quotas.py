@@ -226,6 +226,117 @@ def check_recipient(
     )
 
 
+# The rules, shared by every storage backend: each backend reads the counters
+# (scope key, window) -> (messages, recipients, new_recipients) its own way.
+Counts = Mapping[tuple[str, str], tuple[int, int, int]]
+
+
+def message_scopes(scopes: Sequence[Scope]) -> list[Scope]:
+    """The scopes whose limits MAIL must check."""
+    return [
+        s
+        for s in scopes
+        if s.limits.messages_per_hour or s.limits.messages_per_day or s.limits.recipients_per_day
+    ]
+
+
+def recipient_scopes(scopes: Sequence[Scope], is_new: bool) -> list[Scope]:
+    """The scopes whose limits RCPT must check for a (new or known) recipient."""
+    return [
+        s
+        for s in scopes
+        if s.limits.recipients_per_day or (is_new and s.limits.new_recipients_per_day)
+    ]
+
+
+def decide_message(limited: Sequence[Scope], counts: Counts, now: float) -> bytes | None:
+    """None, or a 451 naming the first limit these counts have reached."""
+    hour_key, day_key = window_keys(now)
+    for scope in limited:
+        limits = scope.limits
+        hour = counts.get((scope.key, hour_key), (0, 0, 0))
+        day = counts.get((scope.key, day_key), (0, 0, 0))
+        if limits.messages_per_hour and hour[0] >= limits.messages_per_hour:
+            return _refusal("Hourly message limit", limits.messages_per_hour, scope, hour_key)
+        if limits.messages_per_day and day[0] >= limits.messages_per_day:
+            return _refusal("Daily message limit", limits.messages_per_day, scope, day_key)
+        # No recipient could be accepted today, so say so now rather than at RCPT.
+        if limits.recipients_per_day and day[1] >= limits.recipients_per_day:
+            return _refusal("Daily recipient limit", limits.recipients_per_day, scope, day_key)
+    return None
+
+
+def decide_recipient(
+    limited: Sequence[Scope],
+    counts: Counts,
+    is_new: bool,
+    *,
+    accepted_so_far: int,
+    new_so_far: int,
+    now: float,
+) -> bytes | None:
+    """None, or a 451 naming the first daily recipient limit one more would pass."""
+    day_key = window_keys(now)[1]
+    for scope in limited:
+        limits = scope.limits
+        _, recipients, new = counts.get((scope.key, day_key), (0, 0, 0))
+        if limits.recipients_per_day and (
+            recipients + accepted_so_far >= limits.recipients_per_day
+        ):
+            return _refusal("Daily recipient limit", limits.recipients_per_day, scope, day_key)
+        if (
+            is_new
+            and limits.new_recipients_per_day
+            and (new + new_so_far >= limits.new_recipients_per_day)
+        ):
+            return _refusal(
+                "Daily new-recipient limit", limits.new_recipients_per_day, scope, day_key
+            )
+    return None
+
+
+def fresh_recipients(items: Sequence[Usage]) -> list[tuple[str, str, float]]:
+    """(account, recipient, first seen) candidates to insert, once each, in order."""
+    seen: set[tuple[str, str]] = set()
+    rows = []
+    for item in items:
+        account = item.account_address.lower()
+        for rcpt in item.new_recipients:
+            key = (account, rcpt.lower())
+            if key not in seen:
+                seen.add(key)
+                rows.append((*key, item.now))
+    return rows
+
+
+def counter_totals(
+    items: Sequence[Usage], inserted: set[tuple[str, str]]
+) -> dict[tuple[str, str], list[int]]:
+    """(scope, window) -> [messages, recipients, new recipients] to add.
+
+    ``inserted`` are the (account, recipient) rows the insert found new: each
+    counts as new for the first message of the batch that names it.
+    """
+    totals: dict[tuple[str, str], list[int]] = {}
+    counted: set[tuple[str, str]] = set()
+    for item in items:
+        account = item.account_address.lower()
+        fresh = 0
+        for rcpt in item.new_recipients:
+            key = (account, rcpt.lower())
+            if key in inserted and key not in counted:
+                counted.add(key)
+                fresh += 1
+        count = len(item.recipients)
+        for window in window_keys(item.now):
+            for scope in item.scopes:
+                total = totals.setdefault((scope.key, window), [0, 0, 0])
+                total[0] += 1
+                total[1] += count
+                total[2] += fresh
+    return totals
+
+
 class Quotas:
     """Read-side checks; writes go through ``record_many`` in the spool's transaction."""
 
@@ -243,29 +354,10 @@ class Quotas:
 
     def check_message(self, scopes: Sequence[Scope], now: float) -> bytes | None:
         """At MAIL: None, or a 451 naming the first limit already reached."""
-        limited = [
-            s
-            for s in scopes
-            if s.limits.messages_per_hour
-            or s.limits.messages_per_day
-            or s.limits.recipients_per_day
-        ]
+        limited = message_scopes(scopes)
         if not limited:
             return None
-        hour_key, day_key = window_keys(now)
-        counts = self._counters(limited, (hour_key, day_key))
-        for scope in limited:
-            limits = scope.limits
-            hour = counts.get((scope.key, hour_key), (0, 0, 0))
-            day = counts.get((scope.key, day_key), (0, 0, 0))
-            if limits.messages_per_hour and hour[0] >= limits.messages_per_hour:
-                return _refusal("Hourly message limit", limits.messages_per_hour, scope, hour_key)
-            if limits.messages_per_day and day[0] >= limits.messages_per_day:
-                return _refusal("Daily message limit", limits.messages_per_day, scope, day_key)
-            # No recipient could be accepted today, so say so now rather than at RCPT.
-            if limits.recipients_per_day and day[1] >= limits.recipients_per_day:
-                return _refusal("Daily recipient limit", limits.recipients_per_day, scope, day_key)
-        return None
+        return decide_message(limited, self._counters(limited, window_keys(now)), now)
 
     def check_recipient(
         self,
@@ -290,35 +382,14 @@ class Quotas:
             ).fetchone()
             is None
         )
-        limited = [
-            s
-            for s in scopes
-            if s.limits.recipients_per_day or (is_new and s.limits.new_recipients_per_day)
-        ]
+        limited = recipient_scopes(scopes, is_new)
         if not limited:
             return None, is_new
-        day_key = window_keys(now)[1]
-        counts = self._counters(limited, (day_key,))
-        for scope in limited:
-            limits = scope.limits
-            _, recipients, new = counts.get((scope.key, day_key), (0, 0, 0))
-            if limits.recipients_per_day and (
-                recipients + accepted_so_far >= limits.recipients_per_day
-            ):
-                refusal = _refusal(
-                    "Daily recipient limit", limits.recipients_per_day, scope, day_key
-                )
-                return refusal, is_new
-            if (
-                is_new
-                and limits.new_recipients_per_day
-                and (new + new_so_far >= limits.new_recipients_per_day)
-            ):
-                refusal = _refusal(
-                    "Daily new-recipient limit", limits.new_recipients_per_day, scope, day_key
-                )
-                return refusal, is_new
-        return None, is_new
+        counts = self._counters(limited, (window_keys(now)[1],))
+        refusal = decide_recipient(
+            limited, counts, is_new, accepted_so_far=accepted_so_far, new_so_far=new_so_far, now=now
+        )
+        return refusal, is_new
 
     def prune(self, now: float) -> None:
         """Delete counter rows of windows that ended over two days ago (periodic, not hot)."""
@@ -358,32 +429,20 @@ def record_many(db: sqlite3.Connection, items: Iterable[Usage]) -> None:
     """
     if not db.in_transaction:
         raise RuntimeError("record_many() must run inside the caller's transaction")
-    totals: dict[tuple[str, str], list[int]] = {}
-    seen: set[tuple[str, str]] = set()
-    for item in items:
-        account = item.account_address.lower()
-        # "New" is decided here, by the insert itself: the connection only looks
-        # recipients up when a new-recipient limit needs it, and a recipient new
-        # to two messages of one batch is new only once.
-        fresh = 0
-        for rcpt in item.new_recipients:
-            key = (account, rcpt.lower())
-            if key in seen:
-                continue
-            seen.add(key)
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO known_recipients (account, recipient, first_seen)"
-                " VALUES (?, ?, ?)",
-                (*key, item.now),
-            )
-            fresh += cursor.rowcount
-        count = len(item.recipients)
-        for window in window_keys(item.now):
-            for scope in item.scopes:
-                total = totals.setdefault((scope.key, window), [0, 0, 0])
-                total[0] += 1
-                total[1] += count
-                total[2] += fresh
+    items = list(items)
+    # "New" is decided here, by the insert itself: the connection only looks
+    # recipients up when a new-recipient limit needs it, and a recipient new
+    # to two messages of one batch is new only once.
+    inserted: set[tuple[str, str]] = set()
+    for account, rcpt, first_seen in fresh_recipients(items):
+        cursor = db.execute(
+            "INSERT OR IGNORE INTO known_recipients (account, recipient, first_seen)"
+            " VALUES (?, ?, ?)",
+            (account, rcpt, first_seen),
+        )
+        if cursor.rowcount:
+            inserted.add((account, rcpt))
+    totals = counter_totals(items, inserted)
     if totals:
         db.executemany(
             "INSERT INTO send_counters (scope, window, messages, recipients, new_recipients)"

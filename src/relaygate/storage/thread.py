@@ -21,12 +21,12 @@ from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
-C = TypeVar("C", bound="_Closable")
+C = TypeVar("C", bound="Closable")
 
 _Job = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], "asyncio.Future[Any]"]
 
 
-class _Closable(Protocol):  # what a connection (or a bundle of them) must offer
+class Closable(Protocol):  # what a connection (or a bundle of them) must offer
     def close(self) -> None: ...
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from psycopg_pool import AsyncConnectionPool
 
+from relaygate.storage.postgres.acceptance import PostgresAcceptance
 from relaygate.storage.postgres.accounts import Announce, PostgresAccounts, PostgresSecrets
+from relaygate.storage.postgres.counters import PostgresSendingCounters
 from relaygate.storage.postgres.credentials import PostgresCredentials
 from relaygate.storage.postgres.messages import PostgresMessageLog
 from relaygate.storage.postgres.pool import open_pool
@@ -26,6 +28,10 @@ class PostgresStorage:
         self.accounts = PostgresAccounts(pool, announce)
         self.secrets = PostgresSecrets(pool)
         self.credentials = PostgresCredentials(pool, announce, credential_key)
+        self.counters = PostgresSendingCounters(pool)
+
+    def acceptance(self, node: str, *, deliver: bool) -> PostgresAcceptance:
+        return PostgresAcceptance(self.pool, node, deliver=deliver)
 
     @classmethod
     async def open(cls, url: str, pool_size: int, announce: Announce) -> PostgresStorage:

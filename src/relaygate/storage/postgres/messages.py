@@ -46,10 +46,11 @@ class PostgresMessageLog:
     async def body(self, message_id: str) -> bytes | None:
         async with self._pool.connection() as connection:
             cursor = await connection.execute(
-                "SELECT body FROM message_bodies WHERE id = %s", (message_id,)
+                "SELECT header, body FROM message_bodies WHERE id = %s", (message_id,)
             )
             row = await cursor.fetchone()
-        return None if row is None else bytes(row[0])
+        # Stored apart (acceptance sends the client's buffer as it is); one copy here.
+        return None if row is None else bytes(row[0]) + bytes(row[1])
 
     async def history(self, message_id: str) -> list[DeliveryAttempt]:
         async with self._pool.connection() as connection:
