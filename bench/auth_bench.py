@@ -27,8 +27,12 @@ from relaygate.accounts.store import AccountStore
 from relaygate.config import AuthThrottleConfig, PasswordHashConfig
 from relaygate.sasl import Challenge, NeedKeys, StoredKeys, Verified, stored_keys_for_password
 from relaygate.sasl.scram import Scram
-from relaygate.services.login import LoginService
+from relaygate.services.login import SCRAM_DECOY_KEY, LoginService
+from relaygate.storage.secrets import get_or_create_secret
 from relaygate.storage.sqlite import connect, connect_service
+from relaygate.storage.sqlite_accounts import SQLiteAccounts
+from relaygate.storage.sqlite_credentials import SQLiteCredentials
+from relaygate.storage.sqlite_throttle import SQLiteLoginFailures
 from relaygate.storage.thread import DatabaseThread
 
 USER = "bench@example.test"
@@ -64,10 +68,12 @@ def main() -> None:
         )
         service = DatabaseThread(lambda: connect_service(Path(tmp) / "bench.db"), loop, "db")
         auth = LoginService(
-            db=service,
+            accounts=SQLiteAccounts(service, lambda c: c.data),
+            credentials=SQLiteCredentials(service, lambda c: c.data),
+            failures=SQLiteLoginFailures(service, AuthThrottleConfig()),
             throttle_config=AuthThrottleConfig(),
             hasher=hasher,
-            decoy_key=LoginService.decoy_key(db),
+            decoy_key=get_or_create_secret(db, SCRAM_DECOY_KEY),
             loop=loop,
         )
 

@@ -588,7 +588,7 @@ class SMTPConnection(asyncio.Protocol):
             self.session.accept_sender()
             return
         now = time.time()
-        work = self.worker.db.run(lambda c: quotas.check_message(c.data, scopes, now))
+        work = self.worker.storage.counters.check_message(scopes, now)
         self._decide(work, functools.partial(self._sender_checked, event))
 
     def _sender_checked(self, event: SenderRequest, future: asyncio.Future[bytes | None]) -> None:
@@ -620,16 +620,13 @@ class SMTPConnection(asyncio.Protocol):
             self.session.accept_recipient()
             return
         accepted, new, now = len(self.session.recipients), len(self.new_recipients), time.time()
-        work = self.worker.db.run(
-            lambda c: quotas.check_recipient(
-                c.data,
-                scopes,
-                account.address,
-                event.address,
-                accepted_so_far=accepted,
-                new_so_far=new,
-                now=now,
-            )
+        work = self.worker.storage.counters.check_recipient(
+            scopes,
+            account.address,
+            event.address,
+            accepted_so_far=accepted,
+            new_so_far=new,
+            now=now,
         )
         self._decide(work, functools.partial(self._recipient_checked, event))
 
@@ -716,7 +713,9 @@ class SMTPConnection(asyncio.Protocol):
             body_8bit=event.eight_bit,
             usage=Usage(self.scopes, account.address, event.recipients, candidates, now),
         )
-        self._decide(self.worker.spool.store(stored), functools.partial(self._stored, stored))
+        self._decide(
+            self.worker.storage.acceptance.store(stored), functools.partial(self._stored, stored)
+        )
 
     def _stored(self, stored: SpooledMessage, future: asyncio.Future[None]) -> None:
         error = future.exception()

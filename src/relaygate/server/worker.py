@@ -9,13 +9,11 @@ idle sessions get 421, transactions in flight may finish within
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import cProfile
 import logging
 import os
 import signal
 import socket
-import sqlite3
 import ssl
 import time
 from typing import Any
@@ -25,16 +23,14 @@ from relaygate.accounts.changes import ChangeSignal
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.config import Config, ListenerConfig
 from relaygate.eventloop import new_event_loop
-from relaygate.quotas import Quotas
 from relaygate.server.connection import SMTPConnection
 from relaygate.server.connlimit import ConnectionLimiter
 from relaygate.server.listener import ProxyListener
 from relaygate.server.tls import certificate_pairs, end_point_binding, server_context
 from relaygate.services.login import LoginService
 from relaygate.smtp.session import Settings
-from relaygate.spool import Spool
-from relaygate.storage import sqlite as storage
-from relaygate.storage.thread import DatabaseThread
+from relaygate.storage.errors import STORAGE_ERRORS
+from relaygate.storage.node import NodeStorage, open_node_storage
 
 BoundListener = tuple[socket.socket, ListenerConfig]
 
@@ -72,26 +68,30 @@ class Worker:
         pairs = certificate_pairs(config)
         self.tls_context: ssl.SSLContext = server_context(pairs)
         self.channel_bindings = tuple(end_point_binding(cert) for cert, _ in pairs)
-        # Every database call made while serving runs in this thread, never on
-        # the event loop (a lock held elsewhere must not freeze every session);
-        # the spool has its own writer thread.
-        self.db = DatabaseThread(
-            lambda: storage.connect_service(config.database_path), loop, name="service-db"
-        )
         self.changes = ChangeSignal(config.data_dir)
         if self.changes.problem:
             logs.event("changes.unavailable", logging.WARNING, reason=self.changes.problem)
-        with contextlib.closing(storage.connect(config.database_path)) as db:
-            decoy_key = LoginService.decoy_key(db)  # start-up: before any client
+        self.limiter = limiter
+        # Made in run(), before any listener: the storage may need a round trip.
+        self.storage: NodeStorage
+        self.logins: LoginService
+
+    async def _open_storage(self) -> None:
+        """Every storage call made while serving runs off the event loop (a thread,
+        or an async pool): a lock held elsewhere must not freeze every session."""
+        config = self.config
+        self.storage = await open_node_storage(
+            config, self.loop, deliver=config.delivery.mode != "capture"
+        )
         self.logins = LoginService(
-            db=self.db,
+            accounts=self.storage.accounts,
+            credentials=self.storage.credentials,
+            failures=self.storage.failures,
             throttle_config=config.auth_throttle,
             hasher=PasswordHasher(config.password_hash),
-            decoy_key=decoy_key,
-            loop=loop,
+            decoy_key=await LoginService.decoy_key(self.storage.secrets),
+            loop=self.loop,
         )
-        self.limiter = limiter
-        self.spool = Spool(config.database_path, loop, deliver=config.delivery.mode != "capture")
         self._servers: list[asyncio.Server] = []
         self._proxy_listeners: list[ProxyListener] = []
         self._pruning: asyncio.Future[None] | None = None
@@ -99,6 +99,7 @@ class Worker:
     async def run(self, listeners: list[BoundListener]) -> None:
         loop = self.loop
         loop.set_exception_handler(_quiet_exception_handler)
+        await self._open_storage()
         for sock, listener in listeners:
             settings = session_settings(self.config, listener, self.channel_bindings)
             implicit = listener.tls == "implicit"
@@ -139,9 +140,8 @@ class Worker:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        self.spool.close()
+        await self.storage.close()
         self.logins.close()
-        self.db.close()
         self.changes.close()
 
     def generation(self) -> int:
@@ -151,11 +151,9 @@ class Worker:
     async def _prune(self) -> None:
         try:
             await self.logins.prune()
-            # Its own short-lived thread and connection: a delete that waits on a
-            # lock held elsewhere must not hold up the logins in the accounts thread.
-            await asyncio.to_thread(_prune_quotas, self.config)
-        except sqlite3.Error as exc:
-            logs.event("prune.error", logging.WARNING, reason=str(exc))
+            await self.storage.counters.prune(time.time())
+        except STORAGE_ERRORS as exc:
+            logs.event("prune.error", logging.WARNING, reason=" ".join(str(exc).split()))
 
     def begin_shutdown(self) -> None:
         if self.draining:
@@ -192,11 +190,6 @@ class Worker:
 
 
 PRUNE_INTERVAL = 600.0  # seconds between clean-ups of old throttle and quota rows
-
-
-def _prune_quotas(config: Config) -> None:
-    with contextlib.closing(storage.connect(config.database_path)) as db:
-        Quotas(db).prune(time.time())
 
 
 def _quiet_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

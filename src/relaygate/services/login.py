@@ -41,26 +41,28 @@ across restarts, so repeated starts do not tell real names from others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import os
-import sqlite3
 import threading
 import time
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from relaygate.accounts.credentials import Credential, CredentialStore, looks_like_credential
+from relaygate.accounts.credentials import Credential, looks_like_credential
 from relaygate.accounts.passwords import PasswordHasher
-from relaygate.accounts.store import Account, AccountStore
+from relaygate.accounts.store import Account
 from relaygate.config import AuthThrottleConfig
 from relaygate.sasl import StoredKeys, stored_keys_for_password
 from relaygate.sasl.scram import DEFAULT_ITERATIONS
-from relaygate.storage.secrets import get_or_create_secret
-from relaygate.storage.sqlite import ServiceConnections
-from relaygate.storage.thread import DatabaseThread
-from relaygate.throttle import AuthThrottle, Reservation, Verdict, Wait
+from relaygate.storage.api import Accounts, Credentials, LoginFailures, Secrets
+from relaygate.storage.errors import STORAGE_ERRORS
+from relaygate.throttle import Reservation, Verdict, Wait
 
+# A hash pool shut down under us is RuntimeError: both mean "could not check".
+VERIFY_ERRORS: tuple[type[BaseException], ...] = (*STORAGE_ERRORS, RuntimeError)
 CACHE_SIZE = 10000
 TOUCH_INTERVAL = 60.0  # seconds between last_used_at writes for one credential
 SUSPECT_QUEUE = 64  # argon2id runs waiting for suspects; more are refused for now
@@ -138,17 +140,18 @@ class LoginService:
     def __init__(
         self,
         *,
-        db: DatabaseThread[ServiceConnections],
+        accounts: Accounts,
+        credentials: Credentials,
+        failures: LoginFailures,
         throttle_config: AuthThrottleConfig,
         hasher: PasswordHasher,
         decoy_key: bytes,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        # One thread with both connections (storage.sqlite.connect_service), so
-        # a login takes one hop to it, and one back after the hash if any.
-        self._db = db
+        self._accounts = accounts
+        self._credentials = credentials
+        self._failures = failures
         self.config = throttle_config
-        self._throttle: AuthThrottle | None = None
         self._hasher = hasher
         self._decoy_key = decoy_key
         self._loop = loop
@@ -163,12 +166,12 @@ class LoginService:
         )
         self._suspects_waiting = 0
         self._rest_until = 0.0  # the suspect thread's own: when it may hash again
-        self._credentials: CredentialStore | None = None  # the accounts thread's
+        self._background: set[asyncio.Future[None]] = set()
 
     @staticmethod
-    def decoy_key(db: sqlite3.Connection) -> bytes:
+    async def decoy_key(secrets: Secrets) -> bytes:
         """The server's persistent SCRAM decoy secret (made on first use)."""
-        return get_or_create_secret(db, SCRAM_DECOY_KEY)
+        return await secrets.get_or_create(SCRAM_DECOY_KEY)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -176,24 +179,12 @@ class LoginService:
 
     # ------------------------------------------------------------ throttle calls
 
-    def _throttle_for(self, db: sqlite3.Connection) -> AuthThrottle:
-        # Built in the throttle thread on first use: it keeps a memo of recent
-        # successes and must only ever see that thread's connection.
-        if self._throttle is None:
-            self._throttle = AuthThrottle(db, self.config)
-        return self._throttle
-
-    def _reserve_once(
-        self, c: ServiceConnections, ip: str, user: str
-    ) -> Verdict | Reservation | Wait:
-        return self._throttle_for(c.state).reserve(ip, user, time.time())
-
     async def _reserve(self, ip: str, user: str) -> Verdict | Reservation | None:
         """A reservation, a verdict, or None when others' checks kept us waiting too long."""
         pause = 0.01
         deadline = self._loop.time() + RESERVE_PATIENCE
         while True:
-            answer = await self._db.run(self._reserve_once, ip, user)
+            answer = await self._failures.reserve(ip, user, time.time())
             if not isinstance(answer, Wait):
                 return answer
             if self._loop.time() + pause > deadline:
@@ -201,36 +192,36 @@ class LoginService:
             await asyncio.sleep(pause)  # attempts in flight settle in milliseconds
             pause = min(pause * 2, 0.2)
 
-    def _fail(self, c: ServiceConnections, reservation: Reservation) -> None:
-        self._throttle_for(c.state).fail(reservation)
-
-    def abandon(self, reservation: Reservation) -> None:
-        """A SCRAM exchange given up after its keys were handed out: a failure.
-
-        Fire and forget: nobody waits for it, and at shutdown it may not run
-        (the pending row then stops counting after PENDING_TTL).
-        """
+    def _later(self, work: Awaitable[None]) -> None:
+        """Fire and forget (a reservation settled, a use recorded): nobody waits for
+        it, and at shutdown it may not run (a pending row then stops counting after
+        PENDING_TTL)."""
         try:
-            future = self._db.run(self._fail, reservation)
+            future = asyncio.ensure_future(work)
         except RuntimeError:
             return  # shutting down
+        self._background.add(future)
+        future.add_done_callback(self._background.discard)
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
-    def _allow(self, c: ServiceConnections, ip: str, user: str) -> Verdict | None:
-        throttle = self._throttle_for(c.state)
+    def abandon(self, reservation: Reservation) -> None:
+        """A SCRAM exchange given up after its keys were handed out: a failure."""
+        self._later(self._failures.fail(reservation))
+
+    async def _allow(self, ip: str, account: str) -> Verdict | None:
+        """For a secret known right: the read-only check, and the network remembered."""
         now = time.time()
-        verdict = throttle.check(ip, user, now)
+        verdict = await self._failures.check(ip, account, now)
         if verdict is None:
-            throttle.record_success(ip, user, now)
+            await self._failures.record_success(ip, account, now)
         return verdict
 
-    def _release(self, c: ServiceConnections, reservation: Reservation, ip: str, user: str) -> None:
-        throttle = self._throttle_for(c.state)
-        throttle.release(reservation)
-        throttle.record_success(ip, user, time.time())
+    async def _release(self, reservation: Reservation, ip: str, account: str) -> None:
+        await self._failures.release(reservation)
+        await self._failures.record_success(ip, account, time.time())
 
-    def prune(self) -> asyncio.Future[None]:
-        return self._db.run(lambda c: self._throttle_for(c.state).prune(time.time()))
+    async def prune(self) -> None:
+        await self._failures.prune(time.time())
 
     def _throttled(self, verdict: Verdict) -> LoginResult:
         delay = min(self.config.max_delay, verdict.retry_after)
@@ -242,45 +233,53 @@ class LoginService:
         delay = failure_delay(self.config, connection_failures + 1, recent)
         return LoginResult(None, outcome, delay=delay)
 
+    async def _account(self, username: str) -> Account | None:
+        try:
+            return await self._accounts.get(username)
+        except ValueError:
+            return None
+
     # ------------------------------------------------------------ PLAIN, LOGIN
 
     async def password(
         self, username: str, password: str, client_ip: str, connection_failures: int
     ) -> LoginResult:
         """Check a user name and password (or app-credential secret)."""
-        key = b""
         try:
             if looks_like_credential(password):
                 return await self._credential(username, password, client_ip, connection_failures)
             key = self._cache_key(username, password)
-            account, cached, reserved = await self._db.run(
-                self._begin_password, username, key, client_ip
-            )
-            if cached:
-                if isinstance(reserved, Verdict):
-                    return self._throttled(reserved)
-                return LoginResult(account, "ok", cached=True)
-            if isinstance(reserved, Wait):
-                reserved = await self._reserve(client_ip, username)
-        except (sqlite3.Error, OSError):
+            account = await self._account(username)
+            if account is not None and not account.disabled:
+                cached = self._cache.get(key)
+                if cached is not None and hmac.compare_digest(
+                    cached.encode(), account.password_hash.encode()
+                ):
+                    # The password is known right: the read-only check is enough.
+                    verdict = await self._allow(client_ip, account.address)
+                    if verdict is not None:
+                        return self._throttled(verdict)
+                    return LoginResult(account, "ok", cached=True)
+            self._cache.pop(key, None)
+            reserved = await self._reserve(client_ip, username)
+        except STORAGE_ERRORS:
             return LoginResult(None, "error")
         if reserved is None:
             return LoginResult(None, "busy", delay=1.0)
         if isinstance(reserved, Verdict):
             return self._throttled(reserved)
-        assert isinstance(reserved, Reservation)
         suspect = connection_failures > 0 or reserved.recent > 1
         try:
             outcome = await self._slow_verify(account, password, suspect)
-        except (sqlite3.Error, OSError, RuntimeError):
+        except VERIFY_ERRORS:
             outcome = "error"
         try:
             if outcome in ("ok", "busy", "error"):
-                await self._db.run(self._release, reserved, client_ip, username)
+                await self._release(reserved, client_ip, username)
             else:
-                await self._db.run(self._fail, reserved)
-        except sqlite3.Error:
-            pass  # a pending row left behind stops counting after PENDING_TTL
+                await self._failures.fail(reserved)
+        except STORAGE_ERRORS:
+            pass  # a pending attempt left behind stops counting after PENDING_TTL
         if outcome == "ok" and account is not None:
             if len(self._cache) >= CACHE_SIZE:
                 self._cache.pop(next(iter(self._cache)))  # drop the oldest entry
@@ -293,24 +292,6 @@ class LoginService:
         if outcome == "error":
             return LoginResult(None, "error")
         return self._failed(outcome, connection_failures, reserved.recent)
-
-    def _begin_password(
-        self, c: ServiceConnections, username: str, key: bytes, ip: str
-    ) -> tuple[Account | None, bool, Verdict | Reservation | Wait | None]:
-        """In the database thread: (account, cache hit, throttle answer), in one hop.
-
-        A cache hit (the password is known right) needs only the read-only check;
-        anything else reserves its place before the secret is checked.
-        """
-        account = _get_account(c.data, username)
-        if account is not None and not account.disabled:
-            cached = self._cache.get(key)
-            if cached is not None and hmac.compare_digest(
-                cached.encode(), account.password_hash.encode()
-            ):
-                return account, True, self._allow(c, ip, account.address)
-        self._cache.pop(key, None)
-        return account, False, self._reserve_once(c, ip, username)
 
     def _cache_key(self, username: str, password: str) -> bytes:
         material = username.lower().encode() + b"\0" + password.encode()
@@ -356,63 +337,49 @@ class LoginService:
     async def _credential(
         self, username: str, secret: str, client_ip: str, connection_failures: int
     ) -> LoginResult:
-        """App credentials are high-entropy: checked at once, then the throttle decides."""
-        outcome, account, credential, answer = await self._db.run(
-            self._begin_credential, username, secret, client_ip
-        )
-        if outcome != "ok":
-            if isinstance(answer, Wait):  # a wrong secret queued behind checks in flight
-                answer = await self._reserve(client_ip, username)
-                if isinstance(answer, Reservation):
-                    await self._db.run(self._fail, answer)
-            if answer is None:
-                return LoginResult(None, "busy", delay=1.0)
-            if isinstance(answer, Verdict):
-                return self._throttled(answer)
-            recent = answer.recent if isinstance(answer, Reservation) else 0
-            return self._failed(outcome, connection_failures, recent)
-        if isinstance(answer, Verdict):  # right, but this client is over a limit
-            return self._throttled(answer)
-        assert credential is not None and account is not None
-        now = time.time()
-        if now - self._touched.get(credential.id, 0.0) >= TOUCH_INTERVAL:
-            self._touched[credential.id] = now
-            self._db.run(_touch_credential, credential.id, now)  # informational
-        return LoginResult(account, "ok", credential=credential)
-
-    def _begin_credential(
-        self, c: ServiceConnections, username: str, secret: str, ip: str
-    ) -> tuple[str, Account | None, Credential | None, Verdict | Reservation | Wait | None]:
-        """In the database thread: the credential's verdict and the throttle's, in one hop.
+        """App credentials are high-entropy: checked at once, then the throttle decides.
 
         The secret is checked first (a keyed hash: nothing to gain by throttling
         that), then a right one gets the read-only check and a wrong one is
         recorded as a failure through a reservation.
         """
-        credential, account = self._find_credential(c.data, secret)
-        outcome = "ok"
         now = time.time()
-        if (
-            credential is None
-            or account is None
-            or credential.account_address.lower() != username.lower()
-        ):
+        credential = await self._credentials.find(secret)
+        account = None
+        if credential is not None and credential.account_address.lower() == username.lower():
+            account = await self._account(credential.account_address)
+        if credential is None or account is None:
             outcome = "bad_credential"
         elif credential.revoked_at is not None:
             outcome = "revoked"
         elif not credential.is_active(now):
             outcome = "expired"
-        elif not credential.allows_network(ip):
+        elif not credential.allows_network(client_ip):
             outcome = "network"
         elif account.disabled:
             outcome = "disabled"
-        if outcome == "ok":
-            assert account is not None
-            return outcome, account, credential, self._allow(c, ip, account.address)
-        answer = self._reserve_once(c, ip, username)
-        if isinstance(answer, Reservation):
-            self._fail(c, answer)  # known wrong already: straight to a failure
-        return outcome, None, None, answer
+        else:
+            outcome = "ok"
+        if outcome != "ok":
+            answer = await self._reserve(client_ip, username)
+            if answer is None:
+                return LoginResult(None, "busy", delay=1.0)
+            if isinstance(answer, Verdict):
+                return self._throttled(answer)
+            await self._failures.fail(answer)  # known wrong already: straight to a failure
+            return self._failed(outcome, connection_failures, answer.recent)
+        assert credential is not None and account is not None
+        verdict = await self._allow(client_ip, account.address)
+        if verdict is not None:  # right, but this client is over a limit
+            return self._throttled(verdict)
+        if now - self._touched.get(credential.id, 0.0) >= TOUCH_INTERVAL:
+            self._touched[credential.id] = now
+            self._later(self._touch(credential.id, now))  # informational
+        return LoginResult(account, "ok", credential=credential)
+
+    async def _touch(self, credential_id: int, now: float) -> None:
+        with contextlib.suppress(*STORAGE_ERRORS):
+            await self._credentials.touch(credential_id, now)
 
     # ------------------------------------------------------------ SCRAM
 
@@ -420,26 +387,18 @@ class LoginService:
         self, username: str, client_ip: str, connection_failures: int
     ) -> tuple[StoredKeys, Reservation] | LoginResult:
         """The keys to run SCRAM with, after a throttle reservation; or a refusal."""
-        reserved: Verdict | Reservation | Wait | None
         try:
-            reserved, account = await self._db.run(self._begin_scram, username, client_ip)
-            if isinstance(reserved, Wait):
-                reserved = await self._reserve(client_ip, username)
-        except (sqlite3.Error, OSError):
+            reserved = await self._reserve(client_ip, username)
+            account = await self._account(username) if isinstance(reserved, Reservation) else None
+        except STORAGE_ERRORS:
             return LoginResult(None, "error")
         if reserved is None:
             return LoginResult(None, "busy", delay=1.0)
         if isinstance(reserved, Verdict):
             return self._throttled(reserved)
-        assert isinstance(reserved, Reservation)
         if account is not None and account.scram is not None and not account.disabled:
             return account.scram, reserved
         return self.decoy_keys(username), reserved
-
-    def _begin_scram(
-        self, c: ServiceConnections, username: str, ip: str
-    ) -> tuple[Verdict | Reservation | Wait, Account | None]:
-        return self._reserve_once(c, ip, username), _get_account(c.data, username)
 
     def decoy_keys(self, username: str) -> StoredKeys:
         """Keys that fail every proof, the same for a name wherever and whenever asked."""
@@ -464,51 +423,26 @@ class LoginService:
         """The mechanism checked the proof; the account must still exist and be enabled."""
         recent = reservation.recent if reservation is not None else 0
         try:
-            account, outcome = await self._db.run(
-                self._finish_scram, username, proof_ok, reservation, client_ip
-            )
-        except (sqlite3.Error, OSError):
+            account = await self._account(username)
+            if account is None or account.scram is None:
+                outcome = "unknown_user"
+            elif not proof_ok:
+                outcome = "bad_proof"
+            elif account.disabled:
+                outcome = "disabled"
+            else:
+                outcome = "ok"
+            if reservation is not None:
+                if outcome == "ok":
+                    assert account is not None
+                    await self._release(reservation, client_ip, account.address)
+                else:
+                    await self._failures.fail(reservation)
+        except STORAGE_ERRORS:
             return LoginResult(None, "error")
         if outcome == "ok":
             return LoginResult(account, "ok")
         return self._failed(outcome, connection_failures, recent)
-
-    def _finish_scram(
-        self,
-        c: ServiceConnections,
-        username: str,
-        proof_ok: bool,
-        reservation: Reservation | None,
-        ip: str,
-    ) -> tuple[Account | None, str]:
-        """In the database thread: the verdict on the account, and the reservation settled."""
-        account = _get_account(c.data, username)
-        if account is None or account.scram is None:
-            outcome = "unknown_user"
-        elif not proof_ok:
-            outcome = "bad_proof"
-        elif account.disabled:
-            outcome = "disabled"
-        else:
-            outcome = "ok"
-        if reservation is not None:
-            if outcome == "ok":
-                assert account is not None
-                self._release(c, reservation, ip, account.address)
-            else:
-                self._fail(c, reservation)
-        return account, outcome
-
-    def _find_credential(
-        self, db: sqlite3.Connection, secret: str
-    ) -> tuple[Credential | None, Account | None]:
-        # Runs in the accounts thread; the store reads its HMAC key once.
-        if self._credentials is None:
-            self._credentials = CredentialStore(db)
-        credential = self._credentials.find(secret)
-        if credential is None:
-            return None, None
-        return credential, AccountStore(db).get(credential.account_address)
 
     # ------------------------------------------------------------ re-checks
 
@@ -516,7 +450,10 @@ class LoginService:
         self, address: str, credential_id: int | None
     ) -> tuple[Account | None, Credential | None]:
         """The account (and credential) as stored now, to re-check a live session."""
-        return await self._db.run(_current, address, credential_id)
+        account = await self._account(address)
+        if account is None or credential_id is None:
+            return account, None
+        return account, await self._credentials.by_id(credential_id)
 
 
 def login_problem(
@@ -545,35 +482,3 @@ def login_problem(
     if account.password_hash != before.password_hash:
         return "password changed"
     return None
-
-
-# Run in the service thread (they get its connections first).
-
-
-def _get_account(db: sqlite3.Connection, username: str) -> Account | None:
-    try:
-        return AccountStore(db).get(username)
-    except ValueError:
-        return None
-
-
-def _touch_credential(c: ServiceConnections, credential_id: int, now: float) -> None:
-    db = c.data
-    # Best effort with a short lock wait: a busy database must not hold up
-    # the logins queued behind this in the same thread.
-    db.execute("PRAGMA busy_timeout=50")
-    try:
-        CredentialStore(db).touch(credential_id, now)
-    except sqlite3.Error:
-        pass
-    finally:
-        db.execute("PRAGMA busy_timeout=30000")
-
-
-def _current(
-    c: ServiceConnections, address: str, credential_id: int | None
-) -> tuple[Account | None, Credential | None]:
-    account = AccountStore(c.data).get(address)
-    if account is None or credential_id is None:
-        return account, None
-    return account, CredentialStore(c.data).by_id(credential_id)

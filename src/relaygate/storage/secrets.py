@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["CREDENTIAL_KEY", "MIN_SECRET_SIZE", "get_or_create_secret"]
+from relaygate.storage.thread import DatabaseThread
+
+__all__ = ["CREDENTIAL_KEY", "MIN_SECRET_SIZE", "SQLiteSecrets", "get_or_create_secret"]
 
 CREDENTIAL_KEY = "credential_key"  # HMAC key for app-credential secrets
 MIN_SECRET_SIZE = 16  # bytes; anything shorter is not a key worth having
@@ -59,3 +63,20 @@ def _create(db: sqlite3.Connection, name: str, size: int) -> bytes:
     value = _read(db, name)
     assert value is not None  # inserted just now, or already there
     return value
+
+
+class SQLiteSecrets:
+    """storage.api.Secrets over a database thread (see sqlite_accounts.same)."""
+
+    def __init__(
+        self,
+        thread: DatabaseThread[Any],
+        connection: Callable[[Any], sqlite3.Connection],
+    ) -> None:
+        self._thread = thread
+        self._connection = connection
+
+    async def get_or_create(self, name: str, size: int = 32) -> bytes:
+        return await self._thread.run(
+            lambda c: get_or_create_secret(self._connection(c), name, size)
+        )

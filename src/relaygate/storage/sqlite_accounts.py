@@ -7,25 +7,36 @@ backend's database thread (storage/sqlite_backend.py), never on an event loop.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from relaygate.accounts.store import Account, AccountStore
 from relaygate.sasl import StoredKeys
 from relaygate.storage.thread import DatabaseThread
 
 
+def same(connection: Any) -> sqlite3.Connection:
+    """The thread's resource is the connection itself (the CLI's storage)."""
+    return connection  # type: ignore[no-any-return]
+
+
 class SQLiteAccounts:
-    def __init__(self, thread: DatabaseThread[sqlite3.Connection]) -> None:
+    def __init__(
+        self,
+        thread: DatabaseThread[Any],
+        connection: Callable[[Any], sqlite3.Connection] = same,
+    ) -> None:
         self._thread = thread
+        self._connection = connection  # which of the thread's connections has the accounts
 
     async def get(self, address: str) -> Account | None:
-        return await self._thread.run(lambda db: AccountStore(db).get(address))
+        return await self._thread.run(lambda c: AccountStore(self._connection(c)).get(address))
 
     async def list(self) -> list[Account]:
-        return await self._thread.run(lambda db: AccountStore(db).list())
+        return await self._thread.run(lambda c: AccountStore(self._connection(c)).list())
 
     async def count(self) -> int:
-        return await self._thread.run(lambda db: AccountStore(db).count())
+        return await self._thread.run(lambda c: AccountStore(self._connection(c)).count())
 
     async def add(
         self,
@@ -34,8 +45,10 @@ class SQLiteAccounts:
         senders: Sequence[str] | None,
         scram: StoredKeys | None,
     ) -> Account:
-        def add(db: sqlite3.Connection) -> Account:
-            return AccountStore(db).add(address, password_hash, senders, scram=scram)
+        def add(c: Any) -> Account:
+            return AccountStore(self._connection(c)).add(
+                address, password_hash, senders, scram=scram
+            )
 
         return await self._thread.run(add)
 
@@ -43,14 +56,20 @@ class SQLiteAccounts:
         self, address: str, password_hash: str, scram: StoredKeys | None
     ) -> None:
         await self._thread.run(
-            lambda db: AccountStore(db).set_password_hash(address, password_hash, scram=scram)
+            lambda c: AccountStore(self._connection(c)).set_password_hash(
+                address, password_hash, scram=scram
+            )
         )
 
     async def set_disabled(self, address: str, disabled: bool) -> None:
-        await self._thread.run(lambda db: AccountStore(db).set_disabled(address, disabled))
+        await self._thread.run(
+            lambda c: AccountStore(self._connection(c)).set_disabled(address, disabled)
+        )
 
     async def set_senders(self, address: str, senders: Sequence[str]) -> None:
-        await self._thread.run(lambda db: AccountStore(db).set_senders(address, senders))
+        await self._thread.run(
+            lambda c: AccountStore(self._connection(c)).set_senders(address, senders)
+        )
 
     async def remove(self, address: str) -> None:
-        await self._thread.run(lambda db: AccountStore(db).remove(address))
+        await self._thread.run(lambda c: AccountStore(self._connection(c)).remove(address))

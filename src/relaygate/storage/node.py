@@ -1,0 +1,133 @@
+"""What one serving process needs from storage, opened from the config.
+
+A worker (and, for its part, the delivery process and the CLI) asks for its
+storage here and gets the interfaces of storage/api.py, whatever the backend:
+
+- ``[storage] url`` absent: the embedded SQLite database in data_dir. The
+  accounts, credentials and counters share the worker's service thread (one
+  hop per look-up, never on the event loop); acceptance is the spool's
+  group-commit writer thread.
+- ``[storage] url`` set: PostgreSQL through one pool per process; acceptance
+  is the group-commit writer on that pool.
+
+Failed-login windows stay on the node (data_dir/throttle.db) unless
+``[shared] redis_url`` makes them cluster-wide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from relaygate.accounts import changes
+from relaygate.config import Config
+from relaygate.spool import Spool, SpooledMessage
+from relaygate.storage import sqlite as sqlite_storage
+from relaygate.storage.api import (
+    Acceptance,
+    Accounts,
+    Credentials,
+    LoginFailures,
+    Secrets,
+    SendingCounters,
+)
+from relaygate.storage.postgres.backend import PostgresStorage
+from relaygate.storage.secrets import SQLiteSecrets
+from relaygate.storage.sqlite import ServiceConnections
+from relaygate.storage.sqlite_accounts import SQLiteAccounts
+from relaygate.storage.sqlite_counters import SQLiteSendingCounters
+from relaygate.storage.sqlite_credentials import SQLiteCredentials
+from relaygate.storage.sqlite_throttle import SQLiteLoginFailures
+from relaygate.storage.thread import DatabaseThread
+
+
+class SpoolAcceptance:
+    """The SQLite spool as storage.api.Acceptance (its writer is a thread)."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+
+    def store(self, message: SpooledMessage) -> asyncio.Future[None]:
+        return self.spool.store(message)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.spool.close)
+
+
+def local_announcer(data_dir: Path) -> Callable[[], Awaitable[None]]:
+    """Tell this machine's workers that accounts or credentials changed."""
+
+    async def announce() -> None:
+        try:
+            changes.announce(changes.signal_path(data_dir))
+        except OSError:
+            pass  # read-only data_dir: sessions see the change at their next login
+
+    return announce
+
+
+@dataclass
+class NodeStorage:
+    accounts: Accounts
+    credentials: Credentials
+    failures: LoginFailures
+    counters: SendingCounters
+    acceptance: Acceptance
+    secrets: Secrets
+    _closers: list[Callable[[], Awaitable[None]]]
+
+    async def close(self) -> None:
+        """Acceptance first (it commits what it holds), then the rest."""
+        await self.acceptance.close()
+        for close in self._closers:
+            await close()
+
+
+async def open_node_storage(
+    config: Config, loop: asyncio.AbstractEventLoop, *, deliver: bool
+) -> NodeStorage:
+    """Raises storage.postgres.pool.PostgresUnavailable or sqlite.DatabaseError."""
+    # Node-local state (and, on SQLite, everything): the service thread, which
+    # opens its connections on first use, off the event loop.
+    service: DatabaseThread[ServiceConnections] = DatabaseThread(
+        lambda: sqlite_storage.connect_service(config.database_path), loop, name="service-db"
+    )
+
+    async def close_service() -> None:
+        await asyncio.to_thread(service.close)
+
+    failures = SQLiteLoginFailures(service, config.auth_throttle)
+    if config.storage.url is None:
+        data = _data  # accounts, credentials, counters: the main database
+        return NodeStorage(
+            accounts=SQLiteAccounts(service, data),
+            credentials=SQLiteCredentials(service, data),
+            failures=failures,
+            counters=SQLiteSendingCounters(service, data, config.database_path),
+            acceptance=SpoolAcceptance(Spool(config.database_path, loop, deliver=deliver)),
+            secrets=SQLiteSecrets(service, data),
+            _closers=[close_service],
+        )
+    try:
+        shared = await PostgresStorage.open(
+            config.storage.url, config.storage.pool_size, local_announcer(config.data_dir)
+        )
+    except BaseException:
+        await close_service()
+        raise
+    return NodeStorage(
+        accounts=shared.accounts,
+        credentials=shared.credentials,
+        failures=failures,
+        counters=shared.counters,
+        acceptance=shared.acceptance(config.node_name, deliver=deliver),
+        secrets=shared.secrets,
+        _closers=[shared.close, close_service],
+    )
+
+
+def _data(c: ServiceConnections) -> sqlite3.Connection:
+    return c.data
