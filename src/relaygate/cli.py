@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
+import psycopg
+
 from relaygate.accounts.credentials import (
     LIMIT_KEYS,
     MAX_LIMIT,
@@ -57,8 +59,10 @@ from relaygate.services.admin import (
 )
 from relaygate.storage import bodies
 from relaygate.storage.api import DeliveryAttempt, MessageRecord
+from relaygate.storage.node import open_admin_storage
+from relaygate.storage.postgres import pool as postgres_pool
+from relaygate.storage.postgres.pool import PostgresUnavailable
 from relaygate.storage.sqlite import DatabaseError, connect
-from relaygate.storage.sqlite_backend import SQLiteStorage
 
 PROG = "relaygate"
 EXIT_USER_ERROR = 2  # the same status argparse uses for a bad command line
@@ -83,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(*exc.problems)
     except (AccountError, CommandError, CredentialError, DatabaseError) as exc:
         return _fail(str(exc))
+    except PostgresUnavailable as exc:
+        return _fail(f"storage: {exc}")
+    except psycopg.Error as exc:
+        return _fail(f"storage: {' '.join(str(exc).split())}")
     except sqlite3.Error as exc:
         return _fail(f"database error: {exc}")
     except BrokenPipeError:
@@ -127,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", parents=[common], help="run the SMTP server")
     serve.set_defaults(handler=_serve)
+    migrate = commands.add_parser(
+        "migrate",
+        parents=[common],
+        help="create or upgrade the database schema",
+        description="Create or upgrade the schema of [storage] url (PostgreSQL) or of the"
+        " SQLite database in data_dir. Idempotent; serve runs it too.",
+    )
+    migrate.set_defaults(handler=_migrate)
 
     _add_user_commands(commands, common)
     _add_credential_commands(commands, common)
@@ -385,6 +401,29 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     from relaygate.server.supervisor import serve  # noqa: PLC0415
 
     return serve(config)
+
+
+def _migrate(args: argparse.Namespace, config: Config) -> int:
+    if config.storage.url is None:
+        before = _sqlite_version(config)
+        connect(config.database_path).close()
+        after = _sqlite_version(config)
+        where = str(config.database_path)
+    else:
+        before, after = asyncio.run(postgres_pool.migrate(config.storage.url))
+        where = postgres_pool.describe(config.storage.url)
+    if before == after:
+        print(f"{where}: schema {after}, up to date")
+    else:
+        print(f"{where}: schema {before} -> {after}")
+    return 0
+
+
+def _sqlite_version(config: Config) -> int:
+    if not config.database_path.exists():
+        return 0
+    with closing(sqlite3.connect(config.database_path)) as db:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
 
 
 def _open_database(config: Config) -> closing[sqlite3.Connection]:
@@ -684,7 +723,7 @@ def _with_admin(config: Config, work: Callable[[_Admin], Awaitable[T]]) -> T:
     """Run one admin use case and close what it opened."""
 
     async def run() -> T:
-        store = SQLiteStorage(config.database_path)
+        store = await open_admin_storage(config)
         try:
             return await work(
                 _Admin(

@@ -325,8 +325,10 @@ class Server:
         limits: Mapping[str, int | float] | None = None,
         sections: Mapping[str, Mapping[str, TomlValue]] | None = None,
         proxy_trusted: Sequence[str] | None = None,
+        node_name: str | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        self.node_name = node_name
         self.directory = directory
         self.data_dir = directory / "data"
         self.log_path = directory / "relaygate.log"
@@ -355,6 +357,7 @@ class Server:
             'hostname = "localhost"',
             f"data_dir = {json.dumps(str(self.data_dir))}",
             f"workers = {self.workers}",
+            *([f"node_name = {json.dumps(self.node_name)}"] if self.node_name else []),
             "",
             "[[listeners]]",
             f'address = "{HOST}:{self.starttls_port}"',
@@ -970,6 +973,7 @@ class ServerPool:
         users: Iterable[User] = (),
         start: bool = True,
         proxy_trusted: Sequence[str] | None = None,
+        node_name: str | None = None,
     ) -> Server:
         server = Server(
             self.base / name,
@@ -977,6 +981,7 @@ class ServerPool:
             limits=limits,
             sections=sections,
             proxy_trusted=proxy_trusted,
+            node_name=node_name,
         )
         self.servers.append(server)
         for user in users:

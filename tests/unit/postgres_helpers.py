@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 
 ADMIN_URL = os.environ.get(
     "RELAYGATE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -33,9 +33,11 @@ def scratch_database() -> Iterator[str]:
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     params = conninfo_to_dict(ADMIN_URL)
-    params["dbname"] = name
+    user = f"{params['user']}@" if params.get("user") else ""
+    host = params.get("host") or "127.0.0.1"
+    port = params.get("port") or 5432
     try:
-        yield make_conninfo(**params)  # type: ignore[arg-type]
+        yield f"postgresql://{user}{host}:{port}/{name}"  # the form [storage] url takes
     finally:
         with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from relaygate import logs
+from relaygate import __version__, logs
 from relaygate.accounts.store import AccountStore
 from relaygate.config import Config, ListenerConfig
 from relaygate.delivery.engine import run_delivery
@@ -37,6 +37,9 @@ from relaygate.services.admin import AccountsAdmin
 from relaygate.storage import bodies
 from relaygate.storage import sqlite as storage
 from relaygate.storage.files import private_directory, shared_bits, tighten
+from relaygate.storage.postgres import pool as postgres_pool
+from relaygate.storage.postgres.backend import PostgresStorage
+from relaygate.storage.postgres.pool import PostgresUnavailable
 from relaygate.storage.sqlite_backend import SQLiteStorage
 
 PR_SET_PDEATHSIG = 1
@@ -99,6 +102,11 @@ def prepare(config: Config) -> None:
     except OSError as exc:
         raise StartupError([f"data_dir {config.data_dir}: {exc.strerror or exc}"]) from None
     _lock_data_dir(config.data_dir)
+    if config.storage.url is not None:
+        try:
+            asyncio.run(_prepare_shared(config))
+        except PostgresUnavailable as exc:
+            raise StartupError([f"storage: {exc}"]) from None
     try:
         db = storage.connect(config.database_path)
         # Made here, before the workers, so they never race to create it.
@@ -108,10 +116,11 @@ def prepare(config: Config) -> None:
     try:
         if config.quickstart and AccountStore(db).count() == 0:
             _create_quickstart_account(config)
-        # No spool writer runs yet: a body file without a row is from a crash.
-        removed = bodies.remove_orphans(db, bodies.directory_for(config.database_path))
-        if removed:
-            logs.event("spool.orphans_removed", files=removed)
+        if config.storage.url is None:
+            # No spool writer runs yet: a body file without a row is from a crash.
+            removed = bodies.remove_orphans(db, bodies.directory_for(config.database_path))
+            if removed:
+                logs.event("spool.orphans_removed", files=removed)
     except OSError as exc:
         raise StartupError([f"data_dir {config.data_dir}: {exc.strerror or exc}"]) from None
     finally:
@@ -120,6 +129,34 @@ def prepare(config: Config) -> None:
         server_context(certificate_pairs(config))
     except (TLSSetupError, OSError) as exc:
         raise StartupError([f"tls: {exc}"]) from None
+
+
+async def _prepare_shared(config: Config) -> None:
+    """PostgreSQL: the schema brought up to date, and no second node without Redis."""
+    url = config.storage.url
+    assert url is not None
+    before, after = await postgres_pool.migrate(url)
+    if before != after:
+        logs.event("storage.migrated", before=before, after=after)
+    shared = await PostgresStorage.open(url, 1, _nothing)
+    try:
+        if config.shared.redis_url is None:
+            others = await shared.nodes.others_alive(config.node_name)
+            if others:
+                raise StartupError(
+                    [
+                        f"[shared] redis_url is required: node(s) {', '.join(others)} also use"
+                        f" {postgres_pool.describe(url)}, and without Redis each node would keep"
+                        " its own login throttles and connection counts"
+                    ]
+                )
+        await shared.nodes.heartbeat(config.node_name, time.time(), os.getpid(), __version__)
+    finally:
+        await shared.close()
+
+
+async def _nothing() -> None:
+    pass
 
 
 LOCK_FILE = "serve.lock"

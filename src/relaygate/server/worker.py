@@ -18,7 +18,7 @@ import ssl
 import time
 from typing import Any
 
-from relaygate import logs
+from relaygate import __version__, logs
 from relaygate.accounts.changes import ChangeSignal
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.config import Config, ListenerConfig
@@ -31,6 +31,7 @@ from relaygate.services.login import LoginService
 from relaygate.smtp.session import Settings
 from relaygate.storage.errors import STORAGE_ERRORS
 from relaygate.storage.node import NodeStorage, open_node_storage
+from relaygate.storage.postgres.nodes import HEARTBEAT, PostgresNodes
 
 BoundListener = tuple[socket.socket, ListenerConfig]
 
@@ -95,11 +96,15 @@ class Worker:
         self._servers: list[asyncio.Server] = []
         self._proxy_listeners: list[ProxyListener] = []
         self._pruning: asyncio.Future[None] | None = None
+        self._beating: asyncio.Future[None] | None = None
+        self._started = time.time()
+        self._unshared_logged = -60.0
 
     async def run(self, listeners: list[BoundListener]) -> None:
         loop = self.loop
         loop.set_exception_handler(_quiet_exception_handler)
         await self._open_storage()
+        self._storage_tasks = asyncio.all_tasks(loop)  # before any session: the storage's
         for sock, listener in listeners:
             settings = session_settings(self.config, listener, self.channel_bindings)
             implicit = listener.tls == "implicit"
@@ -134,9 +139,16 @@ class Worker:
             loop.remove_signal_handler(signum)
             signal.signal(signum, signal.SIG_IGN)  # already stopping: a repeat must not kill us
         sweeper.cancel()
+        # Messages handed over are committed first, whatever else is cut short.
+        await self.storage.acceptance.close()
         # Decisions still pending (a delayed failure reply, a prune) belong to
         # connections that are gone: end them here, not as "destroyed" tasks.
-        pending = [t for t in asyncio.all_tasks(loop) if t is not asyncio.current_task()]
+        # The storage's own tasks (a pool's workers) stop when it closes.
+        pending = [
+            t
+            for t in asyncio.all_tasks(loop)
+            if t is not asyncio.current_task() and t not in self._storage_tasks
+        ]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -155,6 +167,25 @@ class Worker:
         except STORAGE_ERRORS as exc:
             logs.event("prune.error", logging.WARNING, reason=" ".join(str(exc).split()))
 
+    async def _heartbeat(self, nodes: PostgresNodes) -> None:
+        """This node is alive (``relaygate nodes``); and no other node shares the
+        database without Redis (each would keep its own throttles)."""
+        config = self.config
+        try:
+            await nodes.heartbeat(config.node_name, self._started, os.getpid(), __version__)
+            if config.shared.redis_url is None:
+                others = await nodes.others_alive(config.node_name)
+                if others and self.loop.time() >= self._unshared_logged + 60:
+                    self._unshared_logged = self.loop.time()
+                    logs.event(
+                        "cluster.unshared",
+                        logging.ERROR,
+                        nodes=",".join(others),
+                        reason="[shared] redis_url is required when nodes share a database",
+                    )
+        except STORAGE_ERRORS as exc:
+            logs.event("heartbeat.error", logging.WARNING, reason=" ".join(str(exc).split()))
+
     def begin_shutdown(self) -> None:
         if self.draining:
             return
@@ -168,12 +199,16 @@ class Worker:
     async def _sweep(self) -> None:
         deadline: float | None = None
         next_prune = 0.0
+        next_heartbeat = 0.0
         while True:
             await asyncio.sleep(0.1 if self.draining else 1.0)
             now = self.loop.time()
             if self.index == 0 and now >= next_prune:
                 next_prune = now + PRUNE_INTERVAL
                 self._pruning = asyncio.ensure_future(self._prune())  # held: tasks are weak
+            if self.index == 0 and self.storage.nodes is not None and now >= next_heartbeat:
+                next_heartbeat = now + HEARTBEAT
+                self._beating = asyncio.ensure_future(self._heartbeat(self.storage.nodes))
             for connection in list(self.connections):
                 connection.check_timeouts(now)
             if not self.draining:

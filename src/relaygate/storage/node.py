@@ -35,9 +35,11 @@ from relaygate.storage.api import (
     SendingCounters,
 )
 from relaygate.storage.postgres.backend import PostgresStorage
+from relaygate.storage.postgres.nodes import PostgresNodes
 from relaygate.storage.secrets import SQLiteSecrets
 from relaygate.storage.sqlite import ServiceConnections
 from relaygate.storage.sqlite_accounts import SQLiteAccounts
+from relaygate.storage.sqlite_backend import SQLiteStorage
 from relaygate.storage.sqlite_counters import SQLiteSendingCounters
 from relaygate.storage.sqlite_credentials import SQLiteCredentials
 from relaygate.storage.sqlite_throttle import SQLiteLoginFailures
@@ -77,6 +79,7 @@ class NodeStorage:
     counters: SendingCounters
     acceptance: Acceptance
     secrets: Secrets
+    nodes: PostgresNodes | None  # None: one machine, nobody to tell
     _closers: list[Callable[[], Awaitable[None]]]
 
     async def close(self) -> None:
@@ -109,6 +112,7 @@ async def open_node_storage(
             counters=SQLiteSendingCounters(service, data, config.database_path),
             acceptance=SpoolAcceptance(Spool(config.database_path, loop, deliver=deliver)),
             secrets=SQLiteSecrets(service, data),
+            nodes=None,
             _closers=[close_service],
         )
     try:
@@ -125,9 +129,22 @@ async def open_node_storage(
         counters=shared.counters,
         acceptance=shared.acceptance(config.node_name, deliver=deliver),
         secrets=shared.secrets,
+        nodes=shared.nodes,
         _closers=[shared.close, close_service],
     )
 
 
 def _data(c: ServiceConnections) -> sqlite3.Connection:
     return c.data
+
+
+async def open_admin_storage(config: Config) -> SQLiteStorage | PostgresStorage:
+    """The storage the admin edges (the CLI, the HTTP API) work on."""
+    if config.storage.url is None:
+        return SQLiteStorage(config.database_path)
+    return await PostgresStorage.open(
+        config.storage.url, ADMIN_POOL_SIZE, local_announcer(config.data_dir)
+    )
+
+
+ADMIN_POOL_SIZE = 2  # one command at a time, and a spare

@@ -15,7 +15,8 @@ from relaygate.storage.postgres.accounts import Announce, PostgresAccounts, Post
 from relaygate.storage.postgres.counters import PostgresSendingCounters
 from relaygate.storage.postgres.credentials import PostgresCredentials
 from relaygate.storage.postgres.messages import PostgresMessageLog
-from relaygate.storage.postgres.pool import open_pool
+from relaygate.storage.postgres.nodes import PostgresNodes
+from relaygate.storage.postgres.pool import check_schema, open_pool
 from relaygate.storage.secrets import CREDENTIAL_KEY
 
 
@@ -29,13 +30,16 @@ class PostgresStorage:
         self.secrets = PostgresSecrets(pool)
         self.credentials = PostgresCredentials(pool, announce, credential_key)
         self.counters = PostgresSendingCounters(pool)
+        self.nodes = PostgresNodes(pool)
 
     def acceptance(self, node: str, *, deliver: bool) -> PostgresAcceptance:
         return PostgresAcceptance(self.pool, node, deliver=deliver)
 
     @classmethod
     async def open(cls, url: str, pool_size: int, announce: Announce) -> PostgresStorage:
-        """Raises pool.PostgresUnavailable with one line for the user."""
+        """Raises pool.PostgresUnavailable with one line for the user (also when
+        the schema is not this relaygate's: run ``relaygate migrate``)."""
+        await check_schema(url)
         pool = await open_pool(url, pool_size)
         try:
             key = await PostgresSecrets(pool).get_or_create(CREDENTIAL_KEY)

@@ -1,0 +1,154 @@
+"""One node on PostgreSQL, end to end: `relaygate migrate`, accounts made with the
+CLI, mail submitted over STARTTLS + AUTH and read back with the CLI, from this
+node and from another data_dir on the same database; and every way the
+database can be wrong is one line and exit status 2.
+
+Each test gets a database of its own on RELAYGATE_TEST_POSTGRES (the tests
+fail, never skip, when PostgreSQL is not there).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from postgres_helpers import scratch_database
+
+from .helpers import (
+    PROCESS_TIMEOUT,
+    Server,
+    ServerPool,
+    TomlValue,
+    User,
+    clean_env,
+    make_message,
+    session,
+)
+
+ALICE = User("alice@example.com", "Alice-pg-pw-7Hq2")
+RCPT = "someone@example.net"
+
+
+@pytest.fixture
+def database() -> Iterator[str]:
+    with scratch_database() as url:
+        yield url
+
+
+def _storage(url: str) -> dict[str, dict[str, TomlValue]]:
+    return {"storage": {"url": url}}
+
+
+def test_migrate_then_serve_and_the_cli_sees_the_whole_database(
+    database: str, fresh_servers: ServerPool
+) -> None:
+    node = fresh_servers.create(
+        "pg-a", sections=_storage(database), start=False, node_name="node-a"
+    )
+    first = node.cli("migrate")
+    assert "schema 0 -> 2" in first.stdout, first.stdout
+    again = node.cli("migrate")
+    assert "schema 2, up to date" in again.stdout
+    node.add_user(ALICE)
+    node.start()
+
+    with session(node, user=ALICE) as client:
+        queue_id = client.send_mail(
+            ALICE.address,
+            [RCPT],
+            make_message(from_addr=ALICE.address, to=[RCPT], subject="stored in postgres"),
+        )
+
+    # The row is in PostgreSQL, tagged with the node that took it.
+    with psycopg.connect(database) as db:
+        row = db.execute(
+            "SELECT account, status, node FROM messages WHERE id = %s", (queue_id,)
+        ).fetchone()
+    assert row == (ALICE.address, "captured", "node-a")
+
+    # Another data_dir (another machine's CLI) on the same database sees it.
+    other = fresh_servers.create("pg-b", sections=_storage(database), start=False)
+    listed = json.loads(other.cli("messages", "list", "--json").stdout)
+    assert [m["id"] for m in listed] == [queue_id]
+    shown = other.cli("messages", "show", queue_id).stdout
+    assert "Subject: stored in postgres" in shown
+    users = json.loads(other.cli("user", "list", "--json").stdout)
+    assert [u["address"] for u in users] == [ALICE.address]
+
+
+def test_a_password_changed_on_another_node_is_refused_at_the_next_login(
+    database: str, fresh_servers: ServerPool
+) -> None:
+    node = fresh_servers.create("pg-pw", sections=_storage(database), start=False)
+    node.cli("migrate")
+    node.add_user(ALICE)
+    node.start()
+    with session(node, user=ALICE):
+        pass
+    elsewhere = fresh_servers.create("pg-admin", sections=_storage(database), start=False)
+    elsewhere.set_password(ALICE.address, "Alice-new-pw-3Kd8")
+    with pytest.raises(AssertionError, match="535"), session(node, user=ALICE):
+        pass
+    with session(node, user=User(ALICE.address, "Alice-new-pw-3Kd8")):
+        pass
+
+
+def _run(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relaygate", "--config", str(server.config_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT,
+        env=clean_env(),
+        cwd=server.directory,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://relaygate@127.0.0.1:1/relaygate", "Connection refused"),
+        ("postgresql://postgres@127.0.0.1:5432/relaygate_no_such_db", "does not exist"),
+        ("postgresql://127.0.0.1:notaport/x", "invalid integer value"),
+    ],
+)
+def test_a_database_that_cannot_be_used_is_one_line_and_exit_2(
+    url: str, expected: str, tmp_path: Path
+) -> None:
+    server = Server(tmp_path / "bad", sections=_storage(url))
+    for args in (("serve",), ("migrate",), ("user", "list"), ("messages", "list")):
+        result = _run(server, *args)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], (args, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert lines[0].startswith("relaygate: ")
+
+
+def test_commands_on_a_database_without_the_schema_say_to_migrate(
+    database: str, tmp_path: Path
+) -> None:
+    server = Server(tmp_path / "nomigrate", sections=_storage(database))
+    result = _run(server, "user", "list")
+    assert result.returncode == 2
+    assert "run `relaygate migrate`" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_second_node_without_redis_is_refused_naming_the_key(
+    database: str, fresh_servers: ServerPool
+) -> None:
+    first = fresh_servers.create("pg-one", sections=_storage(database), node_name="one")
+    assert first.process is not None
+    second = Server(fresh_servers.base / "pg-two", sections=_storage(database), node_name="two")
+    result = _run(second, "serve")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "[shared] redis_url is required" in lines[0] and "one" in lines[0]
