@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import json
 import os
 import secrets
@@ -58,9 +59,12 @@ from relaygate.services.admin import (
     NotFound,
 )
 from relaygate.storage import bodies
-from relaygate.storage.api import DeliveryAttempt, MessageRecord
+from relaygate.storage.api import DeliveryAttempt, MessageRecord, NodeRecord
+from relaygate.storage.copy import CopyError, copy_to_postgres
 from relaygate.storage.node import open_admin_storage
 from relaygate.storage.postgres import pool as postgres_pool
+from relaygate.storage.postgres.backend import PostgresStorage
+from relaygate.storage.postgres.nodes import ALIVE_FOR as NODE_ALIVE_FOR
 from relaygate.storage.postgres.pool import PostgresUnavailable
 from relaygate.storage.sqlite import DatabaseError, connect
 
@@ -143,6 +147,25 @@ def build_parser() -> argparse.ArgumentParser:
         " SQLite database in data_dir. Idempotent; serve runs it too.",
     )
     migrate.set_defaults(handler=_migrate)
+    storage_parser = commands.add_parser(
+        "storage", parents=[common], help="move data between storage backends"
+    )
+    storage_actions = storage_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    copy = storage_actions.add_parser(
+        "copy",
+        parents=[common],
+        help="copy this data_dir's SQLite data into an empty PostgreSQL database",
+        description="Copy accounts, credentials, limits, DKIM keys, server secrets, the"
+        " message log and the queue from the SQLite database in data_dir into an empty"
+        " PostgreSQL database (the schema is made first). Stop serve before copying.",
+    )
+    copy.add_argument("--to", required=True, metavar="URL", help="postgresql://...")
+    copy.set_defaults(handler=_storage_copy)
+    nodes = commands.add_parser(
+        "nodes", parents=[common], help="the nodes sharing this PostgreSQL database"
+    )
+    nodes.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    nodes.set_defaults(handler=_nodes)
 
     _add_user_commands(commands, common)
     _add_credential_commands(commands, common)
@@ -417,6 +440,103 @@ def _migrate(args: argparse.Namespace, config: Config) -> int:
     else:
         print(f"{where}: schema {before} -> {after}")
     return 0
+
+
+def _storage_copy(args: argparse.Namespace, config: Config) -> int:
+    url = args.to
+    if not url.lower().startswith(("postgresql://", "postgres://")):
+        raise CommandError(f"--to must be a postgresql:// URL, not {url!r}")
+    if _serve_running(config):
+        raise CommandError(
+            f"relaygate serve is running on {config.data_dir}; stop it first, so that"
+            " nothing is accepted after the copy"
+        )
+    asyncio.run(postgres_pool.migrate(url))
+    try:
+        report = copy_to_postgres(config.database_path, config.data_dir, url)
+    except CopyError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"copied {config.database_path} to {postgres_pool.describe(url)}:")
+    for what, count in report.counts.items():
+        print(f"  {what}: {count}")
+    print(
+        "next: set [storage] url on every node (and [shared] redis_url for more than one),"
+        " then start them"
+    )
+    return 0
+
+
+def _serve_running(config: Config) -> bool:
+    """Is a ``serve`` holding this data_dir's lock (server/supervisor.py)?"""
+    lock = config.data_dir / "serve.lock"
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _nodes(args: argparse.Namespace, config: Config) -> int:
+    if config.storage.url is None:
+        raise CommandError(
+            "nodes share a PostgreSQL database; this config has no [storage] url (one machine)"
+        )
+    url = config.storage.url
+
+    async def read() -> list[NodeRecord]:
+        store = await open_admin_storage(config)
+        try:
+            assert isinstance(store, PostgresStorage)
+            return await store.nodes.list(time.time())
+        finally:
+            await store.close()
+
+    records = asyncio.run(read())
+    now = time.time()
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": r.name,
+                        "started": _rfc3339(r.started_at),
+                        "last_seen": _rfc3339(r.last_seen),
+                        "alive": now - r.last_seen <= NODE_ALIVE_FOR,
+                        "pid": r.pid,
+                        "version": r.version,
+                        "leases": r.leases,
+                    }
+                    for r in records
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    if not records:
+        print(f"no node has used {postgres_pool.describe(url)} yet")
+        return 0
+    print(f"{'NODE':<20} {'STARTED':<20} {'LAST SEEN':<20} {'STATE':<6} {'LEASES':>6}  VERSION")
+    for r in records:
+        state = "up" if now - r.last_seen <= NODE_ALIVE_FOR else "gone"
+        print(
+            f"{r.name:<20} {_table_time(r.started_at):<20} {_table_time(r.last_seen):<20}"
+            f" {state:<6} {r.leases:>6}  {r.version}"
+        )
+    return 0
+
+
+def _rfc3339(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _table_time(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))
 
 
 def _sqlite_version(config: Config) -> int:

@@ -137,6 +137,18 @@ CREATE TABLE mta_sts_policies (
     expires_at DOUBLE PRECISION NOT NULL
 );
 """,
+    # DKIM keys live with the rest on a cluster: every node signs with the same
+    # keys (on one machine they stay files in data_dir/dkim).
+    3: """
+CREATE TABLE dkim_keys (
+    domain     TEXT NOT NULL,
+    selector   TEXT NOT NULL,
+    key_type   TEXT NOT NULL,
+    pem        TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (domain, selector, key_type)
+);
+""",
 }
 SCHEMA_VERSION = max(STEPS)
 
