@@ -27,10 +27,13 @@ from .helpers import (
     ServerPool,
     TomlValue,
     User,
+    b64,
     clean_env,
     make_message,
     session,
+    wait_until,
 )
+from .link import Link, link_to
 from .security_helpers import new_credential
 
 ALICE = User("alice@example.com", "Alice-pg-pw-7Hq2")
@@ -201,3 +204,54 @@ def test_storage_copy_moves_one_box_to_postgres_and_logins_keep_working(
     nodes = json.loads(node.cli("nodes", "--json").stdout)
     assert [(n["name"], n["alive"]) for n in nodes] == [("after-move", True)]
     assert "after-move" in node.cli("nodes").stdout
+
+
+def _through(url: str, link: Link) -> str:
+    """``url`` with its host and port replaced by the link's."""
+    rest = url.split("://", 1)[1]
+    user, _, location = rest.rpartition("@")
+    name = location.split("/", 1)[1]
+    return f"postgresql://{user + '@' if user else ''}127.0.0.1:{link.port}/{name}"
+
+
+def test_database_gone_temporary_failures_then_recovery_without_a_restart(
+    database: str, fresh_servers: ServerPool
+) -> None:
+    with link_to("127.0.0.1", 5432) as link:
+        node = fresh_servers.create(
+            "pg-fault", sections=_storage(_through(database, link)), start=False
+        )
+        node.cli("migrate")
+        node.add_user(ALICE)
+        node.start()
+        message = make_message(from_addr=ALICE.address, to=[RCPT], subject="through the link")
+        with session(node, user=ALICE) as client:
+            client.send_mail(ALICE.address, [RCPT], message)
+            link.cut()
+            # A transaction under way: nothing half-accepted, a 451 to retry later.
+            client.transaction(ALICE.address, [RCPT])
+            reply = client.data(message)
+            assert reply.status == "451 4.3.0", str(reply)
+        # A login that needs the database: 454 4.7.0 (temporary), not 535.
+        with session(node) as client:
+            reply = client.command("AUTH PLAIN " + b64(f"\0{ALICE.address}\0{ALICE.password}"))
+            assert reply.status == "454 4.7.0", str(reply)
+        link.mend()
+
+        def sends() -> bool:
+            try:
+                with session(node, user=ALICE) as client:
+                    client.send_mail(ALICE.address, [RCPT], message)
+            except AssertionError:
+                return False
+            return True
+
+        wait_until(sends, timeout=20, what="mail accepted again after the database came back")
+        assert node.process is not None and node.process.poll() is None
+        # Stored exactly twice: before the cut and after the mend.
+        with psycopg.connect(database) as db:
+            row = db.execute(
+                "SELECT count(*) FROM messages WHERE subject = 'through the link'"
+            ).fetchone()
+        assert row == (2,)
+        assert node.log_events("message.error") and node.log_events("auth.error")

@@ -104,7 +104,6 @@ class Worker:
         loop = self.loop
         loop.set_exception_handler(_quiet_exception_handler)
         await self._open_storage()
-        self._storage_tasks = asyncio.all_tasks(loop)  # before any session: the storage's
         for sock, listener in listeners:
             settings = session_settings(self.config, listener, self.channel_bindings)
             implicit = listener.tls == "implicit"
@@ -139,20 +138,16 @@ class Worker:
             loop.remove_signal_handler(signum)
             signal.signal(signum, signal.SIG_IGN)  # already stopping: a repeat must not kill us
         sweeper.cancel()
-        # Messages handed over are committed first, whatever else is cut short.
-        await self.storage.acceptance.close()
+        # Messages handed over are committed first, whatever else is cut short;
+        # then the storage closes with its own tasks (a pool's workers), and a
+        # decision still waiting on it gets an error it already knows how to take.
+        await self.storage.close()
         # Decisions still pending (a delayed failure reply, a prune) belong to
         # connections that are gone: end them here, not as "destroyed" tasks.
-        # The storage's own tasks (a pool's workers) stop when it closes.
-        pending = [
-            t
-            for t in asyncio.all_tasks(loop)
-            if t is not asyncio.current_task() and t not in self._storage_tasks
-        ]
+        pending = [t for t in asyncio.all_tasks(loop) if t is not asyncio.current_task()]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        await self.storage.close()
         self.logins.close()
         self.changes.close()
 
