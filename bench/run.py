@@ -313,7 +313,15 @@ class Measurement:
 class RelaygateServer:
     """relaygate started from a temporary configuration, stopped with SIGTERM."""
 
-    def __init__(self, python: str, workers: int, users: int, log_level: str) -> None:
+    def __init__(
+        self,
+        python: str,
+        workers: int,
+        users: int,
+        log_level: str,
+        storage_url: str | None = None,
+    ) -> None:
+        self.storage_url = storage_url  # None: the embedded SQLite database
         self.python = python
         self.workers = workers
         self.users = users
@@ -352,7 +360,8 @@ class RelaygateServer:
             "new_recipients_per_day = 0\n\n"
             "[log]\n"
             f'level = "{self.log_level}"\n'
-            f'file = "{self.log_file}"\n',
+            f'file = "{self.log_file}"\n'
+            + (f'\n[storage]\nurl = "{self.storage_url}"\n' if self.storage_url else ""),
             encoding="utf-8",
         )
 
@@ -374,6 +383,12 @@ class RelaygateServer:
         return ""
 
     def create_users(self) -> None:
+        if self.storage_url:
+            done = subprocess.run(
+                self.cli("migrate"), capture_output=True, text=True, timeout=120, check=False
+            )
+            if done.returncode != 0:
+                raise BenchError(f"relaygate migrate: {done.stderr.strip()[-300:]}")
         # The first one alone (it creates the database), then the rest in parallel.
         problems = [self._add_user(1)]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
@@ -463,6 +478,34 @@ class RelaygateServer:
             print(f"kept {self.tmp}", file=sys.stderr)
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- postgresql
+
+PG_ADMIN_URL = os.environ.get(
+    "RELAYGATE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+class ScratchPostgres:
+    """A database of its own on the local PostgreSQL, dropped at the end."""
+
+    def __init__(self) -> None:
+        import psycopg  # only this option needs it
+
+        self._psycopg = psycopg
+        self.name = f"relaygate_bench_{os.getpid()}_{int(time.time())}"
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{self.name}"')
+        base = PG_ADMIN_URL.rsplit("/", 1)[0]
+        self.url = f"{base}/{self.name}"
+        port = int(base.rsplit(":", 1)[1]) if base.count(":") > 1 else 5432
+        # Its CPU counts as the server's: the postmaster's tree (backends, WAL writer).
+        self.roots = sorted({topmost_same_program(pid) for pid in listening_pids(port)})
+
+    def drop(self) -> None:
+        with self._psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
 
 # ---------------------------------------------------------------- postfix
@@ -638,7 +681,9 @@ COLUMNS = (
 
 
 def table_rows(
-    measurements: list[Measurement], ratios: dict[str, dict[str, float | None]]
+    measurements: list[Measurement],
+    ratios: dict[str, dict[str, float | None]],
+    pg_ratios: dict[str, dict[str, float | None]] | None = None,
 ) -> list[list[str]]:
     rows: list[list[str]] = []
     for scenario in SCENARIOS:
@@ -648,12 +693,13 @@ def table_rows(
             row = [scenario, m.target] + [cell(figures[key]) for key, _ in COLUMNS]
             row.append(str(failed) if m.ok else f"ERROR: {m.error[:60]}")
             rows.append(row)
-        if scenario in ratios:
-            rows.append(
-                [scenario, "ratio r/p"]
-                + [cell(ratios[scenario].get(key)) for key, _ in COLUMNS[:-1]]
-                + ["", ""]
-            )
+        for label, table in (("ratio r/p", ratios), ("ratio pg/sqlite", pg_ratios or {})):
+            if scenario in table:
+                rows.append(
+                    [scenario, label]
+                    + [cell(table[scenario].get(key)) for key, _ in COLUMNS[:-1]]
+                    + ["", ""]
+                )
     return rows
 
 
@@ -676,14 +722,16 @@ def format_table(rows: list[list[str]]) -> str:
     return render_table(header, rows, left=2)
 
 
-def compute_ratios(measurements: list[Measurement]) -> dict[str, dict[str, float | None]]:
+def compute_ratios(
+    measurements: list[Measurement], ours_name: str = "relaygate", theirs_name: str = "postfix"
+) -> dict[str, dict[str, float | None]]:
     ratios: dict[str, dict[str, float | None]] = {}
     for scenario in SCENARIOS:
         ours = next(
-            (m for m in measurements if m.scenario == scenario and m.target == "relaygate"), None
+            (m for m in measurements if m.scenario == scenario and m.target == ours_name), None
         )
         theirs = next(
-            (m for m in measurements if m.scenario == scenario and m.target == "postfix"), None
+            (m for m in measurements if m.scenario == scenario and m.target == theirs_name), None
         )
         if ours is None or theirs is None or not ours.ok or not theirs.ok:
             continue
@@ -720,6 +768,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--procs", type=int, default=1, help="load generator processes")
     parser.add_argument("--no-uvloop", action="store_true", help="load generator without uvloop")
     parser.add_argument("--compare-postfix", action="store_true", help="also bench Postfix")
+    parser.add_argument(
+        "--compare-postgres",
+        action="store_true",
+        help="also bench relaygate on PostgreSQL ([storage] url, a scratch database on"
+        " $RELAYGATE_TEST_POSTGRES); its CPU includes PostgreSQL's",
+    )
     parser.add_argument(
         "--relaygate-only-port",
         type=int,
@@ -769,6 +823,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems: list[str] = []
     measurements: list[Measurement] = []
     server: RelaygateServer | None = None
+    pg_server: RelaygateServer | None = None
+    scratch: ScratchPostgres | None = None
     postfix: PostfixServer | None = None
     info: dict[str, Any] = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -807,6 +863,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "workers": args.workers,
                     "config": server.config.read_text(),
                 }
+            if args.compare_postgres:
+                scratch = ScratchPostgres()
+                pg_server = RelaygateServer(
+                    args.python, args.workers, args.users, args.log_level, scratch.url
+                )
+                pg_server.write_config()
+                print(f"creating {args.users} users on PostgreSQL ...", file=sys.stderr)
+                pg_server.create_users()
+                pg_server.start()
+                assert pg_server.process is not None
+                pg_port = (
+                    pg_server.starttls_port if args.mode == "starttls" else pg_server.implicit_port
+                )
+                targets.append(
+                    Target(
+                        "relaygate-pg", pg_port, args.mode, [pg_server.process.pid, *scratch.roots]
+                    )
+                )
             if args.compare_postfix:
                 postfix = PostfixServer()
                 print("starting Postfix + Dovecot ...", file=sys.stderr)
@@ -847,15 +921,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if log_lines:
                     info["relaygate"]["log_problems"] = log_lines
                 server.cleanup(args.keep_temp or bool(problems))
+            if pg_server is not None:
+                stop_problem = pg_server.stop()
+                if stop_problem:
+                    problems.append(f"on PostgreSQL: {stop_problem}")
+                pg_problems = pg_server.log_problems()
+                if pg_problems:
+                    info.setdefault("relaygate-pg", {})["log_problems"] = pg_problems
+                pg_server.cleanup(args.keep_temp or bool(problems))
+            if scratch is not None:
+                scratch.drop()
             if postfix is not None:
                 stop_problem = postfix.stop()
                 if stop_problem:
                     problems.append(stop_problem)
 
     ratios = compute_ratios(measurements)
+    pg_ratios = compute_ratios(measurements, "relaygate-pg", "relaygate")
     if measurements:
         print()
-        print(format_table(table_rows(measurements, ratios)))
+        print(format_table(table_rows(measurements, ratios, pg_ratios)))
         print()
         for m in measurements:
             for reason, count in sorted(m.load.get("failed", {}).items()):
@@ -881,6 +966,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scenarios": {name: SCENARIOS[name][2] for name in scenarios},
         "results": [m.to_json() for m in measurements],
         "ratios_relaygate_over_postfix": ratios,
+        "ratios_postgresql_over_sqlite": pg_ratios,
         "problems": problems,
     }
     args.results_dir.mkdir(parents=True, exist_ok=True)

@@ -17,14 +17,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar, cast
 
-from relaygate import logs, message, policy, quotas
+from relaygate import logs
 from relaygate.accounts.credentials import Credential
 from relaygate.accounts.store import Account
 from relaygate.eventloop import LARGE_BLOCK, release_memory_soon
-from relaygate.quotas import Scope, Usage, account_scope, credential_scope
 from relaygate.sasl import Rejected, StoredKeys, Verified
 from relaygate.server.tls import cipher_info
 from relaygate.services.login import LoginResult, failure_delay, login_problem
+from relaygate.services.submission import Arrival, Envelope, Login, Refusal
 from relaygate.smtp import replies
 from relaygate.smtp.events import (
     AuthRequest,
@@ -37,7 +37,7 @@ from relaygate.smtp.events import (
     StartTLS,
 )
 from relaygate.smtp.session import PROXY_NOT_EXPECTED_REASON, Session, Settings, State
-from relaygate.spool import SpooledMessage, SpoolError, new_queue_id
+from relaygate.spool import SpooledMessage, SpoolError
 from relaygate.throttle import Reservation
 
 if TYPE_CHECKING:
@@ -77,10 +77,7 @@ class SMTPConnection(asyncio.Protocol):
         # header's address, and the balancer is ``proxy_peer``.
         self.client_ip = client_ip or "?"
         self.proxy_peer = proxy_peer
-        self.account: Account | None = None
-        self.credential: Credential | None = None
-        self.senders: tuple[str, ...] = ()  # what this login may send as
-        self.scopes: list[Scope] = []  # sending limits that apply to this login
+        self.login: Login | None = None  # who is sending, under which rules
         self.new_recipients: list[str] = []  # first-time recipients in this transaction
         self.tls_version: str | None = None
         self.tls_cipher: str | None = None
@@ -100,6 +97,14 @@ class SMTPConnection(asyncio.Protocol):
         self.decision_deadline = 0.0
         self._reservation: Reservation | None = None  # a SCRAM exchange's throttle slot
         self.login_generation = 0  # the account-change signal when we logged in
+
+    @property
+    def account(self) -> Account | None:
+        return self.login.account if self.login is not None else None
+
+    @property
+    def credential(self) -> Credential | None:
+        return self.login.credential if self.login is not None else None
 
     # -------------------------------------------------------------- asyncio
 
@@ -431,10 +436,7 @@ class SMTPConnection(asyncio.Protocol):
         }
         account = result.account
         if account is not None:
-            self.account = account
-            self.credential = result.credential
-            self.senders = result.senders
-            self.scopes = self._quota_scopes(account, result.credential)
+            self.login = self.worker.submission.login(account, result.credential)
             self.login_generation = self.worker.generation()
             self.session.auth_succeeded(account.address)
             logs.event(
@@ -493,16 +495,6 @@ class SMTPConnection(asyncio.Protocol):
             return
         self.session.auth_failed(reply)
 
-    def _quota_scopes(self, account: Account, credential: Credential | None) -> list[Scope]:
-        scopes = [account_scope(account.address, account.limits, self.worker.config.sending_limits)]
-        if credential is not None:
-            scope = credential_scope(
-                credential.id, credential.name, account.address, credential.limits
-            )
-            if scope is not None:
-                scopes.append(scope)
-        return scopes
-
     # -------------------------------------------------------------- submission
 
     def _on_sender(self, event: SenderRequest) -> None:
@@ -552,10 +544,7 @@ class SMTPConnection(asyncio.Protocol):
             self._login_revoked(problem)
             return
         assert account is not None
-        self.account = account
-        self.credential = credential
-        self.senders = LoginResult(account, "ok", credential=credential).senders
-        self.scopes = self._quota_scopes(account, credential)
+        self.login = self.worker.submission.login(account, credential)
         self.login_generation = generation
         then()
 
@@ -571,24 +560,22 @@ class SMTPConnection(asyncio.Protocol):
             reason=problem,
             reply="530",
         )
-        self.account = None
-        self.credential = None
-        self.senders = ()
-        self.scopes = []
+        self.login = None
         self.session.logout(replies.login_revoked(problem))
 
     def _check_sender(self, event: SenderRequest) -> None:
-        reply = policy.envelope_sender_refusal(self.senders, event.address)
-        if reply is not None:
-            self._refuse_sender(event, reply, "sender")
+        login = self.login
+        assert login is not None
+        submission = self.worker.submission
+        refusal = submission.sender_refusal(login, event.address)
+        if refusal is not None:
+            self._refuse_sender(event, refusal.reply, refusal.reason)
             return
-        scopes = self.scopes
-        if not quotas.message_limited(scopes):
+        work = submission.sender_limits(login)
+        if work is None:
             self.new_recipients = []
             self.session.accept_sender()
             return
-        now = time.time()
-        work = self.worker.storage.counters.check_message(scopes, now)
         self._decide(work, functools.partial(self._sender_checked, event))
 
     def _sender_checked(self, event: SenderRequest, future: asyncio.Future[bytes | None]) -> None:
@@ -613,21 +600,17 @@ class SMTPConnection(asyncio.Protocol):
         )
 
     def _on_recipient(self, event: RecipientRequest) -> None:
-        account = self.account
-        assert account is not None
-        scopes = self.scopes
-        if not quotas.recipient_limited(scopes):
+        login = self.login
+        assert login is not None
+        work = self.worker.submission.recipient_limits(
+            login,
+            event.address,
+            accepted_so_far=len(self.session.recipients),
+            new_so_far=len(self.new_recipients),
+        )
+        if work is None:
             self.session.accept_recipient()
             return
-        accepted, new, now = len(self.session.recipients), len(self.new_recipients), time.time()
-        work = self.worker.storage.counters.check_recipient(
-            scopes,
-            account.address,
-            event.address,
-            accepted_so_far=accepted,
-            new_so_far=new,
-            now=now,
-        )
         self._decide(work, functools.partial(self._recipient_checked, event))
 
     def _recipient_checked(
@@ -655,67 +638,35 @@ class SMTPConnection(asyncio.Protocol):
         self._with_valid_login(functools.partial(self._accept_message, event))
 
     def _accept_message(self, event: MessageReady) -> None:
-        account = self.account
-        assert account is not None
-        summary = message.summarize(event.body)
-        refusal = policy.header_sender_refusal(self.senders, summary)
-        if refusal is not None:
-            self.session.refuse(refusal)
+        login = self.login
+        assert login is not None
+        submission = self.worker.submission
+        prepared = submission.prepare(
+            login,
+            Arrival(
+                helo=self.session.helo_name,
+                client_ip=self.client_ip,
+                esmtp=self.session.esmtp,
+                tls_version=self.tls_version,
+                tls_cipher=self.tls_cipher,
+            ),
+            Envelope(event.mail_from, event.recipients, event.smtputf8, event.eight_bit),
+            event.body,
+            self.new_recipients,
+        )
+        if isinstance(prepared, Refusal):
+            self.session.refuse(prepared.reply)
             logs.event(
                 "message.refused",
                 session=self.session_id,
                 client_ip=self.client_ip,
-                user=account.address,
+                user=login.account.address,
                 mail_from=event.mail_from,
-                reply=replies.status(refusal),
-                reason=replies.text(refusal),
+                reply=replies.status(prepared.reply),
+                reason=replies.text(prepared.reply),
             )
             return
-        now = time.time()
-        queue_id = new_queue_id(now)
-        date = message.rfc5322_date(now)
-        received = message.received_header(
-            message.ReceivedInfo(
-                helo=self.session.helo_name,
-                client_ip=self.client_ip,
-                hostname=self.settings.hostname,
-                queue_id=queue_id,
-                esmtp=self.session.esmtp,
-                tls_version=self.tls_version,
-                tls_cipher=self.tls_cipher,
-                user=account.address,
-                recipients=tuple(event.recipients),
-                smtputf8=event.smtputf8,
-            ),
-            date,
-        )
-        added = message.added_fields(
-            summary, queue_id=queue_id, hostname=self.settings.hostname, date=date
-        )
-        # New recipients were looked up at RCPT only if a limit needed it; the
-        # spool's insert decides what is new either way (quotas.record_many).
-        candidates = (
-            self.new_recipients if quotas.recipient_limited(self.scopes) else event.recipients
-        )
-        stored = SpooledMessage(
-            id=queue_id,
-            account=account.address,
-            client_ip=self.client_ip,
-            mail_from=event.mail_from,
-            recipients=event.recipients,
-            subject=summary.subject,
-            header=received + added,
-            body=event.body,
-            created_at=now,
-            status="captured" if self.worker.config.delivery.mode == "capture" else "queued",
-            credential=self.credential.name if self.credential else None,
-            smtputf8=event.smtputf8,
-            body_8bit=event.eight_bit,
-            usage=Usage(self.scopes, account.address, event.recipients, candidates, now),
-        )
-        self._decide(
-            self.worker.storage.acceptance.store(stored), functools.partial(self._stored, stored)
-        )
+        self._decide(submission.accept(prepared), functools.partial(self._stored, prepared))
 
     def _stored(self, stored: SpooledMessage, future: asyncio.Future[None]) -> None:
         error = future.exception()

@@ -28,6 +28,7 @@ from relaygate.server.connlimit import ConnectionLimiter
 from relaygate.server.listener import ProxyListener
 from relaygate.server.tls import certificate_pairs, end_point_binding, server_context
 from relaygate.services.login import LoginService
+from relaygate.services.submission import SubmissionService
 from relaygate.smtp.session import Settings
 from relaygate.storage.errors import STORAGE_ERRORS
 from relaygate.storage.node import NodeStorage, open_node_storage
@@ -76,6 +77,7 @@ class Worker:
         # Made in run(), before any listener: the storage may need a round trip.
         self.storage: NodeStorage
         self.logins: LoginService
+        self.submission: SubmissionService
 
     async def _open_storage(self) -> None:
         """Every storage call made while serving runs off the event loop (a thread,
@@ -83,6 +85,13 @@ class Worker:
         config = self.config
         self.storage = await open_node_storage(
             config, self.loop, deliver=config.delivery.mode != "capture"
+        )
+        self.submission = SubmissionService(
+            hostname=config.hostname,
+            sending_limits=config.sending_limits,
+            capture=config.delivery.mode == "capture",
+            counters=self.storage.counters,
+            acceptance=self.storage.acceptance,
         )
         self.logins = LoginService(
             accounts=self.storage.accounts,

@@ -1,0 +1,193 @@
+"""Submitting mail: what a logged-in sender may send, and accepting it.
+
+The SMTP connection driver asks; this module decides. The rules in order:
+
+- a login becomes a ``Login``: the account, the app credential if one was
+  used, the sender patterns it may use (a credential may narrow the
+  account's) and the sending-limit scopes that count its mail (the account's,
+  and a credential's own when it has limits);
+- MAIL FROM must match a sender pattern (sender binding), and no limit of the
+  day or hour may be reached;
+- each RCPT must keep the daily recipient limits (and the new-recipient one
+  for an address never sent to before);
+- at the end of DATA the From: header must match a sender pattern too; the
+  message gets our Received (and a Message-ID and Date when it has none),
+  is captured or queued as the delivery mode says, and counts against the
+  limits in the same unit of work that stores it (storage.api.Acceptance).
+
+Reads that need storage are awaitables; a login without limits needs none,
+so the common path costs no round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+
+from relaygate import message, policy, quotas
+from relaygate.accounts.credentials import Credential
+from relaygate.accounts.store import Account
+from relaygate.config import SendingLimits
+from relaygate.quotas import Scope, Usage, account_scope, credential_scope
+from relaygate.spool import SpooledMessage, new_queue_id
+from relaygate.storage.api import Acceptance, SendingCounters
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """Who is sending, and under which rules."""
+
+    account: Account
+    credential: Credential | None
+    senders: tuple[str, ...]  # the patterns MAIL FROM and From: must match
+    scopes: tuple[Scope, ...]  # the sending limits that count this login's mail
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """How a message reached us, for its Received field."""
+
+    helo: str
+    client_ip: str
+    esmtp: bool
+    tls_version: str | None
+    tls_cipher: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    mail_from: str
+    recipients: list[str]
+    smtputf8: bool
+    eight_bit: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    reply: bytes
+    reason: str  # for the log: sender, quota, header_from
+
+
+class SubmissionService:
+    def __init__(
+        self,
+        *,
+        hostname: str,
+        sending_limits: SendingLimits,
+        capture: bool,
+        counters: SendingCounters,
+        acceptance: Acceptance,
+    ) -> None:
+        self._hostname = hostname
+        self._defaults = sending_limits
+        self._capture = capture  # capture mode: messages stay here, nothing is queued
+        self._counters = counters
+        self._acceptance = acceptance
+
+    def login(self, account: Account, credential: Credential | None) -> Login:
+        scopes = [account_scope(account.address, account.limits, self._defaults)]
+        senders = account.senders
+        if credential is not None:
+            senders = credential.effective_senders(account.senders)
+            scope = credential_scope(
+                credential.id, credential.name, account.address, credential.limits
+            )
+            if scope is not None:
+                scopes.append(scope)
+        return Login(account, credential, senders, tuple(scopes))
+
+    # ------------------------------------------------------------ MAIL, RCPT
+
+    def sender_refusal(self, login: Login, address: str) -> Refusal | None:
+        """Sender binding: may this login use ``address`` as MAIL FROM?"""
+        reply = policy.envelope_sender_refusal(login.senders, address)
+        return None if reply is None else Refusal(reply, "sender")
+
+    def sender_limits(self, login: Login) -> Awaitable[bytes | None] | None:
+        """The limit check MAIL needs (a refusal or None), or None if no limit applies."""
+        if not quotas.message_limited(login.scopes):
+            return None
+        return self._counters.check_message(login.scopes, time.time())
+
+    def recipient_limits(
+        self, login: Login, recipient: str, *, accepted_so_far: int, new_so_far: int
+    ) -> Awaitable[tuple[bytes | None, bool]] | None:
+        """The check RCPT needs: (a refusal or None, whether the recipient is new for
+        the account); None if no recipient limit applies."""
+        if not quotas.recipient_limited(login.scopes):
+            return None
+        return self._counters.check_recipient(
+            login.scopes,
+            login.account.address,
+            recipient,
+            accepted_so_far=accepted_so_far,
+            new_so_far=new_so_far,
+            now=time.time(),
+        )
+
+    # ------------------------------------------------------------ end of DATA
+
+    def prepare(
+        self,
+        login: Login,
+        arrival: Arrival,
+        envelope: Envelope,
+        body: bytes | bytearray,
+        new_recipients: Sequence[str],
+    ) -> SpooledMessage | Refusal:
+        """The message as it will be stored, or why it is refused (From: binding).
+
+        ``new_recipients`` are those RCPT found new when a limit needed to know;
+        without such a limit every recipient is a candidate and the store decides.
+        """
+        summary = message.summarize(body)
+        refusal = policy.header_sender_refusal(login.senders, summary)
+        if refusal is not None:
+            return Refusal(refusal, "header_from")
+        now = time.time()
+        queue_id = new_queue_id(now)
+        date = message.rfc5322_date(now)
+        received = message.received_header(
+            message.ReceivedInfo(
+                helo=arrival.helo,
+                client_ip=arrival.client_ip,
+                hostname=self._hostname,
+                queue_id=queue_id,
+                esmtp=arrival.esmtp,
+                tls_version=arrival.tls_version,
+                tls_cipher=arrival.tls_cipher,
+                user=login.account.address,
+                recipients=tuple(envelope.recipients),
+                smtputf8=envelope.smtputf8,
+            ),
+            date,
+        )
+        added = message.added_fields(summary, queue_id=queue_id, hostname=self._hostname, date=date)
+        candidates = (
+            list(new_recipients)
+            if quotas.recipient_limited(login.scopes)
+            else list(envelope.recipients)
+        )
+        address = login.account.address
+        return SpooledMessage(
+            id=queue_id,
+            account=address,
+            client_ip=arrival.client_ip,
+            mail_from=envelope.mail_from,
+            recipients=envelope.recipients,
+            subject=summary.subject,
+            header=received + added,
+            body=body,
+            created_at=now,
+            status="captured" if self._capture else "queued",
+            credential=login.credential.name if login.credential else None,
+            smtputf8=envelope.smtputf8,
+            body_8bit=envelope.eight_bit,
+            usage=Usage(login.scopes, address, envelope.recipients, candidates, now),
+        )
+
+    def accept(self, stored: SpooledMessage) -> asyncio.Future[None]:
+        """Completes once the message (and what it counts) is durable: then 250."""
+        return self._acceptance.store(stored)
