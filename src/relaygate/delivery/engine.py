@@ -25,6 +25,7 @@ from collections import defaultdict, deque
 import aiosmtplib
 
 from relaygate import logs, message
+from relaygate.accepted import new_queue_id
 from relaygate.config import Config
 from relaygate.delivery import dsn, remote_text
 from relaygate.delivery import queue as q
@@ -35,7 +36,6 @@ from relaygate.delivery.mx import MXResolver, PermanentDNSError, TemporaryDNSErr
 from relaygate.delivery.outbound import DeliveryError, Plan, open_connection, smarthost_plan
 from relaygate.delivery.remote_text import clean
 from relaygate.eventloop import new_event_loop
-from relaygate.spool import new_queue_id
 from relaygate.storage import bodies
 from relaygate.storage import sqlite as storage
 

@@ -15,16 +15,19 @@ import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import Protocol, TypeVar, cast
 
 from relaygate import logs
+from relaygate.accepted import SpooledMessage, SpoolError
 from relaygate.accounts.credentials import Credential
 from relaygate.accounts.store import Account
+from relaygate.config import Config
 from relaygate.eventloop import LARGE_BLOCK, release_memory_soon
 from relaygate.sasl import Rejected, StoredKeys, Verified
+from relaygate.server.connlimit import ConnectionLimiter
 from relaygate.server.tls import cipher_info
-from relaygate.services.login import LoginResult, failure_delay, login_problem
-from relaygate.services.submission import Arrival, Envelope, Login, Refusal
+from relaygate.services.login import LoginResult, LoginService, failure_delay, login_problem
+from relaygate.services.submission import Arrival, Envelope, Login, Refusal, SubmissionService
 from relaygate.smtp import replies
 from relaygate.smtp.events import (
     AuthRequest,
@@ -37,11 +40,30 @@ from relaygate.smtp.events import (
     StartTLS,
 )
 from relaygate.smtp.session import PROXY_NOT_EXPECTED_REASON, Session, Settings, State
-from relaygate.spool import SpooledMessage, SpoolError
 from relaygate.throttle import Reservation
 
-if TYPE_CHECKING:
-    from relaygate.server.worker import Worker
+
+class ConnectionHost(Protocol):
+    """What a connection needs from the worker process that serves it (server/worker.py).
+
+    A protocol, not the Worker class: the worker makes connections, so the
+    connection must not import it back.
+    """
+
+    loop: asyncio.AbstractEventLoop
+    config: Config
+    connections: set[SMTPConnection]
+    draining: bool
+    max_connections: int
+    tls_context: ssl.SSLContext
+    limiter: ConnectionLimiter | None
+    logins: LoginService
+    submission: SubmissionService
+
+    def generation(self) -> int:
+        """The account-change signal's value (accounts/changes.py)."""
+        ...
+
 
 # Refusals worth a log line at info level; syntax noise goes to debug.
 _LOGGED_REFUSALS = frozenset({"MAIL", "RCPT", "DATA", "BDAT", "AUTH"})
@@ -59,7 +81,7 @@ T = TypeVar("T")
 class SMTPConnection(asyncio.Protocol):
     def __init__(
         self,
-        worker: Worker,
+        worker: ConnectionHost,
         settings: Settings,
         implicit_tls: bool,
         *,

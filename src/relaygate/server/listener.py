@@ -27,16 +27,12 @@ import logging
 import os
 import socket
 import ssl
-from typing import TYPE_CHECKING
 
 from relaygate import logs
 from relaygate.config import ListenerConfig
 from relaygate.server import proxy
-from relaygate.server.connection import SMTPConnection
+from relaygate.server.connection import ConnectionHost, SMTPConnection
 from relaygate.smtp.session import Settings
-
-if TYPE_CHECKING:
-    from relaygate.server.worker import Worker
 
 HEADER_TIMEOUT = 10.0  # seconds for the whole header (at most the command timeout)
 
@@ -73,7 +69,11 @@ class ProxyListener:
     """Accepts on one shared listening socket; each connection starts with a PROXY header."""
 
     def __init__(
-        self, worker: Worker, sock: socket.socket, listener: ListenerConfig, settings: Settings
+        self,
+        worker: ConnectionHost,
+        sock: socket.socket,
+        listener: ListenerConfig,
+        settings: Settings,
     ) -> None:
         self.worker = worker
         self.sock = sock

@@ -27,11 +27,11 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
 from relaygate import message, policy, quotas
+from relaygate.accepted import SpooledMessage, new_queue_id
 from relaygate.accounts.credentials import Credential
 from relaygate.accounts.store import Account
 from relaygate.config import SendingLimits
 from relaygate.quotas import Scope, Usage, account_scope, credential_scope
-from relaygate.spool import SpooledMessage, new_queue_id
 from relaygate.storage.api import Acceptance, SendingCounters
 
 

@@ -26,7 +26,7 @@ from relaygate.sasl import StoredKeys
 from relaygate.throttle import Reservation, Verdict, Wait
 
 if TYPE_CHECKING:
-    from relaygate.spool import SpooledMessage
+    from relaygate.accepted import SpooledMessage
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,9 +22,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from relaygate.accepted import SpooledMessage
 from relaygate.accounts import changes
 from relaygate.config import Config
-from relaygate.spool import Spool, SpooledMessage
+from relaygate.spool import Spool
 from relaygate.storage import sqlite as sqlite_storage
 from relaygate.storage.api import (
     Acceptance,

@@ -25,8 +25,8 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from relaygate.accepted import SpooledMessage, SpoolError
 from relaygate.quotas import counter_totals, fresh_recipients
-from relaygate.spool import SpooledMessage, SpoolError
 
 MAX_BATCH = 256
 
