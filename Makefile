@@ -18,9 +18,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 run: $(STAMP)
 	$(BIN)/relaygate serve
 
-## test: lint (ruff, mypy --strict) and the whole test suite
+# End-to-end modules run a second time with every server on PostgreSQL
+# (a database of its own each; RELAYGATE_TEST_POSTGRES says where).
+E2E_POSTGRES := accounts credentials clients scram refusals revocation large_messages \
+	login_races throttle proxy
+E2E_POSTGRES_FILES := $(foreach m,$(E2E_POSTGRES),tests/e2e/test_e2e_$(m).py)
+
+## test: lint (ruff, mypy --strict), the whole test suite, then the e2e storage modules on PostgreSQL
 test: lint
 	$(BIN)/pytest -q tests
+	RELAYGATE_E2E_STORAGE=postgresql $(BIN)/pytest -q -m "not sqlite_only" $(E2E_POSTGRES_FILES)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -17,6 +17,7 @@ Every wait here is bounded in time, and all traffic goes to 127.0.0.1.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -25,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import ssl
@@ -36,9 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import psycopg
 import scramp
 
 from relaygate.config import Config as RelaygateConfig
+from relaygate.storage.postgres import pool as postgres_pool
 
 HOST = "127.0.0.1"
 TLS_NAME = "localhost"  # the server's hostname, in its self-signed certificates
@@ -314,6 +318,31 @@ def relaxed_sections(
     return sections
 
 
+# Which storage backend the servers of this run use unless a test says (see Server).
+E2E_STORAGE = os.environ.get("RELAYGATE_E2E_STORAGE", "sqlite")
+
+
+def new_database() -> str:
+    """A new PostgreSQL database with relaygate's schema; its URL."""
+    name = "relaygate_e2e_" + secrets.token_hex(6)
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    asyncio.run(postgres_pool.migrate(url))
+    return url
+
+
+def drop_database(url: str) -> None:
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "RELAYGATE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
 class Server:
     """One ``relaygate serve`` process on two free ports (STARTTLS, implicit TLS)."""
 
@@ -338,6 +367,11 @@ class Server:
         self.workers = workers
         self.limits = dict(limits or {})
         self.sections = relaxed_sections(sections)
+        # RELAYGATE_E2E_STORAGE=postgresql: the same test on a database of its own.
+        self.scratch_database: str | None = None
+        if E2E_STORAGE == "postgresql" and "storage" not in self.sections:
+            self.scratch_database = new_database()
+            self.sections["storage"] = {"url": self.scratch_database}
         # Given: both listeners expect a PROXY header first, from these networks.
         self.proxy_trusted = list(proxy_trusted) if proxy_trusted is not None else None
         self.starttls_port, self.implicit_port = free_ports(2)
@@ -995,6 +1029,8 @@ class ServerPool:
         problems = []
         for server in self.servers:
             status = server.stop()
+            if server.scratch_database is not None:
+                drop_database(server.scratch_database)
             if status != 0:
                 problems.append(
                     f"{server!r}: exit status {status} after SIGTERM (expected 0; None = hung)"

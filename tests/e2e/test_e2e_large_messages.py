@@ -111,6 +111,7 @@ def _spill_message(marker: str, index: int) -> bytes:
     return head + line * (4000 + 3000 * (index % 4))
 
 
+@pytest.mark.sqlite_only
 def test_large_bodies_acknowledged_before_a_sigkill_are_whole_after_restart(
     fresh_servers: ServerPool,
 ) -> None:

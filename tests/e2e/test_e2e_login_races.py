@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+import pytest
 import scramp
 
 from relaygate.storage.sqlite import connect_state
@@ -164,6 +165,7 @@ def test_a_locked_throttle_database_freezes_nothing_else(fresh_servers: ServerPo
     assert session_login(server, ALICE.password) == "235 2.7.0"
 
 
+@pytest.mark.sqlite_only
 def test_a_locked_main_database_keeps_logins_and_ends_a_stuck_commit(
     fresh_servers: ServerPool,
 ) -> None:

@@ -32,6 +32,9 @@ from .security_helpers import (
     utc_window_keys,
 )
 
+# The tests move counter rows between windows in the server's SQLite file.
+pytestmark = pytest.mark.sqlite_only
+
 RCPT = "rcpt@example.net"
 QUOTA = "451 4.7.1"
 HOURLY = User("hourly@example.com", "Hourly-pw-2Df5gH8j")

@@ -18,6 +18,8 @@ from collections import Counter
 from itertools import pairwise
 from pathlib import Path
 
+import pytest
+
 from relaygate.config import AuthThrottleConfig
 
 from .helpers import (
@@ -219,6 +221,7 @@ def test_throttled_scram_reveals_nothing(fresh_servers: ServerPool) -> None:
 TIMING_SAMPLES = 24
 
 
+@pytest.mark.sqlite_only
 def test_failures_are_indistinguishable_by_reply_and_time(fresh_servers: ServerPool) -> None:
     """Unknown user, wrong password, disabled account (with its right password): the same
     reply, and the same time to it, with argon2id at relaygate's default cost."""

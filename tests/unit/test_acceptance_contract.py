@@ -163,10 +163,14 @@ def test_accepted_messages_are_readable_with_their_queue_rows(backend: Backend) 
     now = time.time()
     small = _message(["r@example.net", "s@example.net", "t@example.org"], now=now)
     large = _message(["r@example.net"], now=now, size=bodies.SPILL_BYTES)
+    # Over a MiB: PostgreSQL stores it in pieces (storage/postgres/bodies.py).
+    huge = _message(["r@example.net"], now=now, size=2 * 1024 * 1024 + 12345)
 
     async def work(b: Backend) -> None:
-        await asyncio.gather(b.acceptance.store(small), b.acceptance.store(large))
-        for m in (small, large):
+        await asyncio.gather(
+            b.acceptance.store(small), b.acceptance.store(large), b.acceptance.store(huge)
+        )
+        for m in (small, large, huge):
             record = await b.log.get(m.id)
             assert record is not None and record.status == "queued"
             assert record.size == m.size
@@ -177,7 +181,7 @@ def test_accepted_messages_are_readable_with_their_queue_rows(backend: Backend) 
     assert (small.id, "example.net", '["r@example.net","s@example.net"]') in rows
     assert (small.id, "example.org", '["t@example.org"]') in rows
     assert (large.id, "example.net", '["r@example.net"]') in rows
-    assert len(rows) == 3
+    assert len(rows) == 4
 
 
 def test_many_sessions_at_once_share_commits_and_all_are_stored(backend: Backend) -> None:
@@ -246,3 +250,34 @@ def test_after_close_nothing_more_is_taken(backend: Backend) -> None:
             await b.acceptance.store(_message(["r@example.net"], now=now))
 
     run(backend, work)
+
+
+def test_postgresql_reads_a_large_body_piece_by_piece_and_only_the_head_when_asked(
+    tmp_path: Path,
+) -> None:
+    from relaygate.storage.postgres import bodies as pg_bodies
+
+    now = time.time()
+    huge = _message(["r@example.net"], now=now, size=3 * pg_bodies.CHUNK_BYTES + 7)
+    whole = huge.header + bytes(huge.body)
+    with scratch_database() as url:
+        backend = Postgres(url)
+
+        async def work(b: Backend) -> None:
+            await b.acceptance.store(huge)
+            storage = await PostgresStorage.open(url, 1, _nothing)
+            try:
+                async with storage.pool.connection() as connection:
+                    assert await pg_bodies.read(connection, huge.id) == whole
+                    assert await pg_bodies.read(connection, huge.id, limit=100) == whole[:100]
+                    head = await pg_bodies.read(connection, huge.id, limit=pg_bodies.CHUNK_BYTES)
+                    assert head == whole[: pg_bodies.CHUNK_BYTES]
+                    assert await pg_bodies.read(connection, "NOPE") is None
+                    rows = await connection.execute(
+                        "SELECT count(*) FROM message_body_chunks WHERE id = %s", (huge.id,)
+                    )
+                    assert await rows.fetchone() == (4,)
+            finally:
+                await storage.close()
+
+        run(backend, work)

@@ -9,10 +9,10 @@ delivery queue rows, and the sending counters they add. The future of each
 message completes only after COMMIT returned: that is when 250 may be sent.
 
 Bodies are sent as binary parameters straight from the session's buffer
-(the header we add is a separate column), so a large message is not copied
-into a second buffer on its way; PostgreSQL keeps it in message_bodies
-(TOAST, compressed). Counter and known-recipient rows are written in sorted
-order so two nodes' commits never wait on each other in opposite orders.
+(the header we add is a separate column), large ones in pieces (bodies.py),
+so a large message is neither copied whole nor left behind in libpq's
+buffers. Counter and known-recipient rows are written in sorted order so two
+nodes' commits never wait on each other in opposite orders.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from relaygate.accepted import SpooledMessage, SpoolError
 from relaygate.quotas import counter_totals, fresh_recipients
+from relaygate.storage.postgres import bodies
 
 MAX_BATCH = 256
 
@@ -121,10 +122,15 @@ class PostgresAcceptance:
                     for m in messages
                 ],
             )
-            await cursor.executemany(
-                "INSERT INTO message_bodies (id, header, body) VALUES (%s, %b, %b)",
-                [(m.id, m.header, m.body) for m in messages],
-            )
+            small = [m for m in messages if len(m.body) < bodies.CHUNK_BYTES]
+            if small:
+                await cursor.executemany(
+                    "INSERT INTO message_bodies (id, header, body) VALUES (%s, %b, %b)",
+                    [(m.id, m.header, m.body) for m in small],
+                )
+            for m in messages:
+                if len(m.body) >= bodies.CHUNK_BYTES:
+                    await bodies.write(cursor, m.id, m.header, m.body)
             if self._deliver:
                 await enqueue_many(cursor, [(m.id, m.recipients) for m in messages], messages)
             usages = [m.usage for m in messages if m.usage is not None]

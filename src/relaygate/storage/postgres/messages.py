@@ -12,6 +12,7 @@ from relaygate.storage.api import (
     MessageRecord,
     record_from_row,
 )
+from relaygate.storage.postgres import bodies
 
 
 def _record(row: tuple[Any, ...]) -> MessageRecord:
@@ -45,12 +46,7 @@ class PostgresMessageLog:
 
     async def body(self, message_id: str) -> bytes | None:
         async with self._pool.connection() as connection:
-            cursor = await connection.execute(
-                "SELECT header, body FROM message_bodies WHERE id = %s", (message_id,)
-            )
-            row = await cursor.fetchone()
-        # Stored apart (acceptance sends the client's buffer as it is); one copy here.
-        return None if row is None else bytes(row[0]) + bytes(row[1])
+            return await bodies.read(connection, message_id)
 
     async def history(self, message_id: str) -> list[DeliveryAttempt]:
         async with self._pool.connection() as connection:

@@ -148,6 +148,15 @@ CREATE TABLE dkim_keys (
     created_at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (domain, selector, key_type)
 );
+-- Large bodies in pieces (storage/postgres/bodies.py): libpq keeps its buffers
+-- as large as the largest value it has carried, for the connection's life.
+ALTER TABLE message_bodies ADD COLUMN chunks INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE message_body_chunks (
+    id   TEXT NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    seq  INTEGER NOT NULL,
+    data BYTEA NOT NULL,
+    PRIMARY KEY (id, seq)
+);
 """,
 }
 SCHEMA_VERSION = max(STEPS)
