@@ -64,6 +64,7 @@ from relaygate.storage.copy import CopyError, copy_to_postgres
 from relaygate.storage.node import open_admin_storage
 from relaygate.storage.postgres import pool as postgres_pool
 from relaygate.storage.postgres.backend import PostgresStorage
+from relaygate.storage.postgres.dkim import where as dkim_key_where
 from relaygate.storage.postgres.nodes import ALIVE_FOR as NODE_ALIVE_FOR
 from relaygate.storage.postgres.pool import PostgresUnavailable
 from relaygate.storage.sqlite import DatabaseError, connect
@@ -943,20 +944,43 @@ def _messages_show(args: argparse.Namespace, config: Config) -> int:
 
 def _dkim_keys(config: Config) -> dict[str, list[DKIMKey]]:
     try:
-        return load_keys(key_directory(config.data_dir))
+        if config.storage.url is None:
+            return load_keys(key_directory(config.data_dir))
+        return _with_postgres(config, lambda store: store.dkim_keys.load())
     except DKIMError as exc:
         raise CommandError(str(exc)) from None
 
 
 def _dkim_file(config: Config, key: DKIMKey) -> str:
+    if config.storage.url is not None:
+        return dkim_key_where(key)
     return str(key_path(key_directory(config.data_dir), key.domain, key.selector, key.key_type))
+
+
+def _with_postgres(config: Config, work: Callable[[PostgresStorage], Awaitable[T]]) -> T:
+    async def run() -> T:
+        store = await open_admin_storage(config)
+        assert isinstance(store, PostgresStorage)
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
 
 
 def _dkim_generate(args: argparse.Namespace, config: Config) -> int:
     try:
-        key, record = generate_key(
-            key_directory(config.data_dir), args.domain, args.selector, args.algorithm
-        )
+        if config.storage.url is None:
+            key, record = generate_key(
+                key_directory(config.data_dir), args.domain, args.selector, args.algorithm
+            )
+        else:
+            key = _with_postgres(
+                config,
+                lambda store: store.dkim_keys.generate(args.domain, args.selector, args.algorithm),
+            )
+            record = txt_record(key)
     except DKIMError as exc:
         raise CommandError(str(exc)) from None
     print(f"wrote {key.key_type} key for {key.domain}, selector {key.selector}, to")

@@ -255,3 +255,18 @@ def test_database_gone_temporary_failures_then_recovery_without_a_restart(
             ).fetchone()
         assert row == (2,)
         assert node.log_events("message.error") and node.log_events("auth.error")
+
+
+def test_dkim_keys_made_on_one_node_are_every_node_s(database: str, tmp_path: Path) -> None:
+    one = Server(tmp_path / "dkim-one", sections=_storage(database))
+    two = Server(tmp_path / "dkim-two", sections=_storage(database))
+    one.cli("migrate")
+    made = one.cli("dkim", "generate", "Example.COM")
+    assert "database: example.com/" in made.stdout and "v=DKIM1; k=rsa" in made.stdout
+    one.cli("dkim", "generate", "example.com", "--algorithm", "ed25519")
+    again = one.cli("dkim", "generate", "example.com", check=False)
+    assert again.returncode == 2 and "already" in again.stderr
+    listed = json.loads(two.cli("dkim", "list", "--json").stdout)
+    assert sorted(k["algorithm"] for k in listed) == ["ed25519-sha256", "rsa-sha256"]
+    assert all(k["domain"] == "example.com" for k in listed)
+    assert not (two.data_dir / "dkim").exists()  # nothing on the node's disk

@@ -150,6 +150,35 @@ def key_path(directory: Path, domain: str, selector: str, key_type: KeyType) -> 
 # ----------------------------------------------------------------- key files
 
 
+def new_key(
+    domain: str, selector: str | None = None, algorithm: KeyType = "rsa"
+) -> tuple[DKIMKey, bytes]:
+    """A new key and its private key as PEM (PKCS#8), not stored anywhere yet.
+
+    The selector defaults to :data:`DEFAULT_SELECTORS` of the algorithm.
+    """
+    if algorithm not in KEY_TYPES:
+        raise DKIMError(f"unknown algorithm: {algorithm!r}: use rsa or ed25519")
+    domain = normalize_domain(domain)
+    selector = normalize_selector(DEFAULT_SELECTORS[algorithm] if selector is None else selector)
+    key = DKIMKey(
+        domain,
+        selector,
+        ALGORITHMS[algorithm],
+        (
+            rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
+            if algorithm == "rsa"
+            else ed25519.Ed25519PrivateKey.generate()
+        ),
+    )
+    pem = key.private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return key, pem
+
+
 def generate_key(
     directory: Path,
     domain: str,
@@ -158,9 +187,8 @@ def generate_key(
 ) -> tuple[DKIMKey, str]:
     """Create a key file under ``directory``; return the key and its DNS TXT record.
 
-    The selector defaults to :data:`DEFAULT_SELECTORS` of the algorithm. Never
-    replaces an existing key file, nor reuses a selector of the domain's other
-    key type (DKIMError): a published key must not change under its selector.
+    Never replaces an existing key file, nor reuses a selector of the domain's
+    other key type (DKIMError): a published key must not change under its selector.
     """
     if algorithm not in KEY_TYPES:
         raise DKIMError(f"unknown algorithm: {algorithm!r}: use rsa or ed25519")
@@ -173,23 +201,8 @@ def generate_key(
                 f"{existing}: {domain} has a key with selector {selector!r} already;"
                 " choose another selector (keys are never replaced)"
             )
-    key = DKIMKey(
-        domain,
-        selector,
-        ALGORITHMS[algorithm],
-        (
-            rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
-            if algorithm == "rsa"
-            else ed25519.Ed25519PrivateKey.generate()
-        ),
-    )
-    path = key_path(directory, key.domain, key.selector, algorithm)
-    pem = key.private_key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    _write_new_file(path, pem)
+    key, pem = new_key(domain, selector, algorithm)
+    _write_new_file(key_path(directory, key.domain, key.selector, algorithm), pem)
     return key, txt_record(key)
 
 
@@ -218,8 +231,13 @@ def _write_new_file(path: Path, data: bytes) -> None:
 
 
 def load_key(path: Path, domain: str, selector: str, key_type: KeyType) -> DKIMKey:
+    return key_from_pem(path.read_bytes(), domain, selector, key_type, str(path))
+
+
+def key_from_pem(pem: bytes, domain: str, selector: str, key_type: KeyType, path: str) -> DKIMKey:
+    """A key from its PEM text; ``path`` names where it came from in errors."""
     try:
-        private_key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        private_key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise DKIMError(f"{path}: not an unencrypted PEM private key") from None
     if key_type == "rsa":

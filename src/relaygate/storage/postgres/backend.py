@@ -14,6 +14,7 @@ from relaygate.storage.postgres.acceptance import PostgresAcceptance
 from relaygate.storage.postgres.accounts import Announce, PostgresAccounts, PostgresSecrets
 from relaygate.storage.postgres.counters import PostgresSendingCounters
 from relaygate.storage.postgres.credentials import PostgresCredentials
+from relaygate.storage.postgres.dkim import PostgresDKIMKeys
 from relaygate.storage.postgres.messages import PostgresMessageLog
 from relaygate.storage.postgres.nodes import PostgresNodes
 from relaygate.storage.postgres.pool import check_schema, open_pool
@@ -31,6 +32,7 @@ class PostgresStorage:
         self.credentials = PostgresCredentials(pool, announce, credential_key)
         self.counters = PostgresSendingCounters(pool)
         self.nodes = PostgresNodes(pool)
+        self.dkim_keys = PostgresDKIMKeys(pool)
 
     def acceptance(self, node: str, *, deliver: bool) -> PostgresAcceptance:
         return PostgresAcceptance(self.pool, node, deliver=deliver)
