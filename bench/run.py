@@ -252,6 +252,7 @@ class Measurement:
     wall_s: float = 0.0
     server_cpu_s: float = 0.0
     machine_busy_s: float = 0.0
+    tree_cpu_s: list[float] = field(default_factory=list)  # per root, in Target.roots order
 
     @property
     def accepted(self) -> int:
@@ -290,6 +291,11 @@ class Measurement:
             "server_cpu_ms_per_msg_process": self.cpu_ms_per_msg_process(),
             "server_cpu_ms_per_msg_machine": self.cpu_ms_per_msg_machine(),
             "server_cpu_s": round(self.server_cpu_s, 3),
+            # Per process tree (relaygate first, then e.g. PostgreSQL's postmaster).
+            "server_cpu_ms_per_msg_by_tree": [
+                round(t / self.accepted * 1000, 3) if self.accepted else None
+                for t in self.tree_cpu_s
+            ],
             "machine_busy_s": round(self.machine_busy_s, 3),
             "client_cpu_s": self.load.get("client_cpu_s"),
             "other_cpu_s": self.other_cpu_s(),
@@ -643,12 +649,17 @@ def measure(args: argparse.Namespace, target: Target, scenario: str) -> Measurem
             )
         command = loadgen_command(args, target, scenario, args.duration)
         cpu_before = tree_cpu_seconds(target.roots)
+        trees_before = [tree_cpu_seconds([root]) for root in target.roots]
         busy_before = machine_busy_seconds()
         started = time.monotonic()
         result.load = run_loadgen(command, args.duration, args.step_timeout)
         result.wall_s = time.monotonic() - started
         result.machine_busy_s = machine_busy_seconds() - busy_before
         result.server_cpu_s = tree_cpu_seconds(target.roots) - cpu_before
+        result.tree_cpu_s = [
+            tree_cpu_seconds([root]) - before
+            for root, before in zip(target.roots, trees_before, strict=True)
+        ]
         result.ok = result.accepted > 0
         if not result.ok:
             result.error = f"no message accepted; failures: {result.load.get('failed')}"
@@ -946,6 +957,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for reason, count in sorted(m.load.get("failed", {}).items()):
                 print(f"{m.target} scenario {m.scenario}: failed {reason}: {count}")
     for m in measurements:
+        trees = m.figures()["server_cpu_ms_per_msg_by_tree"]
+        if m.target == "relaygate-pg" and len(trees) > 1 and None not in trees:
+            print(
+                f"relaygate-pg scenario {m.scenario}: CPU ms/msg relaygate {trees[0]:.2f},"
+                f" PostgreSQL {sum(trees[1:]):.2f} (all of the cluster's databases)"
+            )
         other = m.other_cpu_s()
         if other is not None and m.machine_busy_s > 0 and other > 0.1 * m.machine_busy_s:
             print(

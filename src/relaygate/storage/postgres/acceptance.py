@@ -26,7 +26,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from relaygate.accepted import SpooledMessage, SpoolError
-from relaygate.quotas import counter_totals, fresh_recipients
+from relaygate.quotas import Usage, counter_totals, fresh_recipients, window_keys
 from relaygate.storage.postgres import bodies
 
 MAX_BATCH = 256
@@ -34,7 +34,7 @@ MAX_BATCH = 256
 
 class PostgresAcceptance:
     def __init__(
-        self, pool: AsyncConnectionPool, node: str, *, deliver: bool, in_flight: int = 2
+        self, pool: AsyncConnectionPool, node: str, *, deliver: bool, in_flight: int = 1
     ) -> None:
         self._pool = pool
         self._node = node
@@ -84,12 +84,18 @@ class PostgresAcceptance:
 
     async def _commit(self, messages: list[SpooledMessage]) -> str | None:
         try:
-            async with (
-                self._pool.connection() as connection,
-                connection.pipeline(),  # statements go out together: few round trips
-                connection.transaction(),
-            ):
-                await self._write(connection, messages)
+            async with self._pool.connection() as connection:
+                if any(len(m.body) >= bodies.CHUNK_BYTES for m in messages):
+                    # Large bodies go piece by piece (bodies.py): a transaction.
+                    async with connection.transaction(), connection.cursor() as cursor:
+                        await cursor.execute(*self._statement(messages))
+                        for m in messages:
+                            if len(m.body) >= bodies.CHUNK_BYTES:
+                                await bodies.write(cursor, m.id, m.header, m.body)
+                else:
+                    # One statement on an autocommit connection is a transaction of
+                    # its own: one round trip for the batch, no BEGIN or COMMIT.
+                    await connection.execute(*self._statement(messages))
         except (psycopg.Error, OSError) as exc:
             return " ".join(str(exc).split()) or type(exc).__name__
         except Exception as exc:  # anything else fails this batch, never the writer
@@ -98,109 +104,135 @@ class PostgresAcceptance:
         self.messages += len(messages)
         return None
 
-    async def _write(
-        self, connection: psycopg.AsyncConnection[Any], messages: list[SpooledMessage]
-    ) -> None:
-        async with connection.cursor() as cursor:
-            # One statement per table for the whole batch (arrays, unnest): the
-            # server plans and runs one insert, not one per message.
-            await cursor.execute(
-                "INSERT INTO messages (id, account, credential, client_ip, mail_from, rcpt_to,"
-                " recipients, subject, size, status, created_at, smtputf8, body_8bit, node)"
-                " SELECT *, %s FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[],"
-                " %s::text[], %s::jsonb[], %s::int[], %s::text[], %s::bigint[], %s::text[],"
-                " %s::float8[], %s::bool[], %s::bool[])",
-                (
-                    self._node,
-                    [m.id for m in messages],
-                    [m.account for m in messages],
-                    [m.credential for m in messages],
-                    [m.client_ip for m in messages],
-                    [m.mail_from for m in messages],
-                    [json.dumps(m.recipients) for m in messages],
-                    [len(m.recipients) for m in messages],
-                    [m.subject for m in messages],
-                    [m.size for m in messages],
-                    [m.status for m in messages],
-                    [m.created_at for m in messages],
-                    [m.smtputf8 for m in messages],
-                    [m.body_8bit for m in messages],
-                ),
-            )
-            small = [m for m in messages if len(m.body) < bodies.CHUNK_BYTES]
-            if small:
-                await cursor.execute(
-                    "INSERT INTO message_bodies (id, header, body)"
-                    " SELECT * FROM unnest(%s::text[], %b::bytea[], %b::bytea[])",
-                    (
-                        [m.id for m in small],
-                        [m.header for m in small],
-                        [m.body for m in small],  # the session's buffers, not copies
-                    ),
-                )
-            for m in messages:
-                if len(m.body) >= bodies.CHUNK_BYTES:
-                    await bodies.write(cursor, m.id, m.header, m.body)
-            if self._deliver:
-                await enqueue_many(cursor, [(m.id, m.recipients) for m in messages], messages)
-            usages = [m.usage for m in messages if m.usage is not None]
-            if usages:
-                await _count(cursor, usages)
+    def _statement(self, messages: list[SpooledMessage]) -> tuple[str, dict[str, Any]]:
+        """The batch as one INSERT with data-modifying CTEs: each table gets one
+        insert over arrays (unnest), and they all commit together or not at all.
+        Bodies of CHUNK_BYTES or more are left to the caller (bodies.write)."""
+        small = [m for m in messages if len(m.body) < bodies.CHUNK_BYTES]
+        parts = [
+            "body AS (INSERT INTO message_bodies (id, header, body)"
+            " SELECT * FROM unnest(%(body_ids)s::text[], %(headers)b::bytea[],"
+            " %(bodies)b::bytea[]))"
+        ]
+        params: dict[str, Any] = {
+            "node": self._node,
+            "body_ids": [m.id for m in small],
+            "headers": [m.header for m in small],
+            "bodies": [m.body for m in small],  # the session's buffers
+        }
+        if self._deliver:
+            parts.append(_QUEUE)
+            params.update(_queue_rows(messages))
+        usages = [m.usage for m in messages if m.usage is not None]
+        if usages:
+            parts += _COUNTERS
+            params.update(_counter_rows(usages))
+        # Only constant fragments are joined here; every value is a parameter.
+        statement = " ".join(("WITH", ", ".join(parts), _MESSAGES))
+        params.update(
+            ids=[m.id for m in messages],
+            accounts=[m.account for m in messages],
+            credentials=[m.credential for m in messages],
+            ips=[m.client_ip for m in messages],
+            froms=[m.mail_from for m in messages],
+            rcpts=[json.dumps(m.recipients) for m in messages],
+            counts=[len(m.recipients) for m in messages],
+            subjects=[m.subject for m in messages],
+            sizes=[m.size for m in messages],
+            statuses=[m.status for m in messages],
+            created=[m.created_at for m in messages],
+            utf8=[m.smtputf8 for m in messages],
+            eight_bit=[m.body_8bit for m in messages],
+        )
+        return statement, params
 
 
-async def enqueue_many(
-    cursor: psycopg.AsyncCursor[Any],
-    items: list[tuple[str, list[str]]],
-    messages: list[SpooledMessage],
-) -> None:
+_MESSAGES = (
+    "INSERT INTO messages (id, account, credential, client_ip, mail_from, rcpt_to,"
+    " recipients, subject, size, status, created_at, smtputf8, body_8bit, node)"
+    " SELECT *, %(node)s FROM unnest(%(ids)s::text[], %(accounts)s::text[],"
+    " %(credentials)s::text[], %(ips)s::text[], %(froms)s::text[], %(rcpts)s::jsonb[],"
+    " %(counts)s::int[], %(subjects)s::text[], %(sizes)s::bigint[], %(statuses)s::text[],"
+    " %(created)s::float8[], %(utf8)s::bool[], %(eight_bit)s::bool[])"
+)
+
+_QUEUE = (
+    "queue AS (INSERT INTO deliveries (message_id, domain, recipients, status,"
+    " next_attempt, created_at, updated_at) SELECT q.message_id, q.domain, q.recipients,"
+    " 'queued', q.due, q.due, q.due FROM unnest(%(queue_ids)s::text[],"
+    " %(queue_domains)s::text[], %(queue_rcpts)s::jsonb[], %(queue_due)s::float8[])"
+    " AS q(message_id, domain, recipients, due))"
+)
+
+
+def _queue_rows(messages: list[SpooledMessage]) -> dict[str, list[Any]]:
     """Delivery rows, one per message and recipient domain, due now."""
-    now = messages[0].created_at
-    rows = []
-    for message_id, recipients in items:
+    ids, domains, recipients, due = [], [], [], []
+    for m in messages:
         by_domain: dict[str, list[str]] = defaultdict(list)
-        for recipient in recipients:
+        for recipient in m.recipients:
             by_domain[recipient.rpartition("@")[2].lower()].append(recipient)
-        rows += [(message_id, d, json.dumps(r), now, now, now) for d, r in by_domain.items()]
-    await cursor.executemany(
-        "INSERT INTO deliveries (message_id, domain, recipients, status, next_attempt,"
-        " created_at, updated_at) VALUES (%s, %s, %s, 'queued', %s, %s, %s)",
-        rows,
-    )
+        for domain, group in by_domain.items():
+            ids.append(m.id)
+            domains.append(domain)
+            recipients.append(json.dumps(group))
+            due.append(m.created_at)
+    return {"queue_ids": ids, "queue_domains": domains, "queue_rcpts": recipients, "queue_due": due}
 
 
-async def _count(cursor: psycopg.AsyncCursor[Any], usages: list[Any]) -> None:
-    """The sending counters these messages add (quotas.py decides what counts)."""
+# The sending counters a batch adds (quotas.py decides what counts). A recipient
+# the account never sent to counts as new only if this insert found it new:
+# ``known`` returns those, ``fresh`` attributes each to the (scope, window) pairs
+# of the first message that names it (quotas.counter_totals, in SQL). Rows go in
+# sorted order so two nodes' commits never wait on each other in opposite orders.
+_COUNTERS = [
+    "known AS (INSERT INTO known_recipients (account, recipient, first_seen)"
+    " SELECT * FROM unnest(%(known_accounts)s::text[], %(known_rcpts)s::text[],"
+    " %(known_first)s::float8[]) ON CONFLICT DO NOTHING RETURNING account, recipient)",
+    "fresh AS (SELECT f.scope, f.win, count(*) AS n FROM unnest(%(fresh_accounts)s::text[],"
+    " %(fresh_rcpts)s::text[], %(fresh_scopes)s::text[], %(fresh_windows)s::text[])"
+    " AS f(account, recipient, scope, win) JOIN known USING (account, recipient)"
+    " GROUP BY f.scope, f.win)",
+    'counted AS (INSERT INTO send_counters (scope, "window", messages, recipients,'
+    " new_recipients) SELECT t.scope, t.win, t.messages, t.recipients, coalesce(fresh.n, 0)"
+    " FROM unnest(%(scopes)s::text[], %(windows)s::text[], %(messages)s::bigint[],"
+    " %(recipients)s::bigint[]) AS t(scope, win, messages, recipients)"
+    " LEFT JOIN fresh ON fresh.scope = t.scope AND fresh.win = t.win"
+    ' ORDER BY t.scope, t.win ON CONFLICT (scope, "window") DO UPDATE SET'
+    " messages = send_counters.messages + excluded.messages,"
+    " recipients = send_counters.recipients + excluded.recipients,"
+    " new_recipients = send_counters.new_recipients + excluded.new_recipients)",
+]
+
+
+def _counter_rows(usages: list[Usage]) -> dict[str, list[Any]]:
     candidates = sorted(fresh_recipients(usages))
-    inserted: set[tuple[str, str]] = set()
-    if candidates:
-        await cursor.execute(
-            "INSERT INTO known_recipients (account, recipient, first_seen)"
-            " SELECT * FROM unnest(%s::text[], %s::text[], %s::float8[])"
-            " ON CONFLICT DO NOTHING RETURNING account, recipient",
-            (
-                [c[0] for c in candidates],
-                [c[1] for c in candidates],
-                [c[2] for c in candidates],
-            ),
-        )
-        inserted = {(str(a), str(r)) for a, r in await cursor.fetchall()}
-    totals = sorted(counter_totals(usages, inserted).items())
-    if totals:
-        await cursor.execute(
-            'INSERT INTO send_counters (scope, "window", messages, recipients, new_recipients)'
-            " SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[],"
-            ' %s::bigint[]) ON CONFLICT (scope, "window") DO UPDATE SET'
-            " messages = send_counters.messages + excluded.messages,"
-            " recipients = send_counters.recipients + excluded.recipients,"
-            " new_recipients = send_counters.new_recipients + excluded.new_recipients",
-            (
-                [k[0] for k, _ in totals],
-                [k[1] for k, _ in totals],
-                [t[0] for _, t in totals],
-                [t[1] for _, t in totals],
-                [t[2] for _, t in totals],
-            ),
-        )
+    # Every candidate counted as if new; the SQL keeps only those ``known`` inserted.
+    everything = {(c[0], c[1]) for c in candidates}
+    totals = sorted(counter_totals(usages, set()).items())
+    attributed: list[tuple[str, str, str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for usage in usages:
+        account = usage.account_address.lower()
+        for rcpt in usage.new_recipients:
+            key = (account, rcpt.lower())
+            if key in everything and key not in seen:
+                seen.add(key)
+                for window in window_keys(usage.now):
+                    attributed += [(*key, scope.key, window) for scope in usage.scopes]
+    return {
+        "known_accounts": [c[0] for c in candidates],
+        "known_rcpts": [c[1] for c in candidates],
+        "known_first": [c[2] for c in candidates],
+        "fresh_accounts": [a[0] for a in attributed],
+        "fresh_rcpts": [a[1] for a in attributed],
+        "fresh_scopes": [a[2] for a in attributed],
+        "fresh_windows": [a[3] for a in attributed],
+        "scopes": [k[0] for k, _ in totals],
+        "windows": [k[1] for k, _ in totals],
+        "messages": [t[0] for _, t in totals],
+        "recipients": [t[1] for _, t in totals],
+    }
 
 
 def _resolve(batch: list[tuple[SpooledMessage, asyncio.Future[None]]], error: str | None) -> None:

@@ -158,6 +158,16 @@ CREATE TABLE message_body_chunks (
     PRIMARY KEY (id, seq)
 );
 """,
+    # Bodies are stored as they came, not compressed: compressing every message
+    # on the way in cost PostgreSQL more CPU than anything else it does for one
+    # (docs/performance.md); mail is mostly base64 and compresses little anyway.
+    4: """
+ALTER TABLE message_bodies ALTER COLUMN body SET STORAGE EXTERNAL;
+ALTER TABLE message_bodies ALTER COLUMN header SET STORAGE EXTERNAL;
+ALTER TABLE message_body_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
+-- A body that fits in a page stays in its row: no TOAST rows and index entries.
+ALTER TABLE message_bodies SET (toast_tuple_target = 8160);
+""",
 }
 SCHEMA_VERSION = max(STEPS)
 
