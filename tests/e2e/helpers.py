@@ -279,7 +279,7 @@ class User:
 # ------------------------------------------------------------------ the server
 
 
-TomlValue = int | float | str | list[str]
+TomlValue = int | float | str | list[str] | list[int]
 
 # Rules that would get in the way of tests that fail many logins or send many
 # messages from one account and one IP: off (0), unless a test asks otherwise.
@@ -358,6 +358,7 @@ class Server:
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.node_name = node_name
+        self.ca_file: Path | None = None  # [tls] cert_file given: what clients trust
         self.directory = directory
         self.data_dir = directory / "data"
         self.log_path = directory / "relaygate.log"
@@ -499,9 +500,13 @@ class Server:
         return bundle
 
     def client_context(self, *, max_version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
-        """Verifies the server's self-signed certificates, host name "localhost"."""
-        context = ssl.create_default_context(cafile=str(self.ecdsa_cert))
-        context.load_verify_locations(cafile=str(self.rsa_cert))
+        """Verifies the server's self-signed certificates (or ``ca_file``'s), host
+        name "localhost"."""
+        if self.ca_file is not None:
+            context = ssl.create_default_context(cafile=str(self.ca_file))
+        else:
+            context = ssl.create_default_context(cafile=str(self.ecdsa_cert))
+            context.load_verify_locations(cafile=str(self.rsa_cert))
         if max_version is not None:
             context.maximum_version = max_version
         return context
