@@ -44,17 +44,11 @@ from relaygate.delivery.dkim import (
     DEFAULT_SELECTORS,
     KEY_TYPES,
     DKIMError,
-    DKIMKey,
-    generate_key,
-    key_directory,
-    key_path,
-    load_keys,
-    normalize_domain,
-    txt_record,
 )
 from relaygate.services.admin import (
     AccountsAdmin,
     CredentialsAdmin,
+    DKIMAdmin,
     MessagesAdmin,
     NotFound,
 )
@@ -64,7 +58,6 @@ from relaygate.storage.copy import CopyError, copy_to_postgres
 from relaygate.storage.node import open_admin_storage
 from relaygate.storage.postgres import pool as postgres_pool
 from relaygate.storage.postgres.backend import PostgresStorage
-from relaygate.storage.postgres.dkim import where as dkim_key_where
 from relaygate.storage.postgres.nodes import ALIVE_FOR as NODE_ALIVE_FOR
 from relaygate.storage.postgres.pool import PostgresUnavailable
 from relaygate.storage.sqlite import DatabaseError, connect
@@ -838,6 +831,7 @@ class _Admin:
     messages: MessagesAdmin
     accounts: AccountsAdmin
     credentials: CredentialsAdmin
+    dkim: DKIMAdmin
 
 
 def _with_admin(config: Config, work: Callable[[_Admin], Awaitable[T]]) -> T:
@@ -851,6 +845,7 @@ def _with_admin(config: Config, work: Callable[[_Admin], Awaitable[T]]) -> T:
                     MessagesAdmin(store.messages),
                     AccountsAdmin(store.accounts, config.password_hash),
                     CredentialsAdmin(store.accounts, store.credentials),
+                    DKIMAdmin(store.dkim_keys),
                 )
             )
         finally:
@@ -858,7 +853,7 @@ def _with_admin(config: Config, work: Callable[[_Admin], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(run())
-    except (NotFound, bodies.BodyMissing) as exc:
+    except (NotFound, bodies.BodyMissing, DKIMError) as exc:
         raise CommandError(str(exc)) from None
 
 
@@ -942,66 +937,30 @@ def _messages_show(args: argparse.Namespace, config: Config) -> int:
 # ---------------------------------------------------------------------- dkim
 
 
-def _dkim_keys(config: Config) -> dict[str, list[DKIMKey]]:
-    try:
-        if config.storage.url is None:
-            return load_keys(key_directory(config.data_dir))
-        return _with_postgres(config, lambda store: store.dkim_keys.load())
-    except DKIMError as exc:
-        raise CommandError(str(exc)) from None
-
-
-def _dkim_file(config: Config, key: DKIMKey) -> str:
-    if config.storage.url is not None:
-        return dkim_key_where(key)
-    return str(key_path(key_directory(config.data_dir), key.domain, key.selector, key.key_type))
-
-
-def _with_postgres(config: Config, work: Callable[[PostgresStorage], Awaitable[T]]) -> T:
-    async def run() -> T:
-        store = await open_admin_storage(config)
-        assert isinstance(store, PostgresStorage)
-        try:
-            return await work(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
-
-
 def _dkim_generate(args: argparse.Namespace, config: Config) -> int:
-    try:
-        if config.storage.url is None:
-            key, record = generate_key(
-                key_directory(config.data_dir), args.domain, args.selector, args.algorithm
-            )
-        else:
-            key = _with_postgres(
-                config,
-                lambda store: store.dkim_keys.generate(args.domain, args.selector, args.algorithm),
-            )
-            record = txt_record(key)
-    except DKIMError as exc:
-        raise CommandError(str(exc)) from None
+    stored = _with_admin(
+        config, lambda admin: admin.dkim.generate(args.domain, args.selector, args.algorithm)
+    )
+    key = stored.key
     print(f"wrote {key.key_type} key for {key.domain}, selector {key.selector}, to")
-    print(f"  {_dkim_file(config, key)}")
+    print(f"  {stored.where}")
     print("publish this DNS TXT record (one record; a resolver joins its quoted strings):")
-    print(record)
+    print(stored.record)
     return 0
 
 
 def _dkim_list(args: argparse.Namespace, config: Config) -> int:
-    keys = [key for found in _dkim_keys(config).values() for key in found]
+    keys = _with_admin(config, lambda admin: admin.dkim.all())
     if args.json:
         print(
             json.dumps(
                 [
                     {
-                        "domain": k.domain,
-                        "selector": k.selector,
-                        "algorithm": k.algorithm,
-                        "file": _dkim_file(config, k),
-                        "dns_name": k.dns_name,
+                        "domain": k.key.domain,
+                        "selector": k.key.selector,
+                        "algorithm": k.key.algorithm,
+                        "file": k.where,
+                        "dns_name": k.key.dns_name,
                     }
                     for k in keys
                 ],
@@ -1013,23 +972,14 @@ def _dkim_list(args: argparse.Namespace, config: Config) -> int:
     else:
         _print_table(
             ("DOMAIN", "SELECTOR", "ALGORITHM", "FILE"),
-            [(k.domain, k.selector, k.algorithm, _dkim_file(config, k)) for k in keys],
+            [(k.key.domain, k.key.selector, k.key.algorithm, k.where) for k in keys],
         )
     return 0
 
 
 def _dkim_show(args: argparse.Namespace, config: Config) -> int:
-    try:
-        domain = normalize_domain(args.domain)
-    except DKIMError as exc:
-        raise CommandError(str(exc)) from None
-    keys = _dkim_keys(config).get(domain)
-    if not keys:
-        raise CommandError(
-            f"no DKIM key for {domain}; create one with: relaygate dkim generate {domain}"
-        )
-    for key in keys:
-        print(txt_record(key))
+    for stored in _with_admin(config, lambda admin: admin.dkim.show(args.domain)):
+        print(stored.record)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Each takes its storage as typed interfaces (storage/api.py) and returns plain
 data; printing and serialising stay in the edges. Messages, accounts, app
-credentials and limits so far; the queue and DKIM keys move here next.
+credentials and limits, DKIM keys; the queue moves here next.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from relaygate.accounts.store import (
     normalize_sender_pattern,
 )
 from relaygate.config import PasswordHashConfig
+from relaygate.delivery.dkim import DKIMKey, KeyType, normalize_domain, txt_record
 from relaygate.sasl import StoredKeys, stored_keys_for_password
 from relaygate.storage.api import (
     Accounts,
     Credentials,
     DeliveryAttempt,
+    DKIMKeys,
     MessageLog,
     MessageRecord,
 )
@@ -186,3 +188,38 @@ class CredentialsAdmin:
 
     async def all_account_limits(self) -> dict[str, dict[str, int] | None]:
         return await self._credentials.all_account_limits()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    key: DKIMKey
+    where: str  # a file's path, or where in the database
+    record: str  # the DNS TXT record to publish
+
+
+class DKIMAdmin:
+    """DKIM signing keys: made once, listed, their DNS records shown again.
+    Errors are delivery.dkim.DKIMError (bad domain or selector, a selector taken)."""
+
+    def __init__(self, keys: DKIMKeys) -> None:
+        self._keys = keys
+
+    def _stored(self, key: DKIMKey) -> StoredKey:
+        return StoredKey(key, self._keys.where(key), txt_record(key))
+
+    async def generate(self, domain: str, selector: str | None, algorithm: KeyType) -> StoredKey:
+        return self._stored(await self._keys.generate(domain, selector, algorithm))
+
+    async def all(self) -> list[StoredKey]:
+        """Every key, by domain."""
+        return [self._stored(k) for found in (await self._keys.load()).values() for k in found]
+
+    async def show(self, domain: str) -> list[StoredKey]:
+        """The domain's keys; NotFound if it has none."""
+        domain = normalize_domain(domain)
+        found = (await self._keys.load()).get(domain)
+        if not found:
+            raise NotFound(
+                f"no DKIM key for {domain}; create one with: relaygate dkim generate {domain}"
+            )
+        return [self._stored(k) for k in found]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from relaygate.accounts.credentials import Credential
 from relaygate.accounts.store import Account
+from relaygate.delivery.dkim import DKIMKey, KeyType
 from relaygate.quotas import Scope
 from relaygate.sasl import StoredKeys
 from relaygate.throttle import Reservation, Verdict, Wait
@@ -268,6 +269,24 @@ class Acceptance(Protocol):
 
     async def close(self) -> None:
         """Commit what is pending, then stop."""
+        ...
+
+
+class DKIMKeys(Protocol):
+    """DKIM signing keys: files in data_dir/dkim on one machine, rows on a cluster
+    (every node signs with the same keys). Errors are delivery.dkim.DKIMError,
+    worded for users; a key is never replaced, nor a selector reused."""
+
+    async def generate(self, domain: str, selector: str | None, algorithm: KeyType) -> DKIMKey:
+        """A new key, stored (selector None: the algorithm's default)."""
+        ...
+
+    async def load(self) -> dict[str, list[DKIMKey]]:
+        """Every key by domain, RSA before Ed25519, then by selector."""
+        ...
+
+    def where(self, key: DKIMKey) -> str:
+        """Where the key is kept, for people (a file's path)."""
         ...
 
 

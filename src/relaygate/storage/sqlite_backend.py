@@ -12,8 +12,10 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+from relaygate.delivery.dkim import key_directory
 from relaygate.storage import bodies
 from relaygate.storage import sqlite as storage
+from relaygate.storage.dkim_files import FileDKIMKeys
 from relaygate.storage.sqlite_accounts import SQLiteAccounts
 from relaygate.storage.sqlite_credentials import SQLiteCredentials
 from relaygate.storage.sqlite_messages import SQLiteMessageLog
@@ -28,6 +30,7 @@ class SQLiteStorage:
         self.messages = SQLiteMessageLog(self._thread, bodies.directory_for(database))
         self.accounts = SQLiteAccounts(self._thread)
         self.credentials = SQLiteCredentials(self._thread)
+        self.dkim_keys = FileDKIMKeys(key_directory(database.parent))
 
     async def close(self) -> None:
         await asyncio.to_thread(self._thread.close)

@@ -26,14 +26,13 @@ from relaygate.delivery.dkim import (
 )
 
 
-def where(key: DKIMKey) -> str:
-    """How commands name a stored key (files show their path)."""
-    return f"database: {key.domain}/{key.selector}.{key.key_type}"
-
-
 class PostgresDKIMKeys:
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self._pool = pool
+
+    def where(self, key: DKIMKey) -> str:
+        """How commands name a stored key (files show their path)."""
+        return f"database: {key.domain}/{key.selector}.{key.key_type}"
 
     async def generate(self, domain: str, selector: str | None, algorithm: KeyType) -> DKIMKey:
         """A new key, stored; never replaces one (nor reuses a selector of the domain)."""
