@@ -53,6 +53,7 @@ from relaygate.services.admin import (
     NotFound,
 )
 from relaygate.storage import bodies
+from relaygate.storage import sqlite as sqlite_storage
 from relaygate.storage.api import DeliveryAttempt, MessageRecord, NodeRecord
 from relaygate.storage.copy import CopyError, copy_to_postgres
 from relaygate.storage.node import open_admin_storage
@@ -422,9 +423,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
 
 def _migrate(args: argparse.Namespace, config: Config) -> int:
     if config.storage.url is None:
-        before = _sqlite_version(config)
-        connect(config.database_path).close()
-        after = _sqlite_version(config)
+        before, after = sqlite_storage.migrate(config.database_path)
         where = str(config.database_path)
     else:
         before, after = asyncio.run(postgres_pool.migrate(config.storage.url))
@@ -531,13 +530,6 @@ def _rfc3339(ts: float) -> str:
 
 def _table_time(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))
-
-
-def _sqlite_version(config: Config) -> int:
-    if not config.database_path.exists():
-        return 0
-    with closing(sqlite3.connect(config.database_path)) as db:
-        return int(db.execute("PRAGMA user_version").fetchone()[0])
 
 
 def _open_database(config: Config) -> closing[sqlite3.Connection]:

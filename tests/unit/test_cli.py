@@ -905,3 +905,23 @@ def test_process_add_then_list(command: list[str], config_file: Path, tmp_path: 
     assert [a["address"] for a in json.loads(listed.stdout)] == ["a@b.example"]
     with closing(connect(tmp_path / "data" / "relaygate.db")) as db:
         assert AccountStore(db).count() == 1
+
+
+# ------------------------------------------------------------------ migrate
+
+
+def test_migrate_creates_then_reports_up_to_date_and_names_a_broken_file(
+    capsys: pytest.CaptureFixture[str], cfg: list[str], config_file: Path
+) -> None:
+    path = config_file.parent / "data" / "relaygate.db"
+    status, out, err = run(capsys, *cfg, "migrate")
+    assert (status, err) == (0, "")
+    version = int(out.rsplit("-> ", 1)[1])
+    assert out == f"{path}: schema 0 -> {version}\n"
+    assert run(capsys, *cfg, "migrate") == (0, f"{path}: schema {version}, up to date\n", "")
+    path.write_bytes(b"not a database at all" * 100)
+    for suffix in ("-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+    status, out, err = run(capsys, *cfg, "migrate")
+    assert (status, out) == (2, "")
+    assert err.count("\n") == 1 and str(path) in err and "not a database" in err

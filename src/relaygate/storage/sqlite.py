@@ -226,6 +226,26 @@ class DatabaseError(Exception):
     """A database problem a user can act on (unreadable file, newer schema)."""
 
 
+def migrate(path: Path) -> tuple[int, int]:
+    """Create or upgrade the database; (schema version before, after)."""
+
+    def version() -> int:
+        if not path.exists():
+            return 0
+        try:
+            db = sqlite3.connect(path)
+            try:
+                return int(db.execute("PRAGMA user_version").fetchone()[0])
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            raise DatabaseError(f"{path}: {exc}") from None
+
+    before = version()
+    connect(path).close()
+    return before, version()
+
+
 def connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection:
     """Open (creating if needed) the database with our pragmas and schema."""
     try:
