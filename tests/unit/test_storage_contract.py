@@ -25,7 +25,14 @@ from psycopg_pool import AsyncConnectionPool
 from relaygate.accounts.credentials import CredentialError
 from relaygate.accounts.store import AccountError
 from relaygate.config import PasswordHashConfig
-from relaygate.services.admin import AccountsAdmin, CredentialsAdmin, MessagesAdmin, NotFound
+from relaygate.delivery.dkim import DKIMError
+from relaygate.services.admin import (
+    AccountsAdmin,
+    CredentialsAdmin,
+    DKIMAdmin,
+    MessagesAdmin,
+    NotFound,
+)
 from relaygate.spool import Spool, SpooledMessage, new_queue_id
 from relaygate.storage import bodies
 from relaygate.storage.api import DeliveryAttempt, MessageLog
@@ -380,6 +387,59 @@ def test_credentials_are_found_by_their_secret_on_the_login_path(
                 )
             assert await store.credentials.by_id(credential.id + 1000) is None
             assert (await store.accounts.get("Erin@EXAMPLE.com")) is not None
+        finally:
+            await store.close()
+
+    run(go())
+
+
+# ------------------------------------------------------------------ secrets, DKIM keys
+
+
+def test_a_secret_is_made_once_and_kept(account_database: Path | str) -> None:
+    async def go() -> tuple[bytes, bytes, bytes]:
+        store = await _open(account_database)
+        try:
+            first = await store.secrets.get_or_create("decoy", 16)
+            again = await store.secrets.get_or_create("decoy", 16)
+            other = await store.secrets.get_or_create("other")
+        finally:
+            await store.close()
+        store = await _open(account_database)
+        try:
+            assert await store.secrets.get_or_create("decoy", 16) == first  # kept
+        finally:
+            await store.close()
+        return first, again, other
+
+    first, again, other = run(go())
+    assert len(first) == 16 and first == again
+    assert len(other) == 32 and other != first
+
+
+def test_dkim_keys_are_made_once_listed_and_never_replaced(account_database: Path | str) -> None:
+    async def go() -> None:
+        store = await _open(account_database)
+        try:
+            admin = DKIMAdmin(store.dkim_keys)
+            assert await admin.all() == []
+            rsa = await admin.generate("Example.COM", None, "rsa")
+            ed = await admin.generate("example.com", "ed1", "ed25519")
+            other = await admin.generate("example.org", "s1", "ed25519")
+            assert (rsa.key.domain, rsa.key.key_type) == ("example.com", "rsa")
+            assert rsa.record.startswith(f"{rsa.key.dns_name} IN TXT")
+            with pytest.raises(DKIMError, match=r"selector .ed1. already"):
+                await admin.generate("example.com", "ed1", "rsa")
+            listed = await admin.all()
+            assert [(k.key.domain, k.key.selector) for k in listed] == [
+                ("example.com", rsa.key.selector),
+                ("example.com", "ed1"),
+                ("example.org", "s1"),
+            ]
+            assert [k.record for k in await admin.show("EXAMPLE.com")] == [rsa.record, ed.record]
+            assert other.where != rsa.where
+            with pytest.raises(NotFound, match=r"no DKIM key for example\.net"):
+                await admin.show("example.net")
         finally:
             await store.close()
 

@@ -16,7 +16,8 @@ from relaygate.delivery.dkim import key_directory
 from relaygate.storage import bodies
 from relaygate.storage import sqlite as storage
 from relaygate.storage.dkim_files import FileDKIMKeys
-from relaygate.storage.sqlite_accounts import SQLiteAccounts
+from relaygate.storage.secrets import SQLiteSecrets
+from relaygate.storage.sqlite_accounts import SQLiteAccounts, same
 from relaygate.storage.sqlite_credentials import SQLiteCredentials
 from relaygate.storage.sqlite_messages import SQLiteMessageLog
 from relaygate.storage.thread import DatabaseThread
@@ -31,6 +32,7 @@ class SQLiteStorage:
         self.accounts = SQLiteAccounts(self._thread)
         self.credentials = SQLiteCredentials(self._thread)
         self.dkim_keys = FileDKIMKeys(key_directory(database.parent))
+        self.secrets = SQLiteSecrets(self._thread, same)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._thread.close)
