@@ -51,7 +51,7 @@ def summarize(body: bytes | bytearray) -> HeaderSummary:
         elif name == b"sender":
             summary.sender_values.append(value)
         elif name == b"subject":
-            summary.subject = decode_subject(value)
+            summary.subject = storable(decode_subject(value))
         elif name == b"message-id":
             summary.has_message_id = True
         else:
@@ -71,6 +71,19 @@ def summarize(body: bytes | bytearray) -> HeaderSummary:
         value_parts = [value]
     flush()
     return summary
+
+
+def storable(text: str) -> str:
+    """``text`` as every message log can keep it: NUL (which PostgreSQL text
+    refuses, failing the whole shared commit) becomes U+FFFD, and so does a
+    lone surrogate an encoded word may decode to."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+    return text
 
 
 def decode_subject(value: str) -> str:

@@ -270,3 +270,39 @@ def test_dkim_keys_made_on_one_node_are_every_node_s(database: str, tmp_path: Pa
     assert sorted(k["algorithm"] for k in listed) == ["ed25519-sha256", "rsa-sha256"]
     assert all(k["domain"] == "example.com" for k in listed)
     assert not (two.data_dir / "dkim").exists()  # nothing on the node's disk
+
+
+def test_hostile_header_bytes_are_stored_and_never_fail_a_shared_commit(
+    database: str, fresh_servers: ServerPool
+) -> None:
+    """PostgreSQL text cannot hold NUL (nor JSON a lone surrogate): a Subject
+    carrying one, raw or as an encoded word, or bytes that are not UTF-8, must
+    still be accepted and shown, and must not fail the commit it shares with
+    other sessions' messages."""
+    node = fresh_servers.create("pg-hostile", sections=_storage(database), start=False)
+    node.cli("migrate")
+    node.add_user(ALICE)
+    node.start()
+    subjects = [
+        b"raw \x00 nul",
+        b"=?utf-8?q?encoded_=00_nul?=",
+        b"=?utf-8?b?" + __import__("base64").b64encode(b"bad \xff\xfe utf8") + b"?=",
+        b"latin1 \xe9t\xe9 \xff",
+        b"=?unknown-charset?q?x=00?=",
+    ]
+    ids = []
+    for n, subject in enumerate(subjects):
+        message = (
+            b"From: " + ALICE.address.encode() + b"\r\nTo: " + RCPT.encode() + b"\r\n"
+            b"Subject: " + subject + b"\r\n\r\nbody " + str(n).encode() + b"\r\n"
+        )
+        with session(node, user=ALICE) as client:
+            ids.append(client.send_mail(ALICE.address, [RCPT], message))
+    listed = {m["id"]: m for m in json.loads(node.cli("messages", "list", "--json").stdout)}
+    assert set(listed) == set(ids)
+    for queue_id in ids:
+        assert "\x00" not in listed[queue_id]["subject"]
+    assert listed[ids[0]]["subject"] == "raw \ufffd nul"
+    assert listed[ids[1]]["subject"] == "encoded \ufffd nul"
+    shown = node.cli("messages", "show", ids[0]).stdout  # the body as it came
+    assert "body 0" in shown

@@ -9,6 +9,7 @@ messages, then reads back through the backend's own interfaces.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -281,3 +282,34 @@ def test_postgresql_reads_a_large_body_piece_by_piece_and_only_the_head_when_ask
                 await storage.close()
 
         run(backend, work)
+
+
+def test_a_message_the_database_refuses_fails_alone_not_its_batch(backend: Backend) -> None:
+    """A value one backend cannot hold (PostgreSQL text refuses NUL; the submission
+    path cleans subjects, this is the line behind it) costs only its own message
+    a 451: the others of the same commit are stored."""
+    now = time.time()
+    good = [_message(["r@example.net"], now=now) for _ in range(20)]
+    bad = dataclasses.replace(_message(["r@example.net"], now=now), subject="nul \x00 here")
+
+    async def work(b: Backend) -> list[BaseException | None]:
+        results = await asyncio.gather(
+            *(b.acceptance.store(m) for m in [*good[:10], bad, *good[10:]]),
+            return_exceptions=True,
+        )
+        return list(results)
+
+    results = run(backend, work)
+    outcomes = [r for r in results if r is not None]
+    if backend.name == "postgresql":
+        assert len(outcomes) == 1 and isinstance(outcomes[0], SpoolError), results
+        assert "refused a value" in str(outcomes[0])
+        assert results[10] is outcomes[0]
+    else:
+        assert outcomes == []
+
+    async def count(b: Backend) -> set[str]:
+        return {r.id for r in await b.log.recent(100)}
+
+    stored = run(backend, count)
+    assert {m.id for m in good} <= stored

@@ -76,11 +76,25 @@ class PostgresAcceptance:
     async def _commit_batch(self, batch: list[tuple[SpooledMessage, asyncio.Future[None]]]) -> None:
         error: str | None = "not stored"
         try:
-            error = await self._commit([m for m, _ in batch])
+            error = await self._commit_or_say([m for m, _ in batch])
+            if error is _REFUSED_DATA and len(batch) > 1:
+                # One message the database will not take (a value it refuses)
+                # must not cost the others their commit: each on its own.
+                for one in batch:
+                    alone = await self._commit_or_say([one[0]])
+                    _resolve([one], _REFUSED_TEXT if alone is _REFUSED_DATA else alone)
+            if error is _REFUSED_DATA:
+                error = _REFUSED_TEXT
         finally:
             self._running -= 1
             _resolve(batch, error)
             self._start()  # what piled up meanwhile goes next, as one batch
+
+    async def _commit_or_say(self, messages: list[SpooledMessage]) -> str | None:
+        try:
+            return await self._commit(messages)
+        except psycopg.DataError:
+            return _REFUSED_DATA
 
     async def _commit(self, messages: list[SpooledMessage]) -> str | None:
         try:
@@ -96,6 +110,8 @@ class PostgresAcceptance:
                     # One statement on an autocommit connection is a transaction of
                     # its own: one round trip for the batch, no BEGIN or COMMIT.
                     await connection.execute(*self._statement(messages))
+        except psycopg.DataError:
+            raise  # this batch's data: _commit_batch tries its messages one by one
         except (psycopg.Error, OSError) as exc:
             return " ".join(str(exc).split()) or type(exc).__name__
         except Exception as exc:  # anything else fails this batch, never the writer
@@ -111,7 +127,7 @@ class PostgresAcceptance:
         small = [m for m in messages if len(m.body) < bodies.CHUNK_BYTES]
         parts = [
             "body AS (INSERT INTO message_bodies (id, header, body)"
-            " SELECT * FROM unnest(%(body_ids)s::text[], %(headers)b::bytea[],"
+            " SELECT * FROM unnest(%(body_ids)b::text[], %(headers)b::bytea[],"
             " %(bodies)b::bytea[]))"
         ]
         params: dict[str, Any] = {
@@ -147,20 +163,23 @@ class PostgresAcceptance:
         return statement, params
 
 
+_REFUSED_DATA = "refused data"  # compared by identity: _commit's own errors are other strings
+_REFUSED_TEXT = "the database refused a value of this message"
+
 _MESSAGES = (
     "INSERT INTO messages (id, account, credential, client_ip, mail_from, rcpt_to,"
     " recipients, subject, size, status, created_at, smtputf8, body_8bit, node)"
-    " SELECT *, %(node)s FROM unnest(%(ids)s::text[], %(accounts)s::text[],"
-    " %(credentials)s::text[], %(ips)s::text[], %(froms)s::text[], %(rcpts)s::jsonb[],"
-    " %(counts)s::int[], %(subjects)s::text[], %(sizes)s::bigint[], %(statuses)s::text[],"
-    " %(created)s::float8[], %(utf8)s::bool[], %(eight_bit)s::bool[])"
+    " SELECT *, %(node)b FROM unnest(%(ids)b::text[], %(accounts)b::text[],"
+    " %(credentials)b::text[], %(ips)b::text[], %(froms)b::text[], %(rcpts)b::jsonb[],"
+    " %(counts)b::int[], %(subjects)b::text[], %(sizes)b::bigint[], %(statuses)b::text[],"
+    " %(created)b::float8[], %(utf8)b::bool[], %(eight_bit)b::bool[])"
 )
 
 _QUEUE = (
     "queue AS (INSERT INTO deliveries (message_id, domain, recipients, status,"
     " next_attempt, created_at, updated_at) SELECT q.message_id, q.domain, q.recipients,"
-    " 'queued', q.due, q.due, q.due FROM unnest(%(queue_ids)s::text[],"
-    " %(queue_domains)s::text[], %(queue_rcpts)s::jsonb[], %(queue_due)s::float8[])"
+    " 'queued', q.due, q.due, q.due FROM unnest(%(queue_ids)b::text[],"
+    " %(queue_domains)b::text[], %(queue_rcpts)b::jsonb[], %(queue_due)b::float8[])"
     " AS q(message_id, domain, recipients, due))"
 )
 
@@ -187,16 +206,16 @@ def _queue_rows(messages: list[SpooledMessage]) -> dict[str, list[Any]]:
 # sorted order so two nodes' commits never wait on each other in opposite orders.
 _COUNTERS = [
     "known AS (INSERT INTO known_recipients (account, recipient, first_seen)"
-    " SELECT * FROM unnest(%(known_accounts)s::text[], %(known_rcpts)s::text[],"
-    " %(known_first)s::float8[]) ON CONFLICT DO NOTHING RETURNING account, recipient)",
-    "fresh AS (SELECT f.scope, f.win, count(*) AS n FROM unnest(%(fresh_accounts)s::text[],"
-    " %(fresh_rcpts)s::text[], %(fresh_scopes)s::text[], %(fresh_windows)s::text[])"
+    " SELECT * FROM unnest(%(known_accounts)b::text[], %(known_rcpts)b::text[],"
+    " %(known_first)b::float8[]) ON CONFLICT DO NOTHING RETURNING account, recipient)",
+    "fresh AS (SELECT f.scope, f.win, count(*) AS n FROM unnest(%(fresh_accounts)b::text[],"
+    " %(fresh_rcpts)b::text[], %(fresh_scopes)b::text[], %(fresh_windows)b::text[])"
     " AS f(account, recipient, scope, win) JOIN known USING (account, recipient)"
     " GROUP BY f.scope, f.win)",
     'counted AS (INSERT INTO send_counters (scope, "window", messages, recipients,'
     " new_recipients) SELECT t.scope, t.win, t.messages, t.recipients, coalesce(fresh.n, 0)"
-    " FROM unnest(%(scopes)s::text[], %(windows)s::text[], %(messages)s::bigint[],"
-    " %(recipients)s::bigint[]) AS t(scope, win, messages, recipients)"
+    " FROM unnest(%(scopes)b::text[], %(windows)b::text[], %(messages)b::bigint[],"
+    " %(recipients)b::bigint[]) AS t(scope, win, messages, recipients)"
     " LEFT JOIN fresh ON fresh.scope = t.scope AND fresh.win = t.win"
     ' ORDER BY t.scope, t.win ON CONFLICT (scope, "window") DO UPDATE SET'
     " messages = send_counters.messages + excluded.messages,"
