@@ -20,7 +20,6 @@ import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
@@ -39,7 +38,6 @@ from relaygate.accounts.store import (
     normalize_address,
 )
 from relaygate.config import ENV_VAR, Config, ConfigError, load_config
-from relaygate.delivery import queue as delivery_queue
 from relaygate.delivery.dkim import (
     DEFAULT_SELECTORS,
     KEY_TYPES,
@@ -50,18 +48,20 @@ from relaygate.services.admin import (
     CredentialsAdmin,
     DKIMAdmin,
     MessagesAdmin,
+    MessageView,
     NotFound,
+    QueueAdmin,
 )
 from relaygate.storage import bodies
 from relaygate.storage import sqlite as sqlite_storage
-from relaygate.storage.api import DeliveryAttempt, MessageRecord, NodeRecord
+from relaygate.storage.api import DeliveryAttempt, MessageRecord, NodeRecord, QueueEntry
 from relaygate.storage.copy import CopyError, copy_to_postgres
 from relaygate.storage.node import open_admin_storage
 from relaygate.storage.postgres import pool as postgres_pool
 from relaygate.storage.postgres.backend import PostgresStorage
 from relaygate.storage.postgres.nodes import ALIVE_FOR as NODE_ALIVE_FOR
 from relaygate.storage.postgres.pool import PostgresUnavailable
-from relaygate.storage.sqlite import DatabaseError, connect
+from relaygate.storage.sqlite import DatabaseError
 
 PROG = "relaygate"
 EXIT_USER_ERROR = 2  # the same status argparse uses for a bad command line
@@ -532,10 +532,6 @@ def _table_time(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))
 
 
-def _open_database(config: Config) -> closing[sqlite3.Connection]:
-    return closing(connect(config.database_path))
-
-
 def _new_password(from_stdin: bool) -> tuple[str, bool]:
     """The password to set, and whether we generated it (and so must show it)."""
     if not from_stdin:
@@ -824,6 +820,7 @@ class _Admin:
     accounts: AccountsAdmin
     credentials: CredentialsAdmin
     dkim: DKIMAdmin
+    queue: QueueAdmin
 
 
 def _with_admin(config: Config, work: Callable[[_Admin], Awaitable[T]]) -> T:
@@ -838,6 +835,7 @@ def _with_admin(config: Config, work: Callable[[_Admin], Awaitable[T]]) -> T:
                     AccountsAdmin(store.accounts, config.password_hash),
                     CredentialsAdmin(store.accounts, store.credentials),
                     DKIMAdmin(store.dkim_keys),
+                    QueueAdmin(store.queue),
                 )
             )
         finally:
@@ -1011,11 +1009,25 @@ def _optional_time(timestamp: float | None, missing: str) -> str:
 # ----------------------------------------------------------------- queue
 
 
+def _queue_entry_json(entry: QueueEntry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "domain": entry.domain,
+        "recipients": list(entry.recipients),
+        "status": entry.status,
+        "attempts": entry.attempts,
+        "next_attempt": entry.next_attempt,
+        "created_at": entry.created_at,
+        "last_reply": entry.last_reply,
+        "mail_from": entry.mail_from,
+        "node": entry.node,
+    }
+
+
 def _queue_list(args: argparse.Namespace, config: Config) -> int:
-    with _open_database(config) as db:
-        rows = delivery_queue.queue_rows(db)
+    rows = _with_admin(config, lambda admin: admin.queue.entries())
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([_queue_entry_json(r) for r in rows], indent=2))
         return 0
     if not rows:
         print("the queue is empty")
@@ -1024,13 +1036,13 @@ def _queue_list(args: argparse.Namespace, config: Config) -> int:
         ("ID", "DOMAIN", "TO", "STATUS", "TRIES", "NEXT TRY", "LAST REPLY"),
         [
             (
-                str(r["id"]),
-                str(r["domain"]),
-                ", ".join(str(a) for a in r["recipients"]),  # type: ignore[attr-defined]
-                str(r["status"]),
-                str(r["attempts"]),
-                _local_time(float(str(r["next_attempt"]))),
-                _shorten(str(r["last_reply"] or ""), 60),
+                r.id,
+                r.domain,
+                ", ".join(r.recipients),
+                r.status if r.node is None else f"{r.status} ({r.node})",
+                str(r.attempts),
+                _local_time(r.next_attempt),
+                _shorten(r.last_reply or "", 60),
             )
             for r in rows
         ],
@@ -1051,33 +1063,34 @@ def _print_history(history: list[DeliveryAttempt]) -> None:
 
 
 def _queue_show(args: argparse.Namespace, config: Config) -> int:
-    view = _with_admin(config, lambda admin: admin.messages.show(args.message_id, body=False))
-    with _open_database(config) as db:
-        pending = [r for r in delivery_queue.queue_rows(db) if r["id"] == args.message_id]
+    async def show(admin: _Admin) -> tuple[MessageView, list[QueueEntry]]:
+        return (
+            await admin.messages.show(args.message_id, body=False),
+            await admin.queue.pending(args.message_id),
+        )
+
+    view, pending = _with_admin(config, show)
     print(f"id: {args.message_id}")
     print(f"status: {view.record.status}")
     for row in pending:
+        held = f", held by {row.node}" if row.node else ""
         print(
-            f"waiting: {row['domain']} ({row['status']}, {row['attempts']} tries, next"
-            f" {_local_time(float(str(row['next_attempt'])))})"
+            f"waiting: {row.domain} ({row.status}{held}, {row.attempts} tries, next"
+            f" {_local_time(row.next_attempt)})"
         )
     _print_history(view.history)
     return 0
 
 
 def _queue_retry(args: argparse.Namespace, config: Config) -> int:
-    with _open_database(config) as db:
-        count = delivery_queue.retry_now(db, None if args.all else args.message_id, time.time())
-    if count == 0 and not args.all:
-        raise CommandError(f"nothing queued for {args.message_id}")
+    count = _with_admin(
+        config, lambda admin: admin.queue.retry(None if args.all else args.message_id)
+    )
     print(f"{count} delivery(ies) will be tried now")
     return 0
 
 
 def _queue_delete(args: argparse.Namespace, config: Config) -> int:
-    with _open_database(config) as db:
-        count = delivery_queue.delete(db, args.message_id, time.time())
-    if count == 0:
-        raise CommandError(f"nothing queued for {args.message_id}")
+    count = _with_admin(config, lambda admin: admin.queue.delete(args.message_id))
     print(f"deleted {args.message_id} from the queue ({count} destination(s)); no bounce sent")
     return 0

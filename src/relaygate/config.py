@@ -152,6 +152,9 @@ class RouteConfig:
 DEFAULT_RETRY_SCHEDULE = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
 
 
+MIN_LEASE_SECONDS = 10.0  # shorter, and a slow remote's reply could outlast a lease
+
+
 @dataclass(frozen=True)
 class DeliveryConfig:
     mode: DeliveryMode = "capture"
@@ -175,6 +178,9 @@ class DeliveryConfig:
     allow_private_targets: bool = False
     # Seconds one attempt may spend on DNS and on connecting across a destination's hosts.
     destination_timeout: float = 60.0
+    # On a shared database: how long a node's claim on a row lasts unless renewed
+    # (a killed node's rows go to another node after this).
+    lease_seconds: float = 120.0
 
     def route_for(self, domain: str) -> SmarthostConfig | None:
         """The smarthost for ``domain`` (a route, else the mode's), None = its MX."""
@@ -525,10 +531,17 @@ def _delivery(raw: dict[str, Any], check: _Checker, base: Path) -> DeliveryConfi
             "mta_sts_port",
             "allow_private_targets",
             "destination_timeout",
+            "lease_seconds",
         },
         where,
     )
     mode = check.choice(raw, "mode", where, "capture", ("capture", "smarthost", "mx"))
+    lease = check.number(raw, "lease_seconds", where, defaults.lease_seconds)
+    if lease < MIN_LEASE_SECONDS:
+        check.problem(
+            f"{where}.lease_seconds", f"must be at least {MIN_LEASE_SECONDS:g} (got {lease:g})"
+        )
+        lease = defaults.lease_seconds
     smarthost = None
     if "smarthost" in raw:
         smarthost = _smarthost(
@@ -598,6 +611,7 @@ def _delivery(raw: dict[str, Any], check: _Checker, base: Path) -> DeliveryConfi
         connect_timeout=check.number(raw, "connect_timeout", where, defaults.connect_timeout),
         command_timeout=check.number(raw, "command_timeout", where, defaults.command_timeout),
         mta_sts=_boolean(raw, "mta_sts", where, check, True),
+        lease_seconds=lease,
         mta_sts_port=check.integer(raw, "mta_sts_port", where, 443, 1),
         allow_private_targets=_boolean(raw, "allow_private_targets", where, check, False),
         destination_timeout=check.number(

@@ -21,16 +21,21 @@ import pytest
 
 from relaygate.config import Config, DeliveryConfig
 from relaygate.delivery import dsn
-from relaygate.delivery import engine as engine_module
 from relaygate.delivery import queue as q
 from relaygate.delivery.engine import DeliveryEngine
 from relaygate.delivery.mx import PermanentDNSError, Target
+from relaygate.storage.node import open_delivery_storage
+from relaygate.storage.sqlite import connect
 
 BODY = b"From: a@b.test\r\nTo: u@x.test\r\nSubject: s\r\n\r\nbody\r\n"
 
 
+class Engine(DeliveryEngine):
+    db: sqlite3.Connection  # the test's own connection to the engine's database
+
+
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[DeliveryEngine]:
+def engine(tmp_path: Path) -> Iterator[Engine]:
     loop = asyncio.new_event_loop()
     config = Config(
         hostname="relay.test",
@@ -39,11 +44,14 @@ def engine(tmp_path: Path) -> Iterator[DeliveryEngine]:
             mode="mx", resolvers=(("127.0.0.1", 9),), mta_sts=False, retry_schedule=(60.0,)
         ),
     )
-    built = DeliveryEngine(config, loop)
+    storage = loop.run_until_complete(open_delivery_storage(config, loop))
+    built = Engine(config, loop, storage)
+    built.db = connect(config.database_path)
     try:
         yield built
     finally:
         built.db.close()
+        loop.run_until_complete(storage.close())
         loop.close()
 
 
@@ -69,14 +77,14 @@ def _row(db: sqlite3.Connection, queue_id: str) -> tuple[str, int, float, str | 
     return str(row[0]), int(row[1]), float(row[2]), row[3]
 
 
-def _run(engine: DeliveryEngine, delivery: q.Delivery) -> None:
+def _run(engine: Engine, delivery: q.Delivery) -> None:
     engine.loop.run_until_complete(
         engine._one_connection(f"mx:{delivery.domain}", deque([delivery]))
     )
 
 
 def test_an_unexpected_resolver_exception_defers_the_row(
-    engine: DeliveryEngine, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def broken(domain: str) -> list[Target]:
         raise RuntimeError("a bug in planning")
@@ -92,7 +100,7 @@ def test_an_unexpected_resolver_exception_defers_the_row(
 
 
 def test_a_failed_finish_puts_the_row_back_with_a_delay(
-    engine: DeliveryEngine, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def failing_finish(*args: object, **kwargs: object) -> None:
         raise UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogates not allowed")
@@ -110,7 +118,7 @@ def test_a_failed_finish_puts_the_row_back_with_a_delay(
 
 
 def test_a_bounce_that_cannot_be_built_with_the_reply_is_built_without_it(
-    engine: DeliveryEngine, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_build = dsn.build
     calls: list[int] = []
@@ -139,7 +147,7 @@ def test_a_bounce_that_cannot_be_built_with_the_reply_is_built_without_it(
 
 
 def test_a_failure_and_its_bounce_are_one_transaction(
-    engine: DeliveryEngine, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """If storing the bounce fails, the failure is not recorded either."""
 
@@ -151,7 +159,7 @@ def test_a_failure_and_its_bounce_are_one_transaction(
         raise PermanentDNSError("550 5.1.2 Domain x.test does not exist")
 
     monkeypatch.setattr(engine.resolver, "targets", nxdomain)
-    monkeypatch.setattr(engine_module, "insert_notification", broken_insert)
+    monkeypatch.setattr(q, "insert_notification", broken_insert)
     delivery = _queue_message(engine.db, "Q4")
     _run(engine, delivery)
     status, attempts, _, _ = _row(engine.db, "Q4")
@@ -162,10 +170,10 @@ def test_a_failure_and_its_bounce_are_one_transaction(
     assert recorded == 0
 
 
-def test_rows_no_attempt_took_are_released_at_shutdown(engine: DeliveryEngine) -> None:
+def test_rows_no_attempt_took_are_released_at_shutdown(engine: Engine) -> None:
     delivery = _queue_message(engine.db, "Q5")
     engine._pending["mx:x.test"].append(delivery)
-    engine._release_pending()
+    engine.loop.run_until_complete(engine._release_pending())
     status, attempts, next_attempt, _ = _row(engine.db, "Q5")
     assert (status, attempts) == ("queued", 0)
     assert next_attempt <= time.time()

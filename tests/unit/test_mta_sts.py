@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import pytest
 
 from relaygate.delivery.mta_sts import MTASTS, Policy, PolicyError, apply, parse_policy
+from relaygate.storage.sqlite_queue import read_policy, write_policy
 
 _TESTS_DIR = str(Path(__file__).resolve().parents[1])
 if _TESTS_DIR not in sys.path:  # `fakes` lives in tests/, beside unit/
@@ -303,6 +304,22 @@ class World:
         return run(self.sts.policy_for(domain, now))
 
 
+class ConnectionCache:
+    """storage.api.PolicyCache on one sqlite3 connection (the SQL of SQLitePolicyCache,
+    without its thread: these tests run each lookup in a new event loop)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    async def get(self, domain: str, now: float) -> tuple[str, str] | None:
+        return read_policy(self.db, domain, now)
+
+    async def put(
+        self, domain: str, policy_id: str, text: str, now: float, expires_at: float
+    ) -> None:
+        write_policy(self.db, domain, policy_id, text, now=now, expires_at=expires_at)
+
+
 @pytest.fixture
 def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     context, ca_path = make_tls_context(POLICY_HOST, tmp_path / "tls", ips=())
@@ -316,7 +333,9 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
         fake.add_a(POLICY_HOST, POLICY_IP)
         db_path = tmp_path / "relaygate.db"
         db = sqlite3.connect(db_path, isolation_level=None)
-        sts = MTASTS(db, fake.async_resolver(), https_port=site.port, fetch_timeout=3.0)
+        sts = MTASTS(
+            ConnectionCache(db), fake.async_resolver(), https_port=site.port, fetch_timeout=3.0
+        )
         yield World(fake, site, db_path, db, sts, tmp_path)
         db.close()
     finally:
@@ -346,7 +365,9 @@ def test_policy_fetched_then_served_from_cache(world: World) -> None:
     assert world.lookup(T0 + DAY - 1, domain="Example.TEST.") == policy
     assert len(world.site.requests) == 1
     # The cache is committed: another connection (another process) sees it.
-    other = MTASTS(sqlite3.connect(world.db_path), world.dns.async_resolver(), https_port=1)
+    other = MTASTS(
+        ConnectionCache(sqlite3.connect(world.db_path)), world.dns.async_resolver(), https_port=1
+    )
     assert run(other.policy_for(DOMAIN, T0 + 10)) == policy
     assert len(world.site.requests) == 1
 
@@ -526,7 +547,9 @@ def test_nothing_listening_means_no_policy(world: World) -> None:
     with socket.socket() as probe:  # a port that refuses connections
         probe.bind((POLICY_IP, 0))
         port = probe.getsockname()[1]
-    sts = MTASTS(world.db, world.dns.async_resolver(), https_port=port, fetch_timeout=3.0)
+    sts = MTASTS(
+        ConnectionCache(world.db), world.dns.async_resolver(), https_port=port, fetch_timeout=3.0
+    )
     assert run(sts.policy_for(DOMAIN, T0)) is None
     assert sts.last_error is not None
     assert POLICY_IP in sts.last_error
@@ -535,7 +558,10 @@ def test_nothing_listening_means_no_policy(world: World) -> None:
 def test_slow_server_times_out(world: World) -> None:
     world.site.delay = 1.5
     sts = MTASTS(
-        world.db, world.dns.async_resolver(), https_port=world.site.port, fetch_timeout=0.5
+        ConnectionCache(world.db),
+        world.dns.async_resolver(),
+        https_port=world.site.port,
+        fetch_timeout=0.5,
     )
     started = time.monotonic()
     assert run(sts.policy_for(DOMAIN, T0)) is None
@@ -547,7 +573,10 @@ def test_slow_server_times_out(world: World) -> None:
 def test_oversized_policy_refused(world: World) -> None:
     world.site.serve(POLICY + "padding: " + "x" * 200 + "\r\n")
     sts = MTASTS(
-        world.db, world.dns.async_resolver(), https_port=world.site.port, max_body=len(POLICY)
+        ConnectionCache(world.db),
+        world.dns.async_resolver(),
+        https_port=world.site.port,
+        max_body=len(POLICY),
     )
     assert run(sts.policy_for(DOMAIN, T0)) is None
     assert sts.last_error is not None

@@ -14,22 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import signal
-import sqlite3
 import time
 from collections import defaultdict, deque
 
 import aiosmtplib
 
 from relaygate import logs, message
-from relaygate.accepted import new_queue_id
 from relaygate.config import Config
 from relaygate.delivery import dsn, remote_text
 from relaygate.delivery import queue as q
-from relaygate.delivery.dkim import Signer, key_directory, load_keys
+from relaygate.delivery.dkim import Signer
 from relaygate.delivery.mta_sts import MTASTS
 from relaygate.delivery.mta_sts import apply as apply_mta_sts
 from relaygate.delivery.mx import MXResolver, PermanentDNSError, TemporaryDNSError
@@ -37,26 +34,31 @@ from relaygate.delivery.outbound import DeliveryError, Plan, open_connection, sm
 from relaygate.delivery.remote_text import clean
 from relaygate.eventloop import new_event_loop
 from relaygate.storage import bodies
-from relaygate.storage import sqlite as storage
+from relaygate.storage.api import LeaseLost, Notice
+from relaygate.storage.errors import STORAGE_ERRORS
+from relaygate.storage.node import DeliveryStorage, open_delivery_storage
 
 DSN_HEAD_BYTES = 256 * 1024  # of the original message read for its header section
 POLL_INTERVAL = 0.5  # seconds between looks at the queue when idle
 CLAIM_BATCH = 200
 MAX_IN_MEMORY = 2000  # claimed rows waiting for a connection; more stay in the queue
 KEEPALIVE = 2.0  # seconds an idle connection waits for the next queued message
+RECOVER_INTERVAL = 5.0  # seconds between looks for rows whose holder is gone
 
 
 class DeliveryEngine:
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, config: Config, loop: asyncio.AbstractEventLoop, storage: DeliveryStorage
+    ) -> None:
         self.config = config
         self.delivery = config.delivery
         self.loop = loop
-        self.db = storage.connect(config.database_path)
-        self.bodies = bodies.directory_for(config.database_path)
+        self.storage = storage
+        self.queue = storage.queue
         self.resolver = MXResolver(config.delivery)
-        self.signer = Signer(load_keys(key_directory(config.data_dir)))
+        self.signer = Signer({})  # the keys are read in run()
         self.mta_sts = MTASTS(
-            self.db, self.resolver.resolver, https_port=config.delivery.mta_sts_port
+            storage.policies, self.resolver.resolver, https_port=config.delivery.mta_sts_port
         )
         self._pending: dict[str, deque[q.Delivery]] = defaultdict(deque)
         self._running: dict[str, int] = defaultdict(int)
@@ -65,26 +67,28 @@ class DeliveryEngine:
         self._more: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self._held: dict[int, q.Delivery] = {}  # taken by an attempt, not yet finished
         self._stopping = asyncio.Event()
+        self._next_recover = 0.0
+        self._next_renew = 0.0
+        self._resumed_logged = False
 
     # ------------------------------------------------------------ main loop
 
     async def run(self) -> None:
-        interrupted = q.reset_interrupted(self.db)
-        if interrupted:
-            logs.event("delivery.resumed", rows=interrupted)
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self._stopping.set)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        await self._load_keys()
         while not self._stopping.is_set():
             claimed = 0
             room = MAX_IN_MEMORY - sum(len(w) for w in self._pending.values())
             try:
+                await self._keep_leases()
                 if room > 0:
-                    batch = q.claim_due(self.db, time.time(), min(CLAIM_BATCH, room))
+                    batch = await self.queue.claim(time.time(), min(CLAIM_BATCH, room))
                     claimed = len(batch)
                     self._dispatch(batch)
-            except sqlite3.Error as exc:
-                logs.event("delivery.error", logging.ERROR, reason=str(exc))
+            except STORAGE_ERRORS as exc:
+                logs.event("delivery.error", logging.ERROR, reason=clean(str(exc)))
             if claimed == CLAIM_BATCH:
                 await asyncio.sleep(0)  # a full batch: more is probably due already
                 continue
@@ -95,18 +99,56 @@ class DeliveryEngine:
         # Let connections in flight finish their current message, briefly.
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.config.limits.shutdown_grace)
-        self._release_pending()
-        self.db.close()
+        await self._release_pending()
 
-    def _release_pending(self) -> None:
+    async def _load_keys(self) -> None:
+        """DKIM keys: files on one machine, rows on a cluster (the same for every node)."""
+        while not self._stopping.is_set():
+            try:
+                self.signer = Signer(await self.storage.dkim_keys.load())
+                return
+            except STORAGE_ERRORS as exc:  # a database not there yet: keep trying
+                logs.event("delivery.error", logging.ERROR, reason=clean(str(exc)))
+            try:
+                await asyncio.wait_for(self._stopping.wait(), 5.0)
+            except TimeoutError:
+                pass
+
+    async def _keep_leases(self) -> None:
+        """Rows whose holder is gone go back to the queue (on a shared database,
+        every few seconds: another node may have died); rows we hold keep their lease."""
+        now = time.time()
+        if now >= self._next_recover:
+            self._next_recover = now + RECOVER_INTERVAL
+            taken = await self.queue.recover(now)
+            local = [t for t in taken if t.node is None]
+            if local:
+                logs.event("delivery.resumed", rows=len(local))
+            for takeover in taken:
+                if takeover.node is not None:
+                    # The documented duplicate window: the holder may have been told
+                    # 250 by the remote and died before recording it.
+                    logs.event(
+                        "delivery.takeover",
+                        logging.WARNING,
+                        queue_id=takeover.queue_id,
+                        node=takeover.node,
+                    )
+        if now >= self._next_renew:
+            self._next_renew = now + self.delivery.lease_seconds / 3
+            held = [d.id for d in self._held.values()]
+            held += [d.id for waiting in self._pending.values() for d in waiting]
+            await self.queue.renew(held, now)
+
+    async def _release_pending(self) -> None:
         """At shutdown: claimed rows no attempt took go back to the queue, due now."""
         now = time.time()
         try:
             for waiting in self._pending.values():
                 while waiting:
-                    q.release(self.db, waiting.popleft().id, now, now)
-        except sqlite3.Error as exc:  # left 'sending': reset_interrupted at the next start
-            logs.event("delivery.error", logging.ERROR, reason=str(exc))
+                    await self.queue.release(waiting.popleft().id, now, now)
+        except STORAGE_ERRORS as exc:  # left 'sending': recovered later
+            logs.event("delivery.error", logging.ERROR, reason=clean(str(exc)))
 
     def _dispatch(self, deliveries: list[q.Delivery]) -> None:
         for delivery in deliveries:
@@ -156,7 +198,7 @@ class DeliveryEngine:
             reply = f"451 4.3.0 local error while delivering: {type(exc).__name__}"
             for delivery in taken:
                 if delivery.id in self._held:
-                    self._finish(delivery, q.Outcome.for_all(delivery, reply))
+                    await self._finish(delivery, q.Outcome.for_all(delivery, reply))
 
     async def _plans(self, key: str, domain: str) -> list[Plan]:
         smarthost = self.delivery.route_for(domain)
@@ -208,17 +250,17 @@ class DeliveryEngine:
             # No delivery slot is held while resolving: slow DNS delays only its own domain.
             plans = await asyncio.wait_for(self._plans(key, first.domain), budget)
         except PermanentDNSError as exc:
-            self._finish(first, q.Outcome.for_all(first, str(exc)))
+            await self._finish(first, q.Outcome.for_all(first, str(exc)))
             return
         except TemporaryDNSError as exc:
-            self._finish_all(with_same_domain(), str(exc))
+            await self._finish_all(with_same_domain(), str(exc))
             return
         except TimeoutError:
             reply = (
                 f"451 4.4.3 DNS lookups for {clean(first.domain)} took longer than"
                 f" {budget:g} s ([delivery] destination_timeout)"
             )
-            self._finish_all(with_same_domain(), reply)
+            await self._finish_all(with_same_domain(), reply)
             return
         except Exception as exc:
             logs.event(
@@ -229,7 +271,7 @@ class DeliveryEngine:
                 exception=clean(repr(exc)),
             )
             reply = f"451 4.3.0 local error while looking up {clean(first.domain)}"
-            self._finish_all(with_same_domain(), f"{reply}: {type(exc).__name__}")
+            await self._finish_all(with_same_domain(), f"{reply}: {type(exc).__name__}")
             return
         resolving = self.loop.time() - started
         async with self._slots:
@@ -245,7 +287,7 @@ class DeliveryEngine:
                 if not mx and reply.startswith("5"):
                     # Our upstream refusing us (say, a bad login) is ours to fix: keep the mail.
                     reply = "451 4.4.1 smarthost refused: " + reply
-                self._finish_all(with_same_domain(), reply)
+                await self._finish_all(with_same_domain(), reply)
                 return
             try:
                 current: q.Delivery | None = first
@@ -318,21 +360,26 @@ class DeliveryEngine:
             self._take(delivery, taken)
         return same
 
-    def _finish_all(self, deliveries: list[q.Delivery], reply: str) -> None:
+    async def _finish_all(self, deliveries: list[q.Delivery], reply: str) -> None:
         for delivery in deliveries:
-            self._finish(delivery, q.Outcome.for_all(delivery, reply))
+            await self._finish(delivery, q.Outcome.for_all(delivery, reply))
 
     async def _transaction(
         self, client: aiosmtplib.SMTP, delivery: q.Delivery, host: str | None, tls: str | None
     ) -> bool:
         """Send one message; False when the connection is no longer usable."""
         try:
-            body = bodies.read(self.db, self.bodies, delivery.message_id)
+            body = await self.queue.body(delivery.message_id)
         except bodies.BodyMissing:
             body = None
+        except STORAGE_ERRORS as exc:  # the database is away: try again later
+            reply = f"451 4.3.0 message body unreadable: {clean(str(exc)) or type(exc).__name__}"
+            await self._finish(delivery, q.Outcome.for_all(delivery, reply))
+            return True
         if body is None:
+            logs.event("delivery.body_missing", logging.ERROR, queue_id=delivery.message_id)
             reply = "554 5.3.0 message body missing from the spool"
-            self._finish(delivery, q.Outcome.for_all(delivery, reply))
+            await self._finish(delivery, q.Outcome.for_all(delivery, reply))
             return True
         body = self._sign(body) + body
         try:
@@ -346,12 +393,12 @@ class DeliveryEngine:
             outcome = _recipients_outcome(
                 {e.recipient: (e.code, e.message) for e in exc.recipients}, (), host, tls
             )
-            self._finish(delivery, outcome)
+            await self._finish(delivery, outcome)
             return True
         except aiosmtplib.SMTPResponseException as exc:
             # MAIL FROM or DATA refused: the whole message shares the reply.
             reply = remote_text.reply(exc.code, exc.message)
-            self._finish(delivery, q.Outcome.for_all(delivery, reply, host=host, tls=tls))
+            await self._finish(delivery, q.Outcome.for_all(delivery, reply, host=host, tls=tls))
             try:
                 await client.rset()
             except Exception:  # any failure here only means: do not reuse the connection
@@ -360,7 +407,7 @@ class DeliveryEngine:
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             reason = clean(str(exc)) or type(exc).__name__
             reply = f"451 4.4.2 connection to {host} lost: {reason}"
-            self._finish(delivery, q.Outcome.for_all(delivery, reply, host=host, tls=tls))
+            await self._finish(delivery, q.Outcome.for_all(delivery, reply, host=host, tls=tls))
             return False
         except Exception as exc:  # a bug must not strand the row in 'sending'
             logs.event(
@@ -370,13 +417,13 @@ class DeliveryEngine:
                 exception=clean(repr(exc)),
             )
             reply = f"451 4.3.0 local error while sending: {type(exc).__name__}"
-            self._finish(delivery, q.Outcome.for_all(delivery, reply, host=host, tls=tls))
+            await self._finish(delivery, q.Outcome.for_all(delivery, reply, host=host, tls=tls))
             return False
         accepted = [r for r in delivery.recipients if r not in refused]
         outcome = _recipients_outcome(
             {r: (resp.code, resp.message) for r, resp in refused.items()}, accepted, host, tls
         )
-        self._finish(delivery, dataclasses.replace(outcome, reply=f"250 {clean(response)}"))
+        await self._finish(delivery, dataclasses.replace(outcome, reply=f"250 {clean(response)}"))
         return True
 
     def _sign(self, body: bytes) -> bytes:
@@ -392,32 +439,25 @@ class DeliveryEngine:
 
     # ------------------------------------------------------------ bookkeeping
 
-    def _finish(self, delivery: q.Delivery, outcome: q.Outcome) -> None:
+    async def _finish(self, delivery: q.Delivery, outcome: q.Outcome) -> None:
         """Record an attempt together with the DSN it causes; never leave the row 'sending'."""
         self._held.pop(delivery.id, None)
         now = time.time()
-        stored: list[str] = []  # the DSN's queue id, once stored
+        stored: str | None = None  # the DSN's queue id, once stored
         try:
             outcome, _ = q.settle(delivery, outcome, now, self.delivery)
-            notice = self._notice(delivery, outcome, now)
-            store = None
-            if notice is not None:
-                body, warning = notice
-
-                def store(db: sqlite3.Connection) -> None:
-                    stored.append(
-                        insert_notification(
-                            db,
-                            account=delivery.account,
-                            recipient=delivery.mail_from,
-                            body=body,
-                            now=now,
-                        )
-                    )
-                    if warning:
-                        q.mark_warned(db, delivery.id)
-
-            q.finish(self.db, delivery, outcome, now, self.delivery, also=store)
+            notice = await self._notice(delivery, outcome, now)
+            retry_at = now + q.retry_delay(self.delivery, delivery.attempts + 1)
+            stored = await self.queue.finish(delivery, outcome, now, retry_at, notice)
+        except LeaseLost:
+            # Another node took the row over (our lease ran out): its outcome counts.
+            logs.event(
+                "delivery.lease_lost",
+                logging.WARNING,
+                queue_id=delivery.message_id,
+                node=self.config.node_name,
+            )
+            return
         except Exception as exc:
             logs.event(
                 "delivery.error",
@@ -428,8 +468,8 @@ class DeliveryEngine:
             # Try again later rather than leave the row 'sending' until a restart.
             retry_at = now + q.retry_delay(self.delivery, delivery.attempts + 1)
             try:
-                q.release(self.db, delivery.id, retry_at, now)
-            except Exception as again:  # the database is gone: reset_interrupted at start
+                await self.queue.release(delivery.id, retry_at, now)
+            except Exception as again:  # the database is gone: recovered at the next start
                 logs.event(
                     "delivery.error",
                     logging.ERROR,
@@ -462,14 +502,12 @@ class DeliveryEngine:
                 host=outcome.host,
                 reply=reply,
             )
-        for queue_id in stored:
+        if stored is not None:
             logs.event(
-                "dsn.created", queue_id=queue_id, rcpt=delivery.mail_from, about=delivery.message_id
+                "dsn.created", queue_id=stored, rcpt=delivery.mail_from, about=delivery.message_id
             )
 
-    def _notice(
-        self, delivery: q.Delivery, outcome: q.Outcome, now: float
-    ) -> tuple[bytes, bool] | None:
+    async def _notice(self, delivery: q.Delivery, outcome: q.Outcome, now: float) -> Notice | None:
         """The bounce (or delay warning) this outcome calls for, and whether it is a warning.
 
         Never for a null-sender message: no bounce loops.
@@ -489,15 +527,10 @@ class DeliveryEngine:
             return None
         try:
             # A bounce quotes the header section only: no need to read megabytes.
-            original = (
-                bodies.read(self.db, self.bodies, delivery.message_id, limit=DSN_HEAD_BYTES) or b""
-            )
+            original = await self.queue.body(delivery.message_id, DSN_HEAD_BYTES) or b""
         except bodies.BodyMissing:
             original = b""
-        row = self.db.execute(
-            "SELECT created_at FROM messages WHERE id = ?", (delivery.message_id,)
-        ).fetchone()
-        arrival = float(row[0]) if row and row[0] is not None else delivery.created_at
+        arrival = await self.queue.arrival(delivery.message_id) or delivery.created_at
         try:
             body = self._dsn(
                 delivery,
@@ -525,7 +558,7 @@ class DeliveryEngine:
                 now=now,
                 warning=warning,
             )
-        return body, warning
+        return Notice(delivery.account, delivery.mail_from, body, warning)
 
     def _dsn(
         self,
@@ -564,49 +597,24 @@ def _recipients_outcome(
     )
 
 
-def insert_notification(
-    db: sqlite3.Connection, *, account: str, recipient: str, body: bytes, now: float
-) -> str:
-    """Spool a DSN from the null sender to ``recipient``; the caller holds the transaction.
-
-    If the recipient is one of our own accounts the DSN stays here, in the
-    message log ("captured"), where that user's messages are; otherwise it is
-    queued like any other message.
-    """
-    queue_id = new_queue_id(now)
-    local = (
-        db.execute("SELECT 1 FROM accounts WHERE address = ?", (recipient,)).fetchone() is not None
-    )
-    summary = message.summarize(body)
-    db.execute(
-        "INSERT INTO messages (id, account, client_ip, mail_from, rcpt_to, subject, size,"
-        " status, created_at, recipients) VALUES (?, ?, '', '', ?, ?, ?, ?, ?, 1)",
-        (
-            queue_id,
-            account,
-            json.dumps([recipient]),
-            summary.subject,
-            len(body),
-            "captured" if local else "queued",
-            now,
-        ),
-    )
-    db.execute("INSERT INTO message_bodies (id, body) VALUES (?, ?)", (queue_id, body))
-    if not local:
-        q.enqueue(db, queue_id, [recipient], now)
-    return queue_id
-
-
 def run_delivery(config: Config) -> int:
     """Entry point of the delivery process."""
     loop = new_event_loop()
     try:
-        engine = DeliveryEngine(config, loop)
-        logs.event("delivery.start", mode=config.delivery.mode, pid=os.getpid())
-        loop.run_until_complete(engine.run())
-        logs.event("delivery.stop")
+        loop.run_until_complete(_deliver(config, loop))
     finally:
         loop.close()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
     return 0
+
+
+async def _deliver(config: Config, loop: asyncio.AbstractEventLoop) -> None:
+    storage = await open_delivery_storage(config, loop)
+    try:
+        engine = DeliveryEngine(config, loop, storage)
+        logs.event("delivery.start", mode=config.delivery.mode, pid=os.getpid())
+        await engine.run()
+        logs.event("delivery.stop")
+    finally:
+        await storage.close()

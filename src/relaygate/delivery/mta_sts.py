@@ -33,14 +33,18 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sqlite3
 import ssl
 from dataclasses import dataclass, field
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
+
+from relaygate.storage.errors import STORAGE_ERRORS
+
+if TYPE_CHECKING:
+    from relaygate.storage.api import PolicyCache
 
 __all__ = [
     "CREATE_TABLE",
@@ -211,24 +215,24 @@ class _Gate:
 
 
 class MTASTS:
-    """Policy discovery with a cache in SQLite; one instance per delivery process."""
+    """Policy discovery with a cache (storage.api.PolicyCache: SQLite on one
+    machine, PostgreSQL on a cluster); one instance per delivery process."""
 
     def __init__(
         self,
-        db: sqlite3.Connection,
+        cache: PolicyCache,
         resolver: dns.asyncresolver.Resolver,
         *,
         https_port: int = 443,
         fetch_timeout: float = 10.0,
         max_body: int = 64 * 1024,
     ) -> None:
-        self.db = db
+        self.cache = cache
         self.resolver = resolver
         self.https_port = https_port
         self.fetch_timeout = fetch_timeout
         self.max_body = max_body
         self.last_error: str | None = None
-        self._table_ready = False
         self._gates: dict[str, _Gate] = {}
 
     async def policy_for(self, domain: str, now: float) -> Policy | None:
@@ -260,7 +264,7 @@ class MTASTS:
             domain = _ascii_domain(domain)
         except _FetchError as exc:
             return None, str(exc)
-        cached, cache_error = self._cached(domain, now)
+        cached, cache_error = await self._cached(domain, now)
         try:
             policy_id = await self._txt_id(domain)
         except _FetchError as exc:
@@ -277,7 +281,7 @@ class MTASTS:
             if cached is not None:
                 reason += f" (using the cached policy id={cached.id})"
             return cached, _join(reason, cache_error)
-        return policy, self._store(domain, policy, text, now)
+        return policy, await self._store(domain, policy, text, now)
 
     # -- DNS ------------------------------------------------------------------
 
@@ -466,42 +470,23 @@ class MTASTS:
 
     # -- cache ----------------------------------------------------------------
 
-    def _ensure_table(self) -> None:
-        if not self._table_ready:
-            self.db.execute(CREATE_TABLE)
-            self._table_ready = True
-
-    def _cached(self, domain: str, now: float) -> tuple[Policy | None, str | None]:
+    async def _cached(self, domain: str, now: float) -> tuple[Policy | None, str | None]:
         """The cached policy of ``domain`` if unexpired at ``now``."""
         try:
-            self._ensure_table()
-            row = self.db.execute(
-                "SELECT id, policy FROM mta_sts_policies WHERE domain = ? AND expires_at > ?",
-                (domain, now),
-            ).fetchone()
-        except sqlite3.Error as exc:
+            found = await self.cache.get(domain, now)
+        except STORAGE_ERRORS as exc:
             return None, f"MTA-STS cache unreadable: {exc}"
-        if row is None:
+        if found is None:
             return None, None
         try:
-            return parse_policy(str(row[1]), policy_id=str(row[0])), None
+            return parse_policy(found[1], policy_id=found[0]), None
         except PolicyError:
             return None, None  # stored by an older, laxer parser: as good as absent
 
-    def _store(self, domain: str, policy: Policy, text: str, now: float) -> str | None:
-        was_in_transaction = self.db.in_transaction
+    async def _store(self, domain: str, policy: Policy, text: str, now: float) -> str | None:
         try:
-            self._ensure_table()
-            self.db.execute(
-                "INSERT INTO mta_sts_policies (domain, id, policy, fetched_at, expires_at)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (domain) DO UPDATE SET id = excluded.id,"
-                " policy = excluded.policy, fetched_at = excluded.fetched_at,"
-                " expires_at = excluded.expires_at",
-                (domain, policy.id, text, now, now + policy.max_age),
-            )
-            if self.db.in_transaction and not was_in_transaction:
-                self.db.commit()  # a connection in sqlite3's implicit-transaction mode
-        except sqlite3.Error as exc:
+            await self.cache.put(domain, policy.id, text, now, now + policy.max_age)
+        except STORAGE_ERRORS as exc:
             return f"MTA-STS cache not updated: {exc}"
         return None
 

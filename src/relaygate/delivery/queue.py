@@ -21,6 +21,8 @@ import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
+from relaygate import message
+from relaygate.accepted import new_queue_id
 from relaygate.config import DeliveryConfig
 
 
@@ -88,10 +90,12 @@ def enqueue_many(
         enqueue(db, message_id, recipients, now)
 
 
-def reset_interrupted(db: sqlite3.Connection) -> int:
-    """At start: rows left ``sending`` by a crash go back to the queue."""
-    cursor = db.execute("UPDATE deliveries SET status = 'queued' WHERE status = 'sending'")
-    return cursor.rowcount
+def reset_interrupted(db: sqlite3.Connection) -> list[str]:
+    """At start: rows left ``sending`` by a crash go back to the queue; their messages."""
+    rows = db.execute(
+        "UPDATE deliveries SET status = 'queued' WHERE status = 'sending' RETURNING message_id"
+    ).fetchall()
+    return [str(row[0]) for row in rows]
 
 
 _SELECT = (
@@ -187,11 +191,12 @@ def finish(
     delivery: Delivery,
     outcome: Outcome,
     now: float,
-    config: DeliveryConfig,
+    retry_at: float,
     *,
     also: Callable[[sqlite3.Connection], object] | None = None,
 ) -> None:
-    """Record a settled attempt (see ``settle``) in one transaction.
+    """Record a settled attempt (see ``settle``) in one transaction; deferred
+    recipients are due again at ``retry_at``.
 
     ``also`` runs inside that transaction (the bounce it caused is stored with
     it: a failure is never recorded without its DSN). Runs right after the
@@ -222,7 +227,7 @@ def finish(
                 (
                     json.dumps([r for r, _ in deferred]),
                     attempts,
-                    now + retry_delay(config, attempts),
+                    retry_at,
                     now,
                     last_reply,
                     delivery.id,
@@ -282,6 +287,39 @@ def _update_message_status(db: sqlite3.Connection, message_id: str) -> None:
 
 def mark_warned(db: sqlite3.Connection, delivery_id: int) -> None:
     db.execute("UPDATE deliveries SET warned = 1 WHERE id = ?", (delivery_id,))
+
+
+def insert_notification(
+    db: sqlite3.Connection, *, account: str, recipient: str, body: bytes, now: float
+) -> str:
+    """Spool a DSN from the null sender to ``recipient``; the caller holds the transaction.
+
+    If the recipient is one of our own accounts the DSN stays here, in the
+    message log ("captured"), where that user's messages are; otherwise it is
+    queued like any other message.
+    """
+    queue_id = new_queue_id(now)
+    local = (
+        db.execute("SELECT 1 FROM accounts WHERE address = ?", (recipient,)).fetchone() is not None
+    )
+    summary = message.summarize(body)
+    db.execute(
+        "INSERT INTO messages (id, account, client_ip, mail_from, rcpt_to, subject, size,"
+        " status, created_at, recipients) VALUES (?, ?, '', '', ?, ?, ?, ?, ?, 1)",
+        (
+            queue_id,
+            account,
+            json.dumps([recipient]),
+            summary.subject,
+            len(body),
+            "captured" if local else "queued",
+            now,
+        ),
+    )
+    db.execute("INSERT INTO message_bodies (id, body) VALUES (?, ?)", (queue_id, body))
+    if not local:
+        enqueue(db, queue_id, [recipient], now)
+    return queue_id
 
 
 # ------------------------------------------------------------ CLI side

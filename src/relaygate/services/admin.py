@@ -2,12 +2,13 @@
 
 Each takes its storage as typed interfaces (storage/api.py) and returns plain
 data; printing and serialising stay in the edges. Messages, accounts, app
-credentials and limits, DKIM keys; the queue moves here next.
+credentials and limits, DKIM keys, the delivery queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,9 +27,11 @@ from relaygate.storage.api import (
     Accounts,
     Credentials,
     DeliveryAttempt,
+    DeliveryQueue,
     DKIMKeys,
     MessageLog,
     MessageRecord,
+    QueueEntry,
 )
 
 
@@ -223,3 +226,30 @@ class DKIMAdmin:
                 f"no DKIM key for {domain}; create one with: relaygate dkim generate {domain}"
             )
         return [self._stored(k) for k in found]
+
+
+class QueueAdmin:
+    """Messages waiting for onward delivery: list, retry now, stop (no bounce)."""
+
+    def __init__(self, queue: DeliveryQueue) -> None:
+        self._queue = queue
+
+    async def entries(self) -> list[QueueEntry]:
+        return await self._queue.entries()
+
+    async def pending(self, message_id: str) -> list[QueueEntry]:
+        return [e for e in await self._queue.entries() if e.id == message_id]
+
+    async def retry(self, message_id: str | None) -> int:
+        """Make queued rows (of one message, or all) due now; NotFound for a
+        message with nothing queued."""
+        count = await self._queue.retry_now(message_id, time.time())
+        if count == 0 and message_id is not None:
+            raise NotFound(f"nothing queued for {message_id}")
+        return count
+
+    async def delete(self, message_id: str) -> int:
+        count = await self._queue.delete(message_id, time.time())
+        if count == 0:
+            raise NotFound(f"nothing queued for {message_id}")
+        return count

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from relaygate.accounts.credentials import Credential
 from relaygate.accounts.store import Account
 from relaygate.delivery.dkim import DKIMKey, KeyType
+from relaygate.delivery.queue import Delivery, Outcome
 from relaygate.quotas import Scope
 from relaygate.sasl import StoredKeys
 from relaygate.throttle import Reservation, Verdict, Wait
@@ -288,6 +289,112 @@ class DKIMKeys(Protocol):
     def where(self, key: DKIMKey) -> str:
         """Where the key is kept, for people (a file's path)."""
         ...
+
+
+# ------------------------------------------------------------ delivery
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A bounce or delay warning, stored in the same transaction as the outcome
+    that caused it (a failure is never recorded without its DSN)."""
+
+    account: str  # whose message it is about (the log shows it under them)
+    recipient: str  # the original sender
+    body: bytes
+    warning: bool  # a delay warning: the row is marked warned with it
+
+
+@dataclass(frozen=True, slots=True)
+class Takeover:
+    """A delivery row put back in the queue because whoever held it is gone."""
+
+    queue_id: str
+    node: str | None  # the node whose lease expired; None: this machine's last run
+
+
+class LeaseLost(Exception):
+    """The row is no longer ours (its lease expired and another node took it)."""
+
+
+class DeliveryQueue(Protocol):
+    """The rows to deliver, one per (message, recipient domain).
+
+    A row is claimed (``sending``, with a lease on a shared database), then
+    finished with the attempt's outcome or released. On PostgreSQL several
+    nodes claim from one queue: ``FOR UPDATE SKIP LOCKED`` keeps their claims
+    apart, and rows whose lease expired (a node died mid-delivery) go back to
+    the queue at the next ``recover``.
+    """
+
+    async def recover(self, now: float) -> list[Takeover]:
+        """Rows left ``sending`` by a process or node that is gone, made due again."""
+        ...
+
+    async def claim(self, now: float, limit: int) -> list[Delivery]: ...
+
+    async def renew(self, delivery_ids: Sequence[int], now: float) -> None:
+        """Rows still being worked on keep their lease."""
+        ...
+
+    async def finish(
+        self,
+        delivery: Delivery,
+        outcome: Outcome,
+        now: float,
+        retry_at: float,
+        notice: Notice | None,
+    ) -> str | None:
+        """Record a settled attempt and its notice in one transaction; the
+        notice's queue id. Raises LeaseLost if the row is no longer ours."""
+        ...
+
+    async def release(self, delivery_id: int, next_attempt: float, now: float) -> None:
+        """Back to the queue unchanged (an outcome that could not be recorded)."""
+        ...
+
+    async def body(self, message_id: str, limit: int | None = None) -> bytes | None:
+        """The message as stored (at most ``limit`` bytes); raises
+        storage.bodies.BodyMissing when its body file is gone."""
+        ...
+
+    async def arrival(self, message_id: str) -> float | None: ...
+
+    async def entries(self) -> list[QueueEntry]:
+        """Rows still to deliver (queued or being sent), oldest first."""
+        ...
+
+    async def retry_now(self, message_id: str | None, now: float) -> int: ...
+
+    async def delete(self, message_id: str, now: float) -> int:
+        """Stop delivering a message (no bounce); how many rows were pending."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    id: str  # the message's queue id
+    domain: str
+    recipients: tuple[str, ...]
+    status: str  # queued | sending
+    attempts: int
+    next_attempt: float
+    created_at: float
+    last_reply: str | None
+    mail_from: str
+    node: str | None = None  # on a shared database: who holds its lease
+
+
+class PolicyCache(Protocol):
+    """Fetched MTA-STS policies (delivery/mta_sts.py), shared by a cluster's nodes."""
+
+    async def get(self, domain: str, now: float) -> tuple[str, str] | None:
+        """(policy id, policy text) while unexpired at ``now``."""
+        ...
+
+    async def put(
+        self, domain: str, policy_id: str, text: str, now: float, expires_at: float
+    ) -> None: ...
 
 
 class Secrets(Protocol):

@@ -25,24 +25,30 @@ from pathlib import Path
 from relaygate.accepted import SpooledMessage
 from relaygate.accounts import changes
 from relaygate.config import Config
+from relaygate.delivery.dkim import key_directory
 from relaygate.spool import Spool
 from relaygate.storage import sqlite as sqlite_storage
 from relaygate.storage.api import (
     Acceptance,
     Accounts,
     Credentials,
+    DeliveryQueue,
+    DKIMKeys,
     LoginFailures,
+    PolicyCache,
     Secrets,
     SendingCounters,
 )
+from relaygate.storage.dkim_files import FileDKIMKeys
 from relaygate.storage.postgres.backend import PostgresStorage
 from relaygate.storage.postgres.nodes import PostgresNodes
 from relaygate.storage.secrets import SQLiteSecrets
 from relaygate.storage.sqlite import ServiceConnections
-from relaygate.storage.sqlite_accounts import SQLiteAccounts
+from relaygate.storage.sqlite_accounts import SQLiteAccounts, same
 from relaygate.storage.sqlite_backend import SQLiteStorage
 from relaygate.storage.sqlite_counters import SQLiteSendingCounters
 from relaygate.storage.sqlite_credentials import SQLiteCredentials
+from relaygate.storage.sqlite_queue import SQLiteDeliveryQueue, SQLitePolicyCache
 from relaygate.storage.sqlite_throttle import SQLiteLoginFailures
 from relaygate.storage.thread import DatabaseThread
 
@@ -137,6 +143,48 @@ async def open_node_storage(
 
 def _data(c: ServiceConnections) -> sqlite3.Connection:
     return c.data
+
+
+@dataclass
+class DeliveryStorage:
+    """What the delivery process needs: the queue, the MTA-STS cache, the DKIM keys."""
+
+    queue: DeliveryQueue
+    policies: PolicyCache
+    dkim_keys: DKIMKeys
+    close: Callable[[], Awaitable[None]]
+
+
+async def open_delivery_storage(config: Config, loop: asyncio.AbstractEventLoop) -> DeliveryStorage:
+    """SQLite in data_dir (its own connection, in a thread), or the shared
+    PostgreSQL database, where this node claims rows under its node_name.
+    Raises storage.postgres.pool.PostgresUnavailable or sqlite.DatabaseError."""
+    if config.storage.url is None:
+        thread: DatabaseThread[sqlite3.Connection] = DatabaseThread(
+            lambda: sqlite_storage.connect(config.database_path), loop, name="delivery-db"
+        )
+
+        async def close_thread() -> None:
+            await asyncio.to_thread(thread.close)
+
+        return DeliveryStorage(
+            queue=SQLiteDeliveryQueue(thread, same, config.database_path),
+            policies=SQLitePolicyCache(thread, same),
+            dkim_keys=FileDKIMKeys(key_directory(config.data_dir)),
+            close=close_thread,
+        )
+    shared = await PostgresStorage.open(
+        config.storage.url, DELIVERY_POOL_SIZE, local_announcer(config.data_dir)
+    )
+    return DeliveryStorage(
+        queue=shared.delivery_queue(config.node_name, config.delivery.lease_seconds),
+        policies=shared.policies,
+        dkim_keys=shared.dkim_keys,
+        close=shared.close,
+    )
+
+
+DELIVERY_POOL_SIZE = 10  # finishes run in parallel, one per outbound connection at most
 
 
 async def open_admin_storage(config: Config) -> SQLiteStorage | PostgresStorage:

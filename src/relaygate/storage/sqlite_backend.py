@@ -20,6 +20,7 @@ from relaygate.storage.secrets import SQLiteSecrets
 from relaygate.storage.sqlite_accounts import SQLiteAccounts, same
 from relaygate.storage.sqlite_credentials import SQLiteCredentials
 from relaygate.storage.sqlite_messages import SQLiteMessageLog
+from relaygate.storage.sqlite_queue import SQLiteDeliveryQueue
 from relaygate.storage.thread import DatabaseThread
 
 
@@ -33,6 +34,7 @@ class SQLiteStorage:
         self.credentials = SQLiteCredentials(self._thread)
         self.dkim_keys = FileDKIMKeys(key_directory(database.parent))
         self.secrets = SQLiteSecrets(self._thread, same)
+        self.queue = SQLiteDeliveryQueue(self._thread, same, database)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._thread.close)

@@ -18,7 +18,10 @@ from relaygate.storage.postgres.dkim import PostgresDKIMKeys
 from relaygate.storage.postgres.messages import PostgresMessageLog
 from relaygate.storage.postgres.nodes import PostgresNodes
 from relaygate.storage.postgres.pool import check_schema, open_pool
+from relaygate.storage.postgres.queue import PostgresDeliveryQueue, PostgresPolicyCache
 from relaygate.storage.secrets import CREDENTIAL_KEY
+
+DEFAULT_LEASE = 120.0
 
 
 class PostgresStorage:
@@ -34,8 +37,16 @@ class PostgresStorage:
         self.nodes = PostgresNodes(pool)
         self.dkim_keys = PostgresDKIMKeys(pool)
 
+        self.policies = PostgresPolicyCache(pool)
+        # Admin commands list, retry and delete; a delivery process claims with
+        # its own node name (delivery_queue).
+        self.queue = PostgresDeliveryQueue(pool, "", DEFAULT_LEASE)
+
     def acceptance(self, node: str, *, deliver: bool) -> PostgresAcceptance:
         return PostgresAcceptance(self.pool, node, deliver=deliver)
+
+    def delivery_queue(self, node: str, lease_seconds: float) -> PostgresDeliveryQueue:
+        return PostgresDeliveryQueue(self.pool, node, lease_seconds)
 
     @classmethod
     async def open(cls, url: str, pool_size: int, announce: Announce) -> PostgresStorage:
