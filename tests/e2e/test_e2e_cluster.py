@@ -313,7 +313,6 @@ def test_a_password_storm_through_the_balancer_is_throttled_as_one(
         assert throttled_on == set(NAMES), throttled_on
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8: the delivery queue not yet on PostgreSQL")
 def test_killing_the_node_that_holds_leases_loses_no_message(
     fresh_servers: ServerPool, tmp_path: Path
 ) -> None:

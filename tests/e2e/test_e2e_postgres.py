@@ -19,8 +19,10 @@ import psycopg
 import pytest
 from postgres_helpers import scratch_database
 
+from fakes.smtp_sink import SMTPSink
 from relaygate.storage.postgres.schema import SCHEMA_VERSION
 
+from .delivery_helpers import loopback_address
 from .helpers import (
     PROCESS_TIMEOUT,
     Server,
@@ -306,3 +308,65 @@ def test_hostile_header_bytes_are_stored_and_never_fail_a_shared_commit(
     assert listed[ids[1]]["subject"] == "encoded \ufffd nul"
     shown = node.cli("messages", "show", ids[0]).stdout  # the body as it came
     assert "body 0" in shown
+
+
+def test_delivery_and_the_queue_commands_on_postgresql(
+    database: str, fresh_servers: ServerPool
+) -> None:
+    """A node on PostgreSQL delivers through its smarthost; a message the smarthost
+    defers shows in `queue list` run from another data_dir (another machine),
+    which can retry and delete it; nothing is kept in a SQLite file."""
+    with SMTPSink(loopback_address(), 0) as sink:
+        sections: dict[str, dict[str, TomlValue]] = {
+            **_storage(database),
+            "delivery": {"mode": "smarthost", "retry_schedule": [600]},
+            "delivery.smarthost": {"host": sink.host, "port": sink.port, "tls": "none"},
+        }
+        node = fresh_servers.create("pg-deliver", sections=sections, start=False)
+        node.cli("migrate")
+        node.add_user(ALICE)
+        node.start()
+        with session(node, user=ALICE) as client:
+            delivered = client.send_mail(
+                ALICE.address,
+                [RCPT],
+                make_message(from_addr=ALICE.address, to=[RCPT], subject="first"),
+            )
+        sink.wait_for_messages(1, timeout=15)
+        sink.reply_to("RCPT", "451 4.2.0 mailbox busy", times=None)
+        with session(node, user=ALICE) as client:
+            deferred = client.send_mail(
+                ALICE.address, [RCPT], make_message(from_addr=ALICE.address, to=[RCPT], subject="2")
+            )
+        other = fresh_servers.create("pg-queue-cli", sections=_storage(database), start=False)
+
+        def queued() -> list[dict[str, object]]:
+            return list(json.loads(other.cli("queue", "list", "--json").stdout))
+
+        wait_until(
+            lambda: (
+                [(r["id"], r["status"], r["attempts"]) for r in queued()]
+                == [(deferred, "queued", 1)]
+            ),
+            15.0,
+            what="the deferred message in the queue",
+        )
+        [row] = queued()
+        assert row["last_reply"] == "451 4.2.0 mailbox busy" and row["node"] is None
+        shown = other.cli("queue", "show", deferred).stdout
+        assert "status: queued" in shown and "451 4.2.0 mailbox busy" in shown
+        assert json.loads(other.cli("messages", "list", "--json").stdout)[-1]["id"] == delivered
+        sink.reset_behaviour()
+        assert "1 delivery(ies) will be tried now" in other.cli("queue", "retry", deferred).stdout
+        sink.wait_for_messages(2, timeout=15)
+        wait_until(lambda: queued() == [], 15.0, what="the queue to empty")
+        statuses = {
+            m["id"]: m["status"] for m in json.loads(other.cli("messages", "list", "--json").stdout)
+        }
+        assert statuses == {delivered: "delivered", deferred: "delivered"}
+        gone = other.cli("queue", "delete", deferred, check=False)
+        assert gone.returncode == 2 and gone.stderr.strip().endswith(
+            f"nothing queued for {deferred}"
+        )
+    assert not (node.data_dir / "relaygate.db").exists()
+    assert not (other.data_dir / "relaygate.db").exists()

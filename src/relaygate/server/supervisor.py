@@ -108,23 +108,12 @@ def prepare(config: Config) -> None:
         except PostgresUnavailable as exc:
             raise StartupError([f"storage: {exc}"]) from None
     try:
-        db = storage.connect(config.database_path)
         # Made here, before the workers, so they never race to create it.
         storage.connect_state(storage.state_path(config.database_path)).close()
     except storage.DatabaseError as exc:
         raise StartupError([f"database {exc}"]) from None
-    try:
-        if config.quickstart and AccountStore(db).count() == 0:
-            _create_quickstart_account(config)
-        if config.storage.url is None:
-            # No spool writer runs yet: a body file without a row is from a crash.
-            removed = bodies.remove_orphans(db, bodies.directory_for(config.database_path))
-            if removed:
-                logs.event("spool.orphans_removed", files=removed)
-    except OSError as exc:
-        raise StartupError([f"data_dir {config.data_dir}: {exc.strerror or exc}"]) from None
-    finally:
-        db.close()
+    if config.storage.url is None:
+        _prepare_local(config)
     try:
         server_context(certificate_pairs(config))
     except (TLSSetupError, OSError) as exc:
@@ -245,6 +234,26 @@ def _check_private(data_dir: Path) -> None:
     for name in _PRIVATE_FILES:
         if tighten(data_dir / name):
             logs.event("file.tightened", logging.WARNING, path=str(data_dir / name), mode="600")
+
+
+def _prepare_local(config: Config) -> None:
+    """The SQLite database of one machine: made or upgraded, a quickstart account,
+    body files a crash left without a row removed."""
+    try:
+        db = storage.connect(config.database_path)
+    except storage.DatabaseError as exc:
+        raise StartupError([f"database {exc}"]) from None
+    try:
+        if config.quickstart and AccountStore(db).count() == 0:
+            _create_quickstart_account(config)
+        # No spool writer runs yet: a body file without a row is from a crash.
+        removed = bodies.remove_orphans(db, bodies.directory_for(config.database_path))
+        if removed:
+            logs.event("spool.orphans_removed", files=removed)
+    except OSError as exc:
+        raise StartupError([f"data_dir {config.data_dir}: {exc.strerror or exc}"]) from None
+    finally:
+        db.close()
 
 
 def _create_quickstart_account(config: Config) -> None:

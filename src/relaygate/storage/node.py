@@ -100,34 +100,45 @@ async def open_node_storage(
     config: Config, loop: asyncio.AbstractEventLoop, *, deliver: bool
 ) -> NodeStorage:
     """Raises storage.postgres.pool.PostgresUnavailable or sqlite.DatabaseError."""
-    # Node-local state (and, on SQLite, everything): the service thread, which
-    # opens its connections on first use, off the event loop.
-    service: DatabaseThread[ServiceConnections] = DatabaseThread(
-        lambda: sqlite_storage.connect_service(config.database_path), loop, name="service-db"
-    )
-
-    async def close_service() -> None:
-        await asyncio.to_thread(service.close)
-
-    failures = SQLiteLoginFailures(service, config.auth_throttle)
     if config.storage.url is None:
+        # Everything in data_dir: the service thread, which opens its connections
+        # (relaygate.db, throttle.db) on first use, off the event loop.
+        service: DatabaseThread[ServiceConnections] = DatabaseThread(
+            lambda: sqlite_storage.connect_service(config.database_path), loop, name="service-db"
+        )
+
+        async def close_service() -> None:
+            await asyncio.to_thread(service.close)
+
         data = _data  # accounts, credentials, counters: the main database
         return NodeStorage(
             accounts=SQLiteAccounts(service, data),
             credentials=SQLiteCredentials(service, data),
-            failures=failures,
+            failures=SQLiteLoginFailures(service, config.auth_throttle),
             counters=SQLiteSendingCounters(service, data, config.database_path),
             acceptance=SpoolAcceptance(Spool(config.database_path, loop, deliver=deliver)),
             secrets=SQLiteSecrets(service, data),
             nodes=None,
             _closers=[close_service],
         )
+    # On PostgreSQL only the node's own failed-login windows stay in data_dir
+    # (throttle.db) unless [shared] redis_url makes them cluster-wide.
+    state: DatabaseThread[sqlite3.Connection] = DatabaseThread(
+        lambda: sqlite_storage.connect_state(sqlite_storage.state_path(config.database_path)),
+        loop,
+        name="state-db",
+    )
+
+    async def close_state() -> None:
+        await asyncio.to_thread(state.close)
+
+    failures = SQLiteLoginFailures(state, config.auth_throttle, same)
     try:
         shared = await PostgresStorage.open(
             config.storage.url, config.storage.pool_size, local_announcer(config.data_dir)
         )
     except BaseException:
-        await close_service()
+        await close_state()
         raise
     return NodeStorage(
         accounts=shared.accounts,
@@ -137,7 +148,7 @@ async def open_node_storage(
         acceptance=shared.acceptance(config.node_name, deliver=deliver),
         secrets=shared.secrets,
         nodes=shared.nodes,
-        _closers=[shared.close, close_service],
+        _closers=[shared.close, close_state],
     )
 
 

@@ -7,23 +7,35 @@ loop. Shared by the machine's workers; for several nodes, see storage/redis/.
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
 from relaygate.config import AuthThrottleConfig
 from relaygate.storage.sqlite import ServiceConnections
 from relaygate.storage.thread import DatabaseThread
 from relaygate.throttle import AuthThrottle, Reservation, Verdict, Wait
 
 
+def _state(c: ServiceConnections) -> sqlite3.Connection:
+    return c.state
+
+
 class SQLiteLoginFailures:
     def __init__(
-        self, thread: DatabaseThread[ServiceConnections], config: AuthThrottleConfig
+        self,
+        thread: DatabaseThread[Any],
+        config: AuthThrottleConfig,
+        state: Callable[[Any], sqlite3.Connection] = _state,
     ) -> None:
         self._thread = thread
         self._config = config
+        self._state = state  # the throttle.db connection of the thread's resource
         self._throttle: AuthThrottle | None = None  # made in the thread, used only there
 
-    def _in_thread(self, c: ServiceConnections) -> AuthThrottle:
+    def _in_thread(self, c: Any) -> AuthThrottle:
         if self._throttle is None:
-            self._throttle = AuthThrottle(c.state, self._config)
+            self._throttle = AuthThrottle(self._state(c), self._config)
         return self._throttle
 
     async def check(self, client_ip: str, username: str, now: float) -> Verdict | None:
