@@ -74,6 +74,8 @@ class Reservation:
 
     rowid: int
     recent: int  # failures from this client IP in the last minute, this one included
+    # Where a shared backend (storage/redis/) keeps it: (ip, network, account, ts).
+    shared: tuple[str, str, str, float] | None = None
 
 
 class Wait:
@@ -97,6 +99,16 @@ def _normalize(ip: str) -> tuple[str, str]:
             return str(address), str(network)
         address = mapped
     return str(address), str(ipaddress.IPv4Network((int(address) >> 8 << 8, 24)))
+
+
+def address_and_network(ip: str) -> tuple[str, str]:
+    """(address, network) as the rules count them (IPv4-mapped IPv6 as IPv4)."""
+    return _normalize(ip)
+
+
+def username_key(name: str) -> str:
+    """A login name as the account rule counts it (bounded, case-folded)."""
+    return _username(name)
 
 
 def network_of(ip: str) -> str:

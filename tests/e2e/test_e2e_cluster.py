@@ -281,7 +281,6 @@ def test_three_nodes_one_message_log_and_one_sending_limit(
         assert c.query("SELECT count(*) FROM messages") == [(8,)]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8: login failures not yet shared through Redis")
 def test_a_password_storm_through_the_balancer_is_throttled_as_one(
     fresh_servers: ServerPool, tmp_path: Path
 ) -> None:

@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis.asyncio
+
 from relaygate.accepted import SpooledMessage
 from relaygate.accounts import changes
 from relaygate.config import Config
@@ -42,6 +44,9 @@ from relaygate.storage.api import (
 from relaygate.storage.dkim_files import FileDKIMKeys
 from relaygate.storage.postgres.backend import PostgresStorage
 from relaygate.storage.postgres.nodes import PostgresNodes
+from relaygate.storage.redis.client import open_client
+from relaygate.storage.redis.fallback import FallbackLoginFailures, SharedHealth
+from relaygate.storage.redis.login_failures import RedisLoginFailures
 from relaygate.storage.secrets import SQLiteSecrets
 from relaygate.storage.sqlite import ServiceConnections
 from relaygate.storage.sqlite_accounts import SQLiteAccounts, same
@@ -88,6 +93,7 @@ class NodeStorage:
     secrets: Secrets
     nodes: PostgresNodes | None  # None: one machine, nobody to tell
     _closers: list[Callable[[], Awaitable[None]]]
+    redis: redis.asyncio.Redis | None = None  # [shared] redis_url: the process's client
 
     async def close(self) -> None:
         """Acceptance first (it commits what it holds), then the rest."""
@@ -99,7 +105,31 @@ class NodeStorage:
 async def open_node_storage(
     config: Config, loop: asyncio.AbstractEventLoop, *, deliver: bool
 ) -> NodeStorage:
-    """Raises storage.postgres.pool.PostgresUnavailable or sqlite.DatabaseError."""
+    """Raises storage.postgres.pool.PostgresUnavailable or sqlite.DatabaseError;
+    redis.RedisUnavailable for a ``[shared] redis_url`` that cannot be read."""
+    storage = await _open_node_storage(config, loop, deliver=deliver)
+    url = config.shared.redis_url
+    if url is None:
+        return storage
+    try:
+        client = open_client(url)
+    except BaseException:
+        await storage.close()
+        raise
+    # Failed-login windows cluster-wide; this node's own throttle.db when Redis is away.
+    storage.failures = FallbackLoginFailures(
+        RedisLoginFailures(client, config.auth_throttle),
+        storage.failures,
+        SharedHealth("login_failures"),
+    )
+    storage.redis = client
+    storage._closers.append(client.aclose)
+    return storage
+
+
+async def _open_node_storage(
+    config: Config, loop: asyncio.AbstractEventLoop, *, deliver: bool
+) -> NodeStorage:
     if config.storage.url is None:
         # Everything in data_dir: the service thread, which opens its connections
         # (relaygate.db, throttle.db) on first use, off the event loop.
