@@ -40,6 +40,8 @@ from relaygate.storage.files import private_directory, shared_bits, tighten
 from relaygate.storage.postgres import pool as postgres_pool
 from relaygate.storage.postgres.backend import PostgresStorage
 from relaygate.storage.postgres.pool import PostgresUnavailable
+from relaygate.storage.redis import client as redis_client
+from relaygate.storage.redis.client import RedisUnavailable
 from relaygate.storage.sqlite_backend import SQLiteStorage
 
 PR_SET_PDEATHSIG = 1
@@ -107,6 +109,13 @@ def prepare(config: Config) -> None:
             asyncio.run(_prepare_shared(config))
         except PostgresUnavailable as exc:
             raise StartupError([f"storage: {exc}"]) from None
+    if config.shared.redis_url is not None:
+        # Later a Redis that goes away only means node-local throttles for a while;
+        # at start a wrong URL or password is a mistake to fix now.
+        try:
+            asyncio.run(redis_client.check(config.shared.redis_url))
+        except RedisUnavailable as exc:
+            raise StartupError([f"shared.redis_url: {exc}"]) from None
     try:
         # Made here, before the workers, so they never race to create it.
         storage.connect_state(storage.state_path(config.database_path)).close()

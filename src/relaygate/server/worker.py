@@ -33,6 +33,7 @@ from relaygate.smtp.session import Settings
 from relaygate.storage.errors import STORAGE_ERRORS
 from relaygate.storage.node import NodeStorage, open_node_storage
 from relaygate.storage.postgres.nodes import HEARTBEAT, PostgresNodes
+from relaygate.storage.redis.changes import ChangeRelay
 
 BoundListener = tuple[socket.socket, ListenerConfig]
 
@@ -108,6 +109,11 @@ class Worker:
         self._beating: asyncio.Future[None] | None = None
         self._started = time.time()
         self._unshared_logged = -60.0
+        self._relay: ChangeRelay | None = None
+        if self.index == 0 and self.storage.redis is not None:
+            # Changes made on other nodes reach this machine's sessions.
+            self._relay = ChangeRelay(self.storage.redis, config.data_dir)
+            self._relay.start()
 
     async def run(self, listeners: list[BoundListener]) -> None:
         loop = self.loop
@@ -147,6 +153,8 @@ class Worker:
             loop.remove_signal_handler(signum)
             signal.signal(signum, signal.SIG_IGN)  # already stopping: a repeat must not kill us
         sweeper.cancel()
+        if self._relay is not None:
+            await self._relay.stop()
         # Messages handed over are committed first, whatever else is cut short;
         # then the storage closes with its own tasks (a pool's workers), and a
         # decision still waiting on it gets an error it already knows how to take.

@@ -44,6 +44,7 @@ from relaygate.storage.api import (
 from relaygate.storage.dkim_files import FileDKIMKeys
 from relaygate.storage.postgres.backend import PostgresStorage
 from relaygate.storage.postgres.nodes import PostgresNodes
+from relaygate.storage.redis import changes as redis_changes
 from relaygate.storage.redis.client import open_client
 from relaygate.storage.redis.fallback import FallbackLoginFailures, SharedHealth
 from relaygate.storage.redis.login_failures import RedisLoginFailures
@@ -69,6 +70,21 @@ class SpoolAcceptance:
 
     async def close(self) -> None:
         await asyncio.to_thread(self.spool.close)
+
+
+def announcer(config: Config) -> Callable[[], Awaitable[None]]:
+    """Tell every worker that accounts or credentials changed: this machine's
+    through the change signal, the other nodes' through Redis when shared."""
+    local = local_announcer(config.data_dir)
+    url = config.shared.redis_url
+    if url is None:
+        return local
+
+    async def announce() -> None:
+        await local()
+        await redis_changes.publish(url, config.node_name)
+
+    return announce
 
 
 def local_announcer(data_dir: Path) -> Callable[[], Awaitable[None]]:
@@ -165,7 +181,7 @@ async def _open_node_storage(
     failures = SQLiteLoginFailures(state, config.auth_throttle, same)
     try:
         shared = await PostgresStorage.open(
-            config.storage.url, config.storage.pool_size, local_announcer(config.data_dir)
+            config.storage.url, config.storage.pool_size, announcer(config)
         )
     except BaseException:
         await close_state()
@@ -232,9 +248,7 @@ async def open_admin_storage(config: Config) -> SQLiteStorage | PostgresStorage:
     """The storage the admin edges (the CLI, the HTTP API) work on."""
     if config.storage.url is None:
         return SQLiteStorage(config.database_path)
-    return await PostgresStorage.open(
-        config.storage.url, ADMIN_POOL_SIZE, local_announcer(config.data_dir)
-    )
+    return await PostgresStorage.open(config.storage.url, ADMIN_POOL_SIZE, announcer(config))
 
 
 ADMIN_POOL_SIZE = 2  # one command at a time, and a spare
