@@ -3,6 +3,8 @@
 - a change made with the CLI of one node (a password, a disabled account)
   stops open sessions on the other node within a second (pub/sub);
 - a Redis that cannot be used at start is one line and exit status 2;
+- per-IP connection limits hold across the nodes (a client's third
+  connection is refused by either node when it holds two);
 - Redis going away while serving: logins are still throttled, by each node
   alone, with one ``shared.unavailable`` line, and ``shared.recovered`` when
   it is back (a TCP link in the test that can be cut).
@@ -18,7 +20,7 @@ import pytest
 import redis
 from postgres_helpers import scratch_database
 
-from .helpers import Server, ServerPool, TomlValue, User, session, wait_until
+from .helpers import RawSMTP, Server, ServerPool, TomlValue, User, session, wait_until
 from .link import link_to
 
 ALICE = User("alice@example.com", "Alice-shared-pw-6Tz1")
@@ -110,7 +112,14 @@ def test_redis_away_logins_are_throttled_by_each_node_then_shared_again(
         "connection_close_after": 0,
     }
     with link_to("127.0.0.1", 6379) as link:
-        node = _node(fresh_servers, "node-r", database, _redis_url(link.port), auth_throttle=rules)
+        node = _node(
+            fresh_servers,
+            "node-r",
+            database,
+            _redis_url(link.port),
+            auth_throttle=rules,
+            connection_limits={"exempt": []},  # counted in Redis too, while it works
+        )
         node.cli("migrate")
         node.add_user(ALICE)
         node.start()
@@ -125,11 +134,15 @@ def test_redis_away_logins_are_throttled_by_each_node_then_shared_again(
         # One line per kind of shared state (once a minute at most), not per login.
         unavailable = [e["state"] for e in node.log_events("shared.unavailable")]
         assert unavailable.count("login_failures") == 1, unavailable
-        assert set(unavailable) <= {"login_failures", "change_notices"}, unavailable
+        assert unavailable.count("connection_counts") == 1, unavailable  # and let in
+        assert set(unavailable) <= {"login_failures", "change_notices", "connection_counts"}
+        time.sleep(2.5)  # the change relay tries again every second: it must not claim success
+        assert node.log_events("shared.recovered") == [], node.log_events("shared.recovered")
         link.mend()
         time.sleep(5.5)  # RETRY: Redis is tried again
         with session(node) as client:
-            client.auth_plain(ALICE.address, ALICE.password)
+            # Redis decides again: it never saw the failures, so the right password is let in.
+            assert client.auth_plain(ALICE.address, ALICE.password).status == "235 2.7.0"
         wait_until(
             lambda: any(
                 e["state"] == "login_failures" for e in node.log_events("shared.recovered")
@@ -137,3 +150,44 @@ def test_redis_away_logins_are_throttled_by_each_node_then_shared_again(
             10.0,
             what="shared.recovered",
         )
+        recovered = [e["state"] for e in node.log_events("shared.recovered")]
+        assert recovered.count("change_notices") == 1, recovered
+
+
+def test_per_ip_connection_limits_hold_across_the_nodes(
+    database: str, fresh_servers: ServerPool
+) -> None:
+    limits: dict[str, TomlValue] = {
+        "per_ip_concurrent": 2,
+        "per_ip_per_minute": 0,
+        "exempt": ["127.0.0.1/32"],  # the readiness probes
+    }
+    a = _node(fresh_servers, "node-a", database, _redis_url(), connection_limits=limits)
+    b = _node(fresh_servers, "node-b", database, _redis_url(), connection_limits=limits)
+    a.cli("migrate")
+    a.start()
+    b.start()
+    on_a = RawSMTP.connect(a.starttls_port, source="127.0.7.1")
+    on_b = RawSMTP.connect(b.implicit_port, tls=b.client_context(), source="127.0.7.1")
+    try:
+        assert on_a.greeting.code == 220 and on_b.greeting.code == 220
+        # Each node alone holds one: only the cluster's count refuses the third.
+        for node in (a, b):
+            with RawSMTP.connect(node.starttls_port, source="127.0.7.1") as third:
+                assert third.greeting.status == "421 4.7.0", str(third.greeting)
+                assert third.wait_closed(5)
+        with RawSMTP.connect(a.starttls_port, source="127.0.8.1") as other:
+            assert other.greeting.code == 220  # another client
+    finally:
+        on_b.close()
+
+    def room_on_a() -> bool:
+        with RawSMTP.connect(a.starttls_port, source="127.0.7.1") as client:
+            return client.greeting.code == 220
+
+    try:
+        wait_until(room_on_a, 5, 0.1, "node-b's closed connection to be uncounted")
+    finally:
+        on_a.close()
+    refused = [e for e in a.log_events("connect.refused") + b.log_events("connect.refused")]
+    assert {(e["client_ip"], e["reason"]) for e in refused} == {("127.0.7.1", "ip_concurrent")}

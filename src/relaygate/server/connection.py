@@ -40,6 +40,7 @@ from relaygate.smtp.events import (
     StartTLS,
 )
 from relaygate.smtp.session import PROXY_NOT_EXPECTED_REASON, Session, Settings, State
+from relaygate.storage.redis.connections import RedisConnectionCounts
 from relaygate.throttle import Reservation
 
 
@@ -57,11 +58,20 @@ class ConnectionHost(Protocol):
     max_connections: int
     tls_context: ssl.SSLContext
     limiter: ConnectionLimiter | None
+    shared_connections: RedisConnectionCounts | None
     logins: LoginService
     submission: SubmissionService
 
     def generation(self) -> int:
         """The account-change signal's value (accounts/changes.py)."""
+        ...
+
+    async def admit_shared(self, client_ip: str) -> tuple[bool, str | None]:
+        """The cluster-wide per-IP verdict: (counted, the rule refusing or None)."""
+        ...
+
+    def release_shared(self, client_ip: str) -> None:
+        """A connection admit_shared counted has ended."""
         ...
 
 
@@ -109,6 +119,8 @@ class SMTPConnection(asyncio.Protocol):
         self._reading = True
         self.lost = False
         self.counted = False  # counted by the per-IP connection limiter
+        self.shared_counted = False  # and by the cluster's (Redis)
+        self._admission: asyncio.Future[None] | None = None
         self.started = time.time()
         self.last_activity = 0.0
         self.opened = 0.0  # loop time
@@ -152,19 +164,49 @@ class SMTPConnection(asyncio.Protocol):
             else:
                 self.counted = True
         if reason is not None:
-            logs.event(
-                "connect.refused",
-                logging.WARNING,
-                session=self.session_id,
-                client_ip=self.client_ip,
-                proxy=self.proxy_peer,
-                reason=reason,
-                reply=reply[:3].decode(),
-            )
-            transport.write(reply)
-            transport.close()
-            self.lost = True
+            self._refuse_at_open(reason, reply)
             return
+        shared = self.worker.shared_connections
+        if shared is not None and shared.counted(self.client_ip):
+            # The cluster's count too (storage/redis/connections.py): greet once it says yes.
+            self._wait()
+            self._admission = asyncio.ensure_future(self._admit())
+            return
+        self._welcome()
+
+    def _refuse_at_open(self, reason: str, reply: bytes) -> None:
+        logs.event(
+            "connect.refused",
+            logging.WARNING,
+            session=self.session_id,
+            client_ip=self.client_ip,
+            proxy=self.proxy_peer,
+            reason=reason,
+            reply=reply[:3].decode(),
+        )
+        if self.counted and self.worker.limiter is not None:
+            self.worker.limiter.close(self.client_ip)
+            self.counted = False
+        assert self.transport is not None
+        self.transport.write(reply)
+        self.transport.close()
+        self.lost = True
+
+    async def _admit(self) -> None:
+        counted, refused = await self.worker.admit_shared(self.client_ip)
+        if self.lost:  # gone while we asked
+            if counted:
+                self.worker.release_shared(self.client_ip)
+            return
+        if refused is not None:
+            self._refuse_at_open(f"ip_{refused}", replies.TOO_MANY_FROM_ADDRESS)
+            return
+        self.shared_counted = counted
+        self.waiting = False
+        self._update_reading()
+        self._welcome()
+
+    def _welcome(self) -> None:
         self.worker.connections.add(self)
         logs.event(
             "connect",
@@ -209,6 +251,8 @@ class SMTPConnection(asyncio.Protocol):
         self._abandon_reservation()
         if self.counted and self.worker.limiter is not None:
             self.worker.limiter.close(self.client_ip)
+        if self.shared_counted:
+            self.worker.release_shared(self.client_ip)
         logs.event(
             "disconnect",
             session=self.session_id,

@@ -34,6 +34,8 @@ from relaygate.storage.errors import STORAGE_ERRORS
 from relaygate.storage.node import NodeStorage, open_node_storage
 from relaygate.storage.postgres.nodes import HEARTBEAT, PostgresNodes
 from relaygate.storage.redis.changes import ChangeRelay
+from relaygate.storage.redis.connections import RedisConnectionCounts
+from relaygate.storage.redis.fallback import SHARED_ERRORS, SharedHealth
 
 BoundListener = tuple[socket.socket, ListenerConfig]
 
@@ -75,6 +77,7 @@ class Worker:
         if self.changes.problem:
             logs.event("changes.unavailable", logging.WARNING, reason=self.changes.problem)
         self.limiter = limiter
+        self.shared_connections: RedisConnectionCounts | None = None
         # Made in run(), before any listener: the storage may need a round trip.
         self.storage: NodeStorage
         self.logins: LoginService
@@ -110,6 +113,19 @@ class Worker:
         self._started = time.time()
         self._unshared_logged = -60.0
         self._relay: ChangeRelay | None = None
+        self._connection_health = SharedHealth("connection_counts")
+        self._releases: set[asyncio.Future[None]] = set()
+        if self.storage.redis is not None:
+            counts = RedisConnectionCounts.for_process(
+                self.storage.redis, config.connection_limits, config.node_name
+            )
+            if counts.active:
+                try:
+                    await counts.renew()  # our counts count from the first connection
+                except SHARED_ERRORS as exc:
+                    self._connection_health.failed(exc)
+                counts.start()
+                self.shared_connections = counts
         if self.index == 0 and self.storage.redis is not None:
             # Changes made on other nodes reach this machine's sessions.
             self._relay = ChangeRelay(self.storage.redis, config.data_dir)
@@ -155,6 +171,8 @@ class Worker:
         sweeper.cancel()
         if self._relay is not None:
             await self._relay.stop()
+        if self.shared_connections is not None:
+            await self.shared_connections.stop()
         # Messages handed over are committed first, whatever else is cut short;
         # then the storage closes with its own tasks (a pool's workers), and a
         # decision still waiting on it gets an error it already knows how to take.
@@ -171,6 +189,36 @@ class Worker:
     def generation(self) -> int:
         """The account-change signal's current value (see accounts/changes.py)."""
         return self.changes.value()
+
+    async def admit_shared(self, client_ip: str) -> tuple[bool, str | None]:
+        """(counted in Redis, the rule refusing or None)."""
+        counts = self.shared_connections
+        if counts is None:
+            return False, None
+
+        async def shared() -> tuple[bool, str | None]:
+            refused = await counts.open(client_ip, time.time())
+            return refused is None, refused
+
+        async def local() -> tuple[bool, str | None]:  # Redis away: this machine's limiter decided
+            return False, None
+
+        return await self._connection_health.call(shared, local)
+
+    def release_shared(self, client_ip: str) -> None:
+        counts = self.shared_connections
+        if counts is None:
+            return
+
+        async def release() -> None:
+            try:
+                await counts.close(client_ip)
+            except SHARED_ERRORS as exc:  # the holder's lease bounds the leak
+                self._connection_health.failed(exc)
+
+        task = asyncio.ensure_future(release())
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     async def _prune(self) -> None:
         try:

@@ -17,7 +17,7 @@ import redis.asyncio
 
 from relaygate import logs
 from relaygate.accounts import changes
-from relaygate.storage.redis.client import open_client
+from relaygate.storage.redis.client import TIMEOUT, open_client
 from relaygate.storage.redis.fallback import SHARED_ERRORS, SharedHealth
 
 CHANNEL = "relaygate:changes"
@@ -58,15 +58,19 @@ class ChangeRelay:
 
     async def _run(self) -> None:
         while True:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._client.pubsub()
             try:
                 await pubsub.subscribe(CHANNEL)
+                # Sending SUBSCRIBE proves nothing (a dying link takes it): wait for Redis's yes.
+                confirmed = await pubsub.get_message(timeout=TIMEOUT)
+                if confirmed is None or confirmed.get("type") != "subscribe":
+                    raise TimeoutError("no reply to SUBSCRIBE")
                 self._health.worked()
                 # Changes made while we were not listening: re-check to be safe.
                 self._bump()
                 while True:
                     message = await pubsub.get_message(timeout=30.0)
-                    if message is not None:
+                    if message is not None and message.get("type") == "message":
                         self._bump()
             except SHARED_ERRORS as exc:
                 self._health.failed(exc)

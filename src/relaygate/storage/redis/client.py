@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import redis.asyncio
 import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 TIMEOUT = 1.0  # seconds for a connection or a command
 
@@ -23,6 +25,10 @@ def open_client(url: str) -> redis.asyncio.Redis:
             socket_timeout=TIMEOUT,
             socket_connect_timeout=TIMEOUT,
             health_check_interval=30,
+            # One more try on a fresh connection (a pooled one the network cut),
+            # none after a timeout: a stalled Redis costs one TIMEOUT, not redis-py's
+            # default of ten tries with back-off.
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
         )
     except (ValueError, redis.exceptions.RedisError) as exc:
         raise RedisUnavailable(f"{describe(url)}: {exc}") from None
