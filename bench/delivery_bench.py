@@ -68,6 +68,7 @@ from run import (
     USER_PATTERN,
     BenchError,
     RelaygateServer,
+    ScratchPostgres,
     background_load,
     cell,
     default_python,
@@ -567,8 +568,9 @@ class DeliveryServer(RelaygateServer):
         sink: tuple[str, int] | None,
         per_destination: int,
         concurrency: int,
+        storage_url: str | None = None,
     ) -> None:
-        super().__init__(python, workers, 1, log_level)
+        super().__init__(python, workers, 1, log_level, storage_url)
         self.mode = mode
         self.sink = sink
         self.per_destination = per_destination
@@ -605,7 +607,8 @@ class DeliveryServer(RelaygateServer):
             f'address = "127.0.0.1:{self.starttls_port}"\n'
             'tls = "starttls"\n\n'
             f"{delivery}\n"
-            "[sending_limits]\n"
+            + (f'[storage]\nurl = "{self.storage_url}"\n\n' if self.storage_url else "")
+            + "[sending_limits]\n"
             "messages_per_hour = 0\n"
             "messages_per_day = 0\n"
             "recipients_per_day = 0\n"
@@ -765,14 +768,17 @@ class CPUReading:
     server_tree: float
     sink: float
     machine: float
+    database: float  # PostgreSQL's processes (0 on SQLite: it runs inside relaygate)
 
     @classmethod
-    def take(cls, server_pid: int, delivery_pid: int | None, sink: SinkProcess) -> CPUReading:
+    def take(cls, ctx: Context) -> CPUReading:
+        delivery_pid = ctx.delivery_pid
         return cls(
             delivery=process_cpu_seconds(delivery_pid) if delivery_pid is not None else None,
-            server_tree=tree_cpu_seconds([server_pid]),
-            sink=sink.cpu_seconds(),
+            server_tree=tree_cpu_seconds([ctx.server.pid]),
+            sink=ctx.sink.cpu_seconds(),
             machine=machine_busy_seconds(),
+            database=tree_cpu_seconds(ctx.database_roots) if ctx.database_roots else 0.0,
         )
 
     def minus(self, before: CPUReading) -> dict[str, float | None]:
@@ -786,6 +792,7 @@ class CPUReading:
             "server_tree_s": round(self.server_tree - before.server_tree, 3),
             "sink_s": round(self.sink - before.sink, 3),
             "machine_busy_s": round(self.machine - before.machine, 3),
+            "database_s": round(self.database - before.database, 3),
         }
 
 
@@ -807,6 +814,7 @@ class Context:
     delivery_pid: int | None
     problems: list[str]
     total_accepted: int = 0
+    database_roots: list[int] = field(default_factory=list)
 
 
 def wait_for_messages(
@@ -856,7 +864,7 @@ def phase_backlog(ctx: Context) -> dict[str, Any]:
     before_stats = ctx.sink.stats()
     base = int(before_stats["messages"])
     before_connections = int(before_stats["connections"])
-    cpu_before = CPUReading.take(ctx.server.pid, ctx.delivery_pid, ctx.sink)
+    cpu_before = CPUReading.take(ctx)
     samples: list[tuple[float, int]] = []
     loadgen = Loadgen(
         loadgen_command(
@@ -876,7 +884,7 @@ def phase_backlog(ctx: Context) -> dict[str, Any]:
     ctx.total_accepted += accepted
     target = base + accepted
     stats = wait_for_messages(ctx.sink, target, deadline, samples)
-    cpu_after = CPUReading.take(ctx.server.pid, ctx.delivery_pid, ctx.sink)
+    cpu_after = CPUReading.take(ctx)
     delivered = int(stats["messages"]) - base
     first_submission = loadgen.first_submission()
     assert loadgen.ended is not None
@@ -926,6 +934,7 @@ def phase_backlog(ctx: Context) -> dict[str, Any]:
             accepted,
         ),
         "sink_cpu_ms_per_msg": per_message_ms(cpu["sink_s"], delivered),
+        "database_cpu_ms_per_msg": per_message_ms(cpu["database_s"], delivered),
         "loadgen_client_cpu_s": report.get("client_cpu_s"),
         "loadgen": report,
         "samples": compress_samples(samples, first_submission, base),
@@ -937,7 +946,7 @@ def phase_steady(ctx: Context) -> dict[str, Any]:
     before_stats = ctx.sink.stats()
     base = int(before_stats["messages"])
     before_connections = int(before_stats["connections"])
-    cpu_before = CPUReading.take(ctx.server.pid, ctx.delivery_pid, ctx.sink)
+    cpu_before = CPUReading.take(ctx)
     samples: list[tuple[float, int]] = []
     hard_timeout = args.duration + args.timeout
     loadgen = Loadgen(
@@ -953,7 +962,7 @@ def phase_steady(ctx: Context) -> dict[str, Any]:
         "phase2",
     )
     report, at_end = run_load(ctx, loadgen, samples)
-    cpu_after = CPUReading.take(ctx.server.pid, ctx.delivery_pid, ctx.sink)
+    cpu_after = CPUReading.take(ctx)
     queue_at_end = safe_queue_length(ctx)
     assert loadgen.ended is not None
     start = loadgen.first_submission()
@@ -1006,6 +1015,7 @@ def phase_steady(ctx: Context) -> dict[str, Any]:
         "sink_open_peak": at_end["open_peak"],
         "cpu": cpu,
         "delivery_cpu_ms_per_msg": per_message_ms(cpu["delivery_process_s"], delivered_in_window),
+        "database_cpu_ms_per_msg": per_message_ms(cpu["database_s"], accepted),
         "server_cpu_ms_per_msg": per_message_ms(cpu["server_tree_s"], accepted),
         "submission_cpu_ms_per_msg": per_message_ms(
             None
@@ -1188,6 +1198,7 @@ COLUMNS = (
     ("submission_cpu_ms_per_msg", "subm CPU ms/msg"),
     ("server_cpu_ms_per_msg", "server CPU ms/msg"),
     ("sink_cpu_ms_per_msg", "sink CPU ms/msg"),
+    ("database_cpu_ms_per_msg", "PG CPU ms/msg"),
     ("queue_at_end", "queue at end"),
 )
 
@@ -1245,6 +1256,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=0, help="relaygate [server] workers (0 = one per CPU)"
     )
     parser.add_argument("--size", type=int, default=4096, help="message size in bytes")
+    parser.add_argument(
+        "--backend",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help=(
+            "storage: the embedded SQLite (default) or a scratch database on the PostgreSQL of"
+            " RELAYGATE_TEST_POSTGRES, dropped at the end; its CPU is reported apart"
+        ),
+    )
     parser.add_argument("--skip-steady", action="store_true", help="phase 1 only")
     parser.add_argument(
         "--capture-baseline",
@@ -1301,6 +1321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "loadgen": f"-c {CONCURRENCY} -m {PER_CONNECTION} --size {args.size} --mode starttls",
     }
     server: DeliveryServer | None = None
+    scratch: ScratchPostgres | None = None
     lifetime = args.timeout * 3 + args.duration + 600
     sink = SinkProcess(args.python, SINK_HOST, lifetime, not args.no_uvloop)
     with interrupts_as_errors():
@@ -1308,6 +1329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.capture_baseline:
                 print(f"capture baseline: {args.messages} messages ...", file=sys.stderr)
                 phases.append(capture_baseline(args, problems))
+            if args.backend == "postgresql":
+                scratch = ScratchPostgres()
+                info["postgresql"] = {"database": scratch.name, "roots": scratch.roots}
             sink.start()
             info["sink"] = {"address": f"{SINK_HOST}:{sink.port}", "pid": sink.pid}
             info["sink"]["uvloop"] = sink.uvloop
@@ -1319,6 +1343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sink=(SINK_HOST, sink.port),
                 per_destination=args.per_destination,
                 concurrency=args.delivery_concurrency,
+                storage_url=scratch.url if scratch is not None else None,
             )
             server.write_config()
             server.create_users()
@@ -1348,6 +1373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "config": server.config.read_text(),
             }
             ctx = Context(args, server, sink, delivery_pid, problems)
+            if scratch is not None:
+                ctx.database_roots = scratch.roots
             # One idle second: lets the workers settle and shows what else runs here.
             info["background_cpus_busy"] = background_load(1.0)
             if info["background_cpus_busy"] > 0.2:
@@ -1382,6 +1409,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             stop_problem = sink.stop()
             if stop_problem:
                 problems.append(stop_problem)
+            if scratch is not None:
+                try:
+                    scratch.drop()
+                except Exception as exc:  # a leftover database is reported, not fatal
+                    problems.append(f"dropping {scratch.name}: {exc}")
 
     if phases:
         print()

@@ -326,8 +326,10 @@ class RelaygateServer:
         users: int,
         log_level: str,
         storage_url: str | None = None,
+        redis_url: str | None = None,
     ) -> None:
         self.storage_url = storage_url  # None: the embedded SQLite database
+        self.redis_url = redis_url  # [shared] redis_url, as a cluster node has
         self.python = python
         self.workers = workers
         self.users = users
@@ -367,7 +369,8 @@ class RelaygateServer:
             "[log]\n"
             f'level = "{self.log_level}"\n'
             f'file = "{self.log_file}"\n'
-            + (f'\n[storage]\nurl = "{self.storage_url}"\n' if self.storage_url else ""),
+            + (f'\n[storage]\nurl = "{self.storage_url}"\n' if self.storage_url else "")
+            + (f'\n[shared]\nredis_url = "{self.redis_url}"\n' if self.redis_url else ""),
             encoding="utf-8",
         )
 
@@ -512,6 +515,24 @@ class ScratchPostgres:
     def drop(self) -> None:
         with self._psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+def scratch_redis() -> tuple[str, list[int]]:
+    """Database 14 of the test Redis server, flushed; the server's process for its CPU."""
+    import redis  # only this option needs it
+
+    base = os.environ.get("RELAYGATE_TEST_REDIS", "redis://127.0.0.1:6379/9").rsplit("/", 1)[0]
+    url = f"{base}/14"
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    port = int(base.rsplit(":", 1)[1]) if base.count(":") > 1 else 6379
+    roots = sorted({topmost_same_program(pid) for pid in listening_pids(port)})
+    if len(roots) != 1:
+        raise BenchError(f"expected one Redis process on port {port}, found {roots}")
+    return url, roots
 
 
 # ---------------------------------------------------------------- postfix
@@ -786,6 +807,13 @@ def build_parser() -> argparse.ArgumentParser:
         " $RELAYGATE_TEST_POSTGRES); its CPU includes PostgreSQL's",
     )
     parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="with --compare-postgres: the PostgreSQL node also has [shared] redis_url (db 14"
+        " of $RELAYGATE_TEST_REDIS's server, flushed), as a cluster node has; its CPU includes"
+        " Redis's",
+    )
+    parser.add_argument(
         "--relaygate-only-port",
         type=int,
         metavar="PORT",
@@ -825,6 +853,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.warmup < 0 or args.users < 1 or args.workers < 0:
         parser.error("--duration must be > 0, --warmup >= 0, --users >= 1, --workers >= 0")
+    if args.redis and not args.compare_postgres:
+        parser.error("--redis goes with --compare-postgres")
     if args.compare_postfix and args.mode != "starttls":
         parser.error("--compare-postfix needs --mode starttls (Postfix listens with STARTTLS)")
     if args.compare_postfix and args.users > 100:
@@ -876,8 +906,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 }
             if args.compare_postgres:
                 scratch = ScratchPostgres()
+                redis_roots: list[int] = []
+                redis_url = None
+                if args.redis:
+                    redis_url, redis_roots = scratch_redis()
                 pg_server = RelaygateServer(
-                    args.python, args.workers, args.users, args.log_level, scratch.url
+                    args.python, args.workers, args.users, args.log_level, scratch.url, redis_url
                 )
                 pg_server.write_config()
                 print(f"creating {args.users} users on PostgreSQL ...", file=sys.stderr)
@@ -889,7 +923,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 targets.append(
                     Target(
-                        "relaygate-pg", pg_port, args.mode, [pg_server.process.pid, *scratch.roots]
+                        "relaygate-pg",
+                        pg_port,
+                        args.mode,
+                        [pg_server.process.pid, *scratch.roots, *redis_roots],
                     )
                 )
             if args.compare_postfix:
@@ -959,9 +996,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for m in measurements:
         trees = m.figures()["server_cpu_ms_per_msg_by_tree"]
         if m.target == "relaygate-pg" and len(trees) > 1 and None not in trees:
+            redis = f", Redis {trees[-1]:.2f}" if args.redis and len(trees) > 2 else ""
+            databases = trees[1:-1] if redis else trees[1:]
             print(
                 f"relaygate-pg scenario {m.scenario}: CPU ms/msg relaygate {trees[0]:.2f},"
-                f" PostgreSQL {sum(trees[1:]):.2f} (all of the cluster's databases)"
+                f" PostgreSQL {sum(databases):.2f} (all of the cluster's databases){redis}"
             )
         other = m.other_cpu_s()
         if other is not None and m.machine_busy_s > 0 and other > 0.1 * m.machine_busy_s:
