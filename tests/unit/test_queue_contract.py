@@ -130,6 +130,44 @@ def test_claim_finish_retry_delete_and_the_message_status(backend: Backend) -> N
     asyncio.run(go())
 
 
+def test_the_message_status_follows_each_finish(backend: Backend) -> None:
+    """Failures, deferrals then deliveries: the same statuses on every backend."""
+    mixed, lone = _accept(backend, 2, ["r@example.net", "s@example.org"])
+
+    async def status(message_id: str) -> str:
+        async with backend.open() as opened:  # type: ignore[attr-defined]
+            return str((await opened.log.get(message_id)).status)
+
+    async def go() -> None:
+        async with _queue(backend) as (queue, _):
+            now = time.time()
+            rows = {(d.message_id, d.domain): d for d in await queue.claim(now, 100)}
+            net, org = rows[(mixed, "example.net")], rows[(mixed, "example.org")]
+            failed = Outcome(failed=tuple((r, "550 5.1.1 no such user") for r in net.recipients))
+            await queue.finish(net, failed, now, now, None)
+            assert await status(mixed) == "partly delivered"  # one final, one pending
+            later = Outcome(deferred=tuple((r, "451 4.3.0 later") for r in org.recipients))
+            await queue.finish(org, later, now, now, None)
+            assert await status(mixed) == "partly delivered"
+            (org_again,) = await queue.claim(time.time(), 100)
+            done = Outcome(delivered=org_again.recipients, reply="250 ok")
+            await queue.finish(org_again, done, now, now, None)
+            assert await status(mixed) == "partly failed"
+            for d in (rows[(lone, "example.net")], rows[(lone, "example.org")]):
+                await queue.finish(
+                    d,
+                    failed
+                    if d.domain == "example.net"
+                    else Outcome(failed=tuple((r, "554 5.7.1 refused") for r in d.recipients)),
+                    now,
+                    now,
+                    None,
+                )
+            assert await status(lone) == "failed"
+
+    asyncio.run(go())
+
+
 def test_a_failure_is_stored_with_its_bounce(backend: Backend) -> None:
     [queue_id] = _accept(backend, 1, ["r@example.net"])
 

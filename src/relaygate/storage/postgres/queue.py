@@ -118,6 +118,18 @@ class PostgresDeliveryQueue:
             status, recipients, next_attempt = "queued", [r for r, _ in deferred], retry_at
         else:
             status, recipients, next_attempt = ("failed" if failed else "delivered"), [], now
+        if notice is None:
+            await self._finish_one_statement(
+                delivery,
+                outcome,
+                now,
+                status=status,
+                recipients=recipients,
+                next_attempt=next_attempt,
+                last_reply=last_reply,
+                results=results,
+            )
+            return None
         async with self._pool.connection() as connection, connection.transaction():
             # The lease is checked where the row changes: a lost lease changes nothing.
             cursor = await connection.execute(
@@ -159,6 +171,83 @@ class PostgresDeliveryQueue:
             if notice is None:
                 return None
             return await _insert_notice(connection, notice, now, self._node)
+
+    async def _finish_one_statement(
+        self,
+        delivery: Delivery,
+        outcome: Outcome,
+        now: float,
+        *,
+        status: str,
+        recipients: list[str],
+        next_attempt: float,
+        last_reply: str,
+        results: list[tuple[str, str, str]],
+    ) -> None:
+        """The usual finish (no DSN to store): the row, its attempts and the
+        message's status in one statement on an autocommit connection, so one
+        round trip and one commit. The statement's parts share one snapshot, so
+        the message's status adds this outcome to what the tables held before
+        (the same rules as _update_message_status)."""
+        kinds = [kind for _, _, kind in results]
+        cursor = await self._execute(
+            "WITH moved AS ("
+            " UPDATE deliveries SET status = %(status)s, recipients = %(recipients)s::jsonb,"
+            " attempts = %(attempts)s, next_attempt = %(next)s, updated_at = %(now)s,"
+            " last_reply = %(last)s, lease_node = NULL, lease_until = NULL"
+            " WHERE id = %(id)s AND status = 'sending' AND lease_node = %(node)s RETURNING id),"
+            " logged AS ("
+            " INSERT INTO delivery_attempts (message_id, domain, recipient, ts, host, reply, tls,"
+            " outcome) SELECT %(message)s, %(domain)s, r, %(now)s, %(host)s, reply, %(tls)s, kind"
+            " FROM unnest(%(r)s::text[], %(replies)s::text[], %(kinds)s::text[])"
+            " AS x(r, reply, kind) WHERE EXISTS (SELECT 1 FROM moved)),"
+            " counts AS ("
+            " SELECT (SELECT count(*) FROM deliveries WHERE message_id = %(message)s"
+            " AND id <> %(id)s AND status IN ('queued', 'sending')) + %(pending)s AS pending,"
+            " count(*) FILTER (WHERE outcome <> 'deferred') + %(final)s AS final,"
+            " count(*) FILTER (WHERE outcome = 'delivered') + %(delivered)s AS delivered,"
+            " count(*) FILTER (WHERE outcome = 'failed') + %(failed)s AS failed"
+            " FROM delivery_attempts WHERE message_id = %(message)s AND recipient IS NOT NULL),"
+            " marked AS ("
+            " UPDATE messages SET status = CASE"
+            " WHEN c.pending > 0 THEN CASE WHEN c.final = 0 THEN 'queued'"
+            " ELSE 'partly delivered' END"
+            " WHEN c.final = c.delivered AND c.final > 0 THEN 'delivered'"
+            " WHEN c.final = c.failed AND c.final > 0 THEN 'failed'"
+            " ELSE 'partly failed' END"
+            " FROM counts AS c WHERE messages.id = %(message)s AND EXISTS (SELECT 1 FROM moved))"
+            " SELECT count(*) FROM moved",
+            {
+                "status": status,
+                "recipients": json.dumps(recipients),
+                "attempts": delivery.attempts + 1,
+                "next": next_attempt,
+                "now": now,
+                "last": last_reply,
+                "id": delivery.id,
+                "node": self._node,
+                "message": delivery.message_id,
+                "domain": delivery.domain,
+                "host": outcome.host,
+                "tls": outcome.tls,
+                "r": [r for r, _, _ in results],
+                "replies": [reply for _, reply, _ in results],
+                "kinds": kinds,
+                "pending": 1 if status == "queued" else 0,
+                "final": sum(kind != "deferred" for kind in kinds),
+                "delivered": kinds.count("delivered"),
+                "failed": kinds.count("failed"),
+            },
+        )
+        if cursor[0] == 0:
+            raise LeaseLost(delivery.message_id)
+
+    async def _execute(self, query: str, params: dict[str, Any]) -> tuple[Any, ...]:
+        async with self._pool.connection() as connection:
+            cursor = await connection.execute(query, params)
+            row = await cursor.fetchone()
+        assert row is not None
+        return tuple(row)
 
     async def release(self, delivery_id: int, next_attempt: float, now: float) -> None:
         async with self._pool.connection() as connection:
