@@ -109,7 +109,7 @@ def test_a_failed_finish_puts_the_row_back_with_a_delay(
         raise PermanentDNSError("550 5.1.2 Domain x.test does not exist")
 
     monkeypatch.setattr(engine.resolver, "targets", nxdomain)
-    monkeypatch.setattr(q, "finish", failing_finish)
+    monkeypatch.setattr(q, "record", failing_finish)
     delivery = _queue_message(engine.db, "Q2")
     _run(engine, delivery)
     status, attempts, next_attempt, _ = _row(engine.db, "Q2")

@@ -13,13 +13,16 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from postgres_helpers import scratch_database
 from test_acceptance_contract import Backend, Postgres, SQLite, _message
 
+from relaygate.delivery import queue as q
 from relaygate.delivery.queue import Delivery, Outcome
 from relaygate.services.admin import NotFound, QueueAdmin
+from relaygate.storage import sqlite_queue
 from relaygate.storage.api import DeliveryQueue, LeaseLost, Notice, PolicyCache, Takeover
 from relaygate.storage.postgres.backend import PostgresStorage
 from relaygate.storage.sqlite_accounts import same
@@ -184,6 +187,45 @@ def test_a_failure_is_stored_with_its_bounce(backend: Backend) -> None:
             assert await queue.body(dsn_id) == bounce
 
     asyncio.run(go())
+
+
+def test_sqlite_outcomes_finished_together_share_a_commit_and_fail_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = SQLite(tmp_path)
+    ids = _accept(backend, 6, ["r@example.net"])
+    real_record = q.record
+    commits: list[int] = []
+    real_batch = sqlite_queue._record_batch
+
+    def counting_batch(*args: Any) -> Any:
+        commits.append(len(args[1]))
+        return real_batch(*args)
+
+    def record(db: Any, delivery: Delivery, *args: Any, **kwargs: Any) -> None:
+        if delivery.message_id == ids[2]:
+            db.execute("UPDATE deliveries SET status = 'broken' WHERE id = ?", (delivery.id,))
+            raise ValueError("cannot store this one")
+        real_record(db, delivery, *args, **kwargs)
+
+    monkeypatch.setattr(q, "record", record)
+    monkeypatch.setattr(sqlite_queue, "_record_batch", counting_batch)
+
+    async def go() -> None:
+        async with _queue(backend) as (queue, _):
+            now = time.time()
+            rows = await queue.claim(now, 100)
+            done = [Outcome(delivered=d.recipients, reply="250 ok") for d in rows]
+            results = await asyncio.gather(
+                *(queue.finish(d, o, now, now, None) for d, o in zip(rows, done, strict=True)),
+                return_exceptions=True,
+            )
+            failed = [d.message_id for d, r in zip(rows, results, strict=True) if r is not None]
+            assert failed == [ids[2]]
+            assert [e.id for e in await queue.entries()] == [ids[2]]  # its change rolled back
+
+    asyncio.run(go())
+    assert sum(commits) == 6 and len(commits) < 6, commits  # several outcomes per commit
 
 
 def test_policy_cache_keeps_a_policy_until_it_expires(backend: Backend) -> None:

@@ -202,50 +202,64 @@ def finish(
     it: a failure is never recorded without its DSN). Runs right after the
     remote's last reply, to keep the crash window short.
     """
-    failed = list(outcome.failed)
-    deferred = list(outcome.deferred)
     db.execute("BEGIN IMMEDIATE")
     try:
-        results = [(r, outcome.reply, "delivered") for r in outcome.delivered]
-        results += [(r, reply, "failed") for r, reply in failed]
-        results += [(r, reply, "deferred") for r, reply in deferred]
-        rows = [
-            (delivery.message_id, delivery.domain, r, now, outcome.host, reply, outcome.tls, kind)
-            for r, reply, kind in results
-        ]
-        db.executemany(
-            "INSERT INTO delivery_attempts (message_id, domain, recipient, ts, host, reply, tls,"
-            " outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-        attempts = delivery.attempts + 1
-        last_reply = (deferred or failed or [("", outcome.reply)])[0][1]
-        if deferred:
-            db.execute(
-                "UPDATE deliveries SET status = 'queued', recipients = ?, attempts = ?,"
-                " next_attempt = ?, updated_at = ?, last_reply = ? WHERE id = ?",
-                (
-                    json.dumps([r for r, _ in deferred]),
-                    attempts,
-                    retry_at,
-                    now,
-                    last_reply,
-                    delivery.id,
-                ),
-            )
-        else:
-            db.execute(
-                "UPDATE deliveries SET status = ?, recipients = '[]', attempts = ?,"
-                " updated_at = ?, last_reply = ? WHERE id = ?",
-                ("failed" if failed else "delivered", attempts, now, last_reply, delivery.id),
-            )
-        _update_message_status(db, delivery.message_id)
-        if also is not None:
-            also(db)
+        record(db, delivery, outcome, now, retry_at, also=also)
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
         raise
+
+
+def record(
+    db: sqlite3.Connection,
+    delivery: Delivery,
+    outcome: Outcome,
+    now: float,
+    retry_at: float,
+    *,
+    also: Callable[[sqlite3.Connection], object] | None = None,
+) -> None:
+    """``finish`` inside a transaction the caller holds (several finishes share
+    one commit: storage/sqlite_queue.py)."""
+    failed = list(outcome.failed)
+    deferred = list(outcome.deferred)
+    results = [(r, outcome.reply, "delivered") for r in outcome.delivered]
+    results += [(r, reply, "failed") for r, reply in failed]
+    results += [(r, reply, "deferred") for r, reply in deferred]
+    rows = [
+        (delivery.message_id, delivery.domain, r, now, outcome.host, reply, outcome.tls, kind)
+        for r, reply, kind in results
+    ]
+    db.executemany(
+        "INSERT INTO delivery_attempts (message_id, domain, recipient, ts, host, reply, tls,"
+        " outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    attempts = delivery.attempts + 1
+    last_reply = (deferred or failed or [("", outcome.reply)])[0][1]
+    if deferred:
+        db.execute(
+            "UPDATE deliveries SET status = 'queued', recipients = ?, attempts = ?,"
+            " next_attempt = ?, updated_at = ?, last_reply = ? WHERE id = ?",
+            (
+                json.dumps([r for r, _ in deferred]),
+                attempts,
+                retry_at,
+                now,
+                last_reply,
+                delivery.id,
+            ),
+        )
+    else:
+        db.execute(
+            "UPDATE deliveries SET status = ?, recipients = '[]', attempts = ?,"
+            " updated_at = ?, last_reply = ? WHERE id = ?",
+            ("failed" if failed else "delivered", attempts, now, last_reply, delivery.id),
+        )
+    _update_message_status(db, delivery.message_id)
+    if also is not None:
+        also(db)
 
 
 def release(db: sqlite3.Connection, delivery_id: int, next_attempt: float, now: float) -> None:

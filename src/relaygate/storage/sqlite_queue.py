@@ -8,6 +8,8 @@ back to the queue the next time it starts (``recover``, once).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,12 +24,40 @@ from relaygate.storage.thread import DatabaseThread
 Connection = Callable[[Any], sqlite3.Connection]
 
 
+def _record_batch(
+    connection: Connection, works: list[Callable[[sqlite3.Connection], None]], thread_state: Any
+) -> list[Exception | None]:
+    db = connection(thread_state)
+    db.execute("BEGIN IMMEDIATE")
+    errors: list[Exception | None] = []
+    try:
+        for work in works:
+            db.execute("SAVEPOINT outcome")
+            try:
+                work(db)
+            except Exception as exc:
+                db.execute("ROLLBACK TO outcome")
+                errors.append(exc)
+            else:
+                errors.append(None)
+            db.execute("RELEASE outcome")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return errors
+
+
 class SQLiteDeliveryQueue:
     def __init__(self, thread: DatabaseThread[Any], connection: Connection, database: Path) -> None:
         self._thread = thread
         self._connection = connection
         self._bodies = bodies.directory_for(database)
         self._recovered = False
+        self._to_record: list[tuple[Callable[[sqlite3.Connection], None], asyncio.Future[None]]]
+        self._to_record = []
+        self._recording = False
+        self._recorder: asyncio.Future[None] | None = None
 
     async def recover(self, now: float) -> list[Takeover]:
         if self._recovered:  # later rows 'sending' are this process's own
@@ -67,10 +97,40 @@ class SQLiteDeliveryQueue:
             if notice.warning:
                 q.mark_warned(db, delivery.id)
 
-        await self._thread.run(
-            lambda c: q.finish(self._connection(c), delivery, outcome, now, retry_at, also=also)
-        )
+        def work(db: sqlite3.Connection) -> None:
+            q.record(db, delivery, outcome, now, retry_at, also=also)
+
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._to_record.append((work, done))
+        if not self._recording:
+            self._recording = True
+            self._recorder = asyncio.ensure_future(self._record_all())
+        await done
         return stored[0] if stored else None
+
+    async def _record_all(self) -> None:
+        """Group commit for outcomes: those that arrive while a commit is under way
+        share the next one (one fsync, one thread hop), each in a savepoint of its
+        own so a failing one fails alone."""
+        try:
+            while self._to_record:
+                batch, self._to_record = self._to_record, []
+                works = [work for work, _ in batch]
+                try:
+                    errors = await self._thread.run(
+                        functools.partial(_record_batch, self._connection, works)
+                    )
+                except Exception as exc:  # the commit itself failed: nothing was recorded
+                    errors = [exc] * len(batch)
+                for (_, done), error in zip(batch, errors, strict=True):
+                    if done.done():
+                        continue
+                    if error is None:
+                        done.set_result(None)
+                    else:
+                        done.set_exception(error)
+        finally:
+            self._recording = False
 
     async def release(self, delivery_id: int, next_attempt: float, now: float) -> None:
         await self._thread.run(
