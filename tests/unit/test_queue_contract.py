@@ -279,6 +279,37 @@ def test_postgresql_nodes_claiming_at_once_never_get_the_same_row(shared: Postgr
     asyncio.run(go())
 
 
+def test_postgresql_one_message_finished_at_once_on_two_connections_ends_delivered(
+    shared: Postgres,
+) -> None:
+    """Two domains of one message finished at the same moment (two processes or
+    nodes): the message's status counts both, never a stale 'partly delivered'."""
+    ids = _accept(shared, 30, ["r@example.net", "s@example.org"])
+
+    async def go() -> None:
+        # Two stores of one node name: two pools, so really concurrent commits.
+        async with _queue(shared, "node-a") as (a, _), _queue(shared, "node-a") as (b, _):
+            now = time.time()
+            rows = await a.claim(now, 100)
+            assert len(rows) == 60
+            done = {d.id: Outcome(delivered=d.recipients, reply="250 ok") for d in rows}
+            await asyncio.gather(
+                *(
+                    (a if d.domain == "example.net" else b).finish(d, done[d.id], now, now, None)
+                    for d in rows
+                )
+            )
+            assert await a.entries() == []
+            with pytest.raises(LeaseLost):  # recorded once only
+                await b.finish(rows[0], done[rows[0].id], now, now, None)
+
+        async with shared.open() as opened:
+            statuses = {m: (await opened.log.get(m)).status for m in ids}
+        assert set(statuses.values()) == {"delivered"}, statuses
+
+    asyncio.run(go())
+
+
 def test_postgresql_an_expired_lease_is_taken_over_and_the_old_holder_cannot_finish(
     shared: Postgres,
 ) -> None:

@@ -16,11 +16,14 @@ compared as wall-clock times.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from relaygate import message
@@ -28,6 +31,26 @@ from relaygate.accepted import new_queue_id
 from relaygate.delivery.queue import Delivery, Outcome
 from relaygate.storage.api import LeaseLost, Notice, QueueEntry, Takeover
 from relaygate.storage.postgres import bodies
+
+
+@dataclass(frozen=True)
+class _Finish:
+    """One settled attempt waiting to be recorded with others."""
+
+    delivery: Delivery
+    outcome: Outcome
+    now: float
+    status: str
+    recipients: list[str]
+    next_attempt: float
+    last_reply: str
+
+    def results(self) -> list[tuple[str, str, str]]:
+        """(recipient, reply, outcome) for delivery_attempts."""
+        o = self.outcome
+        found = [(r, o.reply, "delivered") for r in o.delivered]
+        found += [(r, reply, "failed") for r, reply in o.failed]
+        return found + [(r, reply, "deferred") for r, reply in o.deferred]
 
 
 def _delivery(row: Sequence[Any]) -> Delivery:
@@ -54,6 +77,9 @@ class PostgresDeliveryQueue:
         self._node = node
         self._lease = lease_seconds
         self._started = False
+        self._to_record: list[tuple[_Finish, asyncio.Future[None]]] = []
+        self._recording = False
+        self._recorder: asyncio.Future[None] | None = None
 
     async def recover(self, now: float) -> list[Takeover]:
         # At start, rows this node name still holds are from its previous life.
@@ -118,19 +144,17 @@ class PostgresDeliveryQueue:
             status, recipients, next_attempt = "queued", [r for r, _ in deferred], retry_at
         else:
             status, recipients, next_attempt = ("failed" if failed else "delivered"), [], now
-        if notice is None:
-            await self._finish_one_statement(
-                delivery,
-                outcome,
-                now,
-                status=status,
-                recipients=recipients,
-                next_attempt=next_attempt,
-                last_reply=last_reply,
-                results=results,
+        if notice is None:  # the usual case: recorded with others, one commit
+            await self._record(
+                _Finish(delivery, outcome, now, status, recipients, next_attempt, last_reply)
             )
             return None
         async with self._pool.connection() as connection, connection.transaction():
+            # Finishes of one message take turns (as in relaygate_finish): its status
+            # below then counts every outcome committed before.
+            await connection.execute(
+                "SELECT 1 FROM messages WHERE id = %s FOR UPDATE", (delivery.message_id,)
+            )
             # The lease is checked where the row changes: a lost lease changes nothing.
             cursor = await connection.execute(
                 "UPDATE deliveries SET status = %s, recipients = %s::jsonb, attempts = %s,"
@@ -172,82 +196,72 @@ class PostgresDeliveryQueue:
                 return None
             return await _insert_notice(connection, notice, now, self._node)
 
-    async def _finish_one_statement(
-        self,
-        delivery: Delivery,
-        outcome: Outcome,
-        now: float,
-        *,
-        status: str,
-        recipients: list[str],
-        next_attempt: float,
-        last_reply: str,
-        results: list[tuple[str, str, str]],
-    ) -> None:
-        """The usual finish (no DSN to store): the row, its attempts and the
-        message's status in one statement on an autocommit connection, so one
-        round trip and one commit. The statement's parts share one snapshot, so
-        the message's status adds this outcome to what the tables held before
-        (the same rules as _update_message_status)."""
-        kinds = [kind for _, _, kind in results]
-        cursor = await self._execute(
-            "WITH moved AS ("
-            " UPDATE deliveries SET status = %(status)s, recipients = %(recipients)s::jsonb,"
-            " attempts = %(attempts)s, next_attempt = %(next)s, updated_at = %(now)s,"
-            " last_reply = %(last)s, lease_node = NULL, lease_until = NULL"
-            " WHERE id = %(id)s AND status = 'sending' AND lease_node = %(node)s RETURNING id),"
-            " logged AS ("
-            " INSERT INTO delivery_attempts (message_id, domain, recipient, ts, host, reply, tls,"
-            " outcome) SELECT %(message)s, %(domain)s, r, %(now)s, %(host)s, reply, %(tls)s, kind"
-            " FROM unnest(%(r)s::text[], %(replies)s::text[], %(kinds)s::text[])"
-            " AS x(r, reply, kind) WHERE EXISTS (SELECT 1 FROM moved)),"
-            " counts AS ("
-            " SELECT (SELECT count(*) FROM deliveries WHERE message_id = %(message)s"
-            " AND id <> %(id)s AND status IN ('queued', 'sending')) + %(pending)s AS pending,"
-            " count(*) FILTER (WHERE outcome <> 'deferred') + %(final)s AS final,"
-            " count(*) FILTER (WHERE outcome = 'delivered') + %(delivered)s AS delivered,"
-            " count(*) FILTER (WHERE outcome = 'failed') + %(failed)s AS failed"
-            " FROM delivery_attempts WHERE message_id = %(message)s AND recipient IS NOT NULL),"
-            " marked AS ("
-            " UPDATE messages SET status = CASE"
-            " WHEN c.pending > 0 THEN CASE WHEN c.final = 0 THEN 'queued'"
-            " ELSE 'partly delivered' END"
-            " WHEN c.final = c.delivered AND c.final > 0 THEN 'delivered'"
-            " WHEN c.final = c.failed AND c.final > 0 THEN 'failed'"
-            " ELSE 'partly failed' END"
-            " FROM counts AS c WHERE messages.id = %(message)s AND EXISTS (SELECT 1 FROM moved))"
-            " SELECT count(*) FROM moved",
-            {
-                "status": status,
-                "recipients": json.dumps(recipients),
-                "attempts": delivery.attempts + 1,
-                "next": next_attempt,
-                "now": now,
-                "last": last_reply,
-                "id": delivery.id,
-                "node": self._node,
-                "message": delivery.message_id,
-                "domain": delivery.domain,
-                "host": outcome.host,
-                "tls": outcome.tls,
-                "r": [r for r, _, _ in results],
-                "replies": [reply for _, reply, _ in results],
-                "kinds": kinds,
-                "pending": 1 if status == "queued" else 0,
-                "final": sum(kind != "deferred" for kind in kinds),
-                "delivered": kinds.count("delivered"),
-                "failed": kinds.count("failed"),
-            },
-        )
-        if cursor[0] == 0:
-            raise LeaseLost(delivery.message_id)
+    async def _record(self, finish: _Finish) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._to_record.append((finish, done))
+        if not self._recording:
+            self._recording = True
+            self._recorder = asyncio.ensure_future(self._record_all())
+        await done
 
-    async def _execute(self, query: str, params: dict[str, Any]) -> tuple[Any, ...]:
+    async def _record_all(self) -> None:
+        """Group commit for outcomes: those that arrive while a batch is recorded
+        go together in the next one (relaygate_finish in the schema: one round
+        trip, one commit)."""
+        try:
+            while self._to_record:
+                batch, self._to_record = self._to_record, []
+                errors = await self._record_batch([finish for finish, _ in batch])
+                for (_, done), error in zip(batch, errors, strict=True):
+                    if done.done():
+                        continue
+                    if error is None:
+                        done.set_result(None)
+                    else:
+                        done.set_exception(error)
+        finally:
+            self._recording = False
+
+    async def _record_batch(self, batch: list[_Finish]) -> list[Exception | None]:
+        try:
+            moved = await self._call_finish(batch)
+        except psycopg.DataError as exc:
+            if len(batch) == 1:
+                return [exc]
+            # One outcome PostgreSQL cannot store must not fail the others: alone, each.
+            return [error for finish in batch for error in await self._record_batch([finish])]
+        except Exception as exc:  # each caller gets the error to handle
+            return [exc] * len(batch)
+        return [None if f.delivery.id in moved else LeaseLost(f.delivery.message_id) for f in batch]
+
+    async def _call_finish(self, batch: list[_Finish]) -> set[int]:
+        attempts = [
+            (f.delivery.id, recipient, f.outcome.host, reply, f.outcome.tls, kind)
+            for f in batch
+            for recipient, reply, kind in f.results()
+        ]
         async with self._pool.connection() as connection:
-            cursor = await connection.execute(query, params)
-            row = await cursor.fetchone()
-        assert row is not None
-        return tuple(row)
+            cursor = await connection.execute(
+                "SELECT relaygate_finish(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    self._node,
+                    [f.delivery.id for f in batch],
+                    [f.status for f in batch],
+                    [json.dumps(f.recipients) for f in batch],
+                    [f.delivery.attempts + 1 for f in batch],
+                    [f.next_attempt for f in batch],
+                    [f.now for f in batch],
+                    [f.last_reply for f in batch],
+                    [a[0] for a in attempts],
+                    [a[1] for a in attempts],
+                    [a[2] for a in attempts],
+                    [a[3] for a in attempts],
+                    [a[4] for a in attempts],
+                    [a[5] for a in attempts],
+                ),
+            )
+            rows = await cursor.fetchall()
+        return {int(row[0]) for row in rows}
 
     async def release(self, delivery_id: int, next_attempt: float, now: float) -> None:
         async with self._pool.connection() as connection:

@@ -16,7 +16,7 @@ _LOCK_KEY = 0x72656C61  # "rela": the advisory lock that serialises migrations
 # Never edit a released step; add a new one. Failed-login windows and
 # connection counts are not here: they are node-local, or in Redis when nodes
 # share them ([shared] redis_url).
-STEPS: dict[int, str] = {
+STEPS: dict[int, str | list[str]] = {
     1: """
 CREATE TABLE messages (
     id          TEXT PRIMARY KEY,
@@ -168,6 +168,65 @@ ALTER TABLE message_body_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
 -- A body that fits in a page stays in its row: no TOAST rows and index entries.
 ALTER TABLE message_bodies SET (toast_tuple_target = 8160);
 """,
+    # Delivery outcomes recorded many at a time (storage/postgres/queue.py), one
+    # round trip and one commit per batch. The messages' rows are locked first, so
+    # finishes of one message's rows (here, on another connection or another
+    # node) take turns and its status counts every outcome committed before it.
+    5: [
+        """
+CREATE FUNCTION relaygate_finish(
+    p_node TEXT, p_ids BIGINT[], p_status TEXT[], p_recipients TEXT[], p_attempts INTEGER[],
+    p_next DOUBLE PRECISION[], p_now DOUBLE PRECISION[], p_last TEXT[],
+    a_delivery BIGINT[], a_recipient TEXT[], a_host TEXT[], a_reply TEXT[], a_tls TEXT[],
+    a_kind TEXT[]
+) RETURNS SETOF BIGINT LANGUAGE plpgsql AS $$
+DECLARE
+    v_moved BIGINT[];
+BEGIN
+    PERFORM 1 FROM messages WHERE id IN (SELECT message_id FROM deliveries WHERE id = ANY(p_ids))
+        ORDER BY id FOR UPDATE;
+    WITH input AS (
+        SELECT * FROM unnest(p_ids, p_status, p_recipients, p_attempts, p_next, p_now, p_last)
+            AS i(id, status, recipients, attempts, next_attempt, now, last_reply)
+    ), moved AS (
+        UPDATE deliveries AS d SET status = i.status, recipients = i.recipients::jsonb,
+            attempts = i.attempts, next_attempt = i.next_attempt, updated_at = i.now,
+            last_reply = i.last_reply, lease_node = NULL, lease_until = NULL
+        FROM input AS i
+        WHERE d.id = i.id AND d.status = 'sending' AND d.lease_node = p_node
+        RETURNING d.id
+    )
+    SELECT coalesce(array_agg(id), '{}') INTO v_moved FROM moved;
+    INSERT INTO delivery_attempts (message_id, domain, recipient, ts, host, reply, tls, outcome)
+        SELECT d.message_id, d.domain, a.recipient, d.updated_at, a.host, a.reply, a.tls, a.kind
+        FROM unnest(a_delivery, a_recipient, a_host, a_reply, a_tls, a_kind)
+            AS a(delivery, recipient, host, reply, tls, kind)
+        JOIN deliveries AS d ON d.id = a.delivery
+        WHERE a.delivery = ANY(v_moved);
+    UPDATE messages SET status = CASE
+        WHEN c.pending > 0 THEN CASE WHEN c.final = 0 THEN 'queued' ELSE 'partly delivered' END
+        WHEN c.final = c.delivered AND c.final > 0 THEN 'delivered'
+        WHEN c.final = c.failed AND c.final > 0 THEN 'failed'
+        ELSE 'partly failed' END
+    FROM (
+        SELECT m.id,
+            (SELECT count(*) FROM deliveries
+                WHERE message_id = m.id AND status IN ('queued', 'sending')) AS pending,
+            s.final, s.delivered, s.failed
+        FROM (SELECT DISTINCT message_id AS id FROM deliveries WHERE id = ANY(v_moved)) AS m,
+        LATERAL (
+            SELECT count(*) FILTER (WHERE outcome <> 'deferred') AS final,
+                count(*) FILTER (WHERE outcome = 'delivered') AS delivered,
+                count(*) FILTER (WHERE outcome = 'failed') AS failed
+            FROM delivery_attempts WHERE message_id = m.id AND recipient IS NOT NULL
+        ) AS s
+    ) AS c
+    WHERE messages.id = c.id;
+    RETURN QUERY SELECT unnest(v_moved);
+END
+$$
+"""
+    ],
 }
 SCHEMA_VERSION = max(STEPS)
 
@@ -224,5 +283,9 @@ async def _version(connection: psycopg.AsyncConnection[object]) -> int:
     return int(row[0]) if row is not None and row[0] is not None else 0  # type: ignore[index]
 
 
-def _statements(script: str) -> list[str]:
+def _statements(script: str | list[str]) -> list[str]:
+    """A step's statements: a script split at semicolons, or a list (for a
+    function, whose body has semicolons of its own)."""
+    if isinstance(script, list):
+        return [statement.strip() for statement in script]
     return [statement.strip() for statement in script.split(";") if statement.strip()]
