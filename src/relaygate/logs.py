@@ -46,6 +46,7 @@ class _Sink:
         self.stream: TextIO = sys.stderr
         self.level = logging.INFO
         self.json = False
+        self.node: str | None = None  # [server] node_name on a cluster: every line has it
         self._second = -1
         self._second_text = ""
 
@@ -60,7 +61,11 @@ class _Sink:
 _sink = _Sink()
 
 
-def setup(level: str = "info", fmt: str = "logfmt", file: Path | None = None) -> None:
+def setup(
+    level: str = "info", fmt: str = "logfmt", file: Path | None = None, node: str | None = None
+) -> None:
+    """``node``: every line says which node wrote it (a cluster's logs get merged)."""
+    _sink.node = node
     if file is None:
         _sink.stream = sys.stderr
     else:
@@ -78,9 +83,13 @@ def format_event(name: str, level: int, fields: dict[str, Any], now: float) -> s
     if _sink.json:
         data = {"ts": stamp, "level": level_name, "event": name}
         data.update({k: v for k, v in fields.items() if v is not None})
+        if _sink.node is not None:
+            data.setdefault("node", _sink.node)
         return json.dumps(data, ensure_ascii=True, default=str)
     parts = [stamp, level_name, "event=" + name]
     parts.extend(f"{k}={_value(v)}" for k, v in fields.items() if v is not None)
+    if _sink.node is not None and "node" not in fields:
+        parts.append("node=" + _value(_sink.node))
     return " ".join(parts)
 
 

@@ -130,6 +130,7 @@ class ReceivedInfo:
     user: str | None
     recipients: tuple[str, ...]
     smtputf8: bool = False
+    node: str | None = None  # [server] node_name, on a cluster
 
 
 def _address_literal(ip: str) -> str:
@@ -145,10 +146,15 @@ def protocol_name(info: ReceivedInfo) -> str:
     return ("UTF8SMTP" if info.smtputf8 else "ESMTP") + suffix
 
 
+def _by_comment(node: str | None) -> str:
+    return "relaygate" if node is None else f"relaygate node {_printable(node)}"
+
+
 def received_header(info: ReceivedInfo, date: str) -> bytes:
     lines = [
         f"Received: from {_printable(info.helo)} ({_address_literal(info.client_ip)})",
-        f"\tby {info.hostname} (relaygate) with {protocol_name(info)} id {info.queue_id}",
+        f"\tby {info.hostname} ({_by_comment(info.node)}) with {protocol_name(info)}"
+        f" id {info.queue_id}",
     ]
     if info.tls_version:
         lines.append(f"\t(version={info.tls_version} cipher={info.tls_cipher})")

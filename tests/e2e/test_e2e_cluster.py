@@ -262,6 +262,13 @@ def test_three_nodes_one_message_log_and_one_sending_limit(
         # The client's address, not HAProxy's, in the log and the stored message.
         records = json.loads(c.nodes["node-c"].cli("messages", "list", "--json").stdout)
         assert {m["client_ip"] for m in records} == {"127.0.0.5"}
+        # Which node took each: its Received field and its log lines say so.
+        for queue_id in ids:
+            raw = c.nodes["node-a"].raw(queue_id)
+            assert f"(relaygate node {_node_of(c, queue_id)})".encode() in raw, raw[:400]
+        for name in NAMES:
+            accepted = c.nodes[name].log_events("message.accepted")
+            assert accepted and {e["node"] for e in accepted} == {name}, accepted
 
         # A limit of 8 an hour, set on node-c: two more go, on two nodes ...
         c.nodes["node-c"].cli("user", "limits", ALICE.address, "--messages-per-hour", "8")
@@ -375,4 +382,6 @@ def test_killing_the_node_that_holds_leases_loses_no_message(
 
 
 def _takeover_nodes(c: Cluster, survivors: list[str]) -> list[str]:
-    return [e["node"] for name in survivors for e in c.nodes[name].log_events("delivery.takeover")]
+    return [
+        e["held_by"] for name in survivors for e in c.nodes[name].log_events("delivery.takeover")
+    ]

@@ -136,7 +136,7 @@ class DeliveryEngine:
                         "delivery.takeover",
                         logging.WARNING,
                         queue_id=takeover.queue_id,
-                        node=takeover.node,
+                        held_by=takeover.node,
                     )
         if now >= self._next_renew:
             self._next_renew = now + self.delivery.lease_seconds / 3

@@ -92,6 +92,8 @@ class Worker:
         )
         self.submission = SubmissionService(
             hostname=config.hostname,
+            # Which node took the message, when several share the storage.
+            node=config.node_name if config.storage.url else None,
             sending_limits=config.sending_limits,
             capture=config.delivery.mode == "capture",
             counters=self.storage.counters,

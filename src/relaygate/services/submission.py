@@ -75,12 +75,14 @@ class SubmissionService:
         self,
         *,
         hostname: str,
+        node: str | None = None,
         sending_limits: SendingLimits,
         capture: bool,
         counters: SendingCounters,
         acceptance: Acceptance,
     ) -> None:
         self._hostname = hostname
+        self._node = node
         self._defaults = sending_limits
         self._capture = capture  # capture mode: messages stay here, nothing is queued
         self._counters = counters
@@ -161,6 +163,7 @@ class SubmissionService:
                 user=login.account.address,
                 recipients=tuple(envelope.recipients),
                 smtputf8=envelope.smtputf8,
+                node=self._node,
             ),
             date,
         )
