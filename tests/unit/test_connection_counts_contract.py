@@ -10,13 +10,13 @@ tests fail, never skip, without it.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import redis
+from redis_helpers import REDIS_URL, flush_test_redis
 
 from relaygate.config import ConnectionLimitsConfig
 from relaygate.server.connlimit import ConnectionLimiter
@@ -24,7 +24,6 @@ from relaygate.storage.api import ConnectionCounts
 from relaygate.storage.redis.client import open_client
 from relaygate.storage.redis.connections import RedisConnectionCounts
 
-REDIS_URL = os.environ.get("RELAYGATE_TEST_REDIS", "redis://127.0.0.1:6379/9")
 T0 = 1_800_000_000.0  # the start of a minute
 
 
@@ -44,11 +43,7 @@ class LocalCounts:
 @pytest.fixture(params=["local", "redis"])
 def kind(request: pytest.FixtureRequest) -> Iterator[str]:
     if request.param == "redis":
-        client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
-        try:
-            client.flushdb()
-        finally:
-            client.close()
+        flush_test_redis()
     yield str(request.param)
 
 

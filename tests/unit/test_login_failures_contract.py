@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
+from redis_helpers import REDIS_URL, flush_test_redis
 
 from relaygate import logs
 from relaygate.config import AuthThrottleConfig
@@ -31,7 +31,6 @@ from relaygate.storage.sqlite_throttle import SQLiteLoginFailures
 from relaygate.storage.thread import DatabaseThread
 from relaygate.throttle import Reservation, Verdict, Wait
 
-REDIS_URL = os.environ.get("RELAYGATE_TEST_REDIS", "redis://127.0.0.1:6379/9")
 T0 = 1_900_000_000.0
 OFF = AuthThrottleConfig(
     ip_per_minute=0,
@@ -45,11 +44,7 @@ OFF = AuthThrottleConfig(
 @pytest.fixture(params=["sqlite", "redis"])
 def kind(request: pytest.FixtureRequest) -> Iterator[str]:
     if request.param == "redis":
-        client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
-        try:
-            client.flushdb()
-        finally:
-            client.close()
+        flush_test_redis()
     yield str(request.param)
 
 

@@ -8,7 +8,6 @@ back to the queue the next time it starts (``recover``, once).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ from relaygate.delivery import queue as q
 from relaygate.delivery.mta_sts import CREATE_TABLE as MTA_STS_TABLE
 from relaygate.storage import bodies
 from relaygate.storage.api import Notice, QueueEntry, Takeover
+from relaygate.storage.batches import Batches
 from relaygate.storage.thread import DatabaseThread
 
 Connection = Callable[[Any], sqlite3.Connection]
@@ -54,10 +54,7 @@ class SQLiteDeliveryQueue:
         self._connection = connection
         self._bodies = bodies.directory_for(database)
         self._recovered = False
-        self._to_record: list[tuple[Callable[[sqlite3.Connection], None], asyncio.Future[None]]]
-        self._to_record = []
-        self._recording = False
-        self._recorder: asyncio.Future[None] | None = None
+        self._outcomes: Batches[Callable[[sqlite3.Connection], None]] = Batches(self._record_batch)
 
     async def recover(self, now: float) -> list[Takeover]:
         if self._recovered:  # later rows 'sending' are this process's own
@@ -100,37 +97,15 @@ class SQLiteDeliveryQueue:
         def work(db: sqlite3.Connection) -> None:
             q.record(db, delivery, outcome, now, retry_at, also=also)
 
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._to_record.append((work, done))
-        if not self._recording:
-            self._recording = True
-            self._recorder = asyncio.ensure_future(self._record_all())
-        await done
+        # Outcomes that arrive while one commits share the next commit (one fsync,
+        # one thread hop), each in a savepoint of its own so a failing one fails alone.
+        await self._outcomes.submit(work)
         return stored[0] if stored else None
 
-    async def _record_all(self) -> None:
-        """Group commit for outcomes: those that arrive while a commit is under way
-        share the next one (one fsync, one thread hop), each in a savepoint of its
-        own so a failing one fails alone."""
-        try:
-            while self._to_record:
-                batch, self._to_record = self._to_record, []
-                works = [work for work, _ in batch]
-                try:
-                    errors = await self._thread.run(
-                        functools.partial(_record_batch, self._connection, works)
-                    )
-                except Exception as exc:  # the commit itself failed: nothing was recorded
-                    errors = [exc] * len(batch)
-                for (_, done), error in zip(batch, errors, strict=True):
-                    if done.done():
-                        continue
-                    if error is None:
-                        done.set_result(None)
-                    else:
-                        done.set_exception(error)
-        finally:
-            self._recording = False
+    async def _record_batch(
+        self, works: list[Callable[[sqlite3.Connection], None]]
+    ) -> list[Exception | None]:
+        return await self._thread.run(functools.partial(_record_batch, self._connection, works))
 
     async def release(self, delivery_id: int, next_attempt: float, now: float) -> None:
         await self._thread.run(

@@ -16,7 +16,6 @@ compared as wall-clock times.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections import defaultdict
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from relaygate import message
 from relaygate.accepted import new_queue_id
 from relaygate.delivery.queue import Delivery, Outcome
 from relaygate.storage.api import LeaseLost, Notice, QueueEntry, Takeover
+from relaygate.storage.batches import Batches
 from relaygate.storage.postgres import bodies
 
 
@@ -77,9 +77,9 @@ class PostgresDeliveryQueue:
         self._node = node
         self._lease = lease_seconds
         self._started = False
-        self._to_record: list[tuple[_Finish, asyncio.Future[None]]] = []
-        self._recording = False
-        self._recorder: asyncio.Future[None] | None = None
+        # Outcomes that arrive while a batch is recorded go together in the next
+        # (relaygate_finish in the schema: one round trip, one commit per batch).
+        self._outcomes: Batches[_Finish] = Batches(self._record_batch)
 
     async def recover(self, now: float) -> list[Takeover]:
         # At start, rows this node name still holds are from its previous life.
@@ -145,7 +145,7 @@ class PostgresDeliveryQueue:
         else:
             status, recipients, next_attempt = ("failed" if failed else "delivered"), [], now
         if notice is None:  # the usual case: recorded with others, one commit
-            await self._record(
+            await self._outcomes.submit(
                 _Finish(delivery, outcome, now, status, recipients, next_attempt, last_reply)
             )
             return None
@@ -195,32 +195,6 @@ class PostgresDeliveryQueue:
             if notice is None:
                 return None
             return await _insert_notice(connection, notice, now, self._node)
-
-    async def _record(self, finish: _Finish) -> None:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._to_record.append((finish, done))
-        if not self._recording:
-            self._recording = True
-            self._recorder = asyncio.ensure_future(self._record_all())
-        await done
-
-    async def _record_all(self) -> None:
-        """Group commit for outcomes: those that arrive while a batch is recorded
-        go together in the next one (relaygate_finish in the schema: one round
-        trip, one commit)."""
-        try:
-            while self._to_record:
-                batch, self._to_record = self._to_record, []
-                errors = await self._record_batch([finish for finish, _ in batch])
-                for (_, done), error in zip(batch, errors, strict=True):
-                    if done.done():
-                        continue
-                    if error is None:
-                        done.set_result(None)
-                    else:
-                        done.set_exception(error)
-        finally:
-            self._recording = False
 
     async def _record_batch(self, batch: list[_Finish]) -> list[Exception | None]:
         try:
