@@ -51,10 +51,12 @@ from relaygate.services.admin import (
     MessageView,
     NotFound,
     QueueAdmin,
+    TokenError,
+    TokensAdmin,
 )
 from relaygate.storage import bodies
 from relaygate.storage import sqlite as sqlite_storage
-from relaygate.storage.api import DeliveryAttempt, MessageRecord, NodeRecord, QueueEntry
+from relaygate.storage.api import ApiToken, DeliveryAttempt, MessageRecord, NodeRecord, QueueEntry
 from relaygate.storage.copy import CopyError, copy_to_postgres
 from relaygate.storage.node import open_admin_storage
 from relaygate.storage.postgres import pool as postgres_pool
@@ -167,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_message_commands(commands, common)
     _add_queue_commands(commands, common)
     _add_dkim_commands(commands, common)
+    _add_token_commands(commands, common)
     return parser
 
 
@@ -399,6 +402,78 @@ def _add_dkim_commands(
 
     show = action("show", _dkim_show, "print a domain's DNS TXT records again")
     show.add_argument("domain", metavar="DOMAIN")
+
+
+def _add_token_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    token = commands.add_parser(
+        "token", parents=[common], help="manage bearer tokens for the HTTP API"
+    )
+    actions = token.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, parents=[common], help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    add = action("add", _token_add, "create a token and print it (shown this once only)")
+    add.add_argument("name", metavar="NAME", help="what the token is for: logs name it")
+    add.add_argument(
+        "--read-only", action="store_true", help="the token may read, never change (403)"
+    )
+    listing = action("list", _token_list, "show the tokens (never their secrets)")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    revoke = action("revoke", _token_revoke, "delete a token: it stops working at once")
+    revoke.add_argument("name", metavar="NAME")
+
+
+def _token_add(args: argparse.Namespace, config: Config) -> int:
+    stored, secret = _with_admin(
+        config, lambda admin: admin.tokens.add(args.name, read_only=args.read_only)
+    )
+    kind = "read-only" if stored.read_only else "read-write"
+    print(f"token {stored.name} ({kind}): {secret}")
+    print("This is the only time it is shown; send it as 'Authorization: Bearer <token>'.")
+    return 0
+
+
+def _token_json(token: ApiToken) -> dict[str, Any]:
+    return {
+        "name": token.name,
+        "read_only": token.read_only,
+        "created_at": token.created_at,
+        "last_used": token.last_used,
+    }
+
+
+def _token_list(args: argparse.Namespace, config: Config) -> int:
+    tokens = _with_admin(config, lambda admin: admin.tokens.list())
+    if args.json:
+        print(json.dumps([_token_json(t) for t in tokens], indent=2))
+    elif not tokens:
+        print("no tokens; add one with: relaygate token add NAME [--read-only]")
+    else:
+        _print_table(
+            ("NAME", "ACCESS", "CREATED", "LAST USED"),
+            [
+                (
+                    t.name,
+                    "read-only" if t.read_only else "read-write",
+                    _local_time(t.created_at),
+                    _optional_time(t.last_used, "never"),
+                )
+                for t in tokens
+            ],
+        )
+    return 0
+
+
+def _token_revoke(args: argparse.Namespace, config: Config) -> int:
+    _with_admin(config, lambda admin: admin.tokens.revoke(args.name))
+    print(f"token {args.name} revoked")
+    return 0
 
 
 def _positive_int(text: str) -> int:
@@ -821,6 +896,7 @@ class _Admin:
     credentials: CredentialsAdmin
     dkim: DKIMAdmin
     queue: QueueAdmin
+    tokens: TokensAdmin
 
 
 def _with_admin(config: Config, work: Callable[[_Admin], Awaitable[T]]) -> T:
@@ -836,6 +912,7 @@ def _with_admin(config: Config, work: Callable[[_Admin], Awaitable[T]]) -> T:
                     CredentialsAdmin(store.accounts, store.credentials),
                     DKIMAdmin(store.dkim_keys),
                     QueueAdmin(store.queue),
+                    TokensAdmin(store.tokens, store.secrets),
                 )
             )
         finally:
@@ -843,7 +920,7 @@ def _with_admin(config: Config, work: Callable[[_Admin], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(run())
-    except (NotFound, bodies.BodyMissing, DKIMError) as exc:
+    except (NotFound, bodies.BodyMissing, DKIMError, TokenError) as exc:
         raise CommandError(str(exc)) from None
 
 

@@ -219,6 +219,33 @@ class SharedConfig:
 
 
 @dataclass(frozen=True)
+class HTTPConfig:
+    """The admin API, web UI and metrics listener ([http]); absent: none, except in
+    quickstart mode (127.0.0.1:8025)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8025
+    tls: bool = False  # HTTPS with the [tls] certificate (or the self-signed pair)
+    public_url: str | None = None  # for links in webhooks and e-mails
+    metrics: bool = True  # GET /metrics
+    metrics_token_file: Path | None = None  # set: /metrics wants "Authorization: Bearer <it>"
+    allow_private_targets: bool = False  # webhooks to loopback / private addresses
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """Where a person points a browser: public_url, else from the address."""
+        if self.public_url is not None:
+            return self.public_url.rstrip("/")
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        shown = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.tls else 'http'}://{shown}:{self.port}"
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: Literal["logfmt", "json"] = "logfmt"
@@ -241,6 +268,7 @@ class Config:
     connection_limits: ConnectionLimitsConfig = field(default_factory=ConnectionLimitsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     shared: SharedConfig = field(default_factory=SharedConfig)
+    http: HTTPConfig | None = None
     node_name: str = field(default_factory=default_node_name)
     quickstart: bool = False
     source: Path | None = None  # the file this came from, None in quickstart
@@ -269,6 +297,7 @@ def quickstart_config() -> Config:
         data_dir=Path("relaygate-data").absolute(),
         listeners=QUICKSTART_LISTENERS,
         sending_limits=NO_SENDING_LIMITS,  # capture mode: nothing leaves the machine
+        http=HTTPConfig(),
         quickstart=True,
     )
 
@@ -295,6 +324,7 @@ _TOP_KEYS = {
     "connection_limits",
     "storage",
     "shared",
+    "http",
 }
 
 
@@ -671,6 +701,39 @@ def _shared(check: _Checker, data: dict[str, Any]) -> SharedConfig:
     )
 
 
+def _http(check: _Checker, data: dict[str, Any], base: Path) -> HTTPConfig | None:
+    if "http" not in data:
+        return None
+    raw = check.table(data, "http", "http")
+    check.unknown(
+        raw,
+        {
+            "address",
+            "tls",
+            "public_url",
+            "metrics",
+            "metrics_token_file",
+            "allow_private_targets",
+        },
+        "http",
+    )
+    address = raw.get("address", "127.0.0.1:8025")
+    parsed = parse_address(address) if isinstance(address, str) else None
+    if parsed is None:
+        check.problem("http.address", f"must be host:port or [v6]:port (got {address!r})")
+        parsed = ("127.0.0.1", 8025)
+    public_url = _url(raw, "public_url", "http", ("http", "https"), check)
+    return HTTPConfig(
+        host=parsed[0],
+        port=parsed[1],
+        tls=_boolean(raw, "tls", "http", check, False),
+        public_url=public_url,
+        metrics=_boolean(raw, "metrics", "http", check, True),
+        metrics_token_file=check.path(raw, "metrics_token_file", "http", base, readable=True),
+        allow_private_targets=_boolean(raw, "allow_private_targets", "http", check, False),
+    )
+
+
 def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = None) -> Config:
     """Validate parsed TOML; raise ConfigError with every problem found."""
     check = _Checker()
@@ -768,6 +831,9 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
     connection_limits = _connection_limits(check, data)
     storage = _storage(check, data)
     shared = _shared(check, data)
+    http = _http(check, data, base)
+    if http is not None and any((x.host, x.port) == (http.host, http.port) for x in listeners):
+        check.problem("http.address", f"{http.address} is also an SMTP listener")
 
     if check.problems:
         raise ConfigError(check.problems)
@@ -786,6 +852,7 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
         connection_limits=connection_limits,
         storage=storage,
         shared=shared,
+        http=http,
         node_name=node_name,
         source=source,
     )

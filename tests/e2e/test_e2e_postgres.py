@@ -169,6 +169,7 @@ def test_storage_copy_moves_one_box_to_postgres_and_logins_keep_working(
     secret = new_credential(box, ALICE.address, "shop")
     box.cli("user", "limits", ALICE.address, "--messages-per-day", "500")
     box.cli("dkim", "generate", "example.com")
+    box.cli("token", "add", "ci", "--read-only")
     with session(box, user=ALICE) as client:
         queue_id = client.send_mail(
             ALICE.address,
@@ -182,6 +183,7 @@ def test_storage_copy_moves_one_box_to_postgres_and_logins_keep_working(
     copied = box.cli("storage", "copy", "--to", database)
     assert "accounts: 1" in copied.stdout and "credentials: 1" in copied.stdout
     assert "messages: 1" in copied.stdout and "dkim keys: 1" in copied.stdout
+    assert "api tokens: 1" in copied.stdout
     again = box.cli("storage", "copy", "--to", database, check=False)
     assert again.returncode == 2 and "is not empty" in again.stderr
 
@@ -202,6 +204,8 @@ def test_storage_copy_moves_one_box_to_postgres_and_logins_keep_working(
     assert "Subject: before the move" in node.cli("messages", "show", queue_id).stdout
     users = json.loads(node.cli("user", "list", "--json").stdout)
     assert users[0]["limits"]["messages_per_day"] == 500
+    tokens = json.loads(node.cli("token", "list", "--json").stdout)
+    assert [(t["name"], t["read_only"]) for t in tokens] == [("ci", True)]
 
     nodes = json.loads(node.cli("nodes", "--json").stdout)
     assert [(n["name"], n["alive"]) for n in nodes] == [("after-move", True)]

@@ -925,3 +925,33 @@ def test_migrate_creates_then_reports_up_to_date_and_names_a_broken_file(
     status, out, err = run(capsys, *cfg, "migrate")
     assert (status, out) == (2, "")
     assert err.count("\n") == 1 and str(path) in err and "not a database" in err
+
+
+# ------------------------------------------------------------------ HTTP API tokens
+
+
+def test_token_add_list_revoke(capsys: pytest.CaptureFixture[str], cfg: list[str]) -> None:
+    status, out, err = run(capsys, *cfg, "token", "add", "grafana", "--read-only")
+    assert (status, err) == (0, "")
+    first = out.splitlines()[0]
+    assert re.fullmatch(r"token grafana \(read-only\): rgt_[A-Za-z0-9_-]{43}", first), first
+    status, out, err = run(capsys, *cfg, "token", "add", "deploy")
+    assert status == 0 and "(read-write)" in out
+    status, out, err = run(capsys, *cfg, "token", "add", "deploy")
+    assert (status, out) == (2, "")
+    assert err.strip() == "relaygate: a token named 'deploy' exists already"
+    status, out, err = run(capsys, *cfg, "token", "list", "--json")
+    listed = json.loads(out)
+    assert [(t["name"], t["read_only"], t["last_used"]) for t in listed] == [
+        ("deploy", False, None),
+        ("grafana", True, None),
+    ]
+    assert "rgt_" not in out  # secrets are never shown again
+    status, out, err = run(capsys, *cfg, "token", "list")
+    assert out.splitlines()[0].split() == ["NAME", "ACCESS", "CREATED", "LAST", "USED"]
+    assert re.search(rf"grafana +read-only +{ISO_TIME} +never", out), out
+    assert run(capsys, *cfg, "token", "revoke", "grafana")[:2] == (0, "token grafana revoked\n")
+    status, out, err = run(capsys, *cfg, "token", "revoke", "grafana")
+    assert (status, err.strip()) == (2, "relaygate: no token named 'grafana'")
+    status, out, err = run(capsys, *cfg, "token", "add", "bad name")
+    assert status == 2 and "invalid token name" in err and "Traceback" not in err

@@ -27,11 +27,14 @@ from relaygate.accounts.store import AccountError
 from relaygate.config import PasswordHashConfig
 from relaygate.delivery.dkim import DKIMError
 from relaygate.services.admin import (
+    TOKEN_PREFIX,
     AccountsAdmin,
     CredentialsAdmin,
     DKIMAdmin,
     MessagesAdmin,
     NotFound,
+    TokenError,
+    TokensAdmin,
 )
 from relaygate.spool import Spool, SpooledMessage, new_queue_id
 from relaygate.storage import bodies
@@ -444,3 +447,55 @@ def test_dkim_keys_are_made_once_listed_and_never_replaced(account_database: Pat
             await store.close()
 
     run(go())
+
+
+# ------------------------------------------------------------------ HTTP API tokens
+
+
+def _tokens(database: Path | str, work: Callable[[TokensAdmin], Coroutine[Any, Any, Any]]) -> Any:
+    async def go() -> Any:
+        store = await _open(database)
+        try:
+            return await work(TokensAdmin(store.tokens, store.secrets))
+        finally:
+            await store.close()
+
+    return run(go())
+
+
+def test_tokens_are_shown_once_kept_hashed_and_revoked_at_once(
+    account_database: Path | str,
+) -> None:
+    async def work(admin: TokensAdmin) -> tuple[str, str]:
+        writer, secret = await admin.add("deploy-bot", read_only=False)
+        reader, read_secret = await admin.add("grafana", read_only=True)
+        assert secret.startswith(TOKEN_PREFIX) and len(secret) > 40 and secret != read_secret
+        assert (writer.read_only, reader.read_only) == (False, True)
+        with pytest.raises(TokenError, match="exists already"):
+            await admin.add("grafana", read_only=False)
+        for bad in ("", "-x", "a b", "x" * 65, "é"):
+            with pytest.raises(TokenError, match="invalid token name"):
+                await admin.add(bad, read_only=True)
+        found = await admin.verify(secret)
+        assert found is not None and found.name == "deploy-bot" and found.last_used is not None
+        for wrong in (secret[:-1] + ("A" if secret[-1] != "A" else "B"), secret + "x", "", "rgt_"):
+            assert await admin.verify(wrong) is None
+        assert [t.name for t in await admin.list()] == ["deploy-bot", "grafana"]
+        await admin.revoke("deploy-bot")
+        assert await admin.verify(secret) is None
+        with pytest.raises(NotFound, match="no token named 'deploy-bot'"):
+            await admin.revoke("deploy-bot")
+        assert (await admin.verify(read_secret)) is not None
+        return secret, read_secret
+
+    _, read_secret = _tokens(account_database, work)
+    # Only a keyed hash is stored: the secret is nowhere in the database.
+    if isinstance(account_database, Path):
+        dump = b"".join(
+            bytes(str(row), "utf-8")
+            for row in connect(account_database).execute("SELECT * FROM api_tokens")
+        )
+    else:
+        with psycopg.connect(account_database) as db:
+            dump = b"".join(bytes(str(r), "utf-8") for r in db.execute("SELECT * FROM api_tokens"))
+    assert read_secret.encode() not in dump and read_secret[4:].encode() not in dump

@@ -2,12 +2,17 @@
 
 Each takes its storage as typed interfaces (storage/api.py) and returns plain
 data; printing and serialising stay in the edges. Messages, accounts, app
-credentials and limits, DKIM keys, the delivery queue.
+credentials and limits, DKIM keys, the delivery queue, HTTP API tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
+import re
+import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +30,8 @@ from relaygate.delivery.dkim import DKIMKey, KeyType, normalize_domain, txt_reco
 from relaygate.sasl import StoredKeys, stored_keys_for_password
 from relaygate.storage.api import (
     Accounts,
+    ApiToken,
+    ApiTokens,
     Credentials,
     DeliveryAttempt,
     DeliveryQueue,
@@ -32,6 +39,8 @@ from relaygate.storage.api import (
     MessageLog,
     MessageRecord,
     QueueEntry,
+    Secrets,
+    TokenExists,
 )
 
 
@@ -253,3 +262,53 @@ class QueueAdmin:
         if count == 0:
             raise NotFound(f"nothing queued for {message_id}")
         return count
+
+
+TOKEN_PREFIX = "rgt_"  # tells a token apart in a config file or a leaked log
+TOKEN_KEY = "api_token_key"  # the server secret tokens are keyed-hashed with
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class TokenError(ValueError):
+    """A token name or request the user can fix (one line)."""
+
+
+class TokensAdmin:
+    """Bearer tokens for the HTTP API: the secret is shown once and kept only as
+    an HMAC keyed with a server secret, so a copy of the table opens nothing."""
+
+    def __init__(self, tokens: ApiTokens, secrets_store: Secrets) -> None:
+        self._tokens = tokens
+        self._secrets = secrets_store
+
+    async def _digest(self, token: str) -> bytes:
+        key = await self._secrets.get_or_create(TOKEN_KEY)
+        return hmac.new(key, token.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+
+    async def add(self, name: str, *, read_only: bool) -> tuple[ApiToken, str]:
+        if not _TOKEN_NAME.fullmatch(name):
+            raise TokenError(
+                f"invalid token name: {name!r}: use 1-64 letters, digits, dots, hyphens"
+                " or underscores"
+            )
+        raw = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode("ascii")
+        token = TOKEN_PREFIX + raw
+        try:
+            stored = await self._tokens.add(name, await self._digest(token), read_only, time.time())
+        except TokenExists:
+            raise TokenError(f"a token named {name!r} exists already") from None
+        return stored, token
+
+    async def list(self) -> list[ApiToken]:
+        return await self._tokens.list()
+
+    async def revoke(self, name: str) -> None:
+        if not await self._tokens.revoke(name):
+            raise NotFound(f"no token named {name!r}")
+
+    async def verify(self, token: str) -> ApiToken | None:
+        """The token this secret is, or None. The look-up is by keyed hash (an
+        index probe): nothing is compared byte by byte against a stored secret."""
+        if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+            return None
+        return await self._tokens.find(await self._digest(token), time.time())

@@ -426,3 +426,33 @@ class ChangeNotices(Protocol):
     re-check their login, their caches drop what changed)."""
 
     async def announce(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """A bearer token of the HTTP API (its secret is shown once, kept only keyed-hashed)."""
+
+    name: str
+    read_only: bool
+    created_at: float
+    last_used: float | None
+
+
+class TokenExists(ValueError):
+    """A token of that name exists already."""
+
+
+class ApiTokens(Protocol):
+    async def add(self, name: str, digest: bytes, read_only: bool, now: float) -> ApiToken:
+        """Raises TokenExists."""
+        ...
+
+    async def list(self) -> list[ApiToken]: ...
+
+    async def revoke(self, name: str) -> bool:
+        """False: no token of that name."""
+        ...
+
+    async def find(self, digest: bytes, now: float) -> ApiToken | None:
+        """The token with this keyed hash, its last use set to ``now``."""
+        ...

@@ -116,6 +116,16 @@ def _copy(
             f" COALESCE((SELECT max(id) FROM {table}), 0) + 1, false)"
         )
 
+    # API tokens keep working: their keyed hashes moved with the secrets above.
+    tokens = source.execute(
+        "SELECT name, digest, read_only, created_at, last_used FROM api_tokens"
+    ).fetchall()
+    target.cursor().executemany(
+        "INSERT INTO api_tokens (name, digest, read_only, created_at, last_used)"
+        " VALUES (%s, %s, %s, %s, %s)",
+        [(r[0], bytes(r[1]), bool(r[2]), r[3], r[4]) for r in tokens],
+    )
+    report.add("api tokens", len(tokens))
     report.add("dkim keys", _copy_dkim_keys(target, data_dir))
     _copy_messages(source, target, bodies.directory_for(database), report)
 

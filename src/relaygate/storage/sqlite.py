@@ -13,7 +13,7 @@ from pathlib import Path
 
 from relaygate.storage.files import private_file
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -137,6 +137,15 @@ ALTER TABLE messages ADD COLUMN body_8bit INTEGER NOT NULL DEFAULT 0; -- MAIL ..
 """,
     5: """
 ALTER TABLE message_bodies ADD COLUMN in_file INTEGER NOT NULL DEFAULT 0; -- 1: body in bodies/<id>
+""",
+    6: """
+CREATE TABLE api_tokens (           -- bearer tokens of the HTTP API (storage/sqlite_tokens.py)
+    name       TEXT PRIMARY KEY,
+    digest     BLOB NOT NULL UNIQUE, -- HMAC-SHA256 of the token, keyed with a server secret
+    read_only  INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    last_used  REAL
+);
 """,
 }
 

@@ -19,6 +19,7 @@ from relaygate.storage.postgres.messages import PostgresMessageLog
 from relaygate.storage.postgres.nodes import PostgresNodes
 from relaygate.storage.postgres.pool import check_schema, open_pool
 from relaygate.storage.postgres.queue import PostgresDeliveryQueue, PostgresPolicyCache
+from relaygate.storage.postgres.tokens import PostgresApiTokens
 from relaygate.storage.secrets import CREDENTIAL_KEY
 
 DEFAULT_LEASE = 120.0
@@ -36,6 +37,7 @@ class PostgresStorage:
         self.counters = PostgresSendingCounters(pool)
         self.nodes = PostgresNodes(pool)
         self.dkim_keys = PostgresDKIMKeys(pool)
+        self.tokens = PostgresApiTokens(pool)
 
         self.policies = PostgresPolicyCache(pool)
         # Admin commands list, retry and delete; a delivery process claims with

@@ -227,6 +227,16 @@ END
 $$
 """
     ],
+    # Bearer tokens of the HTTP API (storage/postgres/tokens.py).
+    6: """
+CREATE TABLE api_tokens (
+    name       TEXT PRIMARY KEY,
+    digest     BYTEA NOT NULL UNIQUE,
+    read_only  BOOLEAN NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    last_used  DOUBLE PRECISION
+);
+""",
 }
 SCHEMA_VERSION = max(STEPS)
 
