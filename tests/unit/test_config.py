@@ -12,6 +12,7 @@ from relaygate.config import (
     AuthThrottleConfig,
     ConfigError,
     ConnectionLimitsConfig,
+    HTTPConfig,
     ListenerConfig,
     SendingLimits,
     load_config,
@@ -462,3 +463,52 @@ def test_proxy_protocol_problems(tmp_path: Path, text: str, expected: str) -> No
     assert len(found) == 1, found
     assert found[0].startswith(f"{path}: {expected}"), found
     assert "\n" not in found[0]
+
+
+# ------------------------------------------------------------------ [http]
+
+
+def test_http_listener_in_quickstart_only_unless_configured(tmp_path: Path) -> None:
+    quick = load_config()
+    assert quick.http == HTTPConfig() and quick.http.url == "http://127.0.0.1:8025"
+    assert load_config(write(tmp_path, "")).http is None
+    token = write(tmp_path, "s3cret\n", "metrics.token")
+    config = load_config(
+        write(
+            tmp_path,
+            f"""
+[http]
+address = "0.0.0.0:8443"
+tls = true
+public_url = "https://mail-admin.example.com/"
+metrics = false
+metrics_token_file = "{token}"
+allow_private_targets = true
+""",
+        )
+    )
+    assert config.http == HTTPConfig(
+        "0.0.0.0", 8443, True, "https://mail-admin.example.com/", False, token, True
+    )
+    assert config.http.url == "https://mail-admin.example.com"
+    plain = load_config(write(tmp_path, '[http]\naddress = "[::]:8025"\n'))
+    assert plain.http is not None and plain.http.url == "http://[::1]:8025"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[http]\naddress = "8025"', "http.address: must be host:port or [v6]:port (got '8025')"),
+        ("[http]\ntls = 1", "http.tls: must be true or false"),
+        ('[http]\npublic_url = "ftp://x"', "http.public_url: must be a http:// or https:// URL"),
+        ('[http]\nmetrics_token_file = "nope"', "http.metrics_token_file"),
+        ("[http]\nport = 80", "http.port: unknown setting"),
+        (
+            '[[listeners]]\naddress = "127.0.0.1:8025"\n[http]\naddress = "127.0.0.1:8025"',
+            "http.address: 127.0.0.1:8025 is also an SMTP listener",
+        ),
+    ],
+)
+def test_http_problems(tmp_path: Path, text: str, expected: str) -> None:
+    found = problems(write(tmp_path, text))
+    assert len(found) == 1 and found[0].split(": ", 1)[1].startswith(expected), found
