@@ -30,6 +30,7 @@ from relaygate import __version__, logs
 from relaygate.accounts.store import AccountStore
 from relaygate.config import Config, ListenerConfig
 from relaygate.delivery.engine import run_delivery
+from relaygate.http.server import run_http
 from relaygate.server.connlimit import ConnectionLimiter
 from relaygate.server.tls import TLSSetupError, certificate_pairs, server_context
 from relaygate.server.worker import BoundListener, run_worker
@@ -56,13 +57,24 @@ class StartupError(Exception):
 
 
 def _bind(listener: ListenerConfig, index: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+    return _bind_address(listener.host, listener.port, f"listeners[{index}] {listener.address}")
+
+
+def bind_http(config: Config) -> socket.socket | None:
+    """The [http] listener's socket, bound here so a busy port stops ``serve`` at once."""
+    if config.http is None:
+        return None
+    return _bind_address(config.http.host, config.http.port, f"http {config.http.address}")
+
+
+def _bind_address(host: str, port: int, label: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((listener.host, listener.port))
+        sock.bind((host, port))
         sock.listen(1024)
         sock.setblocking(False)
     except OSError as exc:
@@ -72,10 +84,10 @@ def _bind(listener: ListenerConfig, index: int) -> socket.socket:
             errno.EACCES: "permission denied (ports below 1024 need privileges)",
             errno.EADDRNOTAVAIL: "address not available on this machine",
         }.get(exc.errno or 0, exc.strerror or str(exc))
-        raise StartupError([f"listeners[{index}] {listener.address}: {reason}"]) from None
+        raise StartupError([f"{label}: {reason}"]) from None
     except (socket.gaierror, UnicodeError) as exc:
         sock.close()
-        raise StartupError([f"listeners[{index}] {listener.address}: {exc}"]) from None
+        raise StartupError([f"{label}: {exc}"]) from None
     return sock
 
 
@@ -293,9 +305,10 @@ def _describe(config: Config) -> str:
         f"{item.address} ({kinds[item.tls]}{', PROXY protocol' if item.proxy_protocol else ''})"
         for item in config.listeners
     )
+    admin = f"; admin API: {config.http.url}/api/v1" if config.http is not None else ""
     return (
         f"relaygate: listening on {listeners}; {config.worker_count()} worker(s); "
-        f"delivery: {config.delivery.mode}; data: {config.data_dir}"
+        f"delivery: {config.delivery.mode}; data: {config.data_dir}{admin}"
     )
 
 
@@ -329,6 +342,12 @@ def serve(config: Config) -> int:
     try:
         prepare(config)
         listeners = bind_all(config)
+        try:
+            http = bind_http(config)
+        except StartupError:
+            for sock, _ in listeners:
+                sock.close()
+            raise
     except StartupError as exc:
         for problem in exc.problems:
             print(f"relaygate: {problem}", file=sys.stderr)
@@ -339,16 +358,21 @@ def serve(config: Config) -> int:
     count = config.worker_count()
     # Shared by every worker (an anonymous shared mapping made before fork).
     limiter = ConnectionLimiter(config.connection_limits)
-    if count == 1 and config.delivery.mode == "capture":
+    if count == 1 and config.delivery.mode == "capture" and http is None:
         return run_worker(config, 0, listeners, limiter)
-    return _supervise(config, listeners, count, limiter)
+    return _supervise(config, listeners, count, limiter, http)
 
 
 DELIVERY = -1  # worker index of the delivery process
+HTTP = -2  # worker index of the HTTP process (admin API)
 
 
 def _fork_worker(
-    config: Config, index: int, listeners: list[BoundListener], limiter: ConnectionLimiter
+    config: Config,
+    index: int,
+    listeners: list[BoundListener],
+    limiter: ConnectionLimiter,
+    http: socket.socket | None,
 ) -> int:
     pid = os.fork()
     if pid == 0:
@@ -357,10 +381,18 @@ def _fork_worker(
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             _die_with_parent()
-            if index == DELIVERY:
+            if index in (DELIVERY, HTTP):
                 for sock, _ in listeners:
-                    sock.close()  # the delivery process takes no connections
+                    sock.close()  # they take no SMTP connections
+            elif http is not None:
+                http.close()
+            if index == DELIVERY:
+                if http is not None:
+                    http.close()
                 status = run_delivery(config)
+            elif index == HTTP:
+                assert http is not None
+                status = run_http(config, http)
             else:
                 status = run_worker(config, index, listeners, limiter)
         except BaseException as exc:  # a worker must never return into the parent's code
@@ -382,7 +414,11 @@ def _die_with_parent() -> None:
 
 
 def _supervise(
-    config: Config, listeners: list[BoundListener], count: int, limiter: ConnectionLimiter
+    config: Config,
+    listeners: list[BoundListener],
+    count: int,
+    limiter: ConnectionLimiter,
+    http: socket.socket | None = None,
 ) -> int:
     workers: dict[int, int] = {}  # pid -> worker index
     stopping = False
@@ -394,6 +430,8 @@ def _supervise(
             # backlog while the workers drain; close them so clients get a refusal.
             for sock, _ in listeners:
                 sock.close()
+            if http is not None:
+                http.close()
         stopping = True
         for pid in list(workers):
             try:
@@ -406,8 +444,10 @@ def _supervise(
     indexes = list(range(count))
     if config.delivery.mode != "capture":
         indexes.append(DELIVERY)
+    if http is not None:
+        indexes.append(HTTP)
     for index in indexes:
-        workers[_fork_worker(config, index, listeners, limiter)] = index
+        workers[_fork_worker(config, index, listeners, limiter, http)] = index
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a pending stop runs here
     restarts: list[float] = []
     failed = False
@@ -433,10 +473,12 @@ def _supervise(
             stop(signal.SIGTERM, None)
             failed = True
             continue
-        workers[_fork_worker(config, index, listeners, limiter)] = index
+        workers[_fork_worker(config, index, listeners, limiter, http)] = index
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)  # already stopping; a repeat must not kill us
     for sock, _ in listeners:
         sock.close()
+    if http is not None:
+        http.close()
     logs.event("stop")
     return 1 if failed else 0

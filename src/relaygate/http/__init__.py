@@ -1,0 +1,1 @@
+"""The HTTP edge: admin API (/api/v1), later the web UI and /metrics (issue 9)."""

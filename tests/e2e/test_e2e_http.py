@@ -1,0 +1,173 @@
+"""The admin API over HTTP (issue 9, first part): bearer tokens made with the
+CLI, the message log read with curl and urllib, JSON errors, revocation at
+once. Runs on both storage backends (Makefile E2E_POSTGRES)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .helpers import (
+    ALICE,
+    Server,
+    ServerPool,
+    clean_env,
+    free_ports,
+    make_message,
+    port_is_free,
+    session,
+    wait_until,
+)
+
+RCPT = "someone@example.net"
+
+
+@pytest.fixture(scope="module")
+def api(servers: ServerPool) -> Iterator[tuple[Server, str]]:
+    (port,) = free_ports(1)
+    server = servers.create(
+        "http-api", users=[ALICE], sections={"http": {"address": f"127.0.0.1:{port}"}}
+    )
+    yield server, f"http://127.0.0.1:{port}"
+
+
+def _token(server: Server, name: str, *flags: str) -> str:
+    out = server.cli("token", "add", name, *flags).stdout
+    return out.splitlines()[0].rsplit(" ", 1)[1]
+
+
+def _get(url: str, token: str | None = None, raw_header: str | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(url)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    if raw_header is not None:
+        request.add_header("Authorization", raw_header)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = response.read()
+            kind = response.headers.get("Content-Type", "")
+            return response.status, json.loads(body) if "json" in kind else body
+    except urllib.error.HTTPError as exc:
+        assert exc.headers.get("Content-Type") == "application/json", exc.headers
+        return exc.code, json.loads(exc.read())
+
+
+def test_no_token_or_a_wrong_one_is_401_json(api: tuple[Server, str]) -> None:
+    server, base = api
+    done = subprocess.run(
+        ["curl", "-s", "-i", f"{base}/api/v1/messages"],
+        capture_output=True,
+        timeout=20,
+        check=True,
+        text=True,
+    )
+    head, _, body = done.stdout.partition("\n\n")  # text mode: CRLF became LF
+    assert head.startswith("HTTP/1.1 401"), head
+    assert "www-authenticate: bearer" in head.lower()
+    assert json.loads(body)["error"].startswith("a valid API token is needed")
+    good = _token(server, "reader", "--read-only")
+    for header in (
+        "Bearer rgt_" + "A" * 43,
+        "Bearer " + good + "x",
+        "Basic " + good,
+        "Bearer",
+        "Bearer " + "x" * 100_00,
+        "Bearer r\u00e9sum\u00e9",
+    ):
+        status, body = _get(f"{base}/api/v1/messages", raw_header=header.encode().decode("latin-1"))
+        assert status == 401 and body["error"].startswith("a valid API token"), (header, body)
+
+
+def test_messages_list_show_and_raw(api: tuple[Server, str]) -> None:
+    server, base = api
+    token = _token(server, "ops")
+    with session(server, user=ALICE) as client:
+        queue_id = client.send_mail(
+            ALICE.address,
+            [RCPT],
+            make_message(from_addr=ALICE.address, to=[RCPT], subject="seen through the API"),
+        )
+    status, listed = _get(f"{base}/api/v1/messages?limit=10", token)
+    assert status == 200
+    mine = [m for m in listed["messages"] if m["id"] == queue_id]
+    assert mine and mine[0]["subject"] == "seen through the API"
+    assert mine[0]["account"] == ALICE.address and mine[0]["rcpt_to"] == [RCPT]
+    # The same records the CLI prints.
+    cli = json.loads(server.cli("messages", "list", "--json").stdout)
+    assert next(m for m in cli if m["id"] == queue_id) == mine[0]
+    status, shown = _get(f"{base}/api/v1/messages/{queue_id}", token)
+    assert status == 200 and shown["id"] == queue_id and shown["history"] == []
+    status, raw = _get(f"{base}/api/v1/messages/{queue_id}/raw", token)
+    assert status == 200 and raw == server.raw(queue_id)
+    assert b"Subject: seen through the API" in raw
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "error"),
+    [
+        ("/api/v1/messages/NOPE", 404, "no such message: NOPE"),
+        ("/api/v1/messages/NOPE/raw", 404, "no such message: NOPE"),
+        ("/api/v1/messages?limit=0", 400, "limit must be a whole number from 1 to 1000"),
+        ("/api/v1/messages?limit=abc", 400, "limit must be a whole number from 1 to 1000"),
+        ("/api/v1/nothing-here", 404, "Not Found"),
+    ],
+)
+def test_errors_are_json_with_the_right_status(
+    api: tuple[Server, str], path: str, status: int, error: str
+) -> None:
+    server, base = api
+    token = _token(server, f"t-{abs(hash(path)) % 10_000_000}")
+    assert _get(base + path, token)[0:1] == (status,)
+    assert _get(base + path, token)[1]["error"] == error
+
+
+def test_a_revoked_token_stops_working_at_once(api: tuple[Server, str]) -> None:
+    server, base = api
+    token = _token(server, "short-lived")
+    assert _get(f"{base}/api/v1/messages", token)[0] == 200
+    server.cli("token", "revoke", "short-lived")
+    assert _get(f"{base}/api/v1/messages", token)[0] == 401
+    listed = json.loads(server.cli("token", "list", "--json").stdout)
+    assert "short-lived" not in {t["name"] for t in listed}
+
+
+def _printed(path: Path) -> bool:
+    return b"listening on" in path.read_bytes()
+
+
+def test_sigterm_right_after_start_stops_the_http_process_too(fresh_servers: ServerPool) -> None:
+    (port,) = free_ports(1)
+    server = fresh_servers.create(
+        "http-early", sections={"http": {"address": f"127.0.0.1:{port}"}}, start=False
+    )
+    for attempt in range(3):  # the window before uvicorn takes the signals is short
+        out = server.directory / f"early-{attempt}.stdout"
+        with open(out, "wb") as stdout:
+            process = subprocess.Popen(
+                server.command("serve"),
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=subprocess.DEVNULL,
+                env=clean_env(),
+                cwd=server.directory,
+                start_new_session=True,
+            )
+        try:
+            wait_until(functools.partial(_printed, out), 10, 0.002, "start")
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(10) == 0
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+        wait_until(lambda: port_is_free(port), 10, what="the HTTP port to be free")
