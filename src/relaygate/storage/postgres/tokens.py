@@ -46,9 +46,14 @@ class PostgresApiTokens:
     async def find(self, digest: bytes, now: float) -> ApiToken | None:
         async with self._pool.connection() as connection:
             cursor = await connection.execute(
-                "UPDATE api_tokens SET last_used = %s WHERE digest = %s"
-                " RETURNING name, read_only, created_at, last_used",
-                (now, digest),
+                "SELECT name, read_only, created_at, last_used FROM api_tokens WHERE digest = %s",
+                (digest,),
             )
             row = await cursor.fetchone()
-        return None if row is None else _token(row)
+            if row is None:
+                return None
+            if row[3] is None or now - float(row[3]) >= 60:  # a write a minute at most
+                await connection.execute(
+                    "UPDATE api_tokens SET last_used = %s WHERE name = %s", (now, row[0])
+                )
+        return ApiToken(str(row[0]), bool(row[1]), float(row[2]), now)
