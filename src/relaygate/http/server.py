@@ -40,6 +40,7 @@ def run_http(config: Config, sock: socket.socket) -> int:
             timeout_graceful_shutdown=5,
         )
     )
+
     # uvicorn handles SIGTERM/SIGINT while it serves, then raises the signal again
     # for the handler it found. Ours asks the server to stop: a stop that came
     # before uvicorn took over (held back since the fork) is not lost, and one
