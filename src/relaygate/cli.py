@@ -43,6 +43,7 @@ from relaygate.delivery.dkim import (
     KEY_TYPES,
     DKIMError,
 )
+from relaygate.json_views import message_json
 from relaygate.services.admin import (
     AccountsAdmin,
     CredentialsAdmin,
@@ -56,7 +57,7 @@ from relaygate.services.admin import (
 )
 from relaygate.storage import bodies
 from relaygate.storage import sqlite as sqlite_storage
-from relaygate.storage.api import ApiToken, DeliveryAttempt, MessageRecord, NodeRecord, QueueEntry
+from relaygate.storage.api import ApiToken, DeliveryAttempt, NodeRecord, QueueEntry
 from relaygate.storage.copy import CopyError, copy_to_postgres
 from relaygate.storage.node import open_admin_storage
 from relaygate.storage.postgres import pool as postgres_pool
@@ -924,24 +925,9 @@ def _with_admin(config: Config, work: Callable[[_Admin], Awaitable[T]]) -> T:
         raise CommandError(str(exc)) from None
 
 
-def _message_json(message: MessageRecord) -> dict[str, Any]:
-    return {
-        "id": message.id,
-        "created_at": message.created_at,
-        "account": message.account,
-        "credential": message.credential,
-        "client_ip": message.client_ip,
-        "mail_from": message.mail_from,
-        "rcpt_to": list(message.rcpt_to),
-        "subject": message.subject,
-        "size": message.size,
-        "status": message.status,
-    }
-
-
 def _messages_list(args: argparse.Namespace, config: Config) -> int:
     records = _with_admin(config, lambda admin: admin.messages.recent(args.limit))
-    messages = [_message_json(record) for record in records]
+    messages = [message_json(record) for record in records]
     if args.json:
         print(json.dumps(messages, indent=2))
     elif not messages:
@@ -976,7 +962,7 @@ def _messages_show(args: argparse.Namespace, config: Config) -> int:
         sys.stdout.buffer.write(body)
         sys.stdout.buffer.flush()
         return 0
-    message = _message_json(view.record)
+    message = message_json(view.record)
     for label, value in (
         ("id", message["id"]),
         ("created", _local_time(message["created_at"])),

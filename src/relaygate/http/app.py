@@ -21,9 +21,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from relaygate.config import Config
+from relaygate.json_views import attempt_json, message_json
 from relaygate.services.admin import MessagesAdmin, NotFound, TokensAdmin
 from relaygate.storage import bodies
-from relaygate.storage.api import ApiToken, DeliveryAttempt, MessageRecord
+from relaygate.storage.api import ApiToken
 from relaygate.storage.errors import STORAGE_ERRORS
 from relaygate.storage.node import open_admin_storage
 
@@ -42,33 +43,6 @@ class ApiError(Exception):
         self.status = status
         self.error = error
         self.detail = detail
-
-
-def message_json(message: MessageRecord) -> dict[str, Any]:
-    return {
-        "id": message.id,
-        "created_at": message.created_at,
-        "account": message.account,
-        "credential": message.credential,
-        "client_ip": message.client_ip,
-        "mail_from": message.mail_from,
-        "rcpt_to": list(message.rcpt_to),
-        "subject": message.subject,
-        "size": message.size,
-        "status": message.status,
-    }
-
-
-def attempt_json(attempt: DeliveryAttempt) -> dict[str, Any]:
-    return {
-        "ts": attempt.ts,
-        "domain": attempt.domain,
-        "recipient": attempt.recipient,
-        "host": attempt.host,
-        "reply": attempt.reply,
-        "tls": attempt.tls,
-        "outcome": attempt.outcome,
-    }
 
 
 Handler = Callable[[Request, _Services, ApiToken], Awaitable[Response]]
