@@ -8,6 +8,7 @@ makes a commit durable before we answer 250.
 from __future__ import annotations
 
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,8 +193,7 @@ def connect_state(path: Path) -> sqlite3.Connection:
         private_file(path)  # 0600, and so its -wal and -shm (storage/files.py)
         db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
         db.execute("PRAGMA busy_timeout=10000")  # first: workers open it at the same time
-        if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            db.execute("PRAGMA journal_mode=WAL")
+        _use_wal(db, 10.0)
         db.execute("PRAGMA synchronous=NORMAL")
         _run_script(db, _STATE_SCHEMA)  # IF NOT EXISTS: also adds tables to an older file
     except sqlite3.Error as exc:
@@ -262,18 +262,34 @@ def connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection
         db = sqlite3.connect(
             path, isolation_level=None, timeout=30.0, check_same_thread=check_same_thread
         )
-        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA busy_timeout=30000")
+        _use_wal(db, 30.0)
         db.execute("PRAGMA synchronous=FULL")
         # Truncate the WAL file back to 256 MiB whenever it is reset (see spool._limit_wal).
         db.execute("PRAGMA journal_size_limit=268435456")
         db.execute("PRAGMA foreign_keys=ON")
-        db.execute("PRAGMA busy_timeout=30000")
         _migrate(db)
     except sqlite3.Error as exc:
         raise DatabaseError(f"{path}: {exc}") from None
     except OSError as exc:
         raise DatabaseError(f"{path}: {exc.strerror or exc}") from None
     return db
+
+
+def _use_wal(db: sqlite3.Connection, timeout: float) -> None:
+    """Switch a new file to WAL. Several processes opening one new file at once
+    race for the switch, and SQLite answers the losers "database is locked"
+    at once, without its busy handler: try again until the winner is done."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _migrate(db: sqlite3.Connection) -> None:
