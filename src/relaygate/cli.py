@@ -20,7 +20,6 @@ import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -45,15 +44,11 @@ from relaygate.delivery.dkim import (
 )
 from relaygate.json_views import message_json
 from relaygate.services.admin import (
-    AccountsAdmin,
-    CredentialsAdmin,
-    DKIMAdmin,
-    MessagesAdmin,
+    AdminServices,
     MessageView,
     NotFound,
-    QueueAdmin,
     TokenError,
-    TokensAdmin,
+    admin_services,
 )
 from relaygate.storage import bodies
 from relaygate.storage import sqlite as sqlite_storage
@@ -619,7 +614,7 @@ def _new_password(from_stdin: bool) -> tuple[str, bool]:
 
 
 def _user_add(args: argparse.Namespace, config: Config) -> int:
-    async def add(admin: _Admin) -> tuple[Account, str, bool]:
+    async def add(admin: AdminServices) -> tuple[Account, str, bool]:
         # Everything cheap first, so a typo costs neither the password on
         # stdin nor a slow hash.
         address = await admin.accounts.check_new(args.address, args.sender or None)
@@ -635,7 +630,7 @@ def _user_add(args: argparse.Namespace, config: Config) -> int:
 
 
 def _user_passwd(args: argparse.Namespace, config: Config) -> int:
-    async def change(admin: _Admin) -> tuple[Account, str, bool]:
+    async def change(admin: AdminServices) -> tuple[Account, str, bool]:
         await admin.accounts.get(args.address)
         password, generated = _new_password(args.password_stdin)
         return await admin.accounts.set_password(args.address, password), password, generated
@@ -676,7 +671,7 @@ def _user_senders(args: argparse.Namespace, config: Config) -> int:
 
 
 def _user_list(args: argparse.Namespace, config: Config) -> int:
-    async def read(admin: _Admin) -> tuple[list[Account], dict[str, dict[str, int] | None]]:
+    async def read(admin: AdminServices) -> tuple[list[Account], dict[str, dict[str, int] | None]]:
         return await admin.accounts.list(), await admin.credentials.all_account_limits()
 
     accounts, limits = _with_admin(config, read)
@@ -888,34 +883,13 @@ def _credential_limits(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-@dataclass
-class _Admin:
-    """The admin use cases the CLI calls (services/admin.py), on this data_dir."""
-
-    messages: MessagesAdmin
-    accounts: AccountsAdmin
-    credentials: CredentialsAdmin
-    dkim: DKIMAdmin
-    queue: QueueAdmin
-    tokens: TokensAdmin
-
-
-def _with_admin(config: Config, work: Callable[[_Admin], Awaitable[T]]) -> T:
+def _with_admin(config: Config, work: Callable[[AdminServices], Awaitable[T]]) -> T:
     """Run one admin use case and close what it opened."""
 
     async def run() -> T:
         store = await open_admin_storage(config)
         try:
-            return await work(
-                _Admin(
-                    MessagesAdmin(store.messages),
-                    AccountsAdmin(store.accounts, config.password_hash),
-                    CredentialsAdmin(store.accounts, store.credentials),
-                    DKIMAdmin(store.dkim_keys),
-                    QueueAdmin(store.queue),
-                    TokensAdmin(store.tokens, store.secrets),
-                )
-            )
+            return await work(admin_services(store, config.password_hash))
         finally:
             await store.close()
 
@@ -1126,7 +1100,7 @@ def _print_history(history: list[DeliveryAttempt]) -> None:
 
 
 def _queue_show(args: argparse.Namespace, config: Config) -> int:
-    async def show(admin: _Admin) -> tuple[MessageView, list[QueueEntry]]:
+    async def show(admin: AdminServices) -> tuple[MessageView, list[QueueEntry]]:
         return (
             await admin.messages.show(args.message_id, body=False),
             await admin.queue.pending(args.message_id),

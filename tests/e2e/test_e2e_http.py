@@ -171,3 +171,36 @@ def test_sigterm_right_after_start_stops_the_http_process_too(fresh_servers: Ser
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(10)
         wait_until(lambda: port_is_free(port), 10, what="the HTTP port to be free")
+
+
+def test_failed_tokens_are_throttled_like_smtp_logins(fresh_servers: ServerPool) -> None:
+    """Guessing tokens costs what guessing passwords costs: the address's window
+    fills, then even a good token is 429 with Retry-After; the SMTP door is
+    closed to that address too (one set of windows), and no token is logged."""
+    (port,) = free_ports(1)
+    server = fresh_servers.create(
+        "http-throttle",
+        users=[ALICE],
+        sections={
+            "http": {"address": f"127.0.0.1:{port}"},
+            "auth_throttle": {"ip_per_minute": 3},
+        },
+    )
+    base = f"http://127.0.0.1:{port}"
+    good = _token(server, "ops")
+    assert _get(f"{base}/api/v1/messages", good)[0] == 200
+    guesses = ["rgt_" + c * 43 for c in "ABC"]
+    for guess in guesses:
+        assert _get(f"{base}/api/v1/messages", guess)[0] == 401
+    status, body = _get(f"{base}/api/v1/messages", "rgt_" + "D" * 43)
+    assert status == 429, body
+    assert body["error"].startswith("too many failed logins")
+    assert body["detail"]["retry_after"] >= 1
+    assert _get(f"{base}/api/v1/messages", good)[0] == 429
+    with pytest.raises(Exception, match="454|4.7.0"):
+        with session(server, user=ALICE):
+            pass
+    failed = server.log_events("api.auth_failed")
+    assert [e["result"] for e in failed] == ["failed"] * 3 + ["throttled"]
+    assert all(e["ip"] == "127.0.0.1" for e in failed)
+    assert server.secrets_in_log([good, *guesses]) == []

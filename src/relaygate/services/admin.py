@@ -30,6 +30,7 @@ from relaygate.delivery.dkim import DKIMKey, KeyType, normalize_domain, txt_reco
 from relaygate.sasl import StoredKeys, stored_keys_for_password
 from relaygate.storage.api import (
     Accounts,
+    AdminStorage,
     ApiToken,
     ApiTokens,
     Credentials,
@@ -312,3 +313,27 @@ class TokensAdmin:
         if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
             return None
         return await self._tokens.find(await self._digest(token), time.time())
+
+
+@dataclass
+class AdminServices:
+    """Every admin use case on one storage: what the CLI, the HTTP API and the
+    web UI each hold, so they cannot disagree."""
+
+    messages: MessagesAdmin
+    accounts: AccountsAdmin
+    credentials: CredentialsAdmin
+    dkim: DKIMAdmin
+    queue: QueueAdmin
+    tokens: TokensAdmin
+
+
+def admin_services(store: AdminStorage, hashing: PasswordHashConfig) -> AdminServices:
+    return AdminServices(
+        MessagesAdmin(store.messages),
+        AccountsAdmin(store.accounts, hashing),
+        CredentialsAdmin(store.accounts, store.credentials),
+        DKIMAdmin(store.dkim_keys),
+        QueueAdmin(store.queue),
+        TokensAdmin(store.tokens, store.secrets),
+    )

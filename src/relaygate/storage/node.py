@@ -251,4 +251,33 @@ async def open_admin_storage(config: Config) -> SQLiteStorage | PostgresStorage:
     return await PostgresStorage.open(config.storage.url, ADMIN_POOL_SIZE, announcer(config))
 
 
+async def open_login_failures(
+    config: Config, loop: asyncio.AbstractEventLoop
+) -> tuple[LoginFailures, Callable[[], Awaitable[None]]]:
+    """The failed-login windows, for an edge that logs people in besides SMTP
+    (the HTTP process): the same as the workers', so a guesser cannot switch
+    doors to get more guesses."""
+    state: DatabaseThread[sqlite3.Connection] = DatabaseThread(
+        lambda: sqlite_storage.connect_state(sqlite_storage.state_path(config.database_path)),
+        loop,
+        name="state-db",
+    )
+    failures: LoginFailures = SQLiteLoginFailures(state, config.auth_throttle, same)
+    closers: list[Callable[[], Awaitable[None]]] = [lambda: asyncio.to_thread(state.close)]
+    if config.shared.redis_url is not None:
+        client = open_client(config.shared.redis_url)
+        failures = FallbackLoginFailures(
+            RedisLoginFailures(client, config.auth_throttle),
+            failures,
+            SharedHealth("login_failures"),
+        )
+        closers.append(client.aclose)
+
+    async def close() -> None:
+        for c in closers:
+            await c()
+
+    return failures, close
+
+
 ADMIN_POOL_SIZE = 2  # one command at a time, and a spare
