@@ -1,0 +1,136 @@
+"""A stored message taken apart for people to read (the API's /parts, the web UI).
+
+Pure functions on the message's bytes (the ``email`` package, policy.default):
+its header fields decoded, the first text/plain and text/html bodies, and the
+list of attachments. Nothing here makes the content safe to show: names and
+values are plain text for the edges to escape, the HTML is the sender's, for
+a sandboxed frame only (http/ui). Malformed mail never raises: what cannot be
+decoded is shown replaced, as a mail client does.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from dataclasses import dataclass, field
+from email.message import EmailMessage, Message
+
+MAX_HEADER_VALUE = 10_000  # characters of one header value shown
+MAX_PARTS = 500  # MIME parts walked; a message of more shows the first ones
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    index: int  # its place among all parts (stable: the ``part`` to ask for)
+    filename: str  # as the sender named it, decoded; "" if none
+    content_type: str
+    size: int  # bytes once decoded
+    inline: bool  # Content-Disposition inline, or a related part with a Content-ID
+    content_id: str  # without <>; "" if none
+
+
+@dataclass(slots=True)
+class MessageParts:
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    text: str | None = None
+    html: str | None = None
+    attachments: list[Attachment] = field(default_factory=list)
+
+
+def _parse(raw: bytes) -> EmailMessage:
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def _header_value(message: Message, name: str) -> str:
+    try:
+        value = str(message[name])
+    except Exception:  # noqa: BLE001 - a header the email package cannot decode
+        raw = message.get_all(name) or [""]
+        value = str(raw[0]).encode("utf-8", "replace").decode("utf-8", "replace")
+    return value[:MAX_HEADER_VALUE]
+
+
+def _content(part: EmailMessage) -> bytes | str:
+    try:
+        content: bytes | str = part.get_content()
+        return content
+    except (LookupError, ValueError, AssertionError, KeyError):
+        payload = part.get_payload(decode=True)
+        return payload if isinstance(payload, bytes) else b""
+
+
+def _text(part: EmailMessage) -> str:
+    content = _content(part)
+    if isinstance(content, bytes):
+        charset = part.get_content_charset() or "utf-8"
+        try:
+            return content.decode(charset, "replace")
+        except LookupError:
+            return content.decode("utf-8", "replace")
+    return content
+
+
+def _walk(message: EmailMessage) -> list[EmailMessage]:
+    parts: list[EmailMessage] = []
+    for part in message.walk():
+        assert isinstance(part, EmailMessage)
+        parts.append(part)
+        if len(parts) >= MAX_PARTS:
+            break
+    return parts
+
+
+def _filename(part: EmailMessage) -> str:
+    try:
+        return part.get_filename() or ""
+    except Exception:  # noqa: BLE001 - a malformed RFC 2231 parameter
+        return ""
+
+
+def _is_attachment(part: EmailMessage) -> bool:
+    if part.is_multipart():
+        return False
+    disposition = part.get_content_disposition()
+    if disposition in ("attachment", "inline") and (_filename(part) or disposition == "attachment"):
+        return True
+    return part.get_content_maintype() not in ("text", "multipart") or bool(part["Content-ID"])
+
+
+def parts(raw: bytes) -> MessageParts:
+    message = _parse(raw)
+    found = MessageParts(headers=[(name, _header_value(message, name)) for name in message])
+    for index, part in enumerate(_walk(message)):
+        if part.is_multipart():
+            continue
+        kind = part.get_content_type()
+        if _is_attachment(part):
+            content = _content(part)
+            size = len(content.encode() if isinstance(content, str) else content)
+            cid = str(part["Content-ID"] or "").strip().strip("<>")
+            found.attachments.append(
+                Attachment(
+                    index=index,
+                    filename=_filename(part),
+                    content_type=kind,
+                    size=size,
+                    inline=part.get_content_disposition() == "inline" or bool(cid),
+                    content_id=cid,
+                )
+            )
+        elif kind == "text/plain" and found.text is None:
+            found.text = _text(part)
+        elif kind == "text/html" and found.html is None:
+            found.html = _text(part)
+    return found
+
+
+def attachment(raw: bytes, index: int) -> tuple[Attachment, bytes] | None:
+    """One attachment's description and decoded bytes; None if ``index`` is not one."""
+    for found in parts(raw).attachments:
+        if found.index == index:
+            part = _walk(_parse(raw))[index]
+            content = _content(part)
+            return found, content.encode() if isinstance(content, str) else content
+    return None
