@@ -46,7 +46,7 @@ def _parse(raw: bytes) -> EmailMessage:
 def _header_value(message: Message, name: str) -> str:
     try:
         value = str(message[name])
-    except Exception:  # noqa: BLE001 - a header the email package cannot decode
+    except Exception:
         raw = message.get_all(name) or [""]
         value = str(raw[0]).encode("utf-8", "replace").decode("utf-8", "replace")
     return value[:MAX_HEADER_VALUE]
@@ -85,7 +85,7 @@ def _walk(message: EmailMessage) -> list[EmailMessage]:
 def _filename(part: EmailMessage) -> str:
     try:
         return part.get_filename() or ""
-    except Exception:  # noqa: BLE001 - a malformed RFC 2231 parameter
+    except Exception:
         return ""
 
 
