@@ -195,6 +195,13 @@ def _add_user_commands(
         help="an address or @domain this account may send as; repeat for more"
         " (default: the account's own address)",
     )
+    add.add_argument(
+        "--admin", action="store_true", help="may see and manage everything in the web UI"
+    )
+
+    admin = action("admin", _user_admin, "let an account manage everything in the web UI, or not")
+    admin.add_argument("address", metavar="ADDRESS")
+    admin.add_argument("state", choices=("on", "off"), help="on: an admin; off: only its own")
 
     passwd = action("passwd", _user_passwd, "set a new password")
     passwd.add_argument("address", metavar="ADDRESS")
@@ -620,12 +627,26 @@ def _user_add(args: argparse.Namespace, config: Config) -> int:
         address = await admin.accounts.check_new(args.address, args.sender or None)
         password, generated = _new_password(args.password_stdin)
         account = await admin.accounts.add(address, password, args.sender or None)
+        if args.admin:
+            account = await admin.accounts.set_admin(address, True)
         return account, password, generated
 
     account, password, generated = _with_admin(config, add)
-    print(f"added {account.address}, may send as: {', '.join(account.senders)}")
+    role = " (admin)" if account.admin else ""
+    print(f"added {account.address}{role}, may send as: {', '.join(account.senders)}")
     if generated:
         print(f"password: {password}")
+    return 0
+
+
+def _user_admin(args: argparse.Namespace, config: Config) -> int:
+    account = _with_admin(
+        config, lambda admin: admin.accounts.set_admin(args.address, args.state == "on")
+    )
+    if account.admin:
+        print(f"{account.address} is an admin: it sees and manages everything in the web UI")
+    else:
+        print(f"{account.address} is not an admin: it sees only its own messages and credentials")
     return 0
 
 
@@ -689,7 +710,7 @@ def _user_list(args: argparse.Namespace, config: Config) -> int:
             [
                 (
                     a.address,
-                    "disabled" if a.disabled else "enabled",
+                    ("disabled" if a.disabled else "enabled") + (", admin" if a.admin else ""),
                     ", ".join(a.senders),
                     _limits_summary(limits.get(a.address.lower())),
                     _local_time(a.created_at),
@@ -706,6 +727,7 @@ def _account_json(account: Account, limits: dict[str, int] | None) -> dict[str, 
         "id": account.id,
         "address": account.address,
         "disabled": account.disabled,
+        "admin": account.admin,
         "senders": list(account.senders),
         "limits": limits,
         "created_at": account.created_at,

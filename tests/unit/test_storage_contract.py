@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -36,6 +36,8 @@ from relaygate.services.admin import (
     TokenError,
     TokensAdmin,
 )
+from relaygate.services.login import LoginService
+from relaygate.services.web_login import IDLE_SECONDS, WebLogin
 from relaygate.spool import Spool, SpooledMessage, new_queue_id
 from relaygate.storage import bodies
 from relaygate.storage.api import DeliveryAttempt, MessageLog
@@ -499,3 +501,52 @@ def test_tokens_are_shown_once_kept_hashed_and_revoked_at_once(
         with psycopg.connect(account_database) as db:
             dump = b"".join(bytes(str(r), "utf-8") for r in db.execute("SELECT * FROM api_tokens"))
     assert read_secret.encode() not in dump and read_secret[4:].encode() not in dump
+
+
+def test_web_sessions_end_on_logout_password_change_disable_and_idle(
+    account_database: Path | str,
+) -> None:
+    """What a stolen or forgotten web UI session is worth: nothing once the owner
+    logs out, changes the password or is disabled, or after IDLE_SECONDS unused;
+    and the table holds only keyed hashes of the cookies."""
+
+    async def go() -> None:
+        store = await _open(database := account_database)
+        try:
+            accounts = AccountsAdmin(store.accounts, FAST_HASH)
+            web = WebLogin(store.accounts, store.sessions, store.secrets, cast(LoginService, None))
+            alice = await accounts.add("alice@example.com", "pw-one-long", None)
+            assert not alice.admin
+            assert (await accounts.set_admin("ALICE@example.com", True)).admin
+            assert [a.admin for a in await accounts.list()] == [True]
+            token = await web.open_session(alice)
+            assert (await web.resolve(token)) is not None
+            assert await web.resolve(token + "x") is None and await web.resolve("") is None
+            assert await web.csrf_valid(token, await web.csrf_token(token))
+            assert not await web.csrf_valid(token, await web.csrf_token(token + "x"))
+            await web.logout(token)
+            assert await web.resolve(token) is None
+
+            token = await web.open_session(alice)
+            await accounts.set_password("alice@example.com", "pw-two-long")
+            assert await web.resolve(token) is None  # log in again with the new one
+            alice = await accounts.get("alice@example.com")
+            token = await web.open_session(alice)
+            await accounts.set_disabled("alice@example.com", True)
+            assert await web.resolve(token) is None
+            await accounts.set_disabled("alice@example.com", False)
+            assert await web.resolve(token) is not None
+
+            old = await web.open_session(alice, now=time.time() - IDLE_SECONDS - 5)
+            assert await web.resolve(old) is None
+            with pytest.raises(AccountError, match="no such account"):
+                await accounts.set_admin("nobody@example.com", True)
+        finally:
+            await store.close()
+        assert database  # the rows hold no cookie value (checked on SQLite below)
+        if isinstance(database, Path):
+            db = connect(database)
+            rows = db.execute("SELECT digest FROM ui_sessions").fetchall()
+            assert rows and all(token.encode() not in bytes(r[0]) for r in rows)
+
+    run(go())

@@ -45,6 +45,7 @@ class Account:
     updated_at: float
     scram: StoredKeys | None = None  # SCRAM-SHA-256 keys, set with the password
     limits: str | None = None  # JSON sending-limit overrides (see relaygate.quotas)
+    admin: bool = False  # sees and manages everything in the web UI
 
     def may_send_as(self, address: str) -> bool:
         """Sender binding: may this account use ``address`` as MAIL FROM?"""
@@ -170,15 +171,26 @@ def normalize_senders(senders: Sequence[str]) -> list[str]:
 # a valid pattern, so it is a safe separator.
 _SELECT_ACCOUNT = """
     SELECT a.id, a.address, a.password_hash, a.disabled, a.created_at, a.updated_at,
-           group_concat(s.pattern, char(10)), a.scram_sha256, a.limits
+           group_concat(s.pattern, char(10)), a.scram_sha256, a.limits, a.admin
     FROM accounts AS a LEFT JOIN account_senders AS s ON s.account_id = a.id
 """
 
-_Row = tuple[int, str, str, int, float, float, str | None, str | None, str | None]
+_Row = tuple[int, str, str, int, float, float, str | None, str | None, str | None, int]
 
 
 def _account_from_row(row: _Row) -> Account:
-    id_, address, password_hash, disabled, created_at, updated_at, patterns, scram, limits = row
+    (
+        id_,
+        address,
+        password_hash,
+        disabled,
+        created_at,
+        updated_at,
+        patterns,
+        scram,
+        limits,
+        admin,
+    ) = row
     return Account(
         id=id_,
         address=address,
@@ -189,6 +201,7 @@ def _account_from_row(row: _Row) -> Account:
         updated_at=updated_at,
         scram=decode_scram(scram),
         limits=limits,
+        admin=bool(admin),
     )
 
 
@@ -276,6 +289,9 @@ class AccountStore:
 
     def set_disabled(self, address: str, disabled: bool) -> None:
         self._update(address, "disabled = ?", (int(disabled),))
+
+    def set_admin(self, address: str, admin: bool) -> None:
+        self._update(address, "admin = ?", (int(admin),))
 
     def set_senders(self, address: str, senders: Sequence[str]) -> None:
         """Replace the account's sender patterns."""

@@ -1,5 +1,5 @@
 """The HTTP edge as one ASGI application (Starlette): the admin API under
-/api/v1 (http/api*.py). An edge like cli.py: it parses requests, calls the
+/api/v1 (http/api*.py) and the web UI (http/ui/). An edge like cli.py: it parses requests, calls the
 admin use cases (services/admin.py) and serialises what they return; no rule
 and no SQL here."""
 
@@ -10,15 +10,18 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Mount
+from starlette.staticfiles import StaticFiles
 
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.config import Config
 from relaygate.http import api_messages
 from relaygate.http.api import error_handlers
 from relaygate.http.context import HttpContext
+from relaygate.http.ui import auth, dashboard, manage, messages
 from relaygate.services.admin import admin_services
 from relaygate.services.login import LoginService
+from relaygate.services.web_login import WebLogin
 from relaygate.storage.node import open_admin_storage, open_login_failures
 
 
@@ -38,7 +41,11 @@ def create_app(config: Config) -> Starlette:
             loop=loop,
         )
         app.state.context = HttpContext(
-            config, admin_services(store, config.password_hash), logins, failures
+            config,
+            admin_services(store, config.password_hash),
+            logins,
+            failures,
+            WebLogin(store.accounts, store.sessions, store.secrets, logins),
         )
         try:
             yield
@@ -47,5 +54,12 @@ def create_app(config: Config) -> Starlette:
             await close_failures()
             await store.close()
 
-    routes: list[BaseRoute] = [*api_messages.routes()]
+    routes: list[BaseRoute] = [
+        *api_messages.routes(),
+        *auth.routes(),
+        *dashboard.routes(),
+        *messages.routes(),
+        *manage.routes(),
+        Mount("/ui/static", StaticFiles(packages=[("relaygate.http.ui", "static")]), name="static"),
+    ]
     return Starlette(routes=routes, exception_handlers=error_handlers(), lifespan=lifespan)

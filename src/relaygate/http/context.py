@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from relaygate.config import Config
 from relaygate.services.admin import AdminServices
 from relaygate.services.login import LoginService
+from relaygate.services.web_login import WebLogin
 from relaygate.storage.api import LoginFailures
 
 
@@ -16,6 +17,7 @@ class HttpContext:
     admin: AdminServices  # the admin use cases, as the CLI has them
     logins: LoginService  # account password logins (web UI), SMTP's throttles
     failures: LoginFailures  # failed-login windows, shared with SMTP AUTH
+    web: WebLogin  # web UI logins and sessions
 
 
 @dataclass(frozen=True, slots=True)

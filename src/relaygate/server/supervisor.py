@@ -285,15 +285,22 @@ def _create_quickstart_account(config: Config) -> None:
         try:
             admin = AccountsAdmin(store.accounts, config.password_hash)
             await admin.add(QUICKSTART_ADDRESS, password, [QUICKSTART_ADDRESS, *QUICKSTART_SENDERS])
+            await admin.set_admin(QUICKSTART_ADDRESS, True)  # it logs in to the web UI
         finally:
             await store.close()
 
     asyncio.run(add())
+    web = (
+        f"    web UI:   {config.http.url}/ (this account is an admin there)\n"
+        if config.http
+        else ""
+    )
     print(
         "relaygate: created a quickstart account (the password is shown only this once):\n"
         f"    login:    {QUICKSTART_ADDRESS}\n"
         f"    password: {password}\n"
         f"    may send as: {QUICKSTART_ADDRESS}, any address {QUICKSTART_SENDERS[0]}\n"
+        f"{web}"
         "  more: relaygate user add ADDRESS --sender @yourdomain.example",
         flush=True,
     )
@@ -305,7 +312,11 @@ def _describe(config: Config) -> str:
         f"{item.address} ({kinds[item.tls]}{', PROXY protocol' if item.proxy_protocol else ''})"
         for item in config.listeners
     )
-    admin = f"; admin API: {config.http.url}/api/v1" if config.http is not None else ""
+    admin = (
+        f"; web UI: {config.http.url}/; admin API: {config.http.url}/api/v1"
+        if config.http is not None
+        else ""
+    )
     return (
         f"relaygate: listening on {listeners}; {config.worker_count()} worker(s); "
         f"delivery: {config.delivery.mode}; data: {config.data_dir}{admin}"

@@ -120,6 +120,10 @@ class AccountsAdmin:
     async def set_disabled(self, address: str, disabled: bool) -> None:
         await self._accounts.set_disabled(address, disabled)
 
+    async def set_admin(self, address: str, admin: bool) -> Account:
+        await self._accounts.set_admin(address, admin)
+        return await self.get(address)
+
     async def set_senders(self, address: str, senders: Sequence[str]) -> Account:
         await self._accounts.set_senders(address, senders)
         return await self.get(address)

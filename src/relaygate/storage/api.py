@@ -132,6 +132,10 @@ class Accounts(Protocol):
 
     async def set_disabled(self, address: str, disabled: bool) -> None: ...
 
+    async def set_admin(self, address: str, admin: bool) -> None:
+        """Whether the account sees and manages everything in the web UI."""
+        ...
+
     async def set_senders(self, address: str, senders: Sequence[str]) -> None: ...
 
     async def remove(self, address: str) -> None: ...
@@ -475,5 +479,31 @@ class AdminStorage(Protocol):
     def tokens(self) -> ApiTokens: ...
     @property
     def secrets(self) -> Secrets: ...
+    @property
+    def sessions(self) -> UiSessions: ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class UiSession:
+    address: str
+    password: bytes  # fingerprint of the password hash the login was made with
+    created_at: float
+    seen_at: float
+
+
+class UiSessions(Protocol):
+    """Web UI login sessions, found by a keyed hash of the cookie (services/web_login.py)."""
+
+    async def add(self, digest: bytes, address: str, password: bytes, now: float) -> None: ...
+
+    async def find(self, digest: bytes, now: float) -> UiSession | None:
+        """The session, its seen_at moved to ``now`` (written at most once a minute)."""
+        ...
+
+    async def remove(self, digest: bytes) -> None: ...
+
+    async def prune(self, seen_before: float, created_before: float) -> int:
+        """Remove sessions idle since, or opened before, these times; how many went."""
+        ...

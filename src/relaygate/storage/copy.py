@@ -87,12 +87,12 @@ def _copy(
     # Accounts keep their ids, so credentials and patterns point at the same rows.
     accounts = source.execute(
         "SELECT id, address, password_hash, disabled, scram_sha256, limits, created_at,"
-        " updated_at FROM accounts"
+        " updated_at, admin FROM accounts"
     ).fetchall()
     target.cursor().executemany(
         "INSERT INTO accounts (id, address, password_hash, disabled, scram_sha256, limits,"
-        " created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-        [(r[0], r[1], r[2], bool(r[3]), *r[4:]) for r in accounts],
+        " created_at, updated_at, admin) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        [(r[0], r[1], r[2], bool(r[3]), *r[4:8], bool(r[8])) for r in accounts],
     )
     report.add("accounts", len(accounts))
     senders = source.execute("SELECT account_id, pattern FROM account_senders").fetchall()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from relaygate.storage.files import private_file
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -147,6 +147,17 @@ CREATE TABLE api_tokens (           -- bearer tokens of the HTTP API (storage/sq
     created_at REAL NOT NULL,
     last_used  REAL
 );
+""",
+    7: """
+ALTER TABLE accounts ADD COLUMN admin INTEGER NOT NULL DEFAULT 0; -- 1: manages all in the web UI
+CREATE TABLE ui_sessions (          -- web UI logins (storage/sqlite_sessions.py)
+    digest     BLOB PRIMARY KEY,     -- HMAC-SHA256 of the cookie, keyed with a server secret
+    address    TEXT NOT NULL COLLATE NOCASE,
+    password   BLOB NOT NULL,        -- fingerprint of the password hash it was opened with
+    created_at REAL NOT NULL,
+    seen_at    REAL NOT NULL
+);
+CREATE INDEX ui_sessions_seen ON ui_sessions(seen_at);
 """,
 }
 

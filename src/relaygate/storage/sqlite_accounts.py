@@ -66,6 +66,11 @@ class SQLiteAccounts:
             lambda c: AccountStore(self._connection(c)).set_disabled(address, disabled)
         )
 
+    async def set_admin(self, address: str, admin: bool) -> None:
+        await self._thread.run(
+            lambda c: AccountStore(self._connection(c)).set_admin(address, admin)
+        )
+
     async def set_senders(self, address: str, senders: Sequence[str]) -> None:
         await self._thread.run(
             lambda c: AccountStore(self._connection(c)).set_senders(address, senders)

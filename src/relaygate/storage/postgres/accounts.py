@@ -31,13 +31,24 @@ Announce = Callable[[], Awaitable[None]]
 # One row per account with its patterns folded in (a newline cannot occur in a pattern).
 _SELECT_ACCOUNT = """
     SELECT a.id, a.address, a.password_hash, a.disabled, a.created_at, a.updated_at,
-           string_agg(s.pattern, E'\\n'), a.scram_sha256, a.limits
+           string_agg(s.pattern, E'\\n'), a.scram_sha256, a.limits, a.admin
     FROM accounts AS a LEFT JOIN account_senders AS s ON s.account_id = a.id
 """
 
 
 def account_from_row(row: Sequence[Any]) -> Account:
-    id_, address, password_hash, disabled, created_at, updated_at, patterns, scram, limits = row
+    (
+        id_,
+        address,
+        password_hash,
+        disabled,
+        created_at,
+        updated_at,
+        patterns,
+        scram,
+        limits,
+        admin,
+    ) = row
     return Account(
         id=int(id_),
         address=str(address),
@@ -48,6 +59,7 @@ def account_from_row(row: Sequence[Any]) -> Account:
         updated_at=float(updated_at),
         scram=decode_scram(scram),
         limits=limits,
+        admin=bool(admin),
     )
 
 
@@ -139,6 +151,9 @@ class PostgresAccounts:
 
     async def set_disabled(self, address: str, disabled: bool) -> None:
         await self._update(address, "disabled = %s", (disabled,))
+
+    async def set_admin(self, address: str, admin: bool) -> None:
+        await self._update(address, "admin = %s", (admin,))
 
     async def set_senders(self, address: str, senders: Sequence[str]) -> None:
         patterns = normalize_senders(senders)

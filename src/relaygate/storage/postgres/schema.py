@@ -237,6 +237,18 @@ CREATE TABLE api_tokens (
     last_used  DOUBLE PRECISION
 );
 """,
+    # The web UI: accounts that see everything, and login sessions (postgres/sessions.py).
+    7: """
+ALTER TABLE accounts ADD COLUMN admin BOOLEAN NOT NULL DEFAULT false;
+CREATE TABLE ui_sessions (
+    digest     BYTEA PRIMARY KEY,
+    address    TEXT NOT NULL,
+    password   BYTEA NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    seen_at    DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX ui_sessions_seen ON ui_sessions(seen_at);
+""",
 }
 SCHEMA_VERSION = max(STEPS)
 

@@ -1,0 +1,169 @@
+"""The message log and one message: headers, text, the HTML in a sandboxed
+frame, attachments, raw source, delivery history. Accounts that are not admins
+see only their own messages (another's is "not found", not "forbidden")."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import quote
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import BaseRoute
+
+from relaygate import mail_parts
+from relaygate.http.context import HttpContext
+from relaygate.http.ui.auth import Viewer, ui_page
+from relaygate.http.ui.render import page
+from relaygate.http.ui.security import harden, mail_csp
+from relaygate.json_views import message_json
+from relaygate.services.admin import NotFound
+from relaygate.storage.api import MessageRecord
+from relaygate.storage.bodies import BodyMissing
+
+PAGE_SIZE = 100
+SCAN = 1000  # recent messages searched by the log's filters
+MAX_RAW_SHOWN = 512 * 1024  # bytes of source shown in the page (the download has all)
+_REMOTE_IMAGE = re.compile(rb"""<img[^>]+src\s*=\s*["']?\s*(https?:)?//""", re.IGNORECASE)
+# What a browser may be told an attachment is, to show it in a tab; anything
+# else is a download of octets (no HTML or SVG from a stranger on our origin).
+_SHOWN_TYPES = {
+    "image/png",
+    "image/jpeg",
+    "image/gif",
+    "image/webp",
+    "application/pdf",
+    "text/plain",
+}
+
+
+def _matches(record: MessageRecord, q: str, status: str) -> bool:
+    if status and record.status != status:
+        return False
+    if not q:
+        return True
+    q = q.lower()
+    return any(
+        q in text.lower()
+        for text in (record.subject, record.mail_from, record.account, record.id, *record.rcpt_to)
+    )
+
+
+async def _visible(
+    ctx: HttpContext, who: Viewer, q: str, status: str, limit: int
+) -> list[MessageRecord]:
+    records = await ctx.admin.messages.recent(SCAN)
+    shown = [r for r in records if who.may_see(r.account) and _matches(r, q, status)]
+    return shown[:limit]
+
+
+async def _log(request: Request, ctx: HttpContext, who: Viewer) -> Response:
+    q = request.query_params.get("q", "")[:200]
+    status = request.query_params.get("status", "")[:40]
+    records = await _visible(ctx, who, q, status, PAGE_SIZE)
+    return page("messages.html", viewer=who, messages=records, q=q, status=status)
+
+
+async def _log_json(request: Request, ctx: HttpContext, who: Viewer) -> Response:
+    """What the log page polls for new messages (and status changes)."""
+    q = request.query_params.get("q", "")[:200]
+    status = request.query_params.get("status", "")[:40]
+    records = await _visible(ctx, who, q, status, PAGE_SIZE)
+    return harden(JSONResponse({"messages": [message_json(r) for r in records]}))
+
+
+async def _record_for(ctx: HttpContext, who: Viewer, message_id: str, body: bool = True) -> Any:
+    view = await ctx.admin.messages.show(message_id, body=body)
+    if not who.may_see(view.record.account):
+        raise NotFound(f"no such message: {message_id}")
+    return view
+
+
+def _not_found(who: Viewer, message_id: str) -> Response:
+    return page(
+        "error.html", 404, viewer=who, title="Not found", message=f"No such message: {message_id}"
+    )
+
+
+async def _message(request: Request, ctx: HttpContext, who: Viewer) -> Response:
+    message_id = request.path_params["message_id"]
+    try:
+        view = await _record_for(ctx, who, message_id)
+    except (NotFound, BodyMissing):
+        return _not_found(who, message_id)
+    parts = mail_parts.parts(view.body) if view.body is not None else mail_parts.MessageParts()
+    raw = (view.body or b"")[:MAX_RAW_SHOWN].decode("utf-8", "replace")
+    images = request.query_params.get("images") == "1"
+    remote = bool(parts.html and _REMOTE_IMAGE.search(parts.html.encode("utf-8", "replace")))
+    tab = request.query_params.get("tab", "html" if parts.html else "text")
+    return page(
+        "message.html",
+        viewer=who,
+        record=view.record,
+        history=view.history,
+        parts=parts,
+        raw=raw,
+        raw_cut=view.body is not None and len(view.body) > MAX_RAW_SHOWN,
+        images=images,
+        remote_images=remote,
+        tab=tab if tab in ("html", "text", "headers", "raw") else "text",
+        quoted_id=quote(view.record.id, safe=""),
+    )
+
+
+async def _message_html(request: Request, ctx: HttpContext, who: Viewer) -> Response:
+    """The sender's HTML, for the sandboxed frame only: CSP forbids every
+    script and, unless asked, every remote image (tracking pixels)."""
+    message_id = request.path_params["message_id"]
+    try:
+        view = await _record_for(ctx, who, message_id)
+    except (NotFound, BodyMissing):
+        return harden(Response("not found", 404, media_type="text/plain"))
+    html = mail_parts.parts(view.body).html if view.body is not None else None
+    response = HTMLResponse(html or "")
+    return harden(response, mail_csp(request.query_params.get("images") == "1"))
+
+
+async def _attachment(request: Request, ctx: HttpContext, who: Viewer) -> Response:
+    message_id = request.path_params["message_id"]
+    try:
+        view = await _record_for(ctx, who, message_id)
+        index = int(request.path_params["index"])
+    except (NotFound, BodyMissing, ValueError):
+        return _not_found(who, message_id)
+    found = mail_parts.attachment(view.body, index) if view.body is not None else None
+    if found is None:
+        return _not_found(who, message_id)
+    part, content = found
+    kind = part.content_type if part.content_type in _SHOWN_TYPES else "application/octet-stream"
+    name = part.filename or f"part-{index}"
+    ascii_name = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:100] or "part"
+    response = Response(content, media_type=kind)
+    response.headers["Content-Disposition"] = (
+        f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name[:200], safe='')}"
+    )
+    return harden(response, "default-src 'none'; sandbox")
+
+
+async def _raw(request: Request, ctx: HttpContext, who: Viewer) -> Response:
+    message_id = request.path_params["message_id"]
+    try:
+        view = await _record_for(ctx, who, message_id)
+    except (NotFound, BodyMissing):
+        return _not_found(who, message_id)
+    response = Response(view.body or b"", media_type="message/rfc822")
+    safe_id = "".join(c for c in view.record.id if c.isalnum())[:64]
+    response.headers["Content-Disposition"] = f'attachment; filename="{safe_id}.eml"'
+    return harden(response, "default-src 'none'; sandbox")
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        ui_page("/messages", _log),
+        ui_page("/ui/messages.json", _log_json),
+        ui_page("/messages/{message_id}", _message),
+        ui_page("/messages/{message_id}/html", _message_html),
+        ui_page("/messages/{message_id}/raw", _raw),
+        ui_page("/messages/{message_id}/parts/{index}", _attachment),
+    ]

@@ -1,0 +1,305 @@
+"""The web UI in a real browser (Debian's Chromium driven by Playwright): log
+in, watch mail sent over SMTP appear without a reload, open hostile mail and
+see that nothing in it runs, manage credentials and the queue. Screenshots go
+to test-artifacts/screenshots/ (the README's pictures come from there)."""
+
+from __future__ import annotations
+
+import email.policy
+import http.server
+import re
+import shutil
+import smtplib
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Dialog, Page, expect, sync_playwright
+
+from .helpers import ALICE, BOB, Server, ServerPool, free_ports, session
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
+HOSTILE_HTML = """<html><head><script>parent.document.title = "pwned-script"</script>
+<style>body { background: url(http://127.0.0.1:{port}/css.gif) }</style></head>
+<body><h2 id="mail-heading">Order #123 confirmed</h2>
+<img src="http://127.0.0.1:{port}/pixel.gif" alt="tracker">
+<img src="x" onerror="parent.document.title = 'pwned-onerror'">
+<a id="js-link" href="javascript:parent.document.title='pwned-link'">click me</a>
+<svg onload="parent.document.title='pwned-svg'"><circle r="5"/></svg>
+<iframe src="javascript:parent.document.title='pwned-iframe'"></iframe>
+<form action="http://127.0.0.1:{port}/steal"><input name="x"><button>go</button></form>
+</body></html>"""
+HOSTILE_SUBJECT = (
+    '<script>document.title="pwned-subject"</script><img src=x onerror=alert(1)> Ünïcödé '
+    + "W" * 300
+)
+
+
+class PixelServer:
+    """A remote image host (on 127.0.0.1): counts what a browser fetched."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        hits = self.paths
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                hits.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/gif")
+                self.end_headers()
+                self.wfile.write(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def ui(servers: ServerPool) -> Iterator[tuple[Server, str]]:
+    http_port, refusing = free_ports(2)
+    server = servers.create(
+        "webui",
+        users=[ALICE, BOB],
+        sections={
+            "http": {"address": f"127.0.0.1:{http_port}"},
+            # Onward delivery to a port nobody listens on: mail waits in the queue.
+            "delivery": {"mode": "smarthost", "retry_schedule": [3600]},
+            "delivery.smarthost": {"host": "127.0.0.1", "port": refusing, "tls": "none"},
+        },
+    )
+    server.cli("user", "admin", ALICE.address, "on")
+    yield server, f"http://127.0.0.1:{http_port}"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        launched = p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"], headless=True
+        )
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    opened = context.new_page()
+    opened.set_default_timeout(15_000)
+    dialogs: list[str] = []  # anything but our own confirm() questions is a finding
+
+    def answer(dialog: Dialog) -> None:
+        if dialog.type == "confirm":
+            dialog.accept()
+        else:
+            dialogs.append(f"{dialog.type}: {dialog.message}")
+            dialog.dismiss()
+
+    opened.on("dialog", answer)
+    opened.dialogs = dialogs  # type: ignore[attr-defined]
+    yield opened
+    context.close()
+
+
+def _shot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def _log_in(page: Page, base: str, address: str, password: str) -> None:
+    page.goto(base + "/")
+    expect(page).to_have_url(re.compile(r"/login\?next=/$"))
+    page.fill("input[name=address]", address)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+    expect(page.locator("h1")).to_have_text("Dashboard")
+
+
+def _send(server: Server, subject: str, html: str | None = None, attachment: str = "") -> str:
+    message = EmailMessage()
+    message["From"] = ALICE.address
+    message["To"] = "someone@example.net"
+    message["Subject"] = subject
+    message.set_content("The plain text body.\n")
+    if html is not None:
+        message.add_alternative(html, subtype="html")
+    if attachment:
+        message.add_attachment(
+            b"%PDF-1.4 not really", maintype="application", subtype="pdf", filename=attachment
+        )
+    with session(server, user=ALICE) as client:
+        return client.send_mail(
+            ALICE.address, ["someone@example.net"], message.as_bytes(policy=email.policy.SMTP)
+        )
+
+
+def test_log_in_watch_mail_arrive_and_open_it_safely(ui: tuple[Server, str], page: Page) -> None:
+    server, base = ui
+    pixels = PixelServer()
+    try:
+        _log_in(page, base, ALICE.address, ALICE.password)
+        _shot(page, "dashboard")
+        page.click("nav >> text=Messages")
+        expect(page.locator("#live")).to_have_class(re.compile("on"), timeout=10_000)
+        queue_id = _send(
+            server,
+            HOSTILE_SUBJECT,
+            HOSTILE_HTML.replace("{port}", str(pixels.port)),
+            attachment='<img src=x onerror=alert(1)>"; evil.html',
+        )
+        row = page.locator(f'tr[data-id="{queue_id}"]')
+        expect(row).to_be_visible(timeout=10_000)  # no reload: the page polled it in
+        expect(row.locator("td.subject")).to_contain_text("<script>")  # shown as text
+        _shot(page, "messages")
+        row.locator("a").click()
+        expect(page.locator("h1.subject")).to_contain_text("<img src=x onerror=alert(1)>")
+        frame_element = page.locator("iframe.mail")
+        assert frame_element.get_attribute("sandbox") == ""
+        frame = page.frame_locator("iframe.mail")
+        expect(frame.locator("#mail-heading")).to_have_text("Order #123 confirmed")
+        expect(page.get_by_test_id("images-blocked")).to_be_visible()
+        frame.locator("#js-link").click()
+        page.wait_for_timeout(500)
+        _shot(page, "message")
+        assert not page.title().startswith("pwned"), page.title()
+        assert page.dialogs == []  # type: ignore[attr-defined]
+        assert pixels.paths == []  # the tracker learned nothing
+        attachment = page.locator("ul.attachments a")
+        expect(attachment).to_have_text('<img src=x onerror=alert(1)>"; evil.html')
+        with page.expect_download() as download:
+            attachment.click()
+        assert download.value.suggested_filename.endswith("evil.html")
+        page.click("text=Show them")
+        expect(frame.locator("#mail-heading")).to_be_visible()
+        for _ in range(50):  # the frame reloads with images allowed
+            if "/pixel.gif" in pixels.paths:
+                break
+            page.wait_for_timeout(100)
+        assert "/pixel.gif" in pixels.paths, pixels.paths
+        assert not page.title().startswith("pwned"), page.title()
+        page.click("nav.tabs >> text=Headers")
+        expect(page.locator("table.headers")).to_contain_text("Subject")
+        page.click("nav.tabs >> text=Source")
+        expect(page.locator("pre.raw")).to_contain_text("Content-Type: multipart")
+        assert page.dialogs == []  # type: ignore[attr-defined]
+    finally:
+        pixels.close()
+
+
+def test_an_account_manages_its_own_credentials(ui: tuple[Server, str], page: Page) -> None:
+    server, base = ui
+    _log_in(page, base, BOB.address, BOB.password)
+    expect(page.locator("nav")).not_to_contain_text("Queue")  # not an admin
+    page.click("nav >> text=Credentials")
+    page.fill("input[name=name]", "laptop")
+    page.click("text=Create credential")
+    secret = page.get_by_test_id("new-secret").inner_text()
+    assert secret.startswith("rgc_")
+    _shot(page, "credentials")
+    with smtplib.SMTP_SSL("127.0.0.1", server.implicit_port, context=server.client_context()) as c:
+        c.login(BOB.address, secret)
+    page.locator('tr[data-name="laptop"] button:has-text("Revoke")').click()
+    expect(page.locator('tr[data-name="laptop"] .status')).to_have_text("revoked")
+    with (
+        pytest.raises(smtplib.SMTPAuthenticationError),
+        smtplib.SMTP_SSL("127.0.0.1", server.implicit_port, context=server.client_context()) as c,
+    ):
+        c.login(BOB.address, secret)
+    changes = server.log_events("admin.change")
+    assert {"credential.create", "credential.revoke"} <= {e["action"] for e in changes}
+    assert all(e["by"] == f"account:{BOB.address}" for e in changes if e.get("name") == "laptop")
+    assert server.secrets_in_log([secret]) == []
+
+
+def test_others_mail_and_admin_pages_are_closed_to_non_admins(
+    ui: tuple[Server, str], page: Page
+) -> None:
+    server, base = ui
+    queue_id = _send(server, "alice's private mail")
+    _log_in(page, base, BOB.address, BOB.password)
+    response = page.goto(f"{base}/messages/{queue_id}")
+    assert response is not None and response.status == 404
+    for path in ("/queue", "/accounts", "/dkim"):
+        response = page.goto(base + path)
+        assert response is not None and response.status == 403, path
+    page.goto(base + "/messages")
+    expect(page.locator(f'tr[data-id="{queue_id}"]')).to_have_count(0)
+
+
+def test_retry_a_queued_message(ui: tuple[Server, str], page: Page) -> None:
+    server, base = ui
+    queue_id = _send(server, "waits in the queue")
+    _log_in(page, base, ALICE.address, ALICE.password)
+    page.goto(base + "/queue")
+    row = page.locator(f'tr[data-id="{queue_id}"]')
+    expect(row).to_be_visible()
+    attempts = int(row.locator("td").nth(4).inner_text())
+    row.locator('button:has-text("Retry")').click()
+    for _ in range(100):  # the delivery process tries again within seconds
+        page.goto(base + "/queue")
+        if int(page.locator(f'tr[data-id="{queue_id}"] td').nth(4).inner_text()) > attempts:
+            break
+        page.wait_for_timeout(200)
+    assert int(page.locator(f'tr[data-id="{queue_id}"] td').nth(4).inner_text()) > attempts
+    _shot(page, "queue")
+    page.locator(f'tr[data-id="{queue_id}"] button:has-text("Delete")').click()
+    expect(page.locator(f'tr[data-id="{queue_id}"]')).to_have_count(0)
+    assert any(e["action"] == "queue.delete" for e in server.log_events("admin.change"))
+
+
+def _post(url: str, data: bytes, cookie: str = "", origin: str | None = None) -> int:
+    request = urllib.request.Request(url, data=data, method="POST")
+    request.add_header("Content-Type", "application/x-www-form-urlencoded")
+    if cookie:
+        request.add_header("Cookie", cookie)
+    if origin:
+        request.add_header("Origin", origin)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_forms_need_the_csrf_token_and_our_origin(ui: tuple[Server, str], page: Page) -> None:
+    server, base = ui
+    _log_in(page, base, ALICE.address, ALICE.password)
+    cookies = page.context.cookies()
+    (session_cookie,) = [c for c in cookies if c["name"] == "relaygate_session"]
+    assert session_cookie["httpOnly"] and session_cookie["sameSite"] == "Strict"
+    cookie = f"relaygate_session={session_cookie['value']}"
+    body = b"action=add&address=mallory%40example.com"
+    assert _post(base + "/accounts/action", body, cookie) == 403  # no token
+    assert _post(base + "/accounts/action", body + b"&csrf=forged", cookie) == 403
+    csrf = page.locator("input[name=csrf]").first.get_attribute("value")
+    assert csrf
+    assert (
+        _post(
+            base + "/accounts/action", body + f"&csrf={csrf}".encode(), cookie, "http://evil.test"
+        )
+        == 403
+    )
+    assert _post(base + "/logout", b"", "") == 401
+    assert "mallory@example.com" not in server.cli("user", "list").stdout
+
+
+def test_app_credentials_cannot_log_in_to_the_ui(ui: tuple[Server, str]) -> None:
+    server, base = ui
+    out = server.cli("credential", "add", BOB.address, "--name", "ci").stdout
+    secret = re.search(r"rgc_\S+", out)
+    assert secret is not None
+    status = _post(base + "/login", f"address={BOB.address}&password={secret.group(0)}".encode())
+    assert status == 401
