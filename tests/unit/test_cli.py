@@ -135,6 +135,30 @@ def test_user_add_refuses_empty_password(
     assert AccountStore(db).get("bob@example.com") is None
 
 
+def test_user_admin_flag(capsys: pytest.CaptureFixture[str], cfg: list[str]) -> None:
+    status, out, _ = run(capsys, *cfg, "user", "add", "root@example.com", "--admin")
+    assert status == 0 and out.startswith("added root@example.com (admin), may send as:")
+    assert run(capsys, *cfg, "user", "add", "app@example.com")[0] == 0
+    listed = json.loads(run(capsys, *cfg, "user", "list", "--json")[1])
+    assert {a["address"]: a["admin"] for a in listed} == {
+        "app@example.com": False,
+        "root@example.com": True,
+    }
+    status, out, _ = run(capsys, *cfg, "user", "admin", "APP@example.com", "on")
+    assert (status, out) == (
+        0,
+        "app@example.com is an admin: it sees and manages everything in the web UI\n",
+    )
+    assert "enabled, admin" in run(capsys, *cfg, "user", "list")[1]
+    status, out, _ = run(capsys, *cfg, "user", "admin", "root@example.com", "off")
+    assert out.startswith("root@example.com is not an admin")
+    status, out, err = run(capsys, *cfg, "user", "admin", "nobody@example.com", "on")
+    assert (status, out, err) == (2, "", "relaygate: no such account: nobody@example.com\n")
+    with pytest.raises(SystemExit) as exited:
+        run(capsys, *cfg, "user", "admin", "root@example.com", "maybe")
+    assert exited.value.code == 2
+
+
 def test_user_add_twice(capsys: pytest.CaptureFixture[str], cfg: list[str]) -> None:
     assert run(capsys, *cfg, "user", "add", "alice@example.com")[0] == 0
     status, out, err = run(capsys, *cfg, "user", "add", "ALICE@example.com")
