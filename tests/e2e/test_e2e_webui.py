@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Dialog, Page, expect, sync_playwright
 
+from fakes.dns_server import FakeDNS
+
 from .helpers import ALICE, BOB, Server, ServerPool, free_ports, session
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -68,7 +70,13 @@ class PixelServer:
 
 
 @pytest.fixture(scope="module")
-def ui(servers: ServerPool) -> Iterator[tuple[Server, str]]:
+def dns() -> Iterator[FakeDNS]:
+    with FakeDNS() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ui(servers: ServerPool, dns: FakeDNS) -> Iterator[tuple[Server, str]]:
     http_port, refusing = free_ports(2)
     server = servers.create(
         "webui",
@@ -76,7 +84,7 @@ def ui(servers: ServerPool) -> Iterator[tuple[Server, str]]:
         sections={
             "http": {"address": f"127.0.0.1:{http_port}"},
             # Onward delivery to a port nobody listens on: mail waits in the queue.
-            "delivery": {"mode": "smarthost", "retry_schedule": [3600]},
+            "delivery": {"mode": "smarthost", "retry_schedule": [3600], "resolvers": [dns.address]},
             "delivery.smarthost": {"host": "127.0.0.1", "port": refusing, "tls": "none"},
         },
     )
@@ -303,3 +311,31 @@ def test_app_credentials_cannot_log_in_to_the_ui(ui: tuple[Server, str]) -> None
     assert secret is not None
     status = _post(base + "/login", f"address={BOB.address}&password={secret.group(0)}".encode())
     assert status == 401
+
+
+def test_dkim_keys_and_whether_dns_publishes_them(
+    ui: tuple[Server, str], dns: FakeDNS, page: Page
+) -> None:
+    _, base = ui
+    _log_in(page, base, ALICE.address, ALICE.password)
+    page.click("nav >> text=DKIM")
+    page.fill("input[name=domain]", "shop.example")
+    page.click("text=Generate key")
+    key = page.locator('section.key[data-domain="shop.example"]')
+    expect(key.locator(".status")).to_have_text("not in DNS yet")
+    record = key.locator("pre.raw").inner_text()  # name IN TXT "v=DKIM1; ..." "..."
+    value = "".join(re.findall(r'"([^"]*)"', record))
+    assert value.startswith("v=DKIM1; k=rsa; p=")
+    dns.add_txt("relaygate._domainkey.shop.example", value)
+    page.goto(base + "/dkim")
+    expect(key.locator(".status")).to_have_text("published in DNS")
+    _shot(page, "dkim")
+    page.fill("input[name=domain]", "other.example")
+    page.click("text=Generate key")
+    dns.add_txt("relaygate._domainkey.other.example", "v=DKIM1; k=rsa; p=QUJD")
+    page.goto(base + "/dkim")
+    other = page.locator('section.key[data-domain="other.example"]')
+    expect(other.locator(".status")).to_have_text("DNS has another key")
+    page.fill("input[name=domain]", "not a domain!")
+    page.click("text=Generate key")
+    expect(page.locator(".error")).to_contain_text("invalid domain")

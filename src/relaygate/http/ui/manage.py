@@ -5,6 +5,7 @@ line naming the account that made it."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from typing import Any
@@ -17,6 +18,7 @@ from starlette.routing import BaseRoute
 from relaygate.accounts.credentials import CredentialError
 from relaygate.accounts.store import AccountError
 from relaygate.delivery.dkim import KEY_TYPES, DKIMError
+from relaygate.delivery.dkim_dns import published, resolver_for
 from relaygate.http.api import audit
 from relaygate.http.context import HttpContext
 from relaygate.http.ui.auth import Viewer, forbidden, form_text, ui_page
@@ -187,8 +189,15 @@ async def _account_action(request: Request, ctx: HttpContext, who: Viewer) -> Re
 
 async def _dkim(request: Request, ctx: HttpContext, who: Viewer, error: str = "") -> Response:
     keys = await ctx.admin.dkim.all()
+    resolver = resolver_for(ctx.config.delivery)
+    states = await asyncio.gather(*(published(resolver, k.key) for k in keys))
     return page(
-        "dkim.html", 400 if error else 200, viewer=who, keys=keys, error=error, key_types=KEY_TYPES
+        "dkim.html",
+        400 if error else 200,
+        viewer=who,
+        keys=list(zip(keys, states, strict=True)),
+        error=error,
+        key_types=KEY_TYPES,
     )
 
 
