@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.cookiejar
 import importlib.util
 import json
 import os
@@ -34,7 +35,10 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -327,8 +331,10 @@ class RelaygateServer:
         log_level: str,
         storage_url: str | None = None,
         redis_url: str | None = None,
+        http_port: int | None = None,
     ) -> None:
         self.storage_url = storage_url  # None: the embedded SQLite database
+        self.http_port = http_port  # [http] on 127.0.0.1:PORT (admin API, web UI)
         self.redis_url = redis_url  # [shared] redis_url, as a cluster node has
         self.python = python
         self.workers = workers
@@ -370,7 +376,8 @@ class RelaygateServer:
             f'level = "{self.log_level}"\n'
             f'file = "{self.log_file}"\n'
             + (f'\n[storage]\nurl = "{self.storage_url}"\n' if self.storage_url else "")
-            + (f'\n[shared]\nredis_url = "{self.redis_url}"\n' if self.redis_url else ""),
+            + (f'\n[shared]\nredis_url = "{self.redis_url}"\n' if self.redis_url else "")
+            + (f'\n[http]\naddress = "127.0.0.1:{self.http_port}"\n' if self.http_port else ""),
             encoding="utf-8",
         )
 
@@ -611,6 +618,48 @@ class PostfixServer:
 # ---------------------------------------------------------------- running
 
 
+class DashboardPoller:
+    """A person with the web UI open: logged in, the message log polling every
+    2 s (as its page script does) and the dashboard reloaded every 10 s."""
+
+    def __init__(self, base: str, address: str, password: str) -> None:
+        self.base = base
+        self.requests = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
+        )
+        form = urllib.parse.urlencode({"address": address, "password": password}).encode()
+        with self._opener.open(base + "/login", form, timeout=30) as response:
+            if not response.geturl().endswith("/"):
+                raise BenchError(f"dashboard login failed: landed on {response.geturl()}")
+        self._thread = threading.Thread(target=self._run, name="dashboard", daemon=True)
+
+    def _get(self, path: str) -> None:
+        try:
+            with self._opener.open(self.base + path, timeout=30) as response:
+                response.read()
+            self.requests += 1
+        except OSError as exc:
+            self.errors.append(f"{path}: {exc}")
+
+    def _run(self) -> None:
+        tick = 0
+        while not self._stop.wait(2.0):
+            self._get("/ui/messages.json")
+            tick += 1
+            if tick % 5 == 0:
+                self._get("/")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=35)
+
+
 def loadgen_command(
     args: argparse.Namespace, target: Target, scenario: str, duration: float
 ) -> list[str]:
@@ -814,6 +863,12 @@ def build_parser() -> argparse.ArgumentParser:
         " Redis's",
     )
     parser.add_argument(
+        "--compare-http",
+        action="store_true",
+        help="also bench relaygate with its HTTP listener on ([http]) and a web UI dashboard"
+        " open (polling), and report the ratio to relaygate without it",
+    )
+    parser.add_argument(
         "--relaygate-only-port",
         type=int,
         metavar="PORT",
@@ -867,6 +922,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     pg_server: RelaygateServer | None = None
     scratch: ScratchPostgres | None = None
     postfix: PostfixServer | None = None
+    http_server: RelaygateServer | None = None
+    poller: DashboardPoller | None = None
     info: dict[str, Any] = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": platform.node(),
@@ -929,6 +986,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                         [pg_server.process.pid, *scratch.roots, *redis_roots],
                     )
                 )
+            if args.compare_http:
+                http_port = free_port()
+                http_server = RelaygateServer(
+                    args.python, args.workers, args.users, args.log_level, http_port=http_port
+                )
+                http_server.write_config()
+                print(f"creating {args.users} users (HTTP on) ...", file=sys.stderr)
+                http_server.create_users()
+                subprocess.run(
+                    http_server.cli("user", "admin", USER_PATTERN.format(i=1), "on"),
+                    capture_output=True,
+                    timeout=60,
+                    check=True,
+                )
+                http_server.start()
+                assert http_server.process is not None
+                poller = DashboardPoller(
+                    f"http://127.0.0.1:{http_port}",
+                    USER_PATTERN.format(i=1),
+                    PASSWORD_PATTERN.format(i=1),
+                )
+                poller.start()
+                http_smtp = (
+                    http_server.starttls_port
+                    if args.mode == "starttls"
+                    else http_server.implicit_port
+                )
+                targets.append(
+                    Target("relaygate-http", http_smtp, args.mode, [http_server.process.pid])
+                )
             if args.compare_postfix:
                 postfix = PostfixServer()
                 print("starting Postfix + Dovecot ...", file=sys.stderr)
@@ -977,6 +1064,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if pg_problems:
                     info.setdefault("relaygate-pg", {})["log_problems"] = pg_problems
                 pg_server.cleanup(args.keep_temp or bool(problems))
+            if poller is not None:
+                poller.stop()
+                info["dashboard"] = {"requests": poller.requests, "errors": poller.errors[:5]}
+                if poller.errors:
+                    problems.append(f"dashboard polling failed: {poller.errors[0]}")
+            if http_server is not None:
+                stop_problem = http_server.stop()
+                if stop_problem:
+                    problems.append(f"with HTTP on: {stop_problem}")
+                http_server.cleanup(args.keep_temp or bool(problems))
             if scratch is not None:
                 scratch.drop()
             if postfix is not None:
@@ -986,6 +1083,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ratios = compute_ratios(measurements)
     pg_ratios = compute_ratios(measurements, "relaygate-pg", "relaygate")
+    http_ratios = compute_ratios(measurements, "relaygate-http", "relaygate")
     if measurements:
         print()
         print(format_table(table_rows(measurements, ratios, pg_ratios)))
@@ -1009,6 +1107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f" CPU-s ({other / m.machine_busy_s:.0%} of the busy CPU): the machine-wide"
                 " CPU figure counts them, the process figure does not"
             )
+    for scenario, figures in http_ratios.items():
+        print(
+            f"HTTP on + dashboard polling / HTTP off, scenario {scenario}: "
+            + ", ".join(f"{key} {cell(value)}" for key, value in figures.items())
+        )
+    if "dashboard" in info:
+        print(f"dashboard requests during the run: {info['dashboard']['requests']}")
     log_problems = info.get("relaygate", {}).get("log_problems", [])
     if log_problems:
         print("relaygate log lines that look like trouble:")
@@ -1023,6 +1128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": [m.to_json() for m in measurements],
         "ratios_relaygate_over_postfix": ratios,
         "ratios_postgresql_over_sqlite": pg_ratios,
+        "ratios_http_on_over_off": http_ratios,
         "problems": problems,
     }
     args.results_dir.mkdir(parents=True, exist_ok=True)
