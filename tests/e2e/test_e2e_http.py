@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import signal
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -206,3 +207,43 @@ def test_failed_tokens_are_throttled_like_smtp_logins(fresh_servers: ServerPool)
     assert [e["result"] for e in failed] == ["failed"] * 3 + ["throttled"]
     assert all(e["ip"] == "127.0.0.1" for e in failed)
     assert server.secrets_in_log([good, *guesses]) == []
+
+
+def _raw_http(port: int, request: bytes, timeout: float = 10) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except (ConnectionResetError, TimeoutError):
+            pass
+        return b"".join(chunks)
+
+
+def test_oversized_and_malformed_requests_are_refused_and_it_keeps_serving(
+    api: tuple[Server, str],
+) -> None:
+    server, base = api
+    port = int(base.rsplit(":", 1)[1])
+    # A declared 2 GB login form: refused before a byte of it is read.
+    head = (
+        b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: 2000000000\r\n\r\n"
+    )
+    assert _raw_http(port, head + b"address=a").startswith(b"HTTP/1.1 413 ")
+    # The same without a length (chunked): refused once it passes the limit.
+    chunk = b"x" * 65536
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(20)) + b"0\r\n\r\n"
+    reply = _raw_http(
+        port,
+        b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + body,
+    )
+    assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
+    # Garbage, a header too long, a bad method: a 4xx each, never a crash.
+    assert _raw_http(port, b"\x16\x03\x01\x00\xff garbage\r\n\r\n")[:12] in (b"HTTP/1.1 400", b"")
+    long_header = b"GET / HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 200_000 + b"\r\n\r\n"
+    assert _raw_http(port, long_header)[:12] in (b"HTTP/1.1 400", b"HTTP/1.1 431", b"")
+    token = _token(server, "after-abuse")
+    assert _get(f"{base}/api/v1/messages", token)[0] == 200

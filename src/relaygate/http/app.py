@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
 
@@ -18,6 +19,7 @@ from relaygate.config import Config
 from relaygate.http import api_messages
 from relaygate.http.api import error_handlers
 from relaygate.http.context import HttpContext
+from relaygate.http.limits import BodyLimit
 from relaygate.http.ui import auth, dashboard, manage, messages
 from relaygate.services.admin import admin_services
 from relaygate.services.login import LoginService
@@ -62,4 +64,9 @@ def create_app(config: Config) -> Starlette:
         *manage.routes(),
         Mount("/ui/static", StaticFiles(packages=[("relaygate.http.ui", "static")]), name="static"),
     ]
-    return Starlette(routes=routes, exception_handlers=error_handlers(), lifespan=lifespan)
+    return Starlette(
+        routes=routes,
+        exception_handlers=error_handlers(),
+        lifespan=lifespan,
+        middleware=[Middleware(BodyLimit)],
+    )

@@ -16,6 +16,8 @@ from relaygate.config import Config
 from relaygate.http.app import create_app
 from relaygate.server.tls import TLSSetupError, certificate_pairs
 
+MAX_CONNECTIONS = 1000
+
 
 def run_http(config: Config, sock: socket.socket) -> int:
     assert config.http is not None
@@ -38,6 +40,8 @@ def run_http(config: Config, sock: socket.socket) -> int:
             ssl_certfile=certfile,
             ssl_keyfile=keyfile,
             timeout_graceful_shutdown=5,
+            limit_concurrency=MAX_CONNECTIONS,  # past it: 503 at once, not memory
+            h11_max_incomplete_event_size=64 * 1024,  # request line and headers
         )
     )
 
