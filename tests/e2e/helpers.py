@@ -22,6 +22,7 @@ import base64
 import contextlib
 import dataclasses
 import email.utils
+import functools
 import hashlib
 import json
 import os
@@ -1044,3 +1045,42 @@ class ServerPool:
             if leaked:
                 problems.append(f"{server!r}: log holds {len(leaked)} secret(s): {leaked}")
         return problems
+
+
+def _says_listening(path: Path) -> bool:
+    return b"listening on" in path.read_bytes()
+
+
+def sigterm_right_after_start(
+    server: Server, ports: Sequence[int], attempts: int = 3
+) -> list[int | str]:
+    """Start ``serve`` and send SIGTERM the moment it prints "listening on",
+    ``attempts`` times (the windows between forks are short; three tries hit one);
+    each outcome is the exit status, or "hung". Stops at the first bad outcome."""
+    outcomes: list[int | str] = []
+    for attempt in range(attempts):
+        out = server.directory / f"early-{attempt}.stdout"
+        with open(out, "wb") as stdout:
+            process = subprocess.Popen(
+                server.command("serve"),
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=subprocess.DEVNULL,
+                env=clean_env(),
+                cwd=server.directory,
+                start_new_session=True,
+            )
+        try:
+            wait_until(functools.partial(_says_listening, out), 10, 0.002, "start")
+            process.send_signal(signal.SIGTERM)
+            outcomes.append(process.wait(5))
+        except subprocess.TimeoutExpired:
+            outcomes.append("hung")
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+        wait_until(lambda: all(port_is_free(p) for p in ports), 10, what="ports to be free")
+        if outcomes[-1] != 0:
+            break
+    return outcomes

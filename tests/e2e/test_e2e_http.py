@@ -4,16 +4,12 @@ once. Runs on both storage backends (Makefile E2E_POSTGRES)."""
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import signal
 import socket
 import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,12 +18,10 @@ from .helpers import (
     ALICE,
     Server,
     ServerPool,
-    clean_env,
     free_ports,
     make_message,
-    port_is_free,
     session,
-    wait_until,
+    sigterm_right_after_start,
 )
 
 RCPT = "someone@example.net"
@@ -142,36 +136,13 @@ def test_a_revoked_token_stops_working_at_once(api: tuple[Server, str]) -> None:
     assert "short-lived" not in {t["name"] for t in listed}
 
 
-def _printed(path: Path) -> bool:
-    return b"listening on" in path.read_bytes()
-
-
 def test_sigterm_right_after_start_stops_the_http_process_too(fresh_servers: ServerPool) -> None:
     (port,) = free_ports(1)
     server = fresh_servers.create(
         "http-early", sections={"http": {"address": f"127.0.0.1:{port}"}}, start=False
     )
-    for attempt in range(3):  # the window before uvicorn takes the signals is short
-        out = server.directory / f"early-{attempt}.stdout"
-        with open(out, "wb") as stdout:
-            process = subprocess.Popen(
-                server.command("serve"),
-                stdin=subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=subprocess.DEVNULL,
-                env=clean_env(),
-                cwd=server.directory,
-                start_new_session=True,
-            )
-        try:
-            wait_until(functools.partial(_printed, out), 10, 0.002, "start")
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(10) == 0
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
-        wait_until(lambda: port_is_free(port), 10, what="the HTTP port to be free")
+    ports = [port, server.starttls_port, server.implicit_port]
+    assert sigterm_right_after_start(server, ports) == [0, 0, 0]
 
 
 def test_failed_tokens_are_throttled_like_smtp_logins(fresh_servers: ServerPool) -> None:

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from .helpers import (
     queue_id_of,
     remember_credentials,
     session,
+    sigterm_right_after_start,
     wait_until,
     wait_workers_serving,
 )
@@ -284,10 +285,6 @@ def _new_connection_outcome(port: int) -> str:
         return client.greeting.status
 
 
-def _printed(path: Path, text: str) -> Callable[[], bool]:
-    return lambda: text in path.read_text()
-
-
 @pytest.mark.parametrize(
     "workers",
     [1, 2],
@@ -295,36 +292,7 @@ def _printed(path: Path, text: str) -> Callable[[], bool]:
 def test_sigterm_right_after_start(fresh_servers: ServerPool, workers: int) -> None:
     """SIGTERM as soon as the server says it is listening: it must still exit 0, promptly."""
     server = fresh_servers.create(f"early-{workers}", workers=workers, start=False)
-    outcomes: list[int | str] = []
-    for attempt in range(3):  # the windows are short; three tries hit one for sure
-        out = server.directory / f"early-{attempt}.stdout"
-        with open(out, "wb") as stdout:
-            process = subprocess.Popen(
-                server.command("serve"),
-                stdin=subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=subprocess.DEVNULL,
-                env=clean_env(),
-                cwd=server.directory,
-                start_new_session=True,
-            )
-        try:
-            wait_until(_printed(out, "listening on"), 10, 0.002, "start")
-            process.send_signal(signal.SIGTERM)
-            outcomes.append(process.wait(5))
-        except subprocess.TimeoutExpired:
-            outcomes.append("hung")
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
-        wait_until(
-            lambda: port_is_free(server.starttls_port) and port_is_free(server.implicit_port),
-            10,
-            what="ports to be free",
-        )
-        if outcomes[-1] != 0:
-            break
+    outcomes = sigterm_right_after_start(server, [server.starttls_port, server.implicit_port])
     assert outcomes == [0, 0, 0]
 
 
