@@ -203,6 +203,15 @@ def test_log_in_watch_mail_arrive_and_open_it_safely(ui: tuple[Server, str], pag
         page.click("nav.tabs >> text=Source")
         expect(page.locator("pre.raw")).to_contain_text("Content-Type: multipart")
         assert page.dialogs == []  # type: ignore[attr-defined]
+        # Opened on its own (a link, a new tab), the HTML still runs nothing:
+        # its CSP carries "sandbox" and no script-src.
+        page.goto(f"{base}/messages/{queue_id}/html")
+        expect(page.locator("#mail-heading")).to_have_text("Order #123 confirmed")
+        page.locator("#js-link").click()
+        page.wait_for_timeout(300)
+        assert page.evaluate("document.title") == ""
+        assert page.dialogs == []  # type: ignore[attr-defined]
+        assert pixels.paths.count("/pixel.gif") == 1  # blocked again without ?images=1
     finally:
         pixels.close()
 
