@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.cookiejar
 import os
 import re
 import signal
@@ -14,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import closing
@@ -452,9 +455,21 @@ def _quickstart_login(directory: Path, password: str, mechanism: str = "PLAIN") 
         return client.auth_scram(mechanism, "dev@example.test", password).status
 
 
+def _quickstart_ui_login(password: str) -> str:
+    """Log in to the quickstart's web UI; who the page says is logged in."""
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
+    )
+    form = urllib.parse.urlencode({"address": "dev@example.test", "password": password})
+    with opener.open("http://127.0.0.1:8025/login", form.encode(), timeout=20) as response:
+        page = response.read().decode()
+    found = re.search(r'<span class="who"[^>]*>([^<]*)</span>', page)
+    return found.group(1) if found else page[:300]
+
+
 def test_quickstart_prints_the_login_once(tmp_path: Path) -> None:
-    if not all(port_is_free(port) for port in QUICKSTART_PORTS):
-        pytest.skip("quickstart ports 2587/2465 are in use on this machine")
+    if not all(port_is_free(port) for port in (*QUICKSTART_PORTS, 8025)):
+        pytest.skip("quickstart ports 2587/2465/8025 are in use on this machine")
     process, out, err = _start_quickstart(tmp_path, 1)
     try:
         printed = out.read_text()
@@ -464,6 +479,12 @@ def test_quickstart_prints_the_login_once(tmp_path: Path) -> None:
         (password,) = passwords
         remember_credentials("dev@example.test", password)
         assert _quickstart_login(tmp_path, password) == "235 2.7.0"
+        # The web UI's address, and the account is an admin there.
+        assert "web UI:   http://127.0.0.1:8025/ (this account is an admin there)" in printed
+        assert (
+            "; web UI: http://127.0.0.1:8025/; admin API: http://127.0.0.1:8025/api/v1" in printed
+        )
+        assert _quickstart_ui_login(password) == "dev@example.test · admin"
         # The quickstart account has SCRAM keys too.
         assert _quickstart_login(tmp_path, password, "SCRAM-SHA-256") == "235 2.7.0"
         assert _quickstart_login(tmp_path, password, "SCRAM-SHA-256-PLUS") == "235 2.7.0"
