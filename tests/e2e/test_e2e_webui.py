@@ -42,6 +42,20 @@ HOSTILE_SUBJECT = (
 )
 
 
+REALISTIC = [
+    ("Reset your password", None),
+    (
+        "Your order #10231 has shipped",
+        "<h2>Good news!</h2><p>Your order <b>#10231</b> is on its way.</p>"
+        "<table><tr><td>1 x Espresso beans, 1 kg</td><td>EUR 24.90</td></tr></table>",
+    ),
+    (
+        "Welcome to Example Shop",
+        "<p>Thanks for signing up. <a href='https://shop.example'>Shop now</a></p>",
+    ),
+]
+
+
 class PixelServer:
     """A remote image host (on 127.0.0.1): counts what a browser fetched."""
 
@@ -89,6 +103,8 @@ def ui(servers: ServerPool, dns: FakeDNS) -> Iterator[tuple[Server, str]]:
         },
     )
     server.cli("user", "admin", ALICE.address, "on")
+    for subject, html in REALISTIC:  # what a web team's log looks like (screenshots)
+        _send(server, subject, html)
     yield server, f"http://127.0.0.1:{http_port}"
 
 
