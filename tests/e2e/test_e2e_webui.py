@@ -5,6 +5,7 @@ to test-artifacts/screenshots/ (the README's pictures come from there)."""
 
 from __future__ import annotations
 
+import base64
 import email.policy
 import http.server
 import re
@@ -364,3 +365,35 @@ def test_dkim_keys_and_whether_dns_publishes_them(
     page.fill("input[name=domain]", "not a domain!")
     page.click("text=Generate key")
     expect(page.locator(".error")).to_contain_text("invalid domain")
+
+
+PNG_1X1 = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
+
+
+def test_inline_cid_images_show_without_asking(ui: tuple[Server, str], page: Page) -> None:
+    """A logo sent with the message (multipart/related, cid:) is part of it:
+    shown at once, while remote images still wait for the reader."""
+    server, base = ui
+    message = EmailMessage()
+    message["From"] = ALICE.address
+    message["To"] = "someone@example.net"
+    message["Subject"] = "Newsletter with a logo"
+    message.set_content("Text version.\n")
+    message.add_alternative(
+        '<p><img id="logo" src="cid:logo@shop.example"> Example Shop</p>', subtype="html"
+    )
+    html_part = message.get_body(("html",))
+    assert isinstance(html_part, EmailMessage)
+    html_part.add_related(PNG_1X1, "image", "png", cid="<logo@shop.example>")
+    with session(server, user=ALICE) as client:
+        queue_id = client.send_mail(
+            ALICE.address, ["someone@example.net"], message.as_bytes(policy=email.policy.SMTP)
+        )
+    _log_in(page, base, ALICE.address, ALICE.password)
+    page.goto(f"{base}/messages/{queue_id}")
+    logo = page.frame_locator("iframe.mail").locator("#logo")
+    expect(logo).to_be_visible()
+    assert logo.evaluate("image => image.naturalWidth") == 1
+    expect(page.get_by_test_id("images-blocked")).to_have_count(0)

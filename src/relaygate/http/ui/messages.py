@@ -4,6 +4,8 @@ see only their own messages (another's is "not found", not "forbidden")."""
 
 from __future__ import annotations
 
+import base64
+import functools
 import re
 from typing import Any
 from urllib.parse import quote
@@ -25,6 +27,7 @@ from relaygate.storage.bodies import BodyMissing
 PAGE_SIZE = 100
 SCAN = 1000  # recent messages searched by the log's filters
 MAX_RAW_SHOWN = 512 * 1024  # bytes of source shown in the page (the download has all)
+MAX_INLINE_IMAGE = 2 * 1024 * 1024  # bytes of one cid: image shown inline
 _REMOTE_IMAGE = re.compile(rb"""<img[^>]+src\s*=\s*["']?\s*(https?:)?//""", re.IGNORECASE)
 # What a browser may be told an attachment is, to show it in a tab; anything
 # else is a download of octets (no HTML or SVG from a stranger on our origin).
@@ -112,6 +115,32 @@ async def _message(request: Request, ctx: HttpContext, who: Viewer) -> Response:
     )
 
 
+def _constant(text: str, match: re.Match[str]) -> str:
+    return text
+
+
+def _with_inline_images(raw: bytes) -> str | None:
+    """The HTML with its cid: images (logos, inline pictures sent with the
+    message) turned into data: URIs, which the frame's CSP allows: they come
+    with the message, so showing them tells the sender nothing."""
+    parts = mail_parts.parts(raw)
+    html = parts.html
+    if html is None:
+        return None
+    for part in parts.attachments:
+        if not part.content_id or not part.content_type.startswith("image/"):
+            continue
+        if part.size > MAX_INLINE_IMAGE or part.content_type == "image/svg+xml":
+            continue
+        found = mail_parts.attachment(raw, part.index)
+        if found is None:
+            continue
+        uri = f"data:{part.content_type};base64," + base64.b64encode(found[1]).decode("ascii")
+        pattern = re.compile("cid:" + re.escape(part.content_id), re.IGNORECASE)
+        html = pattern.sub(functools.partial(_constant, uri), html)
+    return html
+
+
 async def _message_html(request: Request, ctx: HttpContext, who: Viewer) -> Response:
     """The sender's HTML, for the sandboxed frame only: CSP forbids every
     script and, unless asked, every remote image (tracking pixels)."""
@@ -120,7 +149,7 @@ async def _message_html(request: Request, ctx: HttpContext, who: Viewer) -> Resp
         view = await _record_for(ctx, who, message_id)
     except (NotFound, BodyMissing):
         return harden(Response("not found", 404, media_type="text/plain"))
-    html = mail_parts.parts(view.body).html if view.body is not None else None
+    html = _with_inline_images(view.body) if view.body is not None else None
     response = HTMLResponse(html or "")
     return harden(response, mail_csp(request.query_params.get("images") == "1"))
 
