@@ -24,14 +24,14 @@ from relaygate.http.ui import auth, dashboard, manage, messages
 from relaygate.services.admin import admin_services
 from relaygate.services.login import LoginService
 from relaygate.services.web_login import WebLogin
-from relaygate.storage.node import open_admin_storage, open_login_failures
+from relaygate.storage.node import HTTP_POOL_SIZE, open_admin_storage, open_login_failures
 
 
 def create_app(config: Config) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
-        store = await open_admin_storage(config)
+        store = await open_admin_storage(config, HTTP_POOL_SIZE)
         failures, close_failures = await open_login_failures(config, loop)
         logins = LoginService(
             accounts=store.accounts,

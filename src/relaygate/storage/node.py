@@ -244,11 +244,14 @@ async def open_delivery_storage(config: Config, loop: asyncio.AbstractEventLoop)
 DELIVERY_POOL_SIZE = 10  # finishes run in parallel, one per outbound connection at most
 
 
-async def open_admin_storage(config: Config) -> SQLiteStorage | PostgresStorage:
+async def open_admin_storage(
+    config: Config, pool_size: int | None = None
+) -> SQLiteStorage | PostgresStorage:
     """The storage the admin edges (the CLI, the HTTP API) work on."""
     if config.storage.url is None:
         return SQLiteStorage(config.database_path)
-    return await PostgresStorage.open(config.storage.url, ADMIN_POOL_SIZE, announcer(config))
+    size = ADMIN_POOL_SIZE if pool_size is None else pool_size
+    return await PostgresStorage.open(config.storage.url, size, announcer(config))
 
 
 async def open_login_failures(
@@ -281,3 +284,4 @@ async def open_login_failures(
 
 
 ADMIN_POOL_SIZE = 2  # one command at a time, and a spare
+HTTP_POOL_SIZE = 5  # the HTTP process: API calls, pages and scrapes at once
