@@ -32,6 +32,7 @@ import shutil
 import signal
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -803,21 +804,32 @@ def format_table(rows: list[list[str]]) -> str:
     return render_table(header, rows, left=2)
 
 
+def _median(values: Iterable[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 def compute_ratios(
     measurements: list[Measurement], ours_name: str = "relaygate", theirs_name: str = "postfix"
 ) -> dict[str, dict[str, float | None]]:
     ratios: dict[str, dict[str, float | None]] = {}
     for scenario in SCENARIOS:
-        ours = next(
-            (m for m in measurements if m.scenario == scenario and m.target == ours_name), None
-        )
-        theirs = next(
-            (m for m in measurements if m.scenario == scenario and m.target == theirs_name), None
-        )
-        if ours is None or theirs is None or not ours.ok or not theirs.ok:
+        ours = [
+            m.figures()
+            for m in measurements
+            if m.scenario == scenario and m.target == ours_name and m.ok
+        ]
+        theirs = [
+            m.figures()
+            for m in measurements
+            if m.scenario == scenario and m.target == theirs_name and m.ok
+        ]
+        if not ours or not theirs:
             continue
-        a, b = ours.figures(), theirs.figures()
-        ratios[scenario] = {key: ratio(a[key], b[key]) for key, _ in COLUMNS[:-1]}
+        ratios[scenario] = {
+            key: ratio(_median(f[key] for f in ours), _median(f[key] for f in theirs))
+            for key, _ in COLUMNS[:-1]
+        }
     return ratios
 
 
@@ -837,6 +849,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--warmup", type=float, default=2.0, help="unmeasured seconds before each (0 = none)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every scenario on every target this many times, interleaved; ratios"
+        " compare the medians (default 1)",
     )
     parser.add_argument(
         "--workers", type=int, default=0, help="relaygate [server] workers (0 = one per CPU)"
@@ -906,8 +925,16 @@ def interrupts_as_errors() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.duration <= 0 or args.warmup < 0 or args.users < 1 or args.workers < 0:
-        parser.error("--duration must be > 0, --warmup >= 0, --users >= 1, --workers >= 0")
+    if (
+        args.duration <= 0
+        or args.warmup < 0
+        or args.users < 1
+        or args.workers < 0
+        or args.rounds < 1
+    ):
+        parser.error(
+            "--duration must be > 0, --warmup >= 0, --users >= 1, --workers >= 0, --rounds >= 1"
+        )
     if args.redis and not args.compare_postgres:
         parser.error("--redis goes with --compare-postgres")
     if args.compare_postfix and args.mode != "starttls":
@@ -1031,17 +1058,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                     " msg/s and the machine-wide CPU figure will be off",
                     file=sys.stderr,
                 )
-            for scenario in scenarios:
-                for target in targets:
-                    print(
-                        f"scenario {scenario} ({SCENARIOS[scenario][2]}) on {target.name}"
-                        f" for {args.duration:g} s ...",
-                        file=sys.stderr,
-                    )
-                    measurement = measure(args, target, scenario)
-                    measurements.append(measurement)
-                    if measurement.error:
-                        problems.append(f"{target.name} scenario {scenario}: {measurement.error}")
+            for round_ in range(args.rounds):  # interleaved: drift hits every target alike
+                for scenario in scenarios:
+                    for target in targets:
+                        print(
+                            f"scenario {scenario} ({SCENARIOS[scenario][2]}) on {target.name}"
+                            f" for {args.duration:g} s"
+                            + (f" (round {round_ + 1}/{args.rounds})" if args.rounds > 1 else "")
+                            + " ...",
+                            file=sys.stderr,
+                        )
+                        measurement = measure(args, target, scenario)
+                        measurements.append(measurement)
+                        if measurement.error:
+                            problems.append(
+                                f"{target.name} scenario {scenario}: {measurement.error}"
+                            )
         except (BenchError, OSError, subprocess.SubprocessError) as exc:
             problems.append(f"{type(exc).__name__}: {exc}")
         except KeyboardInterrupt:
