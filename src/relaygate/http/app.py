@@ -14,7 +14,8 @@ from starlette.routing import BaseRoute
 
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.config import Config
-from relaygate.http import api_messages
+from relaygate.http import api_messages, api_stats
+from relaygate.http import metrics as metrics_route
 from relaygate.http.api import error_handlers
 from relaygate.http.context import HttpContext
 from relaygate.services.admin import admin_services
@@ -47,5 +48,9 @@ def create_app(config: Config) -> Starlette:
             await close_failures()
             await store.close()
 
-    routes: list[BaseRoute] = [*api_messages.routes()]
+    routes: list[BaseRoute] = [
+        *api_messages.routes(),
+        *api_stats.routes(),
+        *metrics_route.routes(config),
+    ]
     return Starlette(routes=routes, exception_handlers=error_handlers(), lifespan=lifespan)

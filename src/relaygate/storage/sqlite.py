@@ -14,7 +14,7 @@ from pathlib import Path
 
 from relaygate.storage.files import private_file
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -146,6 +146,15 @@ CREATE TABLE api_tokens (           -- bearer tokens of the HTTP API (storage/sq
     read_only  INTEGER NOT NULL,
     created_at REAL NOT NULL,
     last_used  REAL
+);
+""",
+    7: """
+CREATE TABLE stats_hourly (         -- counts per hour (stats.py, storage/sqlite_stats.py)
+    hour  INTEGER NOT NULL,         -- the hour's start, seconds since the epoch (UTC)
+    name  TEXT NOT NULL,            -- accepted | delivered | deferred | bounced | refused | ...
+    label TEXT NOT NULL,            -- '' or, for refused, the reason
+    count INTEGER NOT NULL,
+    PRIMARY KEY (hour, name, label)
 );
 """,
 }

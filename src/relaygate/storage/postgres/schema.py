@@ -237,6 +237,16 @@ CREATE TABLE api_tokens (
     last_used  DOUBLE PRECISION
 );
 """,
+    # Hourly stats, added to by every node (stats.py, storage/postgres/stats.py).
+    7: """
+CREATE TABLE stats_hourly (
+    hour  BIGINT NOT NULL,
+    name  TEXT NOT NULL,
+    label TEXT NOT NULL,
+    count BIGINT NOT NULL,
+    PRIMARY KEY (hour, name, label)
+);
+""",
 }
 SCHEMA_VERSION = max(STEPS)
 
