@@ -327,6 +327,7 @@ class RelaygateServer:
         log_level: str,
         storage_url: str | None = None,
         redis_url: str | None = None,
+        http: bool = False,
     ) -> None:
         self.storage_url = storage_url  # None: the embedded SQLite database
         self.redis_url = redis_url  # [shared] redis_url, as a cluster node has
@@ -342,6 +343,9 @@ class RelaygateServer:
         self.implicit_port = free_port()
         while self.implicit_port == self.starttls_port:
             self.implicit_port = free_port()
+        # [http] on: the admin API's process, and /metrics (every process
+        # then writes its metrics to data_dir/metrics).
+        self.http_port = free_port() if http else None
         self.process: subprocess.Popen[bytes] | None = None
         self.exit_code: int | None = None
 
@@ -370,7 +374,8 @@ class RelaygateServer:
             f'level = "{self.log_level}"\n'
             f'file = "{self.log_file}"\n'
             + (f'\n[storage]\nurl = "{self.storage_url}"\n' if self.storage_url else "")
-            + (f'\n[shared]\nredis_url = "{self.redis_url}"\n' if self.redis_url else ""),
+            + (f'\n[shared]\nredis_url = "{self.redis_url}"\n' if self.redis_url else "")
+            + (f'\n[http]\naddress = "127.0.0.1:{self.http_port}"\n' if self.http_port else ""),
             encoding="utf-8",
         )
 
@@ -831,6 +836,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--keep-temp", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--http",
+        action="store_true",
+        help="relaygate with an [http] section (admin API process, /metrics on)",
+    )
     return parser
 
 
@@ -891,7 +901,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 targets.append(Target("relaygate", port, args.mode, roots))
                 info["relaygate"] = {"port": port, "pids": roots}
             else:
-                server = RelaygateServer(args.python, args.workers, args.users, args.log_level)
+                server = RelaygateServer(
+                    args.python, args.workers, args.users, args.log_level, http=args.http
+                )
                 server.write_config()
                 print(f"creating {args.users} users ...", file=sys.stderr)
                 server.create_users()

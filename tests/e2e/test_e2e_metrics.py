@@ -244,6 +244,15 @@ def test_hourly_stats_show_the_hour_and_survive_a_restart(metered: Metered) -> N
     server.start()
     status, report = _stats(base, token)
     assert status == 200 and _totals(report) == expected  # kept in the database
+    # The same from the CLI, as JSON and as a table.
+    printed = json.loads(server.cli("stats", "--hours", "2", "--json").stdout)
+    assert _totals(printed) == expected
+    table = server.cli("stats", "--hours", "1").stdout.splitlines()
+    assert table[0].split()[:3] == ["HOUR", "(UTC)", "ACCEPTED"], table
+    assert len(table) == 2, table  # the header and the current hour
+    refused = server.cli("stats", "--hours", "0", check=False)
+    assert refused.returncode == 2
+    assert "--hours must be 1 to 2160" in refused.stderr
     # The Prometheus counters start again (a new run), as counters may.
     assert value(scrape(base), "relaygate_messages_accepted_total") == 0
 

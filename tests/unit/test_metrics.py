@@ -3,6 +3,8 @@ scrape shows, and the sum over processes in multiprocess mode."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -165,3 +167,25 @@ def test_without_multiprocess_mode_the_scrape_is_this_process() -> None:
     assert "relaygate_messages_accepted" in found
     (oldest,) = found["relaygate_queue_oldest_seconds"].samples
     assert 29 <= oldest.value <= 40
+
+
+def test_the_grafana_dashboard_uses_only_metrics_we_export() -> None:
+    path = Path(__file__).parents[2] / "contrib" / "grafana" / "relaygate.json"
+    dashboard = json.loads(path.read_text(encoding="utf-8"))
+    exported = {
+        sample.name
+        for family in text_string_to_metric_families(
+            render(QueueSummary({"queued": 0}, None), 0.0).decode()
+        )
+        for sample in family.samples
+    }
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    for family in metrics.Metrics(CollectorRegistry()).registry.collect():
+        exported |= {family.name + suffix for suffix in suffixes[family.type]}
+    used: set[str] = set()
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}"
+        for target in panel["targets"]:
+            used.update(re.findall(r"relaygate_[a-z_]+", target["expr"]))
+    assert used and used <= exported, used - exported
+    assert {p["id"] for p in dashboard["panels"]} == set(range(1, len(dashboard["panels"]) + 1))
