@@ -70,9 +70,10 @@ async def flush(store: HourlyStats, tally: Tally = TALLY) -> None:
     except asyncio.CancelledError:
         tally.give_back(rows)  # for the flush at shutdown
         raise
-    except STORAGE_ERRORS as exc:
+    except Exception as exc:  # STORAGE_ERRORS, or a closed pool at shutdown: never fatal
         tally.give_back(rows)
-        logs.event("stats.error", logging.WARNING, reason=" ".join(str(exc).split()))
+        reason = " ".join(str(exc).split()) if isinstance(exc, STORAGE_ERRORS) else repr(exc)
+        logs.event("stats.error", logging.WARNING, reason=reason)
 
 
 async def flush_forever(store: HourlyStats, interval: float = FLUSH_INTERVAL) -> None:

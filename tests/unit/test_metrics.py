@@ -3,12 +3,15 @@ scrape shows, and the sum over processes in multiprocess mode."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relaygate import metrics, stats
 from relaygate.http.metrics import render
-from relaygate.storage.api import QueueSummary
+from relaygate.storage.api import QueueSummary, StatRow
 
 
 @pytest.fixture
@@ -189,3 +192,36 @@ def test_the_grafana_dashboard_uses_only_metrics_we_export() -> None:
             used.update(re.findall(r"relaygate_[a-z_]+", target["expr"]))
     assert used and used <= exported, used - exported
     assert {p["id"] for p in dashboard["panels"]} == set(range(1, len(dashboard["panels"]) + 1))
+
+
+class _BrokenStore:
+    def __init__(self) -> None:
+        self.rows: list[StatRow] = []
+        self.fail = True
+
+    async def add(self, rows: Sequence[StatRow]) -> None:
+        if self.fail:
+            raise sqlite3.OperationalError("database is locked")
+        self.rows += rows
+
+    async def read(self, first: int, end: int) -> list[StatRow]:
+        return []
+
+    async def prune(self, before: int) -> None:
+        pass
+
+
+def test_a_failed_flush_keeps_the_counts_for_the_next_one(tally: stats.Tally) -> None:
+    store = _BrokenStore()
+    tally.add("accepted")
+    tally.add("refused", "size", 2)
+    asyncio.run(stats.flush(store, tally))
+    assert store.rows == []
+    store.fail = False
+    asyncio.run(stats.flush(store, tally))
+    assert sorted((r.name, r.label, r.count) for r in store.rows) == [
+        ("accepted", "", 1),
+        ("refused", "size", 2),
+    ]
+    asyncio.run(stats.flush(store, tally))  # nothing new: nothing written
+    assert len(store.rows) == 2
