@@ -24,7 +24,6 @@ HOUR = 3600
 FLUSH_INTERVAL = 10.0  # seconds
 KEEP_HOURS = 90 * 24  # rows older than this are pruned
 MAX_HOURS = KEEP_HOURS  # the most a report may ask for
-NAMES = ("accepted", "delivered", "deferred", "bounced", "refused", "login_failures")
 
 
 def hour_of(ts: float) -> int:
