@@ -148,8 +148,10 @@ def test_counts_are_summed_over_both_workers_and_the_delivery_process(metered: M
     # A failed login and a refused sender, on one more connection.
     with session(server) as client:
         assert client.auth_plain(ALICE.address, "Not-the-password-4Rz").code == 535
+        assert client.command(f"MAIL FROM:<{ALICE.address}>").code == 530  # not logged in
         client.login(ALICE.address, ALICE.password)
         assert client.command("MAIL FROM:<mallory@elsewhere.test>").code == 553
+        assert client.command(f"MAIL FROM:<{ALICE.address}> SIZE=999999999999").code == 552
         # Held open: the scrape sees one open connection.
         samples = scrape(base)
         assert value(samples, "relaygate_smtp_connections_active") == 1
@@ -162,6 +164,8 @@ def test_counts_are_summed_over_both_workers_and_the_delivery_process(metered: M
     samples = scrape(base)
     assert value(samples, "relaygate_messages_accepted_total") == len(SENT)
     assert value(samples, "relaygate_messages_refused_total", reason="sender_denied") == 1
+    assert value(samples, "relaygate_messages_refused_total", reason="auth_required") == 1
+    assert value(samples, "relaygate_messages_refused_total", reason="size") == 1
     assert value(samples, "relaygate_messages_refused_total", reason="limit") == 0
     assert (
         value(samples, "relaygate_auth_attempts_total", mechanism="PLAIN", result="ok") == sessions
@@ -215,7 +219,7 @@ def test_hourly_stats_show_the_hour_and_survive_a_restart(metered: Metered) -> N
         "deferred": 0,
         "bounced": 0,
         "login_failures": 1,
-        "refused": {"sender_denied": 1},
+        "refused": {"auth_required": 1, "sender_denied": 1, "size": 1},
     }
     seen: list[Any] = []
 
