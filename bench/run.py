@@ -333,9 +333,9 @@ class RelaygateServer:
         storage_url: str | None = None,
         redis_url: str | None = None,
         http_port: int | None = None,
+        http: bool = False,
     ) -> None:
         self.storage_url = storage_url  # None: the embedded SQLite database
-        self.http_port = http_port  # [http] on 127.0.0.1:PORT (admin API, web UI)
         self.redis_url = redis_url  # [shared] redis_url, as a cluster node has
         self.python = python
         self.workers = workers
@@ -349,6 +349,9 @@ class RelaygateServer:
         self.implicit_port = free_port()
         while self.implicit_port == self.starttls_port:
             self.implicit_port = free_port()
+        # [http] on 127.0.0.1:PORT: the HTTP process (API, web UI) and /metrics
+        # (every process then writes its metrics to data_dir/metrics).
+        self.http_port = http_port if http_port is not None else (free_port() if http else None)
         self.process: subprocess.Popen[bytes] | None = None
         self.exit_code: int | None = None
 
@@ -905,6 +908,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--keep-temp", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--http",
+        action="store_true",
+        help="relaygate with an [http] section (admin API process, /metrics on)",
+    )
     return parser
 
 
@@ -975,7 +983,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 targets.append(Target("relaygate", port, args.mode, roots))
                 info["relaygate"] = {"port": port, "pids": roots}
             else:
-                server = RelaygateServer(args.python, args.workers, args.users, args.log_level)
+                server = RelaygateServer(
+                    args.python, args.workers, args.users, args.log_level, http=args.http
+                )
                 server.write_config()
                 print(f"creating {args.users} users ...", file=sys.stderr)
                 server.create_users()

@@ -50,6 +50,7 @@ from relaygate.services.admin import (
     TokenError,
     admin_services,
 )
+from relaygate.stats import MAX_HOURS
 from relaygate.storage import bodies
 from relaygate.storage import sqlite as sqlite_storage
 from relaygate.storage.api import ApiToken, DeliveryAttempt, NodeRecord, QueueEntry
@@ -159,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     nodes.add_argument("--json", action="store_true", help="print JSON instead of a table")
     nodes.set_defaults(handler=_nodes)
+    stats_parser = commands.add_parser(
+        "stats",
+        parents=[common],
+        help="counts per hour: accepted, delivered, deferred, bounced, refused, failed logins",
+    )
+    stats_parser.add_argument(
+        "--hours", type=int, default=24, help=f"the last N hours (1 to {MAX_HOURS}; default 24)"
+    )
+    stats_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats_parser.set_defaults(handler=_stats)
 
     _add_user_commands(commands, common)
     _add_credential_commands(commands, common)
@@ -1081,6 +1092,31 @@ def _queue_entry_json(entry: QueueEntry) -> dict[str, Any]:
         "mail_from": entry.mail_from,
         "node": entry.node,
     }
+
+
+def _stats(args: argparse.Namespace, config: Config) -> int:
+    if not 1 <= args.hours <= MAX_HOURS:
+        raise CommandError(f"--hours must be 1 to {MAX_HOURS}")
+    report = _with_admin(config, lambda admin: admin.stats.hourly(args.hours))
+    if args.json:
+        print(json.dumps({"hours": [hour.as_json() for hour in report]}, indent=2))
+        return 0
+    _print_table(
+        ("HOUR (UTC)", "ACCEPTED", "DELIVERED", "DEFERRED", "BOUNCED", "REFUSED", "LOGIN FAILURES"),
+        [
+            (
+                time.strftime("%Y-%m-%d %H:00", time.gmtime(h.hour)),
+                str(h.accepted),
+                str(h.delivered),
+                str(h.deferred),
+                str(h.bounced),
+                " ".join(f"{reason}={n}" for reason, n in h.refused) or "0",
+                str(h.login_failures),
+            )
+            for h in report
+        ],
+    )
+    return 0
 
 
 def _queue_list(args: argparse.Namespace, config: Config) -> int:

@@ -22,7 +22,7 @@ from collections import defaultdict, deque
 
 import aiosmtplib
 
-from relaygate import logs, message
+from relaygate import logs, message, metrics, stats
 from relaygate.config import Config
 from relaygate.delivery import dsn, remote_text
 from relaygate.delivery import queue as q
@@ -386,13 +386,17 @@ class DeliveryEngine:
             await self._finish(delivery, q.Outcome.for_all(delivery, reply))
             return True
         body = self._sign(body) + body
+        started = self.loop.time()
         try:
-            refused, response = await client.sendmail(
-                delivery.mail_from,
-                list(delivery.recipients),
-                body,
-                mail_options=list(delivery.mail_options),
-            )
+            try:
+                refused, response = await client.sendmail(
+                    delivery.mail_from,
+                    list(delivery.recipients),
+                    body,
+                    mail_options=list(delivery.mail_options),
+                )
+            finally:
+                metrics.current().delivery_attempt(self.loop.time() - started)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             outcome = _recipients_outcome(
                 {e.recipient: (e.code, e.message) for e in exc.recipients}, (), host, tls
@@ -495,6 +499,10 @@ class DeliveryEngine:
                     reason=clean(repr(again)),
                 )
             return
+        counted = metrics.current()
+        counted.delivered("delivered", len(outcome.delivered))
+        counted.delivered("deferred", len(outcome.deferred))
+        counted.delivered("bounced", len(outcome.failed))
         for recipient in outcome.delivered:
             logs.event(
                 "delivery.ok",
@@ -629,10 +637,13 @@ def run_delivery(config: Config) -> int:
 
 async def _deliver(config: Config, loop: asyncio.AbstractEventLoop) -> None:
     storage = await open_delivery_storage(config, loop)
+    flusher = asyncio.ensure_future(stats.flush_forever(storage.stats))
     try:
         engine = DeliveryEngine(config, loop, storage)
         logs.event("delivery.start", mode=config.delivery.mode, pid=os.getpid())
         await engine.run()
         logs.event("delivery.stop")
     finally:
+        flusher.cancel()
+        await stats.flush(storage.stats)  # the last seconds' counts too
         await storage.close()

@@ -16,7 +16,8 @@ from starlette.staticfiles import StaticFiles
 
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.config import Config
-from relaygate.http import api_messages
+from relaygate.http import api_messages, api_stats
+from relaygate.http import metrics as metrics_route
 from relaygate.http.api import error_handlers
 from relaygate.http.context import HttpContext
 from relaygate.http.limits import BodyLimit
@@ -58,6 +59,8 @@ def create_app(config: Config) -> Starlette:
 
     routes: list[BaseRoute] = [
         *api_messages.routes(),
+        *api_stats.routes(),
+        *metrics_route.routes(config),
         *auth.routes(),
         *dashboard.routes(),
         *messages.routes(),

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar, cast
 
-from relaygate import logs
+from relaygate import logs, metrics
 from relaygate.accepted import SpooledMessage, SpoolError
 from relaygate.accounts.credentials import Credential
 from relaygate.accounts.store import Account
@@ -77,6 +77,27 @@ class ConnectionHost(Protocol):
 
 # Refusals worth a log line at info level; syntax noise goes to debug.
 _LOGGED_REFUSALS = frozenset({"MAIL", "RCPT", "DATA", "BDAT", "AUTH"})
+# relaygate_messages_refused_total's reasons (metrics.REFUSAL_REASONS) for the
+# refusals the driver makes, and for those the session makes itself.
+_SENDER_REFUSALS = {
+    "sender": "sender_denied",
+    "quota": "limit",
+    "session_messages": "session_limit",
+    "session_duration": "session_limit",
+}
+_TRANSACTION_COMMANDS = frozenset({"MAIL", "RCPT", "DATA", "BDAT"})
+
+
+def _protocol_refusal(reply: bytes) -> str:
+    if reply.startswith(b"552"):
+        return "size"
+    if reply == replies.TOO_MANY_RECIPIENTS:
+        return "recipients"
+    if reply == replies.AUTH_REQUIRED:
+        return "auth_required"
+    return "protocol"
+
+
 # Replies queued in the transport above this stop us reading the client
 # (flow control): a client that pipelines without reading holds at most this
 # much of our output, plus one read of its input.
@@ -98,8 +119,10 @@ class SMTPConnection(asyncio.Protocol):
         session_id: str | None = None,
         client_ip: str | None = None,
         proxy_peer: str | None = None,
+        listener: str = "",
     ) -> None:
         self.worker = worker
+        self.metrics = metrics.current()
         self.settings = settings
         self.implicit_tls = implicit_tls
         self.session = Session(settings, tls_active=implicit_tls)
@@ -131,6 +154,9 @@ class SMTPConnection(asyncio.Protocol):
         self.decision_deadline = 0.0
         self._reservation: Reservation | None = None  # a SCRAM exchange's throttle slot
         self.login_generation = 0  # the account-change signal when we logged in
+        self.welcomed = False  # counted in relaygate_smtp_connections_active
+        self.mail_since: float | None = None  # loop time of MAIL FROM (submission duration)
+        self.metrics.connection_opened(listener)
 
     @property
     def account(self) -> Account | None:
@@ -152,6 +178,7 @@ class SMTPConnection(asyncio.Protocol):
         self.last_activity = self.opened = self.worker.loop.time()
         if self.implicit_tls:
             self.tls_version, self.tls_cipher = cipher_info(transport.get_extra_info("ssl_object"))
+            self.metrics.tls_handshake(self.tls_version)
         reason: str | None = None
         if self.worker.draining:
             reason, reply = "shutting_down", replies.SHUTTING_DOWN
@@ -208,6 +235,8 @@ class SMTPConnection(asyncio.Protocol):
 
     def _welcome(self) -> None:
         self.worker.connections.add(self)
+        self.welcomed = True
+        self.metrics.connection_greeted()
         logs.event(
             "connect",
             session=self.session_id,
@@ -248,6 +277,8 @@ class SMTPConnection(asyncio.Protocol):
             return
         self.lost = True
         self.worker.connections.discard(self)
+        if self.welcomed:
+            self.metrics.connection_closed()
         self._abandon_reservation()
         if self.counted and self.worker.limiter is not None:
             self.worker.limiter.close(self.client_ip)
@@ -505,6 +536,7 @@ class SMTPConnection(asyncio.Protocol):
             self.login = self.worker.submission.login(account, result.credential)
             self.login_generation = self.worker.generation()
             self.session.auth_succeeded(account.address)
+            self.metrics.auth_attempt(mechanism, "ok")
             logs.event(
                 "auth.ok",
                 **fields,
@@ -513,6 +545,7 @@ class SMTPConnection(asyncio.Protocol):
             )
             return
         if result.outcome == "error":
+            self.metrics.auth_attempt(mechanism, "failed")
             self.session.auth_failed(replies.AUTH_TEMPORARY_FAILURE)
             logs.event("auth.error", logging.WARNING, **fields, reply="454")
             return
@@ -523,6 +556,7 @@ class SMTPConnection(asyncio.Protocol):
         if verdict is not None:
             # Over a failure limit: refused without looking at the secret, so
             # guessing from here learns nothing until the window passes.
+            self.metrics.auth_attempt(mechanism, "throttled")
             minutes = max(1, round(verdict.retry_after / 60))
             reply = replies.reply(
                 454, "4.7.0", f"Too many failed logins, try again in {minutes} minute(s)"
@@ -538,6 +572,7 @@ class SMTPConnection(asyncio.Protocol):
                 reply="454",
             )
         else:
+            self.metrics.auth_attempt(mechanism, "failed")
             reply = (
                 replies.AUTH_TEMPORARY_FAILURE if result.outcome == "busy" else replies.AUTH_FAILED
             )
@@ -564,6 +599,7 @@ class SMTPConnection(asyncio.Protocol):
     # -------------------------------------------------------------- submission
 
     def _on_sender(self, event: SenderRequest) -> None:
+        self.mail_since = self.worker.loop.time()
         account = self.account
         assert account is not None  # the session asks only once authenticated
         limits = self.worker.config.limits
@@ -654,6 +690,7 @@ class SMTPConnection(asyncio.Protocol):
 
     def _refuse_sender(self, event: SenderRequest, reply: bytes, reason: str) -> None:
         self.session.refuse(reply)
+        self.metrics.message_refused(_SENDER_REFUSALS.get(reason, "limit"))
         logs.event(
             "mail.refused",
             session=self.session_id,
@@ -689,6 +726,7 @@ class SMTPConnection(asyncio.Protocol):
             self.session.accept_recipient()
             return
         self.session.refuse(refusal)
+        self.metrics.message_refused("limit")
         logs.event(
             "rcpt.refused",
             session=self.session_id,
@@ -722,6 +760,7 @@ class SMTPConnection(asyncio.Protocol):
         )
         if isinstance(prepared, Refusal):
             self.session.refuse(prepared.reply)
+            self.metrics.message_refused("header_from")
             logs.event(
                 "message.refused",
                 session=self.session_id,
@@ -750,6 +789,10 @@ class SMTPConnection(asyncio.Protocol):
                 reply="250",
             )
             self.session.message_queued(stored.id)
+            since, self.mail_since = self.mail_since, None
+            self.metrics.message_accepted(
+                None if since is None else self.worker.loop.time() - since
+            )
             if stored.size >= LARGE_BLOCK:
                 release_memory_soon(self.worker.loop)
         else:
@@ -764,8 +807,11 @@ class SMTPConnection(asyncio.Protocol):
                 reply="451",
             )
             self.session.refuse(replies.LOCAL_ERROR)
+            self.metrics.message_refused("error")
 
     def _on_refused(self, event: Refused) -> None:
+        if event.command in _TRANSACTION_COMMANDS:
+            self.metrics.message_refused(_protocol_refusal(event.reply))
         level = logging.INFO if event.command in _LOGGED_REFUSALS else logging.DEBUG
         logs.event(
             "command.refused",
@@ -807,6 +853,7 @@ class SMTPConnection(asyncio.Protocol):
         new_transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self._reading = True  # a new transport reads from the start
         self.tls_version, self.tls_cipher = cipher_info(new_transport.get_extra_info("ssl_object"))
+        self.metrics.tls_handshake(self.tls_version)
         logs.event(
             "tls",
             session=self.session_id,

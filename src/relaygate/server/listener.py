@@ -166,6 +166,7 @@ class ProxyListener:
                 session_id=session_id,
                 client_ip=client_ip,
                 proxy_peer=peer,
+                listener=self.listener.address,
             )
 
         try:

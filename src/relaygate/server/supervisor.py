@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from relaygate import __version__, logs
+from relaygate import __version__, logs, metrics
 from relaygate.accounts.store import AccountStore
 from relaygate.config import Config, ListenerConfig
 from relaygate.delivery.engine import run_delivery
@@ -364,6 +364,19 @@ def serve(config: Config) -> int:
             print(f"relaygate: {problem}", file=sys.stderr)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return 2
+    if config.http is not None and config.http.metrics:
+        # Before any fork and any metric: every process writes its values where
+        # the HTTP process reads them all (metrics.py).
+        try:
+            metrics.enable(config.data_dir)
+        except OSError as exc:
+            print(f"relaygate: data_dir {config.data_dir}: metrics: {exc}", file=sys.stderr)
+            for sock, _ in listeners:
+                sock.close()
+            if http is not None:
+                http.close()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            return 2
     print(_describe(config), flush=True)
     logs.event("start", workers=config.worker_count(), pid=os.getpid())
     count = config.worker_count()
@@ -470,6 +483,7 @@ def _supervise(
         if pid not in workers:
             continue
         index = workers.pop(pid)
+        metrics.process_gone(pid)  # its open connections no longer count
         code = os.waitstatus_to_exitcode(status)
         if stopping:
             failed = failed or code != 0

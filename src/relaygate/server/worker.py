@@ -18,7 +18,7 @@ import ssl
 import time
 from typing import Any
 
-from relaygate import __version__, logs
+from relaygate import __version__, logs, stats
 from relaygate.accounts.changes import ChangeSignal
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.config import Config, ListenerConfig
@@ -147,8 +147,12 @@ class Worker:
                 self._proxy_listeners.append(proxied)
                 continue
 
-            def factory(settings: Settings = settings, implicit: bool = implicit) -> SMTPConnection:
-                return SMTPConnection(self, settings, implicit)
+            def factory(
+                settings: Settings = settings,
+                implicit: bool = implicit,
+                name: str = listener.address,
+            ) -> SMTPConnection:
+                return SMTPConnection(self, settings, implicit, listener=name)
 
             server = await loop.create_server(
                 factory,
@@ -166,7 +170,9 @@ class Worker:
         # request that came during start-up is delivered here, to our handler.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
         sweeper = asyncio.ensure_future(self._sweep())
+        flusher = asyncio.ensure_future(stats.flush_forever(self.storage.stats))
         await self._stopped.wait()
+        flusher.cancel()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
             signal.signal(signum, signal.SIG_IGN)  # already stopping: a repeat must not kill us
@@ -175,6 +181,7 @@ class Worker:
             await self._relay.stop()
         if self.shared_connections is not None:
             await self.shared_connections.stop()
+        await stats.flush(self.storage.stats)  # the counts since the last flush
         # Messages handed over are committed first, whatever else is cut short;
         # then the storage closes with its own tasks (a pool's workers), and a
         # decision still waiting on it gets an error it already knows how to take.
@@ -226,6 +233,7 @@ class Worker:
         try:
             await self.logins.prune()
             await self.storage.counters.prune(time.time())
+            await stats.prune(self.storage.stats, time.time())
         except STORAGE_ERRORS as exc:
             logs.event("prune.error", logging.WARNING, reason=" ".join(str(exc).split()))
 

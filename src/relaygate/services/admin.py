@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from relaygate import stats
 from relaygate.accounts.credentials import Credential, looks_like_credential
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import (
@@ -28,6 +29,7 @@ from relaygate.accounts.store import (
 from relaygate.config import PasswordHashConfig
 from relaygate.delivery.dkim import DKIMKey, KeyType, normalize_domain, txt_record
 from relaygate.sasl import StoredKeys, stored_keys_for_password
+from relaygate.stats import HourStats
 from relaygate.storage.api import (
     Accounts,
     AdminStorage,
@@ -37,9 +39,11 @@ from relaygate.storage.api import (
     DeliveryAttempt,
     DeliveryQueue,
     DKIMKeys,
+    HourlyStats,
     MessageLog,
     MessageRecord,
     QueueEntry,
+    QueueSummary,
     Secrets,
     TokenExists,
 )
@@ -251,6 +255,10 @@ class QueueAdmin:
     async def entries(self) -> list[QueueEntry]:
         return await self._queue.entries()
 
+    async def summary(self) -> QueueSummary:
+        """Counts by state and the oldest row's arrival (for /metrics)."""
+        return await self._queue.summary()
+
     async def pending(self, message_id: str) -> list[QueueEntry]:
         return [e for e in await self._queue.entries() if e.id == message_id]
 
@@ -319,6 +327,17 @@ class TokensAdmin:
         return await self._tokens.find(await self._digest(token), time.time())
 
 
+class StatsAdmin:
+    """The hourly stats (stats.py) for the API, the dashboard and ``relaygate stats``."""
+
+    def __init__(self, store: HourlyStats) -> None:
+        self._store = store
+
+    async def hourly(self, hours: int) -> list[HourStats]:
+        """The last ``hours`` hours, oldest first; ValueError outside 1..MAX_HOURS."""
+        return await stats.report(self._store, hours, time.time())
+
+
 @dataclass
 class AdminServices:
     """Every admin use case on one storage: what the CLI, the HTTP API and the
@@ -330,6 +349,7 @@ class AdminServices:
     dkim: DKIMAdmin
     queue: QueueAdmin
     tokens: TokensAdmin
+    stats: StatsAdmin
 
 
 def admin_services(store: AdminStorage, hashing: PasswordHashConfig) -> AdminServices:
@@ -340,4 +360,5 @@ def admin_services(store: AdminStorage, hashing: PasswordHashConfig) -> AdminSer
         DKIMAdmin(store.dkim_keys),
         QueueAdmin(store.queue),
         TokensAdmin(store.tokens, store.secrets),
+        StatsAdmin(store.stats),
     )

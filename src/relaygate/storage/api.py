@@ -368,6 +368,11 @@ class DeliveryQueue(Protocol):
         """Rows still to deliver (queued or being sent), oldest first."""
         ...
 
+    async def summary(self) -> QueueSummary:
+        """How many rows wait, by state, and the oldest one's age: one cheap
+        query for a metrics scrape (no rows read)."""
+        ...
+
     async def retry_now(self, message_id: str | None, now: float) -> int: ...
 
     async def delete(self, message_id: str, now: float) -> int:
@@ -387,6 +392,40 @@ class QueueEntry:
     last_reply: str | None
     mail_from: str
     node: str | None = None  # on a shared database: who holds its lease
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSummary:
+    # queued: never tried; deferred: tried, waiting for a retry; sending: being tried
+    counts: dict[str, int]
+    oldest: float | None  # created_at of the oldest row still to deliver
+
+
+@dataclass(frozen=True, slots=True)
+class StatRow:
+    """One count of the hourly stats (stats.py): ``hour`` is the hour's start
+    (seconds since the epoch), ``label`` is "" or, for refused, the reason."""
+
+    hour: int
+    name: str
+    label: str
+    count: int
+
+
+class HourlyStats(Protocol):
+    """Counts per hour (table stats_hourly), added to by every process."""
+
+    async def add(self, rows: Sequence[StatRow]) -> None:
+        """Add each row's count to its (hour, name, label), creating it if new."""
+        ...
+
+    async def read(self, first: int, end: int) -> list[StatRow]:
+        """Rows of the hours from ``first`` to before ``end``."""
+        ...
+
+    async def prune(self, before: int) -> None:
+        """Forget the hours before ``before``."""
+        ...
 
 
 class PolicyCache(Protocol):
@@ -477,6 +516,8 @@ class AdminStorage(Protocol):
     def queue(self) -> DeliveryQueue: ...
     @property
     def tokens(self) -> ApiTokens: ...
+    @property
+    def stats(self) -> HourlyStats: ...
     @property
     def secrets(self) -> Secrets: ...
     @property

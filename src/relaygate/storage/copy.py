@@ -6,7 +6,7 @@ service moves: accounts with their sender patterns, password hashes, SCRAM
 keys and limits; app credentials (their keyed hashes stay valid because the
 server secrets move too); DKIM keys; the message log with bodies and delivery
 history; the delivery queue; sending counters and known recipients (so limits
-carry on where they were); the MTA-STS cache. Failed-login windows are
+carry on where they were); the MTA-STS cache; the hourly stats. Failed-login windows are
 short-lived and stay behind.
 
 The target must be empty (no accounts, messages or secrets): a copy into a
@@ -126,6 +126,12 @@ def _copy(
         [(r[0], bytes(r[1]), bool(r[2]), r[3], r[4]) for r in tokens],
     )
     report.add("api tokens", len(tokens))
+    # The hourly stats, so the dashboard's history carries on.
+    hours = source.execute("SELECT hour, name, label, count FROM stats_hourly").fetchall()
+    target.cursor().executemany(
+        "INSERT INTO stats_hourly (hour, name, label, count) VALUES (%s, %s, %s, %s)", hours
+    )
+    report.add("hourly stats", len(hours))
     report.add("dkim keys", _copy_dkim_keys(target, data_dir))
     _copy_messages(source, target, bodies.directory_for(database), report)
 

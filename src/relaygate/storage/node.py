@@ -36,6 +36,7 @@ from relaygate.storage.api import (
     Credentials,
     DeliveryQueue,
     DKIMKeys,
+    HourlyStats,
     LoginFailures,
     PolicyCache,
     Secrets,
@@ -55,6 +56,7 @@ from relaygate.storage.sqlite_backend import SQLiteStorage
 from relaygate.storage.sqlite_counters import SQLiteSendingCounters
 from relaygate.storage.sqlite_credentials import SQLiteCredentials
 from relaygate.storage.sqlite_queue import SQLiteDeliveryQueue, SQLitePolicyCache
+from relaygate.storage.sqlite_stats import SQLiteHourlyStats
 from relaygate.storage.sqlite_throttle import SQLiteLoginFailures
 from relaygate.storage.thread import DatabaseThread
 
@@ -108,6 +110,7 @@ class NodeStorage:
     acceptance: Acceptance
     secrets: Secrets
     nodes: PostgresNodes | None  # None: one machine, nobody to tell
+    stats: HourlyStats
     _closers: list[Callable[[], Awaitable[None]]]
     redis: redis.asyncio.Redis | None = None  # [shared] redis_url: the process's client
 
@@ -165,6 +168,7 @@ async def _open_node_storage(
             acceptance=SpoolAcceptance(Spool(config.database_path, loop, deliver=deliver)),
             secrets=SQLiteSecrets(service, data),
             nodes=None,
+            stats=SQLiteHourlyStats(service, data),
             _closers=[close_service],
         )
     # On PostgreSQL only the node's own failed-login windows stay in data_dir
@@ -194,6 +198,7 @@ async def _open_node_storage(
         acceptance=shared.acceptance(config.node_name, deliver=deliver),
         secrets=shared.secrets,
         nodes=shared.nodes,
+        stats=shared.stats,
         _closers=[shared.close, close_state],
     )
 
@@ -209,6 +214,7 @@ class DeliveryStorage:
     queue: DeliveryQueue
     policies: PolicyCache
     dkim_keys: DKIMKeys
+    stats: HourlyStats
     close: Callable[[], Awaitable[None]]
 
 
@@ -228,6 +234,7 @@ async def open_delivery_storage(config: Config, loop: asyncio.AbstractEventLoop)
             queue=SQLiteDeliveryQueue(thread, same, config.database_path),
             policies=SQLitePolicyCache(thread, same),
             dkim_keys=FileDKIMKeys(key_directory(config.data_dir)),
+            stats=SQLiteHourlyStats(thread, same),
             close=close_thread,
         )
     shared = await PostgresStorage.open(
@@ -237,6 +244,7 @@ async def open_delivery_storage(config: Config, loop: asyncio.AbstractEventLoop)
         queue=shared.delivery_queue(config.node_name, config.delivery.lease_seconds),
         policies=shared.policies,
         dkim_keys=shared.dkim_keys,
+        stats=shared.stats,
         close=shared.close,
     )
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from relaygate.storage.files import private_file
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -158,6 +158,15 @@ CREATE TABLE ui_sessions (          -- web UI logins (storage/sqlite_sessions.py
     seen_at    REAL NOT NULL
 );
 CREATE INDEX ui_sessions_seen ON ui_sessions(seen_at);
+""",
+    8: """
+CREATE TABLE stats_hourly (         -- counts per hour (stats.py, storage/sqlite_stats.py)
+    hour  INTEGER NOT NULL,         -- the hour's start, seconds since the epoch (UTC)
+    name  TEXT NOT NULL,            -- accepted | delivered | deferred | bounced | refused | ...
+    label TEXT NOT NULL,            -- '' or, for refused, the reason
+    count INTEGER NOT NULL,
+    PRIMARY KEY (hour, name, label)
+);
 """,
 }
 

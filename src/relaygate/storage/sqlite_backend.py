@@ -22,6 +22,7 @@ from relaygate.storage.sqlite_credentials import SQLiteCredentials
 from relaygate.storage.sqlite_messages import SQLiteMessageLog
 from relaygate.storage.sqlite_queue import SQLiteDeliveryQueue
 from relaygate.storage.sqlite_sessions import SQLiteUiSessions
+from relaygate.storage.sqlite_stats import SQLiteHourlyStats
 from relaygate.storage.sqlite_tokens import SQLiteApiTokens
 from relaygate.storage.thread import DatabaseThread
 
@@ -39,6 +40,7 @@ class SQLiteStorage:
         self.queue = SQLiteDeliveryQueue(self._thread, same, database)
         self.tokens = SQLiteApiTokens(self._thread, same)
         self.sessions = SQLiteUiSessions(self._thread, same)
+        self.stats = SQLiteHourlyStats(self._thread, same)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._thread.close)

@@ -17,8 +17,9 @@ from typing import Any
 from relaygate.delivery import queue as q
 from relaygate.delivery.mta_sts import CREATE_TABLE as MTA_STS_TABLE
 from relaygate.storage import bodies
-from relaygate.storage.api import Notice, QueueEntry, Takeover
+from relaygate.storage.api import Notice, QueueEntry, QueueSummary, Takeover
 from relaygate.storage.batches import Batches
+from relaygate.storage.queue_summary import SUMMARY_SQL, summary_of
 from relaygate.storage.thread import DatabaseThread
 
 Connection = Callable[[Any], sqlite3.Connection]
@@ -144,6 +145,13 @@ class SQLiteDeliveryQueue:
             )
             for r in rows
         ]
+
+    async def summary(self) -> QueueSummary:
+        def read(c: Any) -> QueueSummary:
+            rows = self._connection(c).execute(SUMMARY_SQL).fetchall()
+            return summary_of(rows)
+
+        return await self._thread.run(read)
 
     async def retry_now(self, message_id: str | None, now: float) -> int:
         return await self._thread.run(lambda c: q.retry_now(self._connection(c), message_id, now))

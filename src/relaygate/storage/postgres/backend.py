@@ -20,6 +20,7 @@ from relaygate.storage.postgres.nodes import PostgresNodes
 from relaygate.storage.postgres.pool import check_schema, open_pool
 from relaygate.storage.postgres.queue import PostgresDeliveryQueue, PostgresPolicyCache
 from relaygate.storage.postgres.sessions import PostgresUiSessions
+from relaygate.storage.postgres.stats import PostgresHourlyStats
 from relaygate.storage.postgres.tokens import PostgresApiTokens
 from relaygate.storage.secrets import CREDENTIAL_KEY
 
@@ -40,6 +41,7 @@ class PostgresStorage:
         self.dkim_keys = PostgresDKIMKeys(pool)
         self.tokens = PostgresApiTokens(pool)
         self.sessions = PostgresUiSessions(pool)
+        self.stats = PostgresHourlyStats(pool)
 
         self.policies = PostgresPolicyCache(pool)
         # Admin commands list, retry and delete; a delivery process claims with

@@ -28,9 +28,10 @@ from psycopg_pool import AsyncConnectionPool
 from relaygate import message
 from relaygate.accepted import new_queue_id
 from relaygate.delivery.queue import Delivery, Outcome
-from relaygate.storage.api import LeaseLost, Notice, QueueEntry, Takeover
+from relaygate.storage.api import LeaseLost, Notice, QueueEntry, QueueSummary, Takeover
 from relaygate.storage.batches import Batches
 from relaygate.storage.postgres import bodies
+from relaygate.storage.queue_summary import SUMMARY_SQL, summary_of
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,11 @@ class PostgresDeliveryQueue:
             )
             for r in rows
         ]
+
+    async def summary(self) -> QueueSummary:
+        async with self._pool.connection() as connection:
+            cursor = await connection.execute(SUMMARY_SQL)
+            return summary_of(await cursor.fetchall())
 
     async def retry_now(self, message_id: str | None, now: float) -> int:
         async with self._pool.connection() as connection:

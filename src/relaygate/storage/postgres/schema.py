@@ -249,6 +249,16 @@ CREATE TABLE ui_sessions (
 );
 CREATE INDEX ui_sessions_seen ON ui_sessions(seen_at);
 """,
+    # Hourly stats, added to by every node (stats.py, storage/postgres/stats.py).
+    8: """
+CREATE TABLE stats_hourly (
+    hour  BIGINT NOT NULL,
+    name  TEXT NOT NULL,
+    label TEXT NOT NULL,
+    count BIGINT NOT NULL,
+    PRIMARY KEY (hour, name, label)
+);
+""",
 }
 SCHEMA_VERSION = max(STEPS)
 
