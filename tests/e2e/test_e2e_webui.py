@@ -397,3 +397,33 @@ def test_inline_cid_images_show_without_asking(ui: tuple[Server, str], page: Pag
     expect(logo).to_be_visible()
     assert logo.evaluate("image => image.naturalWidth") == 1
     expect(page.get_by_test_id("images-blocked")).to_have_count(0)
+
+
+def test_dashboard_charts_the_hourly_stats(ui: tuple[Server, str], page: Page) -> None:
+    """Admins see the server's hours (accepted, delivered, ..., failed logins) as
+    bars; the stats reach storage within seconds (flushed every 10 s)."""
+    server, base = ui
+    with (
+        pytest.raises(smtplib.SMTPAuthenticationError),
+        smtplib.SMTP_SSL("127.0.0.1", server.implicit_port, context=server.client_context()) as c,
+    ):
+        c.login(BOB.address, "not-the-password")
+    _log_in(page, base, ALICE.address, ALICE.password)
+    charts = page.get_by_test_id("charts")
+    accepted = charts.locator("figure", has_text="Accepted").locator("strong")
+    failed = charts.locator("figure", has_text="Failed logins").locator("strong")
+    for _ in range(40):  # up to 20 s: one flush period and a margin
+        if int(accepted.inner_text()) >= len(REALISTIC) and int(failed.inner_text()) >= 1:
+            break
+        page.wait_for_timeout(500)
+        page.goto(base + "/")
+    assert int(accepted.inner_text()) >= len(REALISTIC)
+    assert int(failed.inner_text()) >= 1
+    assert charts.locator("svg.bars rect").count() == 6 * 24
+    _shot(page, "dashboard")
+    page.click("text=last 7 days")
+    expect(charts.locator("svg.bars").first.locator("rect")).to_have_count(7 * 24)
+    # Not an admin: no server-wide charts.
+    page.context.clear_cookies()
+    _log_in(page, base, BOB.address, BOB.password)
+    expect(page.get_by_test_id("charts")).to_have_count(0)

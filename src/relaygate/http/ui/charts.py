@@ -31,5 +31,6 @@ def bars(title: str, labels: Sequence[str], values: Sequence[int], colour: str) 
     baseline = f'<line x1="0" y1="{HEIGHT}" x2="{WIDTH}" y2="{HEIGHT}" stroke="#c4ccd4"/>'
     return Markup(  # noqa: S704 - every text inside went through escape(); the rest are numbers
         f'<svg class="bars" viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}"'
-        f' role="img" aria-label="{escape(title)}">{baseline}{"".join(rects)}</svg>'
+        f' preserveAspectRatio="none" role="img" aria-label="{escape(title)}">'
+        f"{baseline}{''.join(rects)}</svg>"
     )

@@ -5,16 +5,41 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+from markupsafe import Markup
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from relaygate.http.context import HttpContext
 from relaygate.http.ui.auth import Viewer, ui_page
+from relaygate.http.ui.charts import bars
 from relaygate.http.ui.messages import SCAN
 from relaygate.http.ui.render import page
+from relaygate.stats import HourStats
 
 DAY = 86400.0
+RANGES = {"24h": 24, "7d": 7 * 24}
+# (field of stats.HourStats, title, colour)
+SERIES = [
+    ("accepted", "Accepted", "#1f6feb"),
+    ("delivered", "Delivered", "#1a7f37"),
+    ("deferred", "Deferred", "#9a6700"),
+    ("bounced", "Bounced", "#b42318"),
+    ("refused", "Refused", "#57606a"),
+    ("login_failures", "Failed logins", "#8250df"),
+]
+
+
+def _charts(report: list[HourStats]) -> list[tuple[str, int, Markup]]:
+    labels = [time.strftime("%Y-%m-%d %H:00 UTC", time.gmtime(h.hour)) for h in report]
+    charts = []
+    for name, title, colour in SERIES:
+        if name == "refused":
+            values = [sum(count for _, count in h.refused) for h in report]
+        else:
+            values = [int(getattr(h, name)) for h in report]
+        charts.append((title, sum(values), bars(title, labels, values, colour)))
+    return charts
 
 
 async def _dashboard(request: Request, ctx: HttpContext, who: Viewer) -> Response:
@@ -24,9 +49,23 @@ async def _dashboard(request: Request, ctx: HttpContext, who: Viewer) -> Respons
     statuses = Counter(r.status for r in today)
     queue = await ctx.admin.queue.entries() if who.admin else []
     oldest = min((e.created_at for e in queue), default=None)
+    span = request.query_params.get("range", "24h")
+    span = span if span in RANGES else "24h"
+    charts: list[tuple[str, int, Markup]] = []
+    reasons: list[tuple[str, int]] = []
+    if who.admin:  # the stats are the whole server's: for admins only
+        report = await ctx.admin.stats.hourly(RANGES[span])
+        charts = _charts(report)
+        totals = Counter[str]()
+        for h in report:
+            totals.update(dict(h.refused))
+        reasons = totals.most_common()
     return page(
         "dashboard.html",
         viewer=who,
+        span=span,
+        charts=charts,
+        reasons=reasons,
         statuses=sorted(statuses.items()),
         accepted_today=len(today),
         recent=records[:10],

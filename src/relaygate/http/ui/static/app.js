@@ -28,6 +28,17 @@ function cell(text, cls) {
   return td;
 }
 
+function clipped(text) {
+  const td = document.createElement("td");
+  td.className = "addr";
+  const span = document.createElement("span");
+  span.className = "clip";
+  span.title = text;
+  span.textContent = text;
+  td.appendChild(span);
+  return td;
+}
+
 function statusCell(status) {
   const td = document.createElement("td");
   const span = document.createElement("span");
@@ -42,8 +53,8 @@ function row(m) {
   tr.dataset.id = m.id;
   tr.className = "new";
   tr.appendChild(cell(when(m.created_at), "nowrap"));
-  tr.appendChild(cell(m.mail_from || "<>", "addr"));
-  tr.appendChild(cell(cut(m.rcpt_to.join(", "), 200), "addr"));
+  tr.appendChild(clipped(m.mail_from || "<>"));
+  tr.appendChild(clipped(cut(m.rcpt_to.join(", "), 200)));
   const subject = document.createElement("td");
   subject.className = "subject";
   const link = document.createElement("a");
@@ -51,7 +62,7 @@ function row(m) {
   link.textContent = cut(m.subject || "(no subject)", 200);
   subject.appendChild(link);
   tr.appendChild(subject);
-  tr.appendChild(cell(m.account, "addr"));
+  tr.appendChild(clipped(m.account));
   tr.appendChild(statusCell(m.status));
   tr.appendChild(cell(size(m.size), "nowrap"));
   return tr;
