@@ -10,6 +10,7 @@ messages in its own way (SQLite: the real spool); the reads are the contract.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -35,12 +36,14 @@ from relaygate.services.admin import (
     NotFound,
     TokenError,
     TokensAdmin,
+    decode_cursor,
 )
 from relaygate.services.login import LoginService
 from relaygate.services.web_login import IDLE_SECONDS, WebLogin
 from relaygate.spool import Spool, SpooledMessage, new_queue_id
 from relaygate.storage import bodies
 from relaygate.storage.api import DeliveryAttempt, MessageLog
+from relaygate.storage.message_query import MessageQuery
 from relaygate.storage.postgres import pool as pool_module
 from relaygate.storage.postgres.backend import PostgresStorage
 from relaygate.storage.postgres.messages import PostgresMessageLog
@@ -198,6 +201,63 @@ def test_recent_messages_newest_first_with_their_records(backend: Backend) -> No
             assert first.size == messages[4].size
             assert first.status == "queued"
             assert len(await admin.recent(100)) == 5
+
+    run(check())
+
+
+def test_search_filters_and_pages_without_gaps_or_repeats(backend: Backend) -> None:
+    """Filters combine; a cursor pages through newest first, and messages
+    accepted between two pages neither repeat nor push any out."""
+    now = time.time()
+    messages = []
+    for i in range(23):
+        m = _message(f"Order {i} 50%_off" if i % 3 == 0 else f"Note {i}", now - 1000 + i)
+        if i % 4 == 0:
+            m = dataclasses.replace(m, account="Other@Example.com", mail_from="other@example.com")
+        if i == 7:
+            m = dataclasses.replace(m, recipients=["needle@target.example"])
+        messages.append(m)
+    same_time = [
+        dataclasses.replace(_message(f"Tie {n}", now - 500), id=f"ZZTIE{n}") for n in range(3)
+    ]
+    backend.accept(messages + same_time)
+
+    async def pages(cursor: str | None, count: int) -> tuple[list[str], str | None, int]:
+        seen: list[str] = []
+        done = 0
+        async for admin in _admin(backend):
+            while done < count:
+                query = MessageQuery(limit=7, before=decode_cursor(cursor) if cursor else None)
+                page, cursor = await admin.search(query)
+                seen += [r.id for r in page]
+                done += 1
+                if cursor is None:
+                    break
+        return seen, cursor, done
+
+    seen, cursor, first = run(pages(None, 2))
+    backend.accept([_message("late", now + 10)])  # newer than all: in no later page
+    rest, cursor, later = run(pages(cursor, 10))
+    expected = sorted(messages + same_time, key=lambda m: (m.created_at, m.id), reverse=True)
+    assert seen + rest == [m.id for m in expected] and (first, later, cursor) == (2, 2, None)
+
+    async def check() -> None:
+        async for log in _admin(backend):
+            other, _ = await log.search(MessageQuery(account="other@EXAMPLE.com", limit=100))
+            assert {r.account for r in other} == {"Other@Example.com"} and len(other) == 6
+            found, _ = await log.search(MessageQuery(text="50%_OFF", limit=100))
+            assert sorted(r.subject for r in found) == sorted(
+                f"Order {i} 50%_off" for i in range(0, 23, 3)
+            )
+            assert (await log.search(MessageQuery(text="50x_off", limit=100)))[0] == []
+            needle, _ = await log.search(MessageQuery(text="NEEDLE@target", limit=100))
+            assert [r.subject for r in needle] == ["Note 7"]
+            window, _ = await log.search(
+                MessageQuery(since=now - 1000 + 5, until=now - 1000 + 8, limit=100)
+            )
+            assert [r.subject for r in window] == ["Note 7", "Order 6 50%_off", "Note 5"]
+            none, cursor = await log.search(MessageQuery(status="delivered", limit=5))
+            assert none == [] and cursor is None
 
     run(check())
 

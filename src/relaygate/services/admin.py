@@ -11,11 +11,12 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from relaygate import stats
 from relaygate.accounts.credentials import Credential, looks_like_credential
@@ -47,6 +48,7 @@ from relaygate.storage.api import (
     Secrets,
     TokenExists,
 )
+from relaygate.storage.message_query import MessageQuery
 
 
 class NotFound(LookupError):
@@ -60,12 +62,39 @@ class MessageView:
     history: list[DeliveryAttempt]
 
 
+def encode_cursor(record: MessageRecord) -> str:
+    raw = json.dumps([record.created_at, record.id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """ValueError for anything that is not a cursor we made."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, message_id = json.loads(raw)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not a cursor: {cursor[:40]!r}") from exc
+    if not isinstance(created, int | float) or not isinstance(message_id, str):
+        raise ValueError(f"not a cursor: {cursor[:40]!r}")
+    return float(created), message_id
+
+
 class MessagesAdmin:
     def __init__(self, log: MessageLog) -> None:
         self._log = log
 
     async def recent(self, limit: int) -> list[MessageRecord]:
         return await self._log.recent(limit)
+
+    async def search(self, query: MessageQuery) -> tuple[list[MessageRecord], str | None]:
+        """A page of the log, newest first, and the cursor of the next page (None:
+        this was the last). Paging is by (received time, id), so messages that
+        arrive meanwhile neither shift a page nor appear twice."""
+        found = await self._log.search(replace(query, limit=query.limit + 1))
+        if len(found) <= query.limit:
+            return found, None
+        page = found[: query.limit]
+        return page, encode_cursor(page[-1])
 
     async def show(self, message_id: str, *, body: bool = True) -> MessageView:
         """The record, body (unless ``body`` is False) and delivery history;

@@ -25,6 +25,7 @@ from relaygate.delivery.dkim import DKIMKey, KeyType
 from relaygate.delivery.queue import Delivery, Outcome
 from relaygate.quotas import Scope
 from relaygate.sasl import StoredKeys
+from relaygate.storage.message_query import MessageQuery
 from relaygate.throttle import Reservation, Verdict, Wait
 
 if TYPE_CHECKING:
@@ -88,6 +89,10 @@ class MessageLog(Protocol):
 
     async def recent(self, limit: int) -> list[MessageRecord]:
         """The newest ``limit`` messages, newest first."""
+        ...
+
+    async def search(self, query: MessageQuery) -> list[MessageRecord]:
+        """Newest first, filtered; ``query.before`` pages on from a cursor."""
         ...
 
     async def get(self, message_id: str) -> MessageRecord | None: ...

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from relaygate.storage.files import private_file
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -167,6 +167,9 @@ CREATE TABLE stats_hourly (         -- counts per hour (stats.py, storage/sqlite
     count INTEGER NOT NULL,
     PRIMARY KEY (hour, name, label)
 );
+""",
+    9: """
+CREATE INDEX messages_account ON messages(lower(account), created_at); -- one account's log
 """,
 }
 

@@ -14,6 +14,7 @@ from relaygate.storage.api import (
     MessageRecord,
     record_from_row,
 )
+from relaygate.storage.message_query import MessageQuery, where
 from relaygate.storage.thread import DatabaseThread
 
 
@@ -39,6 +40,9 @@ class SQLiteMessageLog:
     async def recent(self, limit: int) -> list[MessageRecord]:
         return await self._thread.run(_recent, limit)
 
+    async def search(self, query: MessageQuery) -> list[MessageRecord]:
+        return await self._thread.run(_search, query)
+
     async def get(self, message_id: str) -> MessageRecord | None:
         return await self._thread.run(_get, message_id)
 
@@ -54,6 +58,16 @@ def _recent(db: sqlite3.Connection, limit: int) -> list[MessageRecord]:
         f"SELECT {MESSAGE_COLUMNS} FROM messages"  # noqa: S608 (a constant column list)
         " ORDER BY created_at DESC, id DESC LIMIT ?",
         (limit,),
+    ).fetchall()
+    return [_record(row) for row in rows]
+
+
+def _search(db: sqlite3.Connection, query: MessageQuery) -> list[MessageRecord]:
+    clause, values = where(query, "?", "LIKE", "rcpt_to")  # LIKE: ASCII case-insensitive
+    rows = db.execute(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages{clause}"  # noqa: S608 (built from constants)
+        " ORDER BY created_at DESC, id DESC LIMIT ?",
+        (*values, query.limit),
     ).fetchall()
     return [_record(row) for row in rows]
 

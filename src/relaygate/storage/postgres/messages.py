@@ -12,6 +12,7 @@ from relaygate.storage.api import (
     MessageRecord,
     record_from_row,
 )
+from relaygate.storage.message_query import MessageQuery, where
 from relaygate.storage.postgres import bodies
 
 
@@ -32,6 +33,16 @@ class PostgresMessageLog:
                 f"SELECT {MESSAGE_COLUMNS} FROM messages"  # noqa: S608 (a constant column list)
                 " ORDER BY created_at DESC, id DESC LIMIT %s",
                 (limit,),
+            )
+            return [_record(row) for row in await cursor.fetchall()]
+
+    async def search(self, query: MessageQuery) -> list[MessageRecord]:
+        clause, values = where(query, "%s", "ILIKE", "rcpt_to::text")
+        async with self._pool.connection() as connection:
+            cursor = await connection.execute(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages{clause}"  # noqa: S608 (constants)
+                " ORDER BY created_at DESC, id DESC LIMIT %s",
+                (*values, query.limit),
             )
             return [_record(row) for row in await cursor.fetchall()]
 

@@ -259,6 +259,10 @@ CREATE TABLE stats_hourly (
     PRIMARY KEY (hour, name, label)
 );
 """,
+    # One account's messages, newest first (the web UI for accounts, ?account= in the API).
+    9: """
+CREATE INDEX messages_account ON messages (lower(account), created_at DESC, id DESC);
+""",
 }
 SCHEMA_VERSION = max(STEPS)
 

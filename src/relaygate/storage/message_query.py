@@ -1,0 +1,54 @@
+"""Which messages a log view wants: filters and a keyset cursor, and the SQL
+WHERE clause for them, shared by both backends (only the placeholder and the
+case-insensitive LIKE differ)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_TEXT = 200  # characters of search text
+
+
+@dataclass(frozen=True, slots=True)
+class MessageQuery:
+    account: str | None = None  # the account that sent it (any case)
+    status: str | None = None  # captured | queued | delivered | failed | ...
+    text: str | None = None  # in the subject, envelope sender or recipients, account or id
+    since: float | None = None  # received at or after (unix time)
+    until: float | None = None  # received before
+    before: tuple[float, str] | None = None  # the cursor: older than this (created_at, id)
+    limit: int = 50
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def where(query: MessageQuery, mark: str, like: str, rcpt_text: str) -> tuple[str, list[object]]:
+    """The WHERE clause ("" for none) and its values. ``mark`` is the
+    placeholder (? or %s), ``like`` the case-insensitive LIKE (LIKE or ILIKE),
+    ``rcpt_text`` the recipients column as text."""
+    parts: list[str] = []
+    values: list[object] = []
+    if query.account is not None:
+        parts.append(f"lower(account) = lower({mark})")
+        values.append(query.account)
+    if query.status is not None:
+        parts.append(f"status = {mark}")
+        values.append(query.status)
+    if query.text:
+        pattern = "%" + _escape_like(query.text[:MAX_TEXT]) + "%"
+        columns = ("subject", "mail_from", rcpt_text, "account", "id")
+        parts.append("(" + " OR ".join(f"{c} {like} {mark} ESCAPE '\\'" for c in columns) + ")")
+        values.extend([pattern] * len(columns))
+    if query.since is not None:
+        parts.append(f"created_at >= {mark}")
+        values.append(query.since)
+    if query.until is not None:
+        parts.append(f"created_at < {mark}")
+        values.append(query.until)
+    if query.before is not None:
+        created, message_id = query.before
+        parts.append(f"(created_at < {mark} OR (created_at = {mark} AND id < {mark}))")
+        values.extend([created, created, message_id])
+    return (" WHERE " + " AND ".join(parts)) if parts else "", values
