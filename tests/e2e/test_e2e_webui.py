@@ -427,3 +427,19 @@ def test_dashboard_charts_the_hourly_stats(ui: tuple[Server, str], page: Page) -
     page.context.clear_cookies()
     _log_in(page, base, BOB.address, BOB.password)
     expect(page.get_by_test_id("charts")).to_have_count(0)
+
+
+def test_message_log_search_and_status_filter(ui: tuple[Server, str], page: Page) -> None:
+    _, base = ui
+    _log_in(page, base, ALICE.address, ALICE.password)
+    page.goto(base + "/messages")
+    page.fill("input[name=q]", "SHIPPED")
+    page.click("text=Filter")
+    rows = page.locator("#message-table tbody tr[data-id]")
+    expect(rows).to_have_count(1)
+    expect(rows.first.locator("td.subject")).to_have_text("Your order #10231 has shipped")
+    page.goto(base + "/messages?status=delivered")
+    expect(rows).to_have_count(0)
+    expect(page.locator("tr.empty")).to_be_visible()
+    page.goto(base + "/messages?q=" + "%25_%5C" * 50)  # LIKE wildcards are text here
+    expect(rows).to_have_count(0)

@@ -13,11 +13,12 @@ from starlette.routing import BaseRoute
 from relaygate.http.context import HttpContext
 from relaygate.http.ui.auth import Viewer, ui_page
 from relaygate.http.ui.charts import bars
-from relaygate.http.ui.messages import SCAN
 from relaygate.http.ui.render import page
 from relaygate.stats import HourStats
+from relaygate.storage.message_query import MessageQuery
 
 DAY = 86400.0
+DAY_SCAN = 10_000  # messages of the last day counted by status on the page
 RANGES = {"24h": 24, "7d": 7 * 24}
 # (field of stats.HourStats, title, colour)
 SERIES = [
@@ -44,8 +45,11 @@ def _charts(report: list[HourStats]) -> list[tuple[str, int, Markup]]:
 
 async def _dashboard(request: Request, ctx: HttpContext, who: Viewer) -> Response:
     now = time.time()
-    records = [r for r in await ctx.admin.messages.recent(SCAN) if who.may_see(r.account)]
-    today = [r for r in records if now - r.created_at <= DAY]
+    mine = None if who.admin else who.account.address
+    today, _ = await ctx.admin.messages.search(
+        MessageQuery(account=mine, since=now - DAY, limit=DAY_SCAN)
+    )
+    latest, _ = await ctx.admin.messages.search(MessageQuery(account=mine, limit=10))
     statuses = Counter(r.status for r in today)
     queue = await ctx.admin.queue.entries() if who.admin else []
     oldest = min((e.created_at for e in queue), default=None)
@@ -68,7 +72,7 @@ async def _dashboard(request: Request, ctx: HttpContext, who: Viewer) -> Respons
         reasons=reasons,
         statuses=sorted(statuses.items()),
         accepted_today=len(today),
-        recent=records[:10],
+        recent=latest,
         queue_rows=len(queue),
         queue_messages=len({e.id for e in queue}),
         oldest=oldest,

@@ -23,9 +23,9 @@ from relaygate.json_views import message_json
 from relaygate.services.admin import NotFound
 from relaygate.storage.api import MessageRecord
 from relaygate.storage.bodies import BodyMissing
+from relaygate.storage.message_query import MessageQuery
 
 PAGE_SIZE = 100
-SCAN = 1000  # recent messages searched by the log's filters
 MAX_RAW_SHOWN = 512 * 1024  # bytes of source shown in the page (the download has all)
 MAX_INLINE_IMAGE = 2 * 1024 * 1024  # bytes of one cid: image shown inline
 _REMOTE_IMAGE = re.compile(rb"""<img[^>]+src\s*=\s*["']?\s*(https?:)?//""", re.IGNORECASE)
@@ -41,24 +41,19 @@ _SHOWN_TYPES = {
 }
 
 
-def _matches(record: MessageRecord, q: str, status: str) -> bool:
-    if status and record.status != status:
-        return False
-    if not q:
-        return True
-    q = q.lower()
-    return any(
-        q in text.lower()
-        for text in (record.subject, record.mail_from, record.account, record.id, *record.rcpt_to)
-    )
-
-
 async def _visible(
     ctx: HttpContext, who: Viewer, q: str, status: str, limit: int
 ) -> list[MessageRecord]:
-    records = await ctx.admin.messages.recent(SCAN)
-    shown = [r for r in records if who.may_see(r.account) and _matches(r, q, status)]
-    return shown[:limit]
+    """The newest messages this viewer may see that match: an account that is
+    not an admin gets its own only, filtered by the database."""
+    query = MessageQuery(
+        account=None if who.admin else who.account.address,
+        status=status or None,
+        text=q or None,
+        limit=limit,
+    )
+    records, _ = await ctx.admin.messages.search(query)
+    return records
 
 
 async def _log(request: Request, ctx: HttpContext, who: Viewer) -> Response:
