@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -218,3 +219,56 @@ def test_oversized_and_malformed_requests_are_refused_and_it_keeps_serving(
     assert _raw_http(port, long_header)[:12] in (b"HTTP/1.1 400", b"HTTP/1.1 431", b"")
     token = _token(server, "after-abuse")
     assert _get(f"{base}/api/v1/messages", token)[0] == 200
+
+
+def test_message_filters_and_cursor_pages(api: tuple[Server, str]) -> None:
+    """Thirty messages paged seven at a time: each exactly once, newest first,
+    while more arrive; the filters combine; bad input is a 400 saying why."""
+    server, base = api
+    token = _token(server, "pager")
+    tag = f"batch-{time.time_ns()}"
+    with session(server, user=ALICE) as client:
+        ids = [
+            client.send_mail(
+                ALICE.address,
+                [RCPT],
+                make_message(from_addr=ALICE.address, to=[RCPT], subject=f"{tag} n{i:02d}"),
+            )
+            for i in range(30)
+        ]
+    seen: list[str] = []
+    url = f"{base}/api/v1/messages?limit=7&q={tag}"
+    for page_number in range(10):
+        status, body = _get(url, token)
+        assert status == 200, body
+        seen += [m["id"] for m in body["messages"]]
+        if page_number == 0:  # arrives meanwhile: newer than every page, so in none
+            with session(server, user=ALICE) as client:
+                client.send_mail(
+                    ALICE.address,
+                    [RCPT],
+                    make_message(from_addr=ALICE.address, to=[RCPT], subject=f"{tag} late"),
+                )
+        if body["next_cursor"] is None:
+            break
+        url = f"{base}/api/v1/messages?limit=7&q={tag}&cursor={body['next_cursor']}"
+    assert seen == list(reversed(ids))
+    status, body = _get(
+        f"{base}/api/v1/messages?q={tag.upper()}%20N0&account=ALICE@example.com", token
+    )
+    assert status == 200 and len(body["messages"]) == 10
+    first = server.message(ids[0])["created_at"]
+    status, body = _get(
+        f"{base}/api/v1/messages?q={tag}&since={first}&until={first + 0.000001}", token
+    )
+    assert [m["id"] for m in body["messages"]] == [ids[0]]
+    iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(first + 3600))
+    assert len(_get(f"{base}/api/v1/messages?q={tag}&since={iso}", token)[1]["messages"]) == 0
+    for query, error in (
+        ("cursor=not-a-cursor", "not a cursor"),
+        ("since=yesterday", "since must be unix seconds or an RFC 3339 time"),
+        ("sort=desc", "unknown parameter: sort"),
+        ("limit=1001", "limit must be a whole number from 1 to 1000"),
+    ):
+        status, body = _get(f"{base}/api/v1/messages?{query}", token)
+        assert status == 400 and body["error"].startswith(error), (query, body)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -9,16 +11,60 @@ from starlette.routing import Route
 from relaygate.http.api import ApiError, api_route
 from relaygate.http.context import Caller, HttpContext
 from relaygate.json_views import attempt_json, message_json
+from relaygate.services.admin import decode_cursor
+from relaygate.storage.message_query import MessageQuery
 
 MAX_LIST = 1000  # messages per page
 
 
+def _time(request: Request, name: str) -> float | None:
+    """A time parameter: unix seconds or RFC 3339 (2026-12-04T10:00:00Z)."""
+    text = request.query_params.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ApiError(
+            400, f"{name} must be unix seconds or an RFC 3339 time", {name: text[:100]}
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
 async def _list(request: Request, ctx: HttpContext, caller: Caller) -> Response:
-    text = request.query_params.get("limit", "50")
+    """GET /api/v1/messages?account=&status=&q=&since=&until=&limit=&cursor="""
+    params = request.query_params
+    known = {"account", "status", "q", "since", "until", "limit", "cursor"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ApiError(400, f"unknown parameter: {unknown[0][:40]}", {"known": sorted(known)})
+    text = params.get("limit", "50")
     if not text.isdigit() or not 1 <= int(text) <= MAX_LIST:
         raise ApiError(400, f"limit must be a whole number from 1 to {MAX_LIST}", text)
-    records = await ctx.admin.messages.recent(int(text))
-    return JSONResponse({"messages": [message_json(r) for r in records]})
+    cursor = params.get("cursor")
+    try:
+        before = decode_cursor(cursor) if cursor else None
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+    query = MessageQuery(
+        account=params.get("account") or None,
+        status=params.get("status") or None,
+        text=(params.get("q") or None),
+        since=_time(request, "since"),
+        until=_time(request, "until"),
+        before=before,
+        limit=int(text),
+    )
+    records, next_cursor = await ctx.admin.messages.search(query)
+    return JSONResponse(
+        {"messages": [message_json(r) for r in records], "next_cursor": next_cursor}
+    )
 
 
 async def _one(request: Request, ctx: HttpContext, caller: Caller) -> Response:
