@@ -53,8 +53,9 @@ from relaygate.services.admin import (
 from relaygate.stats import MAX_HOURS
 from relaygate.storage import bodies
 from relaygate.storage import sqlite as sqlite_storage
-from relaygate.storage.api import ApiToken, DeliveryAttempt, NodeRecord, QueueEntry
+from relaygate.storage.api import ApiToken, DeliveryAttempt, MessageRecord, NodeRecord, QueueEntry
 from relaygate.storage.copy import CopyError, copy_to_postgres
+from relaygate.storage.message_query import MessageQuery
 from relaygate.storage.node import open_admin_storage
 from relaygate.storage.postgres import pool as postgres_pool
 from relaygate.storage.postgres.backend import PostgresStorage
@@ -340,6 +341,15 @@ def _add_message_commands(
     listing.add_argument(
         "--limit", type=_positive_int, default=50, metavar="N", help="at most N (default: 50)"
     )
+    listing.add_argument("--account", metavar="ADDRESS", help="sent by this account")
+    listing.add_argument("--status", metavar="STATUS", help="captured, queued, delivered, ...")
+    listing.add_argument(
+        "--search", metavar="TEXT", help="in the subject, sender, recipients, account or id"
+    )
+    listing.add_argument(
+        "--since", metavar="TIME", help="received at or after (YYYY-MM-DD, UTC, or ISO 8601)"
+    )
+    listing.add_argument("--until", metavar="TIME", help="received before (same forms)")
     listing.set_defaults(handler=_messages_list)
 
     show = actions.add_parser("show", parents=[common], help="show one message")
@@ -932,8 +942,34 @@ def _with_admin(config: Config, work: Callable[[AdminServices], Awaitable[T]]) -
         raise CommandError(str(exc)) from None
 
 
+def _list_time(text: str | None, option: str) -> float | None:
+    """--since/--until: a date (its start, UTC) or an ISO 8601 time (UTC if no zone)."""
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise CommandError(
+            f"invalid {option}: {text!r}: use YYYY-MM-DD or an ISO 8601 time"
+            " such as 2026-12-04T10:00:00Z"
+        ) from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
 def _messages_list(args: argparse.Namespace, config: Config) -> int:
-    records = _with_admin(config, lambda admin: admin.messages.recent(args.limit))
+    query = MessageQuery(
+        account=args.account,
+        status=args.status,
+        text=args.search,
+        since=_list_time(args.since, "--since"),
+        until=_list_time(args.until, "--until"),
+        limit=args.limit,
+    )
+
+    async def search(admin: AdminServices) -> list[MessageRecord]:
+        return (await admin.messages.search(query))[0]
+
+    records = _with_admin(config, search)
     messages = [message_json(record) for record in records]
     if args.json:
         print(json.dumps(messages, indent=2))

@@ -750,6 +750,29 @@ def test_messages_list(
     assert only["status"] == "captured"
 
 
+def test_messages_list_filters(
+    capsys: pytest.CaptureFixture[str], cfg: list[str], db: sqlite3.Connection
+) -> None:
+    add_message(db, "OLD1", 1_700_000_000.0, subject="invoice 7")  # 2023-11-14T22:13:20Z
+    add_message(db, "NEW2", 1_700_100_000.0, subject="welcome")
+    db.execute("UPDATE messages SET status = 'delivered' WHERE id = 'NEW2'")
+
+    def ids(*options: str) -> list[str]:
+        status, out, err = run(capsys, *cfg, "messages", "list", "--json", *options)
+        assert status == 0, err
+        return [m["id"] for m in json.loads(out)]
+
+    assert ids("--search", "INVOICE") == ["OLD1"]
+    assert ids("--status", "delivered") == ["NEW2"]
+    assert ids("--account", "ALICE@example.com") == ["NEW2", "OLD1"]
+    assert ids("--account", "bob@example.com") == []
+    assert ids("--since", "2023-11-15") == ["NEW2"]
+    assert ids("--until", "2023-11-14T22:13:21Z") == ["OLD1"]
+    status, out, err = run(capsys, *cfg, "messages", "list", "--since", "last week")
+    assert (status, out) == (2, "")
+    assert err.startswith("relaygate: invalid --since: 'last week': use YYYY-MM-DD")
+
+
 @pytest.mark.parametrize("limit", ["0", "-3", "many"])
 def test_messages_list_bad_limit(
     capsys: pytest.CaptureFixture[str], cfg: list[str], limit: str
