@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import psycopg
 
@@ -42,7 +42,13 @@ from relaygate.delivery.dkim import (
     KEY_TYPES,
     DKIMError,
 )
-from relaygate.json_views import message_json
+from relaygate.json_views import (
+    account_json,
+    credential_json,
+    message_json,
+    queue_entry_json,
+    token_json,
+)
 from relaygate.services.admin import (
     AdminServices,
     MessageView,
@@ -53,7 +59,7 @@ from relaygate.services.admin import (
 from relaygate.stats import MAX_HOURS
 from relaygate.storage import bodies
 from relaygate.storage import sqlite as sqlite_storage
-from relaygate.storage.api import ApiToken, DeliveryAttempt, MessageRecord, NodeRecord, QueueEntry
+from relaygate.storage.api import DeliveryAttempt, MessageRecord, NodeRecord, QueueEntry
 from relaygate.storage.copy import CopyError, copy_to_postgres
 from relaygate.storage.message_query import MessageQuery
 from relaygate.storage.node import open_admin_storage
@@ -463,19 +469,10 @@ def _token_add(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _token_json(token: ApiToken) -> dict[str, Any]:
-    return {
-        "name": token.name,
-        "read_only": token.read_only,
-        "created_at": token.created_at,
-        "last_used": token.last_used,
-    }
-
-
 def _token_list(args: argparse.Namespace, config: Config) -> int:
     tokens = _with_admin(config, lambda admin: admin.tokens.list())
     if args.json:
-        print(json.dumps([_token_json(t) for t in tokens], indent=2))
+        print(json.dumps([token_json(t) for t in tokens], indent=2))
     elif not tokens:
         print("no tokens; add one with: relaygate token add NAME [--read-only]")
     else:
@@ -719,9 +716,7 @@ def _user_list(args: argparse.Namespace, config: Config) -> int:
     accounts, limits = _with_admin(config, read)
     if args.json:
         print(
-            json.dumps(
-                [_account_json(a, limits.get(a.address.lower())) for a in accounts], indent=2
-            )
+            json.dumps([account_json(a, limits.get(a.address.lower())) for a in accounts], indent=2)
         )
     elif not accounts:
         print("no accounts yet; add one with: relaygate user add ADDRESS")
@@ -740,20 +735,6 @@ def _user_list(args: argparse.Namespace, config: Config) -> int:
             ],
         )
     return 0
-
-
-def _account_json(account: Account, limits: dict[str, int] | None) -> dict[str, Any]:
-    # Deliberately without the password hash: this output gets pasted around.
-    return {
-        "id": account.id,
-        "address": account.address,
-        "disabled": account.disabled,
-        "admin": account.admin,
-        "senders": list(account.senders),
-        "limits": limits,
-        "created_at": account.created_at,
-        "updated_at": account.updated_at,
-    }
 
 
 def _limit_changes(args: argparse.Namespace) -> dict[str, int]:
@@ -853,7 +834,7 @@ def _credential_list(args: argparse.Namespace, config: Config) -> int:
     credentials = _with_admin(config, lambda admin: admin.credentials.list(args.address))
     now = time.time()
     if args.json:
-        print(json.dumps([_credential_json(c, now) for c in credentials], indent=2))
+        print(json.dumps([credential_json(c, now) for c in credentials], indent=2))
     elif not credentials:
         address = normalize_address(args.address)
         print(
@@ -877,23 +858,6 @@ def _credential_list(args: argparse.Namespace, config: Config) -> int:
             ],
         )
     return 0
-
-
-def _credential_json(credential: Credential, now: float) -> dict[str, Any]:
-    # Never the secret's hash: this output gets pasted around.
-    return {
-        "id": credential.id,
-        "account": credential.account_address,
-        "name": credential.name,
-        "status": credential.status(now),
-        "senders": None if credential.senders is None else list(credential.senders),
-        "networks": None if credential.networks is None else list(credential.networks),
-        "limits": credential.limits,
-        "expires_at": credential.expires_at,
-        "created_at": credential.created_at,
-        "last_used_at": credential.last_used_at,
-        "revoked_at": credential.revoked_at,
-    }
 
 
 def _credential_senders(credential: Credential) -> str:
@@ -1115,21 +1079,6 @@ def _optional_time(timestamp: float | None, missing: str) -> str:
 # ----------------------------------------------------------------- queue
 
 
-def _queue_entry_json(entry: QueueEntry) -> dict[str, Any]:
-    return {
-        "id": entry.id,
-        "domain": entry.domain,
-        "recipients": list(entry.recipients),
-        "status": entry.status,
-        "attempts": entry.attempts,
-        "next_attempt": entry.next_attempt,
-        "created_at": entry.created_at,
-        "last_reply": entry.last_reply,
-        "mail_from": entry.mail_from,
-        "node": entry.node,
-    }
-
-
 def _stats(args: argparse.Namespace, config: Config) -> int:
     if not 1 <= args.hours <= MAX_HOURS:
         raise CommandError(f"--hours must be 1 to {MAX_HOURS}")
@@ -1158,7 +1107,7 @@ def _stats(args: argparse.Namespace, config: Config) -> int:
 def _queue_list(args: argparse.Namespace, config: Config) -> int:
     rows = _with_admin(config, lambda admin: admin.queue.entries())
     if args.json:
-        print(json.dumps([_queue_entry_json(r) for r in rows], indent=2))
+        print(json.dumps([queue_entry_json(r) for r in rows], indent=2))
         return 0
     if not rows:
         print("the queue is empty")
