@@ -62,14 +62,15 @@ def _content(part: EmailMessage) -> bytes | str:
 
 
 def _text(part: EmailMessage) -> str:
+    """The part's text with plain newlines (mail travels with CRLF)."""
     content = _content(part)
     if isinstance(content, bytes):
         charset = part.get_content_charset() or "utf-8"
         try:
-            return content.decode(charset, "replace")
+            content = content.decode(charset, "replace")
         except LookupError:
-            return content.decode("utf-8", "replace")
-    return content
+            content = content.decode("utf-8", "replace")
+    return content.replace("\r\n", "\n")
 
 
 def _walk(message: EmailMessage) -> list[EmailMessage]:

@@ -4,6 +4,7 @@ once. Runs on both storage backends (Makefile E2E_POSTGRES)."""
 
 from __future__ import annotations
 
+import email.policy
 import json
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from email.message import EmailMessage
 from typing import Any
 
 import pytest
@@ -272,3 +274,51 @@ def test_message_filters_and_cursor_pages(api: tuple[Server, str]) -> None:
     ):
         status, body = _get(f"{base}/api/v1/messages?{query}", token)
         assert status == 400 and body["error"].startswith(error), (query, body)
+
+
+def test_message_headers_and_parts(api: tuple[Server, str]) -> None:
+    """Decoded headers, the text and HTML bodies, and each attachment as a
+    download that no browser would render (an HTML attachment is octets)."""
+    server, base = api
+    token = _token(server, "parts")
+    message = EmailMessage()
+    message["From"] = ALICE.address
+    message["To"] = RCPT
+    message["Subject"] = "Grüße <b>bold</b>"
+    message.set_content("plain body\n")
+    message.add_alternative("<p onclick='x()'>html body</p>", subtype="html")
+    message.add_attachment(
+        b"<script>alert(1)</script>",
+        maintype="text",
+        subtype="html",
+        filename='r\u00e9sum\u00e9"; x=.html',
+    )
+    with session(server, user=ALICE) as client:
+        queue_id = client.send_mail(
+            ALICE.address, [RCPT], message.as_bytes(policy=email.policy.SMTP)
+        )
+    status, shown = _get(f"{base}/api/v1/messages/{queue_id}", token)
+    assert status == 200
+    assert ["Subject", "Grüße <b>bold</b>"] in shown["headers"]
+    status, parts = _get(f"{base}/api/v1/messages/{queue_id}/parts", token)
+    assert status == 200
+    assert parts["text"] == "plain body\n" and parts["html"] == "<p onclick='x()'>html body</p>\n"
+    (attachment,) = parts["attachments"]
+    assert attachment["filename"] == 'r\u00e9sum\u00e9"; x=.html'
+    assert attachment["content_type"] == "text/html" and attachment["size"] == 25
+    request = urllib.request.Request(
+        f"{base}/api/v1/messages/{queue_id}/parts/{attachment['index']}"
+    )
+    request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.read() == b"<script>alert(1)</script>"
+        assert response.headers["Content-Type"] == "application/octet-stream"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        disposition = response.headers["Content-Disposition"]
+    assert disposition == (
+        'attachment; filename="r_sum___x_.html";'
+        " filename*=UTF-8''r%C3%A9sum%C3%A9%22%3B%20x%3D.html"
+    )
+    for index in ("0", "99", "-1", "x", "9" * 30):
+        status, body = _get(f"{base}/api/v1/messages/{queue_id}/parts/{index}", token)
+        assert status == 404 and body["error"].startswith(f"message {queue_id} has no attachment")

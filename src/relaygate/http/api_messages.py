@@ -8,8 +8,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from relaygate import mail_parts
 from relaygate.http.api import ApiError, api_route
 from relaygate.http.context import Caller, HttpContext
+from relaygate.http.downloads import attachment_response
 from relaygate.json_views import attempt_json, message_json
 from relaygate.services.admin import decode_cursor
 from relaygate.storage.message_query import MessageQuery
@@ -68,10 +70,53 @@ async def _list(request: Request, ctx: HttpContext, caller: Caller) -> Response:
 
 
 async def _one(request: Request, ctx: HttpContext, caller: Caller) -> Response:
-    view = await ctx.admin.messages.show(request.path_params["message_id"], body=False)
+    """The record, its delivery history and its decoded header fields."""
+    view = await ctx.admin.messages.show(request.path_params["message_id"])
+    headers = mail_parts.parts(view.body).headers if view.body is not None else []
     return JSONResponse(
-        {**message_json(view.record), "history": [attempt_json(a) for a in view.history]}
+        {
+            **message_json(view.record),
+            "history": [attempt_json(a) for a in view.history],
+            "headers": [[name, value] for name, value in headers],
+        }
     )
+
+
+async def _parts(request: Request, ctx: HttpContext, caller: Caller) -> Response:
+    view = await ctx.admin.messages.show(request.path_params["message_id"])
+    if view.body is None:
+        raise ApiError(404, f"message {view.record.id} has no stored body")
+    found = mail_parts.parts(view.body)
+    return JSONResponse(
+        {
+            "text": found.text,
+            "html": found.html,
+            "attachments": [
+                {
+                    "index": a.index,
+                    "filename": a.filename,
+                    "content_type": a.content_type,
+                    "size": a.size,
+                    "inline": a.inline,
+                    "content_id": a.content_id,
+                }
+                for a in found.attachments
+            ],
+        }
+    )
+
+
+async def _part(request: Request, ctx: HttpContext, caller: Caller) -> Response:
+    view = await ctx.admin.messages.show(request.path_params["message_id"])
+    text = request.path_params["index"]
+    found = (
+        mail_parts.attachment(view.body, int(text))
+        if view.body is not None and text.isdigit() and len(text) < 6
+        else None
+    )
+    if found is None:
+        raise ApiError(404, f"message {view.record.id} has no attachment {text[:20]}")
+    return attachment_response(*found)
 
 
 async def _raw(request: Request, ctx: HttpContext, caller: Caller) -> Response:
@@ -90,4 +135,6 @@ def routes() -> list[Route]:
         api_route("/api/v1/messages", _list),
         api_route("/api/v1/messages/{message_id}", _one),
         api_route("/api/v1/messages/{message_id}/raw", _raw),
+        api_route("/api/v1/messages/{message_id}/parts", _parts),
+        api_route("/api/v1/messages/{message_id}/parts/{index}", _part),
     ]

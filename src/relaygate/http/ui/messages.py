@@ -16,6 +16,7 @@ from starlette.routing import BaseRoute
 
 from relaygate import mail_parts
 from relaygate.http.context import HttpContext
+from relaygate.http.downloads import attachment_response
 from relaygate.http.ui.auth import Viewer, ui_page
 from relaygate.http.ui.render import page
 from relaygate.http.ui.security import harden, mail_csp
@@ -29,16 +30,6 @@ PAGE_SIZE = 100
 MAX_RAW_SHOWN = 512 * 1024  # bytes of source shown in the page (the download has all)
 MAX_INLINE_IMAGE = 2 * 1024 * 1024  # bytes of one cid: image shown inline
 _REMOTE_IMAGE = re.compile(rb"""<img[^>]+src\s*=\s*["']?\s*(https?:)?//""", re.IGNORECASE)
-# What a browser may be told an attachment is, to show it in a tab; anything
-# else is a download of octets (no HTML or SVG from a stranger on our origin).
-_SHOWN_TYPES = {
-    "image/png",
-    "image/jpeg",
-    "image/gif",
-    "image/webp",
-    "application/pdf",
-    "text/plain",
-}
 
 
 async def _visible(
@@ -159,15 +150,7 @@ async def _attachment(request: Request, ctx: HttpContext, who: Viewer) -> Respon
     found = mail_parts.attachment(view.body, index) if view.body is not None else None
     if found is None:
         return _not_found(who, message_id)
-    part, content = found
-    kind = part.content_type if part.content_type in _SHOWN_TYPES else "application/octet-stream"
-    name = part.filename or f"part-{index}"
-    ascii_name = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:100] or "part"
-    response = Response(content, media_type=kind)
-    response.headers["Content-Disposition"] = (
-        f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name[:200], safe='')}"
-    )
-    return harden(response, "default-src 'none'; sandbox")
+    return harden(attachment_response(*found), "default-src 'none'; sandbox")
 
 
 async def _raw(request: Request, ctx: HttpContext, who: Viewer) -> Response:
