@@ -64,13 +64,14 @@ def _content(part: EmailMessage) -> bytes | str:
 def _text(part: EmailMessage) -> str:
     """The part's text with plain newlines (mail travels with CRLF)."""
     content = _content(part)
-    if isinstance(content, bytes):
-        charset = part.get_content_charset() or "utf-8"
-        try:
-            content = content.decode(charset, "replace")
-        except LookupError:
-            content = content.decode("utf-8", "replace")
-    return content.replace("\r\n", "\n")
+    if isinstance(content, str):
+        return content.replace("\r\n", "\n")
+    charset = part.get_content_charset() or "utf-8"
+    try:
+        text = content.decode(charset, "replace")
+    except LookupError:
+        text = content.decode("utf-8", "replace")
+    return text.replace("\r\n", "\n")
 
 
 def _walk(message: EmailMessage) -> list[EmailMessage]:

@@ -316,7 +316,7 @@ def test_message_headers_and_parts(api: tuple[Server, str]) -> None:
         assert response.headers["X-Content-Type-Options"] == "nosniff"
         disposition = response.headers["Content-Disposition"]
     assert disposition == (
-        'attachment; filename="r_sum___x_.html";'
+        'attachment; filename="r_sum____x_.html";'
         " filename*=UTF-8''r%C3%A9sum%C3%A9%22%3B%20x%3D.html"
     )
     for index in ("0", "99", "-1", "x", "9" * 30):
