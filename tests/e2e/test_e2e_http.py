@@ -322,3 +322,14 @@ def test_message_headers_and_parts(api: tuple[Server, str]) -> None:
     for index in ("0", "99", "-1", "x", "9" * 30):
         status, body = _get(f"{base}/api/v1/messages/{queue_id}/parts/{index}", token)
         assert status == 404 and body["error"].startswith(f"message {queue_id} has no attachment")
+
+
+def test_the_openapi_document_and_docs_page_need_no_token(api: tuple[Server, str]) -> None:
+    _, base = api
+    with urllib.request.urlopen(f"{base}/api/v1/openapi.json", timeout=10) as response:
+        spec = json.loads(response.read())
+    assert spec["openapi"] == "3.1.0" and "/api/v1/messages" in spec["paths"]
+    with urllib.request.urlopen(f"{base}/api/v1/docs", timeout=10) as response:
+        html = response.read().decode()
+        assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+    assert "<code>/api/v1/accounts/{address}/credentials</code>" in html

@@ -16,7 +16,7 @@ from starlette.staticfiles import StaticFiles
 
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.config import Config
-from relaygate.http import api_admin, api_messages, api_stats
+from relaygate.http import api_admin, api_messages, api_stats, openapi
 from relaygate.http import metrics as metrics_route
 from relaygate.http.api import error_handlers
 from relaygate.http.context import HttpContext
@@ -61,6 +61,7 @@ def create_app(config: Config) -> Starlette:
         *api_messages.routes(),
         *api_stats.routes(),
         *api_admin.routes(),
+        *openapi.routes(),
         *metrics_route.routes(config),
         *auth.routes(),
         *dashboard.routes(),
