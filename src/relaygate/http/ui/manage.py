@@ -28,7 +28,7 @@ from relaygate.services.admin import NotFound
 USER_ERRORS = (AccountError, CredentialError, DKIMError, NotFound, ValueError)
 
 
-def _back(path: str, **params: str) -> Response:
+def redirect_to(path: str, **params: str) -> Response:
     query = "&".join(f"{k}={quote(v, safe='')}" for k, v in params.items() if v)
     return RedirectResponse(path + ("?" + query if query else ""), 303)
 
@@ -100,7 +100,7 @@ async def _credential_revoke(request: Request, ctx: HttpContext, who: Viewer) ->
     except USER_ERRORS as exc:
         return await _credentials(request, ctx, who, error=str(exc))
     audit(who.caller, "credential.revoke", account=owner, name=name)
-    return _back("/credentials", account=owner if owner != who.account.address else "")
+    return redirect_to("/credentials", account=owner if owner != who.account.address else "")
 
 
 # ------------------------------------------------------------------------ queue
@@ -132,7 +132,7 @@ async def _queue_action(request: Request, ctx: HttpContext, who: Viewer) -> Resp
     except USER_ERRORS as exc:
         return await _queue(request, ctx, who, str(exc))
     audit(who.caller, f"queue.{action}", id=message_id or "all", rows=count)
-    return _back("/queue")
+    return redirect_to("/queue")
 
 
 # --------------------------------------------------------------------- accounts
@@ -181,7 +181,7 @@ async def _account_action(request: Request, ctx: HttpContext, who: Viewer) -> Re
     except USER_ERRORS as exc:
         return await _accounts(request, ctx, who, error=str(exc))
     audit(who.caller, f"account.{action}", account=address)
-    return _back("/accounts")
+    return redirect_to("/accounts")
 
 
 # ------------------------------------------------------------------------- DKIM
@@ -213,7 +213,7 @@ async def _dkim_generate(request: Request, ctx: HttpContext, who: Viewer) -> Res
     except USER_ERRORS as exc:
         return await _dkim(request, ctx, who, str(exc))
     audit(who.caller, "dkim.generate", domain=stored.key.domain, selector=stored.key.selector)
-    return _back("/dkim")
+    return redirect_to("/dkim")
 
 
 def routes() -> list[BaseRoute]:
