@@ -37,6 +37,8 @@ from relaygate.storage import bodies
 from relaygate.storage.api import LeaseLost, Notice
 from relaygate.storage.errors import STORAGE_ERRORS
 from relaygate.storage.node import DeliveryStorage, open_delivery_storage
+from relaygate.webhooks.configured import config_endpoints
+from relaygate.webhooks.sender import WebhookSender
 
 DSN_HEAD_BYTES = 256 * 1024  # of the original message read for its header section
 POLL_INTERVAL = 0.5  # seconds between looks at the queue when idle
@@ -631,8 +633,19 @@ async def _deliver(config: Config, loop: asyncio.AbstractEventLoop) -> None:
     storage = await open_delivery_storage(config, loop)
     try:
         engine = DeliveryEngine(config, loop, storage)
+        sender = WebhookSender(
+            storage.webhooks,
+            config_endpoints(config.webhooks, with_secrets=True),
+            config.http is not None and config.http.allow_private_targets,
+        )
+        stop_sending = asyncio.Event()
+        sending = asyncio.create_task(sender.run(stop_sending))
         logs.event("delivery.start", mode=config.delivery.mode, pid=os.getpid())
-        await engine.run()
+        try:
+            await engine.run()
+        finally:
+            stop_sending.set()
+            await sending
         logs.event("delivery.stop")
     finally:
         await storage.close()

@@ -14,7 +14,7 @@ from starlette.routing import BaseRoute
 
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.config import Config
-from relaygate.http import api_messages
+from relaygate.http import api_messages, api_webhooks
 from relaygate.http.api import error_handlers
 from relaygate.http.context import HttpContext
 from relaygate.services.admin import admin_services
@@ -38,7 +38,15 @@ def create_app(config: Config) -> Starlette:
             loop=loop,
         )
         app.state.context = HttpContext(
-            config, admin_services(store, config.password_hash), logins, failures
+            config,
+            admin_services(
+                store,
+                config.password_hash,
+                config.webhooks,
+                config.http is not None and config.http.allow_private_targets,
+            ),
+            logins,
+            failures,
         )
         try:
             yield
@@ -47,5 +55,5 @@ def create_app(config: Config) -> Starlette:
             await close_failures()
             await store.close()
 
-    routes: list[BaseRoute] = [*api_messages.routes()]
+    routes: list[BaseRoute] = [*api_messages.routes(), *api_webhooks.routes()]
     return Starlette(routes=routes, exception_handlers=error_handlers(), lifespan=lifespan)

@@ -25,9 +25,10 @@ from relaygate.accounts.store import (
     normalize_address,
     normalize_sender_pattern,
 )
-from relaygate.config import PasswordHashConfig
+from relaygate.config import PasswordHashConfig, WebhookConfig
 from relaygate.delivery.dkim import DKIMKey, KeyType, normalize_domain, txt_record
 from relaygate.sasl import StoredKeys, stored_keys_for_password
+from relaygate.services.webhooks import WebhooksAdmin
 from relaygate.storage.api import (
     Accounts,
     AdminStorage,
@@ -326,9 +327,15 @@ class AdminServices:
     dkim: DKIMAdmin
     queue: QueueAdmin
     tokens: TokensAdmin
+    webhooks: WebhooksAdmin
 
 
-def admin_services(store: AdminStorage, hashing: PasswordHashConfig) -> AdminServices:
+def admin_services(
+    store: AdminStorage,
+    hashing: PasswordHashConfig,
+    webhooks: Sequence[WebhookConfig] = (),
+    allow_private_targets: bool = False,
+) -> AdminServices:
     return AdminServices(
         MessagesAdmin(store.messages),
         AccountsAdmin(store.accounts, hashing),
@@ -336,4 +343,5 @@ def admin_services(store: AdminStorage, hashing: PasswordHashConfig) -> AdminSer
         DKIMAdmin(store.dkim_keys),
         QueueAdmin(store.queue),
         TokensAdmin(store.tokens, store.secrets),
+        WebhooksAdmin(store.webhooks, webhooks, allow_private_targets),
     )

@@ -40,10 +40,12 @@ from relaygate.storage.api import (
     PolicyCache,
     Secrets,
     SendingCounters,
+    Webhooks,
 )
 from relaygate.storage.dkim_files import FileDKIMKeys
 from relaygate.storage.postgres.backend import PostgresStorage
 from relaygate.storage.postgres.nodes import PostgresNodes
+from relaygate.storage.postgres.webhooks import PostgresWebhooks
 from relaygate.storage.redis import changes as redis_changes
 from relaygate.storage.redis.client import open_client
 from relaygate.storage.redis.fallback import FallbackLoginFailures, SharedHealth
@@ -56,6 +58,7 @@ from relaygate.storage.sqlite_counters import SQLiteSendingCounters
 from relaygate.storage.sqlite_credentials import SQLiteCredentials
 from relaygate.storage.sqlite_queue import SQLiteDeliveryQueue, SQLitePolicyCache
 from relaygate.storage.sqlite_throttle import SQLiteLoginFailures
+from relaygate.storage.sqlite_webhooks import SQLiteWebhooks
 from relaygate.storage.thread import DatabaseThread
 
 
@@ -209,6 +212,7 @@ class DeliveryStorage:
     queue: DeliveryQueue
     policies: PolicyCache
     dkim_keys: DKIMKeys
+    webhooks: Webhooks
     close: Callable[[], Awaitable[None]]
 
 
@@ -221,13 +225,20 @@ async def open_delivery_storage(config: Config, loop: asyncio.AbstractEventLoop)
             lambda: sqlite_storage.connect(config.database_path), loop, name="delivery-db"
         )
 
+        # The webhook sender's own connection: its reads never wait behind outcomes.
+        hooks: DatabaseThread[sqlite3.Connection] = DatabaseThread(
+            lambda: sqlite_storage.connect(config.database_path), loop, name="webhooks-db"
+        )
+
         async def close_thread() -> None:
             await asyncio.to_thread(thread.close)
+            await asyncio.to_thread(hooks.close)
 
         return DeliveryStorage(
             queue=SQLiteDeliveryQueue(thread, same, config.database_path),
             policies=SQLitePolicyCache(thread, same),
             dkim_keys=FileDKIMKeys(key_directory(config.data_dir)),
+            webhooks=SQLiteWebhooks(hooks, same),
             close=close_thread,
         )
     shared = await PostgresStorage.open(
@@ -237,6 +248,7 @@ async def open_delivery_storage(config: Config, loop: asyncio.AbstractEventLoop)
         queue=shared.delivery_queue(config.node_name, config.delivery.lease_seconds),
         policies=shared.policies,
         dkim_keys=shared.dkim_keys,
+        webhooks=PostgresWebhooks(shared.pool, config.node_name),
         close=shared.close,
     )
 

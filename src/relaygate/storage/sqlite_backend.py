@@ -22,6 +22,7 @@ from relaygate.storage.sqlite_credentials import SQLiteCredentials
 from relaygate.storage.sqlite_messages import SQLiteMessageLog
 from relaygate.storage.sqlite_queue import SQLiteDeliveryQueue
 from relaygate.storage.sqlite_tokens import SQLiteApiTokens
+from relaygate.storage.sqlite_webhooks import SQLiteWebhooks
 from relaygate.storage.thread import DatabaseThread
 
 
@@ -37,6 +38,7 @@ class SQLiteStorage:
         self.secrets = SQLiteSecrets(self._thread, same)
         self.queue = SQLiteDeliveryQueue(self._thread, same, database)
         self.tokens = SQLiteApiTokens(self._thread, same)
+        self.webhooks = SQLiteWebhooks(self._thread, same)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._thread.close)

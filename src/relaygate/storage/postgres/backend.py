@@ -20,6 +20,7 @@ from relaygate.storage.postgres.nodes import PostgresNodes
 from relaygate.storage.postgres.pool import check_schema, open_pool
 from relaygate.storage.postgres.queue import PostgresDeliveryQueue, PostgresPolicyCache
 from relaygate.storage.postgres.tokens import PostgresApiTokens
+from relaygate.storage.postgres.webhooks import PostgresWebhooks
 from relaygate.storage.secrets import CREDENTIAL_KEY
 
 DEFAULT_LEASE = 120.0
@@ -38,6 +39,7 @@ class PostgresStorage:
         self.nodes = PostgresNodes(pool)
         self.dkim_keys = PostgresDKIMKeys(pool)
         self.tokens = PostgresApiTokens(pool)
+        self.webhooks = PostgresWebhooks(pool)
 
         self.policies = PostgresPolicyCache(pool)
         # Admin commands list, retry and delete; a delivery process claims with
