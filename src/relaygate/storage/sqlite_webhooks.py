@@ -30,6 +30,7 @@ class SQLiteWebhooks:
     def __init__(self, thread: DatabaseThread[Any], connection: Connection) -> None:
         self._thread = thread
         self._connection = connection
+        self._recovered = False  # one sender per machine: its first claim takes back all
 
     async def add(self, endpoint: Endpoint) -> None:
         def add(c: Any) -> None:
@@ -115,6 +116,12 @@ class SQLiteWebhooks:
         def claim(c: Any) -> list[OutboxItem]:
             db = self._connection(c)
             with db:
+                if not self._recovered:  # rows a killed sender held are due again
+                    db.execute(
+                        "UPDATE webhook_outbox SET status = 'queued', lease_until = NULL"
+                        " WHERE status = 'sending'"
+                    )
+                    self._recovered = True
                 rows = db.execute(
                     "SELECT id, endpoint, event_id, type, body, attempts, created_at"
                     " FROM webhook_outbox WHERE (status = 'queued' AND next_attempt <= ?)"

@@ -65,9 +65,7 @@ class WebhookSender:
 
     async def round(self, now: float) -> None:
         if now - self._refreshed >= REFRESH_INTERVAL:
-            made = await self._store.endpoints()
-            self._endpoints = {e.id: e for e in [*self._configured, *made]}
-            self._refreshed = now
+            await self._refresh(now)
         await self._store.collect(list(self._endpoints.values()), now, COLLECT_BATCH)
         room = MAX_IN_FLIGHT - len(self._tasks)
         if room <= 0:
@@ -77,10 +75,18 @@ class WebhookSender:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    async def _refresh(self, now: float) -> None:
+        made = await self._store.endpoints()
+        self._endpoints = {e.id: e for e in [*self._configured, *made]}
+        self._refreshed = now
+
     async def _deliver(self, item: OutboxItem) -> None:
         started = time.time()
         clock = time.monotonic()
         endpoint = self._endpoints.get(item.endpoint)
+        if endpoint is None:  # made through the API since the last refresh?
+            await self._refresh(time.time())
+            endpoint = self._endpoints.get(item.endpoint)
         status: int | None = None
         error: str | None = None
         if endpoint is None:
@@ -115,7 +121,7 @@ class WebhookSender:
             f"webhook.{outcome}",
             logging.INFO if ok else logging.WARNING,
             webhook=item.endpoint,
-            event=item.type,
+            type=item.type,
             id=item.event_id,
             attempt=item.attempts + 1,
             status=status,
