@@ -93,6 +93,8 @@ class SQLiteWebhooks:
     async def collect(self, endpoints: Sequence[Endpoint], now: float, limit: int) -> int:
         def collect(c: Any) -> int:
             db = self._connection(c)
+            if not _news(db):  # no write transaction (no lock) when nothing happened
+                return 0
             db.execute("BEGIN IMMEDIATE")
             try:
                 queued = _collect(db, endpoints, now, limit)
@@ -186,6 +188,17 @@ def _attempt(row: Sequence[Any]) -> WebhookAttempt:
     return WebhookAttempt(
         str(row[0]), str(row[1]), float(row[2]), row[3], row[4], float(row[5]), str(row[6])
     )
+
+
+def _news(db: sqlite3.Connection) -> bool:
+    """Rows past either cursor (or no cursor yet)."""
+    row = db.execute(
+        "SELECT (SELECT position FROM webhook_cursor WHERE name = 'messages'),"
+        " (SELECT position FROM webhook_cursor WHERE name = 'attempts'),"
+        " (SELECT coalesce(max(rowid), 0) FROM messages),"
+        " (SELECT coalesce(max(id), 0) FROM delivery_attempts)"
+    ).fetchone()
+    return row[0] is None or row[1] is None or row[2] > row[0] or row[3] > row[1]
 
 
 def _cursor(db: sqlite3.Connection, name: str, start: str) -> int:

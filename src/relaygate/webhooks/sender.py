@@ -31,6 +31,7 @@ REFRESH_INTERVAL = 5.0  # API-made webhooks are re-read this often
 MAX_IN_FLIGHT = 20
 LEASE = 60.0  # > TIMEOUT: a row outlives its POST; a dead process's rows come back after it
 COLLECT_BATCH = 500
+IDLE_CURSOR_INTERVAL = 60.0
 
 
 class WebhookSender:
@@ -43,6 +44,10 @@ class WebhookSender:
         self._endpoints: dict[str, Endpoint] = {e.id: e for e in configured}
         self._refreshed = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
+        # None: just started. Endpoints at the start are not "new": what happened
+        # before a crash or restart is read, not skipped.
+        self._idle: bool | None = None
+        self._idle_since = 0.0
         self._scale = time_scale()
         self._client = httpx.AsyncClient(follow_redirects=False, timeout=TIMEOUT, trust_env=False)
 
@@ -66,7 +71,18 @@ class WebhookSender:
     async def round(self, now: float) -> None:
         if now - self._refreshed >= REFRESH_INTERVAL:
             await self._refresh(now)
-        await self._store.collect(list(self._endpoints.values()), now, COLLECT_BATCH)
+        endpoints = list(self._endpoints.values())
+        if self._idle is None:
+            self._idle = not endpoints
+        if endpoints:
+            if self._idle:  # the first endpoint: events from now on, not from the past
+                await self._store.collect([], now, COLLECT_BATCH)
+                self._idle = False
+            await self._store.collect(endpoints, now, COLLECT_BATCH)
+        elif not self._idle or now - self._idle_since >= IDLE_CURSOR_INTERVAL:
+            # Nobody listens: keep the cursor near the present, rarely (no cost to SMTP).
+            await self._store.collect([], now, COLLECT_BATCH)
+            self._idle, self._idle_since = True, now
         room = MAX_IN_FLIGHT - len(self._tasks)
         if room <= 0:
             return
