@@ -27,7 +27,16 @@ import pytest
 from fakes.smtp_sink import SMTPSink
 
 from .delivery_helpers import DeliveryServer, delivery_toml, new_server, submit
-from .helpers import ALICE, ServerPool, clean_env, free_ports, wait_until
+from .helpers import (
+    ALICE,
+    ServerPool,
+    clean_env,
+    free_ports,
+    make_message,
+    session,
+    wait_until,
+)
+from .security_helpers import raw_login
 
 SECRET = "whsec_" + base64.b64encode(b"relaygate-e2e-webhook-key-32byte").decode()
 RCPT = "someone@example.net"
@@ -309,3 +318,59 @@ def test_private_targets_are_refused_without_allow_private_targets(
         assert error["error"]
     status, _ = _api(setup, "POST", "/api/v1/webhooks", {"url": "https://hooks.example.com/r"})
     assert status == 201
+
+
+def test_limit_and_throttle_events_once_a_minute(
+    servers: ServerPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RELAYGATE_WEBHOOK_TIME_SCALE", "600")  # the server inherits it
+    (port,) = free_ports(1)
+    server = servers.create(
+        "webhooks-account-events",
+        users=[ALICE],
+        sections={
+            "http": {"address": f"127.0.0.1:{port}", "allow_private_targets": True},
+            "auth_throttle": {"ip_per_minute": 2},
+        },
+    )
+    token = server.cli("token", "add", "t").stdout.splitlines()[0].rsplit(" ", 1)[1]
+    receiver = Receiver()
+    http_server, url = receiver.start()
+    try:
+        setup = Setup(server, receiver, None, f"http://127.0.0.1:{port}", token)  # type: ignore[arg-type]
+        events = ["account.limit_reached", "auth.throttled"]
+        status, made = _api(setup, "POST", "/api/v1/webhooks", {"url": url, "events": events})
+        assert status == 201
+        time.sleep(2.5)  # the workers re-read API-made webhooks every second (time scale)
+        server.cli("user", "limits", ALICE.address, "--messages-per-hour", "1")
+        with session(server, user=ALICE) as client:
+            for n in range(4):
+                message = make_message(from_addr=ALICE.address, to=[RCPT], subject=f"m{n}")
+                try:
+                    client.send_mail(ALICE.address, [RCPT], message)
+                except Exception:
+                    client.command("RSET")
+        for n in range(5):
+            reply = raw_login(server, ALICE.address, f"Wrong-{n}-pw")
+        assert reply.status == "454 4.7.0"
+        wait_until(
+            lambda: {r.event["type"] for r in receiver.requests} == set(events),
+            30,
+            what="both events",
+        )
+        time.sleep(1.5)  # a second copy would have come by now
+        kinds = [r.event["type"] for r in receiver.requests]
+        assert sorted(kinds) == sorted(events), kinds  # one each: once a minute at most
+        limit = next(r for r in receiver.requests if r.event["type"] == "account.limit_reached")
+        assert limit.event["data"]["account"] == ALICE.address
+        assert limit.event["data"]["reply"].startswith("451 4.7.1")
+        throttled = next(r for r in receiver.requests if r.event["type"] == "auth.throttled")
+        assert throttled.event["data"]["client_ip"] == "127.0.0.1"
+        assert throttled.event["data"]["scope"] == "ip"
+        key = base64.b64decode(made["secret"].removeprefix("whsec_"))
+        for r in receiver.requests:
+            signed = f"{r.headers['webhook-id']}.{r.headers['webhook-timestamp']}.".encode()
+            mac = hmac.new(key, signed + r.body, hashlib.sha256).digest()
+            assert r.headers["webhook-signature"] == "v1," + base64.b64encode(mac).decode()
+    finally:
+        http_server.shutdown()

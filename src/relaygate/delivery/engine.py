@@ -617,6 +617,15 @@ def _recipients_outcome(
     )
 
 
+async def _send_webhooks_only(loop: asyncio.AbstractEventLoop, sender: WebhookSender) -> None:
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    logs.event("webhooks.start", pid=os.getpid())
+    await sender.run(stopping)
+
+
 def run_delivery(config: Config) -> int:
     """Entry point of the delivery process."""
     loop = new_event_loop()
@@ -632,12 +641,15 @@ def run_delivery(config: Config) -> int:
 async def _deliver(config: Config, loop: asyncio.AbstractEventLoop) -> None:
     storage = await open_delivery_storage(config, loop)
     try:
-        engine = DeliveryEngine(config, loop, storage)
         sender = WebhookSender(
             storage.webhooks,
             config_endpoints(config.webhooks, with_secrets=True),
             config.http is not None and config.http.allow_private_targets,
         )
+        if config.delivery.mode == "capture":  # nothing to deliver: webhooks only
+            await _send_webhooks_only(loop, sender)
+            return
+        engine = DeliveryEngine(config, loop, storage)
         stop_sending = asyncio.Event()
         sending = asyncio.create_task(sender.run(stop_sending))
         logs.event("delivery.start", mode=config.delivery.mode, pid=os.getpid())

@@ -112,6 +112,7 @@ class NodeStorage:
     secrets: Secrets
     nodes: PostgresNodes | None  # None: one machine, nobody to tell
     _closers: list[Callable[[], Awaitable[None]]]
+    webhooks: Webhooks | None = None  # account and login events (webhooks/notices.py)
     redis: redis.asyncio.Redis | None = None  # [shared] redis_url: the process's client
 
     async def close(self) -> None:
@@ -169,6 +170,7 @@ async def _open_node_storage(
             secrets=SQLiteSecrets(service, data),
             nodes=None,
             _closers=[close_service],
+            webhooks=SQLiteWebhooks(service, data),
         )
     # On PostgreSQL only the node's own failed-login windows stay in data_dir
     # (throttle.db) unless [shared] redis_url makes them cluster-wide.
@@ -198,6 +200,7 @@ async def _open_node_storage(
         secrets=shared.secrets,
         nodes=shared.nodes,
         _closers=[shared.close, close_state],
+        webhooks=shared.webhooks,
     )
 
 

@@ -1,7 +1,8 @@
 """When a webhook delivery is tried again: 8 retries over about 22 hours.
 
 RELAYGATE_WEBHOOK_TIME_SCALE (tests only) divides every delay, so the e2e
-tests see retries in seconds instead of hours.
+tests see retries in seconds instead of hours (and the SMTP workers re-read
+API-made webhooks every second instead of every 30 s).
 """
 
 from __future__ import annotations
