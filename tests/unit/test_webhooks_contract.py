@@ -139,3 +139,20 @@ def test_endpoints_made_by_the_api(backend: Backend) -> None:
             assert await hooks.endpoints() == []
 
     run(check())
+
+
+def test_a_restarted_sender_takes_back_what_it_held(backend: Backend) -> None:
+    async def hold() -> float:
+        async with _webhooks(backend) as hooks:
+            now = time.time()
+            await hooks.enqueue("cfg_all", ping_event("cfg_all", now), now)
+            assert len(await hooks.claim(now, 10, 60)) == 1
+            return now
+
+    now = run(hold())
+
+    async def again() -> None:
+        async with _webhooks(backend) as hooks:  # the same node, started again
+            assert len(await hooks.claim(now + 1, 10, 60)) == 1
+
+    run(again())

@@ -38,6 +38,7 @@ class PostgresWebhooks:
     def __init__(self, pool: AsyncConnectionPool, node: str = "") -> None:
         self._pool = pool
         self._node = node
+        self._recovered = False
 
     async def add(self, endpoint: Endpoint) -> None:
         async with self._pool.connection() as connection:
@@ -152,6 +153,14 @@ class PostgresWebhooks:
 
     async def claim(self, now: float, limit: int, lease: float) -> list[OutboxItem]:
         async with self._pool.connection() as connection, connection.transaction():
+            if not self._recovered and self._node:
+                # This node restarted: what it held before is not being sent by anyone.
+                await connection.execute(
+                    "UPDATE webhook_outbox SET status = 'queued', lease_until = NULL"
+                    " WHERE status = 'sending' AND node = %s",
+                    (self._node,),
+                )
+                self._recovered = True
             cursor = await connection.execute(
                 "UPDATE webhook_outbox SET status = 'sending', lease_until = %s, node = %s"
                 " WHERE id IN (SELECT id FROM webhook_outbox"
