@@ -7,9 +7,12 @@ import hashlib
 import hmac
 import ipaddress
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from relaygate.config import ConfigError, config_from_dict
 from relaygate.webhooks import events as ev
 from relaygate.webhooks import signing
 from relaygate.webhooks.schedule import RETRY_DELAYS, retry_delay
@@ -173,3 +176,46 @@ def test_endpoints_get_the_events_they_subscribe_to() -> None:
     test = ev.Event("3", ev.TEST, "{}")
     pairs = ev.fan_out([everything, some], [e1, e2, test])
     assert [(p[0], p[1].id) for p in pairs] == [("a", "1"), ("a", "2"), ("b", "2")]
+
+
+def _problems(tmp_path: Path, hooks: list[dict[str, object]], allow: bool = False) -> list[str]:
+    data: dict[str, Any] = {
+        "server": {"data_dir": str(tmp_path)},
+        "listeners": [{"address": "127.0.0.1:2587", "tls": "starttls"}],
+        "http": {"address": "127.0.0.1:8025", "allow_private_targets": allow},
+        "webhooks": hooks,
+    }
+    try:
+        config_from_dict(data, tmp_path)
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
+def test_config_webhooks_are_checked_one_line_each(tmp_path: Path) -> None:
+    good = tmp_path / "good.secret"
+    good.write_text(signing.new_secret() + "\n")
+    bad = tmp_path / "bad.secret"
+    bad.write_text("not-a-secret\n")
+    problems = _problems(
+        tmp_path,
+        [
+            {"url": "http://10.0.0.1/x", "secret_file": str(good)},
+            {"url": "https://h.example/x", "events": ["message.nope"], "secret_file": str(good)},
+            {"url": "https://h.example/y"},
+            {"url": "https://h.example/z", "secret_file": str(bad)},
+            {"url": "gopher://h.example/", "secret_file": str(good)},
+            {"url": "https://h.example/ok", "secret_file": str(good), "events": ["auth.throttled"]},
+        ],
+    )
+    assert problems == [
+        "webhooks[0].url: 10.0.0.1 is a private address; set [http] allow_private_targets"
+        " = true to allow it",
+        "webhooks[1].events: unknown event 'message.nope' (known: " + ", ".join(ev.EVENTS) + ")",
+        "webhooks[2].secret_file: is required (a file holding whsec_<base64>)",
+        f"webhooks[3].secret_file: {bad}: a webhook secret must look like whsec_<base64>",
+        "webhooks[4].url: only http:// and https:// URLs are allowed",
+    ]
+    assert (
+        _problems(tmp_path, [{"url": "http://127.0.0.1:9/", "secret_file": str(good)}], True) == []
+    )

@@ -261,6 +261,12 @@ def _collect(db: sqlite3.Connection, endpoints: Sequence[Endpoint], now: float, 
         (attempts, limit),
     ).fetchone()[0]
     if top is not None:
+        # A settled attempt's rows (one message, one time) all go in this read.
+        top = db.execute(
+            "SELECT max(b.id) FROM delivery_attempts a JOIN delivery_attempts b"
+            " ON b.message_id = a.message_id AND b.ts = a.ts WHERE a.id = ?",
+            (top,),
+        ).fetchone()[0]
         rows = db.execute(
             "SELECT a.id, a.message_id, m.account, m.mail_from, a.domain, a.ts, a.outcome,"
             " a.recipient, a.host, a.reply FROM delivery_attempts a JOIN messages m"

@@ -116,7 +116,7 @@ class WebhookSender:
                 error = f"no answer within {TIMEOUT:g} s"
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"[:300] or type(exc).__name__
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # ValueError: a URL or secret gone bad
                 error = f"{type(exc).__name__}: {exc}"[:300]
         duration = time.monotonic() - clock
         ok = status is not None and 200 <= status < 300
