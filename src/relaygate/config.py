@@ -8,6 +8,7 @@ listeners, self-signed TLS, capture delivery, data in ./relaygate-data.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import os
 import re
@@ -16,6 +17,10 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+from relaygate.webhooks.events import EVENTS
+from relaygate.webhooks.signing import SecretError, secret_key
+from relaygate.webhooks.targets import TargetError, check_url
 
 TLSMode = Literal["starttls", "implicit", "none"]
 DeliveryMode = Literal["capture", "smarthost", "mx"]
@@ -246,6 +251,20 @@ class HTTPConfig:
 
 
 @dataclass(frozen=True)
+class WebhookConfig:
+    """A [[webhooks]] entry: read-only in the API (``"source": "config"``)."""
+
+    url: str
+    events: tuple[str, ...]  # empty: every event
+    secret_file: Path  # holds whsec_<base64>
+
+    @property
+    def id(self) -> str:
+        """Stable while the URL stays: outbox rows and attempts are filed under it."""
+        return "cfg_" + hashlib.sha256(self.url.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: Literal["logfmt", "json"] = "logfmt"
@@ -269,6 +288,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     shared: SharedConfig = field(default_factory=SharedConfig)
     http: HTTPConfig | None = None
+    webhooks: tuple[WebhookConfig, ...] = ()
     node_name: str = field(default_factory=default_node_name)
     quickstart: bool = False
     source: Path | None = None  # the file this came from, None in quickstart
@@ -325,6 +345,7 @@ _TOP_KEYS = {
     "storage",
     "shared",
     "http",
+    "webhooks",
 }
 
 
@@ -734,6 +755,60 @@ def _http(check: _Checker, data: dict[str, Any], base: Path) -> HTTPConfig | Non
     )
 
 
+def _webhooks(
+    raw: Any, check: _Checker, base: Path, allow_private: bool
+) -> tuple[WebhookConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        check.problem("webhooks", "must be an array of tables ([[webhooks]])")
+        return ()
+    found: list[WebhookConfig] = []
+    for index, item in enumerate(raw):
+        where = f"webhooks[{index}]"
+        if not isinstance(item, dict):
+            check.problem(where, "must be a table")
+            continue
+        check.unknown(item, {"url", "events", "secret_file"}, where)
+        url = item.get("url")
+        if not isinstance(url, str) or not url.strip():
+            check.problem(f"{where}.url", "must be an http:// or https:// URL")
+            continue
+        try:
+            check_url(url.strip(), allow_private)
+        except TargetError as exc:
+            check.problem(f"{where}.url", str(exc))
+            continue
+        events = item.get("events", [])
+        if not isinstance(events, list) or not all(isinstance(e, str) for e in events):
+            check.problem(f"{where}.events", "must be a list of event names")
+            continue
+        unknown = [e for e in events if e not in EVENTS]
+        if unknown:
+            check.problem(
+                f"{where}.events", f"unknown event {unknown[0]!r} (known: {', '.join(EVENTS)})"
+            )
+            continue
+        secret_file = check.path(item, "secret_file", where, base, readable=True)
+        if secret_file is None:
+            if "secret_file" not in item:
+                check.problem(f"{where}.secret_file", "is required (a file holding whsec_<base64>)")
+            continue
+        if not os.access(secret_file, os.R_OK):
+            continue  # said already
+        try:
+            secret_key(secret_file.read_text())
+        except (OSError, UnicodeDecodeError, SecretError) as exc:
+            check.problem(f"{where}.secret_file", f"{secret_file}: {exc}")
+            continue
+        hook = WebhookConfig(url.strip(), tuple(events), secret_file)
+        if any(h.url == hook.url for h in found):
+            check.problem(f"{where}.url", f"{hook.url} is listed twice")
+            continue
+        found.append(hook)
+    return tuple(found)
+
+
 def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = None) -> Config:
     """Validate parsed TOML; raise ConfigError with every problem found."""
     check = _Checker()
@@ -832,6 +907,9 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
     storage = _storage(check, data)
     shared = _shared(check, data)
     http = _http(check, data, base)
+    webhooks = _webhooks(
+        data.get("webhooks"), check, base, http is not None and http.allow_private_targets
+    )
     if http is not None and any((x.host, x.port) == (http.host, http.port) for x in listeners):
         check.problem("http.address", f"{http.address} is also an SMTP listener")
 
@@ -853,6 +931,7 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
         storage=storage,
         shared=shared,
         http=http,
+        webhooks=webhooks,
         node_name=node_name,
         source=source,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import email.policy
 import http.server
+import json
 import re
 import shutil
 import smtplib
@@ -62,7 +63,9 @@ class PixelServer:
 
     def __init__(self) -> None:
         self.paths: list[str] = []
+        self.posts: list[tuple[dict[str, str], bytes]] = []
         hits = self.paths
+        posts = self.posts
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
@@ -71,6 +74,12 @@ class PixelServer:
                 self.send_header("Content-Type", "image/gif")
                 self.end_headers()
                 self.wfile.write(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;")
+
+            def do_POST(self) -> None:  # a webhook receiver
+                length = int(self.headers.get("Content-Length", "0"))
+                posts.append((dict(self.headers.items()), self.rfile.read(length)))
+                self.send_response(204)
+                self.end_headers()
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -97,7 +106,7 @@ def ui(servers: ServerPool, dns: FakeDNS) -> Iterator[tuple[Server, str]]:
         "webui",
         users=[ALICE, BOB],
         sections={
-            "http": {"address": f"127.0.0.1:{http_port}"},
+            "http": {"address": f"127.0.0.1:{http_port}", "allow_private_targets": True},
             # Onward delivery to a port nobody listens on: mail waits in the queue.
             "delivery": {"mode": "smarthost", "retry_schedule": [3600], "resolvers": [dns.address]},
             "delivery.smarthost": {"host": "127.0.0.1", "port": refusing, "tls": "none"},
@@ -443,3 +452,40 @@ def test_message_log_search_and_status_filter(ui: tuple[Server, str], page: Page
     expect(page.locator("tr.empty")).to_be_visible()
     page.goto(base + "/messages?q=" + "%25_%5C" * 50)  # LIKE wildcards are text here
     expect(rows).to_have_count(0)
+
+
+def test_webhooks_page_adds_tests_and_shows_attempts(ui: tuple[Server, str], page: Page) -> None:
+    server, base = ui
+    receiver = PixelServer()
+    try:
+        _log_in(page, base, ALICE.address, ALICE.password)
+        page.click("nav >> text=Webhooks")
+        page.fill("input[name=url]", f"http://127.0.0.1:{receiver.port}/hook")
+        page.check("input[name='event-message.delivered']")
+        page.click("text=Add webhook")
+        secret = page.get_by_test_id("new-webhook-secret").inner_text()
+        assert secret.startswith("whsec_")
+        section = page.locator("section.webhook", has_text=f"127.0.0.1:{receiver.port}/hook")
+        expect(section).to_contain_text("Events: message.delivered")
+        section.locator("button", has_text="Send a test event").click()
+        expect(page.locator(".notice")).to_contain_text("A test event")
+        for _ in range(60):  # the delivery process's sender polls twice a second
+            if receiver.posts:
+                break
+            page.wait_for_timeout(250)
+        headers, body = receiver.posts[0]
+        assert json.loads(body)["type"] == "webhook.test"
+        assert headers["webhook-signature"].startswith("v1,")
+        page.goto(base + "/webhooks")
+        expect(section.locator("table.attempts")).to_contain_text("delivered", timeout=10_000)
+        _shot(page, "webhooks")
+        section.locator("button", has_text="Remove").click()
+        expect(section).to_have_count(0)
+        page.fill("input[name=url]", "ftp://example.com/x")
+        page.click("text=Add webhook")
+        expect(page.locator(".error")).to_be_visible()
+        actions = [e["action"] for e in server.log_events("admin.change")]
+        assert {"webhook.add", "webhook.test", "webhook.remove"} <= set(actions)
+        assert server.secrets_in_log([secret]) == []
+    finally:
+        receiver.close()

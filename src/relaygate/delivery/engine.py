@@ -37,6 +37,8 @@ from relaygate.storage import bodies
 from relaygate.storage.api import LeaseLost, Notice
 from relaygate.storage.errors import STORAGE_ERRORS
 from relaygate.storage.node import DeliveryStorage, open_delivery_storage
+from relaygate.webhooks.configured import config_endpoints
+from relaygate.webhooks.sender import WebhookSender
 
 DSN_HEAD_BYTES = 256 * 1024  # of the original message read for its header section
 POLL_INTERVAL = 0.5  # seconds between looks at the queue when idle
@@ -623,6 +625,15 @@ def _recipients_outcome(
     )
 
 
+async def _send_webhooks_only(loop: asyncio.AbstractEventLoop, sender: WebhookSender) -> None:
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    logs.event("webhooks.start", pid=os.getpid())
+    await sender.run(stopping)
+
+
 def run_delivery(config: Config) -> int:
     """Entry point of the delivery process."""
     loop = new_event_loop()
@@ -639,9 +650,23 @@ async def _deliver(config: Config, loop: asyncio.AbstractEventLoop) -> None:
     storage = await open_delivery_storage(config, loop)
     flusher = asyncio.ensure_future(stats.flush_forever(storage.stats))
     try:
+        sender = WebhookSender(
+            storage.webhooks,
+            config_endpoints(config.webhooks, with_secrets=True),
+            config.http is not None and config.http.allow_private_targets,
+        )
+        if config.delivery.mode == "capture":  # nothing to deliver: webhooks only
+            await _send_webhooks_only(loop, sender)
+            return
         engine = DeliveryEngine(config, loop, storage)
+        stop_sending = asyncio.Event()
+        sending = asyncio.create_task(sender.run(stop_sending))
         logs.event("delivery.start", mode=config.delivery.mode, pid=os.getpid())
-        await engine.run()
+        try:
+            await engine.run()
+        finally:
+            stop_sending.set()
+            await sending
         logs.event("delivery.stop")
     finally:
         flusher.cancel()

@@ -16,12 +16,12 @@ from starlette.staticfiles import StaticFiles
 
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.config import Config
-from relaygate.http import api_admin, api_messages, api_stats, openapi
+from relaygate.http import api_admin, api_messages, api_stats, api_webhooks, openapi
 from relaygate.http import metrics as metrics_route
 from relaygate.http.api import error_handlers
 from relaygate.http.context import HttpContext
 from relaygate.http.limits import BodyLimit
-from relaygate.http.ui import auth, dashboard, manage, messages
+from relaygate.http.ui import auth, dashboard, manage, messages, webhooks
 from relaygate.services.admin import admin_services
 from relaygate.services.login import LoginService
 from relaygate.services.web_login import WebLogin
@@ -45,7 +45,12 @@ def create_app(config: Config) -> Starlette:
         )
         app.state.context = HttpContext(
             config,
-            admin_services(store, config.password_hash),
+            admin_services(
+                store,
+                config.password_hash,
+                config.webhooks,
+                config.http is not None and config.http.allow_private_targets,
+            ),
             logins,
             failures,
             WebLogin(store.accounts, store.sessions, store.secrets, logins),
@@ -61,12 +66,14 @@ def create_app(config: Config) -> Starlette:
         *api_messages.routes(),
         *api_stats.routes(),
         *api_admin.routes(),
+        *api_webhooks.routes(),
         *openapi.routes(),
         *metrics_route.routes(config),
         *auth.routes(),
         *dashboard.routes(),
         *messages.routes(),
         *manage.routes(),
+        *webhooks.routes(),
         Mount("/ui/static", StaticFiles(packages=[("relaygate.http.ui", "static")]), name="static"),
     ]
     return Starlette(

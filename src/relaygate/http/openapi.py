@@ -222,6 +222,43 @@ OPERATIONS: list[Op] = [
         query={"hours": (_INT, "1 to 2160, default 24")},
     ),
     Op("get", "/api/v1/tokens", "API tokens (never their secrets)", "tokens"),
+    Op("get", "/api/v1/webhooks", "Webhooks, from the config and made here", "webhooks"),
+    Op(
+        "post",
+        "/api/v1/webhooks",
+        "Add a webhook; its signing secret (whsec_...) is returned this once",
+        "webhooks",
+        write=True,
+        created=True,
+        body={
+            "type": "object",
+            "required": ["url"],
+            "properties": {"url": _STR, "events": _STRS, "secret": _STR},
+            "additionalProperties": False,
+        },
+    ),
+    Op("get", "/api/v1/webhooks/{webhook_id}", "One webhook", "webhooks"),
+    Op(
+        "patch",
+        "/api/v1/webhooks/{webhook_id}",
+        "Change its URL or events",
+        "webhooks",
+        write=True,
+        body={
+            "type": "object",
+            "properties": {"url": _STR, "events": _STRS},
+            "additionalProperties": False,
+        },
+    ),
+    Op("delete", "/api/v1/webhooks/{webhook_id}", "Remove a webhook", "webhooks", write=True),
+    Op(
+        "post",
+        "/api/v1/webhooks/{webhook_id}/test",
+        "Queue a webhook.test event to this webhook only",
+        "webhooks",
+        write=True,
+    ),
+    Op("get", "/api/v1/webhooks/{webhook_id}/attempts", "Its recent delivery attempts", "webhooks"),
 ]
 
 _ERROR = {

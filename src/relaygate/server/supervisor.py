@@ -466,7 +466,9 @@ def _supervise(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     indexes = list(range(count))
-    if config.delivery.mode != "capture":
+    # The delivery process also sends webhooks: in capture mode it runs for them
+    # alone when webhooks may exist (config ones, or the API can make some).
+    if config.delivery.mode != "capture" or config.webhooks or http is not None:
         indexes.append(DELIVERY)
     if http is not None:
         indexes.append(HTTP)

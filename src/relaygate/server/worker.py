@@ -36,6 +36,8 @@ from relaygate.storage.postgres.nodes import HEARTBEAT, PostgresNodes
 from relaygate.storage.redis.changes import ChangeRelay
 from relaygate.storage.redis.connections import RedisConnectionCounts
 from relaygate.storage.redis.fallback import SHARED_ERRORS, SharedHealth
+from relaygate.webhooks.configured import config_endpoints
+from relaygate.webhooks.notices import EventNotices
 
 BoundListener = tuple[socket.socket, ListenerConfig]
 
@@ -90,6 +92,13 @@ class Worker:
         self.storage = await open_node_storage(
             config, self.loop, deliver=config.delivery.mode != "capture"
         )
+        notices = (
+            None
+            if self.storage.webhooks is None
+            else EventNotices(
+                self.storage.webhooks, config_endpoints(config.webhooks, with_secrets=False)
+            )
+        )
         self.submission = SubmissionService(
             hostname=config.hostname,
             # Which node took the message, when several share the storage.
@@ -98,6 +107,7 @@ class Worker:
             capture=config.delivery.mode == "capture",
             counters=self.storage.counters,
             acceptance=self.storage.acceptance,
+            notices=notices,
         )
         self.logins = LoginService(
             accounts=self.storage.accounts,
@@ -107,6 +117,7 @@ class Worker:
             hasher=PasswordHasher(config.password_hash),
             decoy_key=await LoginService.decoy_key(self.storage.secrets),
             loop=self.loop,
+            notices=notices,
         )
         self._servers: list[asyncio.Server] = []
         self._proxy_listeners: list[ProxyListener] = []

@@ -27,9 +27,10 @@ from relaygate.accounts.store import (
     normalize_address,
     normalize_sender_pattern,
 )
-from relaygate.config import PasswordHashConfig
+from relaygate.config import PasswordHashConfig, WebhookConfig
 from relaygate.delivery.dkim import DKIMKey, KeyType, normalize_domain, txt_record
 from relaygate.sasl import StoredKeys, stored_keys_for_password
+from relaygate.services.webhooks import WebhooksAdmin
 from relaygate.stats import HourStats
 from relaygate.storage.api import (
     Accounts,
@@ -379,9 +380,15 @@ class AdminServices:
     queue: QueueAdmin
     tokens: TokensAdmin
     stats: StatsAdmin
+    webhooks: WebhooksAdmin
 
 
-def admin_services(store: AdminStorage, hashing: PasswordHashConfig) -> AdminServices:
+def admin_services(
+    store: AdminStorage,
+    hashing: PasswordHashConfig,
+    webhooks: Sequence[WebhookConfig] = (),
+    allow_private_targets: bool = False,
+) -> AdminServices:
     return AdminServices(
         MessagesAdmin(store.messages),
         AccountsAdmin(store.accounts, hashing),
@@ -390,4 +397,5 @@ def admin_services(store: AdminStorage, hashing: PasswordHashConfig) -> AdminSer
         QueueAdmin(store.queue),
         TokensAdmin(store.tokens, store.secrets),
         StatsAdmin(store.stats),
+        WebhooksAdmin(store.webhooks, webhooks, allow_private_targets),
     )

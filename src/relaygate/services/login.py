@@ -60,6 +60,8 @@ from relaygate.sasl.scram import DEFAULT_ITERATIONS
 from relaygate.storage.api import Accounts, Credentials, LoginFailures, Secrets
 from relaygate.storage.errors import STORAGE_ERRORS
 from relaygate.throttle import Reservation, Verdict, Wait
+from relaygate.webhooks.events import AUTH_THROTTLED
+from relaygate.webhooks.notices import EventNotices
 
 # A hash pool shut down under us is RuntimeError: both mean "could not check".
 VERIFY_ERRORS: tuple[type[BaseException], ...] = (*STORAGE_ERRORS, RuntimeError)
@@ -147,7 +149,9 @@ class LoginService:
         hasher: PasswordHasher,
         decoy_key: bytes,
         loop: asyncio.AbstractEventLoop,
+        notices: EventNotices | None = None,
     ) -> None:
+        self.notices = notices  # auth.throttled webhooks (at most one per IP and user a minute)
         self._accounts = accounts
         self._credentials = credentials
         self._failures = failures
@@ -223,7 +227,18 @@ class LoginService:
     async def prune(self) -> None:
         await self._failures.prune(time.time())
 
-    def _throttled(self, verdict: Verdict) -> LoginResult:
+    def _throttled(self, verdict: Verdict, ip: str, user: str) -> LoginResult:
+        if self.notices is not None:
+            self.notices.emit(
+                AUTH_THROTTLED,
+                f"{ip} {user.lower()}",
+                {
+                    "client_ip": ip,
+                    "user": user,
+                    "scope": verdict.scope,
+                    "retry_after": round(verdict.retry_after),
+                },
+            )
         delay = min(self.config.max_delay, verdict.retry_after)
         if not self.config.connection_delay_after:
             delay = 0.0
@@ -258,7 +273,7 @@ class LoginService:
                     # The password is known right: the read-only check is enough.
                     verdict = await self._allow(client_ip, account.address)
                     if verdict is not None:
-                        return self._throttled(verdict)
+                        return self._throttled(verdict, client_ip, username)
                     return LoginResult(account, "ok", cached=True)
             self._cache.pop(key, None)
             reserved = await self._reserve(client_ip, username)
@@ -267,7 +282,7 @@ class LoginService:
         if reserved is None:
             return LoginResult(None, "busy", delay=1.0)
         if isinstance(reserved, Verdict):
-            return self._throttled(reserved)
+            return self._throttled(reserved, client_ip, username)
         suspect = connection_failures > 0 or reserved.recent > 1
         try:
             outcome = await self._slow_verify(account, password, suspect)
@@ -365,13 +380,13 @@ class LoginService:
             if answer is None:
                 return LoginResult(None, "busy", delay=1.0)
             if isinstance(answer, Verdict):
-                return self._throttled(answer)
+                return self._throttled(answer, client_ip, username)
             await self._failures.fail(answer)  # known wrong already: straight to a failure
             return self._failed(outcome, connection_failures, answer.recent)
         assert credential is not None and account is not None
         verdict = await self._allow(client_ip, account.address)
         if verdict is not None:  # right, but this client is over a limit
-            return self._throttled(verdict)
+            return self._throttled(verdict, client_ip, username)
         if now - self._touched.get(credential.id, 0.0) >= TOUCH_INTERVAL:
             self._touched[credential.id] = now
             self._later(self._touch(credential.id, now))  # informational
@@ -395,7 +410,7 @@ class LoginService:
         if reserved is None:
             return LoginResult(None, "busy", delay=1.0)
         if isinstance(reserved, Verdict):
-            return self._throttled(reserved)
+            return self._throttled(reserved, client_ip, username)
         if account is not None and account.scram is not None and not account.disabled:
             return account.scram, reserved
         return self.decoy_keys(username), reserved

@@ -33,6 +33,8 @@ from relaygate.accounts.store import Account
 from relaygate.config import SendingLimits
 from relaygate.quotas import Scope, Usage, account_scope, credential_scope
 from relaygate.storage.api import Acceptance, SendingCounters
+from relaygate.webhooks.events import ACCOUNT_LIMIT_REACHED
+from relaygate.webhooks.notices import EventNotices
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +82,9 @@ class SubmissionService:
         capture: bool,
         counters: SendingCounters,
         acceptance: Acceptance,
+        notices: EventNotices | None = None,
     ) -> None:
+        self.notices = notices  # account.limit_reached webhooks (one per account a minute)
         self._hostname = hostname
         self._node = node
         self._defaults = sending_limits
@@ -111,7 +115,36 @@ class SubmissionService:
         """The limit check MAIL needs (a refusal or None), or None if no limit applies."""
         if not quotas.message_limited(login.scopes):
             return None
-        return self._counters.check_message(login.scopes, time.time())
+        check = self._counters.check_message(login.scopes, time.time())
+        if self.notices is None or not self.notices.wants(ACCOUNT_LIMIT_REACHED):
+            return check
+        return self._noticed(login, check)
+
+    async def _noticed(self, login: Login, check: Awaitable[bytes | None]) -> bytes | None:
+        reply = await check
+        if reply is not None:
+            self._limit_reached(login, reply)
+        return reply
+
+    async def _noticed_recipient(
+        self, login: Login, check: Awaitable[tuple[bytes | None, bool]]
+    ) -> tuple[bytes | None, bool]:
+        reply, new = await check
+        if reply is not None:
+            self._limit_reached(login, reply)
+        return reply, new
+
+    def _limit_reached(self, login: Login, reply: bytes) -> None:
+        assert self.notices is not None
+        self.notices.emit(
+            ACCOUNT_LIMIT_REACHED,
+            login.account.address.lower(),
+            {
+                "account": login.account.address,
+                "credential": login.credential.name if login.credential else None,
+                "reply": reply.decode("utf-8", "replace").strip(),
+            },
+        )
 
     def recipient_limits(
         self, login: Login, recipient: str, *, accepted_so_far: int, new_so_far: int
@@ -120,7 +153,7 @@ class SubmissionService:
         the account); None if no recipient limit applies."""
         if not quotas.recipient_limited(login.scopes):
             return None
-        return self._counters.check_recipient(
+        check = self._counters.check_recipient(
             login.scopes,
             login.account.address,
             recipient,
@@ -128,6 +161,9 @@ class SubmissionService:
             new_so_far=new_so_far,
             now=time.time(),
         )
+        if self.notices is None or not self.notices.wants(ACCOUNT_LIMIT_REACHED):
+            return check
+        return self._noticed_recipient(login, check)
 
     # ------------------------------------------------------------ end of DATA
 

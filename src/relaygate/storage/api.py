@@ -27,6 +27,7 @@ from relaygate.quotas import Scope
 from relaygate.sasl import StoredKeys
 from relaygate.storage.message_query import MessageQuery
 from relaygate.throttle import Reservation, Verdict, Wait
+from relaygate.webhooks.events import Endpoint, Event
 
 if TYPE_CHECKING:
     from relaygate.accepted import SpooledMessage
@@ -506,6 +507,83 @@ class ApiTokens(Protocol):
         ...
 
 
+# ------------------------------------------------------------ webhooks
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """One event to POST to one webhook endpoint (webhooks/sender.py)."""
+
+    id: int
+    endpoint: str
+    event_id: str
+    type: str
+    body: str
+    attempts: int  # tries so far
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookAttempt:
+    """One POST of an event: what came back, and how long it took."""
+
+    event_id: str
+    type: str
+    ts: float
+    status_code: int | None  # None: no HTTP answer (timeout, refused, SSRF rule)
+    error: str | None
+    duration: float
+    outcome: str  # delivered | retry | failed
+
+
+class WebhookNotFound(LookupError):
+    """No API-made webhook of that id."""
+
+
+class Webhooks(Protocol):
+    """Webhook endpoints made through the API, the outbox and its attempts.
+
+    ``collect`` turns message rows and delivery attempts committed since the
+    last call into outbox rows for the endpoints that want them, and moves its
+    cursor in the same transaction: a crash re-reads, never skips, and the
+    (endpoint, event id) key keeps a re-read from queueing twice. The outbox is
+    claimed with leases (SKIP LOCKED on PostgreSQL) like the delivery queue.
+    """
+
+    async def add(self, endpoint: Endpoint) -> None: ...
+
+    async def endpoints(self) -> list[Endpoint]: ...
+
+    async def update(
+        self, endpoint_id: str, url: str | None, events: tuple[str, ...] | None
+    ) -> Endpoint:
+        """Raises WebhookNotFound."""
+        ...
+
+    async def remove(self, endpoint_id: str) -> bool: ...
+
+    async def collect(self, endpoints: Sequence[Endpoint], now: float, limit: int) -> int:
+        """Queue the events that happened since the last call; how many rows queued.
+        With no endpoints the cursor just moves to the present."""
+        ...
+
+    async def enqueue(self, endpoint_id: str, event: Event, now: float) -> None:
+        """Queue one event for one endpoint (webhook.test, account events)."""
+        ...
+
+    async def claim(self, now: float, limit: int, lease: float) -> list[OutboxItem]: ...
+
+    async def finish(
+        self, item: OutboxItem, attempt: WebhookAttempt, next_attempt: float | None
+    ) -> None:
+        """Record an attempt; next_attempt None: settled (delivered or given up)."""
+        ...
+
+    async def attempts(self, endpoint_id: str, limit: int) -> list[WebhookAttempt]:
+        """The newest attempts to one endpoint, newest first."""
+        ...
+
+
 class AdminStorage(Protocol):
     """What the admin edges (CLI, HTTP API, web UI) work on; both backends are one."""
 
@@ -527,6 +605,8 @@ class AdminStorage(Protocol):
     def secrets(self) -> Secrets: ...
     @property
     def sessions(self) -> UiSessions: ...
+    @property
+    def webhooks(self) -> Webhooks: ...
 
     async def close(self) -> None: ...
 

@@ -41,10 +41,12 @@ from relaygate.storage.api import (
     PolicyCache,
     Secrets,
     SendingCounters,
+    Webhooks,
 )
 from relaygate.storage.dkim_files import FileDKIMKeys
 from relaygate.storage.postgres.backend import PostgresStorage
 from relaygate.storage.postgres.nodes import PostgresNodes
+from relaygate.storage.postgres.webhooks import PostgresWebhooks
 from relaygate.storage.redis import changes as redis_changes
 from relaygate.storage.redis.client import open_client
 from relaygate.storage.redis.fallback import FallbackLoginFailures, SharedHealth
@@ -58,6 +60,7 @@ from relaygate.storage.sqlite_credentials import SQLiteCredentials
 from relaygate.storage.sqlite_queue import SQLiteDeliveryQueue, SQLitePolicyCache
 from relaygate.storage.sqlite_stats import SQLiteHourlyStats
 from relaygate.storage.sqlite_throttle import SQLiteLoginFailures
+from relaygate.storage.sqlite_webhooks import SQLiteWebhooks
 from relaygate.storage.thread import DatabaseThread
 
 
@@ -112,6 +115,7 @@ class NodeStorage:
     nodes: PostgresNodes | None  # None: one machine, nobody to tell
     stats: HourlyStats
     _closers: list[Callable[[], Awaitable[None]]]
+    webhooks: Webhooks | None = None  # account and login events (webhooks/notices.py)
     redis: redis.asyncio.Redis | None = None  # [shared] redis_url: the process's client
 
     async def close(self) -> None:
@@ -170,6 +174,7 @@ async def _open_node_storage(
             nodes=None,
             stats=SQLiteHourlyStats(service, data),
             _closers=[close_service],
+            webhooks=SQLiteWebhooks(service, data),
         )
     # On PostgreSQL only the node's own failed-login windows stay in data_dir
     # (throttle.db) unless [shared] redis_url makes them cluster-wide.
@@ -200,6 +205,7 @@ async def _open_node_storage(
         nodes=shared.nodes,
         stats=shared.stats,
         _closers=[shared.close, close_state],
+        webhooks=shared.webhooks,
     )
 
 
@@ -215,6 +221,7 @@ class DeliveryStorage:
     policies: PolicyCache
     dkim_keys: DKIMKeys
     stats: HourlyStats
+    webhooks: Webhooks
     close: Callable[[], Awaitable[None]]
 
 
@@ -227,14 +234,21 @@ async def open_delivery_storage(config: Config, loop: asyncio.AbstractEventLoop)
             lambda: sqlite_storage.connect(config.database_path), loop, name="delivery-db"
         )
 
+        # The webhook sender's own connection: its reads never wait behind outcomes.
+        hooks: DatabaseThread[sqlite3.Connection] = DatabaseThread(
+            lambda: sqlite_storage.connect(config.database_path), loop, name="webhooks-db"
+        )
+
         async def close_thread() -> None:
             await asyncio.to_thread(thread.close)
+            await asyncio.to_thread(hooks.close)
 
         return DeliveryStorage(
             queue=SQLiteDeliveryQueue(thread, same, config.database_path),
             policies=SQLitePolicyCache(thread, same),
             dkim_keys=FileDKIMKeys(key_directory(config.data_dir)),
             stats=SQLiteHourlyStats(thread, same),
+            webhooks=SQLiteWebhooks(hooks, same),
             close=close_thread,
         )
     shared = await PostgresStorage.open(
@@ -245,6 +259,7 @@ async def open_delivery_storage(config: Config, loop: asyncio.AbstractEventLoop)
         policies=shared.policies,
         dkim_keys=shared.dkim_keys,
         stats=shared.stats,
+        webhooks=PostgresWebhooks(shared.pool, config.node_name),
         close=shared.close,
     )
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from relaygate.storage.files import private_file
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -170,6 +170,44 @@ CREATE TABLE stats_hourly (         -- counts per hour (stats.py, storage/sqlite
 """,
     9: """
 CREATE INDEX messages_account ON messages(lower(account), created_at); -- one account's log
+""",
+    10: """
+CREATE TABLE webhooks (             -- webhook endpoints made through the API (sqlite_webhooks.py)
+    id         TEXT PRIMARY KEY,
+    url        TEXT NOT NULL,
+    events     TEXT NOT NULL,       -- JSON list; [] = every event
+    secret     TEXT NOT NULL,       -- whsec_<base64>: the receiver needs it to verify
+    created_at REAL NOT NULL
+);
+CREATE TABLE webhook_outbox (       -- one event for one endpoint, until delivered or given up
+    id           INTEGER PRIMARY KEY,
+    endpoint     TEXT NOT NULL,
+    event_id     TEXT NOT NULL,     -- the webhook-id header, the same on every retry
+    type         TEXT NOT NULL,
+    body         TEXT NOT NULL,
+    status       TEXT NOT NULL,     -- queued | sending | delivered | failed
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    lease_until  REAL,
+    created_at   REAL NOT NULL,
+    UNIQUE (endpoint, event_id)
+);
+CREATE INDEX webhook_outbox_due ON webhook_outbox(status, next_attempt);
+CREATE TABLE webhook_attempts (
+    id          INTEGER PRIMARY KEY,
+    outbox_id   INTEGER NOT NULL REFERENCES webhook_outbox(id) ON DELETE CASCADE,
+    endpoint    TEXT NOT NULL,
+    ts          REAL NOT NULL,
+    status_code INTEGER,
+    error       TEXT,
+    duration    REAL NOT NULL,
+    outcome     TEXT NOT NULL       -- delivered | retry | failed
+);
+CREATE INDEX webhook_attempts_endpoint ON webhook_attempts(endpoint, ts);
+CREATE TABLE webhook_cursor (       -- how far collect has read messages / delivery_attempts
+    name     TEXT PRIMARY KEY,
+    position REAL NOT NULL
+);
 """,
 }
 

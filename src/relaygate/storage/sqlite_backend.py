@@ -24,6 +24,7 @@ from relaygate.storage.sqlite_queue import SQLiteDeliveryQueue
 from relaygate.storage.sqlite_sessions import SQLiteUiSessions
 from relaygate.storage.sqlite_stats import SQLiteHourlyStats
 from relaygate.storage.sqlite_tokens import SQLiteApiTokens
+from relaygate.storage.sqlite_webhooks import SQLiteWebhooks
 from relaygate.storage.thread import DatabaseThread
 
 
@@ -41,6 +42,7 @@ class SQLiteStorage:
         self.tokens = SQLiteApiTokens(self._thread, same)
         self.sessions = SQLiteUiSessions(self._thread, same)
         self.stats = SQLiteHourlyStats(self._thread, same)
+        self.webhooks = SQLiteWebhooks(self._thread, same)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._thread.close)

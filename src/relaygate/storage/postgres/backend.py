@@ -22,6 +22,7 @@ from relaygate.storage.postgres.queue import PostgresDeliveryQueue, PostgresPoli
 from relaygate.storage.postgres.sessions import PostgresUiSessions
 from relaygate.storage.postgres.stats import PostgresHourlyStats
 from relaygate.storage.postgres.tokens import PostgresApiTokens
+from relaygate.storage.postgres.webhooks import PostgresWebhooks
 from relaygate.storage.secrets import CREDENTIAL_KEY
 
 DEFAULT_LEASE = 120.0
@@ -42,6 +43,7 @@ class PostgresStorage:
         self.tokens = PostgresApiTokens(pool)
         self.sessions = PostgresUiSessions(pool)
         self.stats = PostgresHourlyStats(pool)
+        self.webhooks = PostgresWebhooks(pool)
 
         self.policies = PostgresPolicyCache(pool)
         # Admin commands list, retry and delete; a delivery process claims with

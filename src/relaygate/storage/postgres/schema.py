@@ -263,6 +263,47 @@ CREATE TABLE stats_hourly (
     9: """
 CREATE INDEX messages_account ON messages (lower(account), created_at DESC, id DESC);
 """,
+    # Webhooks: endpoints made through the API, the outbox, attempts (postgres/webhooks.py).
+    10: """
+CREATE TABLE webhooks (
+    id         TEXT PRIMARY KEY,
+    url        TEXT NOT NULL,
+    events     JSONB NOT NULL,
+    secret     TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE webhook_outbox (
+    id           BIGSERIAL PRIMARY KEY,
+    endpoint     TEXT NOT NULL,
+    event_id     TEXT NOT NULL,
+    type         TEXT NOT NULL,
+    body         TEXT NOT NULL,
+    status       TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt DOUBLE PRECISION NOT NULL,
+    lease_until  DOUBLE PRECISION,
+    node         TEXT,
+    created_at   DOUBLE PRECISION NOT NULL,
+    UNIQUE (endpoint, event_id)
+);
+CREATE INDEX webhook_outbox_due ON webhook_outbox (status, next_attempt);
+CREATE TABLE webhook_attempts (
+    id          BIGSERIAL PRIMARY KEY,
+    outbox_id   BIGINT NOT NULL REFERENCES webhook_outbox (id) ON DELETE CASCADE,
+    endpoint    TEXT NOT NULL,
+    ts          DOUBLE PRECISION NOT NULL,
+    status_code INTEGER,
+    error       TEXT,
+    duration    DOUBLE PRECISION NOT NULL,
+    outcome     TEXT NOT NULL
+);
+CREATE INDEX webhook_attempts_endpoint ON webhook_attempts (endpoint, ts);
+CREATE TABLE webhook_cursor (
+    name     TEXT PRIMARY KEY,
+    position DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX delivery_attempts_ts ON delivery_attempts (ts)
+""",
 }
 SCHEMA_VERSION = max(STEPS)
 

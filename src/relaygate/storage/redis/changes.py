@@ -76,7 +76,7 @@ class ChangeRelay:
                 self._health.failed(exc)
             finally:
                 with contextlib.suppress(*SHARED_ERRORS):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
             await asyncio.sleep(RECONNECT)
 
     def _bump(self) -> None:

@@ -1,0 +1,1 @@
+"""Signed webhooks: events about messages and accounts POSTed to subscribers (docs/webhooks.md)."""
