@@ -11,6 +11,7 @@ decoded is shown replaced, as a mail client does.
 from __future__ import annotations
 
 import email
+import email.parser
 import email.policy
 from dataclasses import dataclass, field
 from email.message import EmailMessage, Message
@@ -65,13 +66,17 @@ def _text(part: EmailMessage) -> str:
     """The part's text with plain newlines (mail travels with CRLF)."""
     content = _content(part)
     if isinstance(content, str):
-        return content.replace("\r\n", "\n")
+        return content.replace("
+", "
+")
     charset = part.get_content_charset() or "utf-8"
     try:
         text = content.decode(charset, "replace")
-    except LookupError:
+    except (LookupError, ValueError):  # unknown charset, or a NUL in its name
         text = content.decode("utf-8", "replace")
-    return text.replace("\r\n", "\n")
+    return text.replace("
+", "
+")
 
 
 def _walk(message: EmailMessage) -> list[EmailMessage]:
@@ -101,6 +106,18 @@ def _is_attachment(part: EmailMessage) -> bool:
 
 
 def parts(raw: bytes) -> MessageParts:
+    try:
+        return _parts(raw)
+    except RecursionError:
+        # Nesting deeper than the email package can recurse: the top-level
+        # header fields only, no body shown.
+        message = email.parser.BytesParser(policy=email.policy.default).parsebytes(
+            raw, headersonly=True
+        )
+        return MessageParts(headers=[(name, _header_value(message, name)) for name in message])
+
+
+def _parts(raw: bytes) -> MessageParts:
     message = _parse(raw)
     found = MessageParts(headers=[(name, _header_value(message, name)) for name in message])
     for index, part in enumerate(_walk(message)):
@@ -132,7 +149,9 @@ def attachment(raw: bytes, index: int) -> tuple[Attachment, bytes] | None:
     """One attachment's description and decoded bytes; None if ``index`` is not one."""
     for found in parts(raw).attachments:
         if found.index == index:
-            part = _walk(_parse(raw))[index]
+            part = _walk(_parse(raw))[
+                index
+            ]  # parts() found it, so this walk cannot recurse too deep
             content = _content(part)
             return found, content.encode() if isinstance(content, str) else content
     return None
