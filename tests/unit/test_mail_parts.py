@@ -105,7 +105,7 @@ def test_broken_mime_never_raises(raw: bytes) -> None:
 
 def test_huge_header_values_are_cut() -> None:
     found = mail_parts.parts(b"Subject: " + b"x" * 200_000 + b"\r\n\r\nbody")
-    [(name, value)] = [h for h in found.headers if h[0] == "Subject"]
+    [value] = [v for n, v in found.headers if n == "Subject"]
     assert len(value) == mail_parts.MAX_HEADER_VALUE
 
 
@@ -133,8 +133,8 @@ def test_deep_nesting_does_not_recurse_forever() -> None:
 
 def test_inline_image_with_content_id() -> None:
     image = (
-        b"Content-Type: image/png\r\nContent-ID: <logo@x>\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-        + base64.b64encode(b"\x89PNG")
+        b"Content-Type: image/png\r\nContent-ID: <logo@x>\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.b64encode(b"\x89PNG")
     )
     [attached] = mail_parts.parts(_mime(HTML, image)).attachments
     assert attached.inline and attached.content_id == "logo@x" and attached.size == 4
