@@ -66,17 +66,13 @@ def _text(part: EmailMessage) -> str:
     """The part's text with plain newlines (mail travels with CRLF)."""
     content = _content(part)
     if isinstance(content, str):
-        return content.replace("
-", "
-")
+        return content.replace("\r\n", "\n")
     charset = part.get_content_charset() or "utf-8"
     try:
         text = content.decode(charset, "replace")
     except (LookupError, ValueError):  # unknown charset, or a NUL in its name
         text = content.decode("utf-8", "replace")
-    return text.replace("
-", "
-")
+    return text.replace("\r\n", "\n")
 
 
 def _walk(message: EmailMessage) -> list[EmailMessage]:

@@ -235,6 +235,7 @@ def test_a_read_only_token_writes_nothing(
         (b'{"address": "not an address"}', "invalid address"),
         (b'{"address": "\\u00e9\\u0000@example.com"}', "invalid address"),
         (b"{}", "address is required"),
+        (b"[" * 100_000 + b"]" * 100_000, "the request body must be a JSON object"),
     ],
 )
 def test_bad_bodies_are_400_with_a_reason(

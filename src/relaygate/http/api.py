@@ -127,7 +127,7 @@ async def json_body(request: Request) -> dict[str, Any]:
     """The request's JSON object; ApiError 400 when it is not one."""
     try:
         data = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
         raise ApiError(400, "the request body must be a JSON object") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
