@@ -489,3 +489,34 @@ def test_webhooks_page_adds_tests_and_shows_attempts(ui: tuple[Server, str], pag
         assert server.secrets_in_log([secret]) == []
     finally:
         receiver.close()
+
+
+def test_admin_adds_an_account_and_edits_it(ui: tuple[Server, str], page: Page) -> None:
+    """What `relaygate user add/senders/limits/passwd` do, from the accounts page."""
+    server, base = ui
+    _log_in(page, base, ALICE.address, ALICE.password)
+    page.click("nav >> text=Accounts")
+    page.fill("input[name=address]", "Shop@Example.com")
+    page.click("text=Add account")
+    first = page.get_by_test_id("new-password").inner_text()
+    page.click("a:has-text('Shop@example.com')")
+    expect(page.locator("h1")).to_have_text("Shop@example.com")
+    page.fill("input[name=senders]", "shop@example.com @shop.example")
+    page.click("text=Save senders")
+    expect(page.locator("input[name=senders]")).to_have_value("@shop.example shop@example.com")
+    page.fill("input[name=messages_per_hour]", "25")
+    page.click("text=Save limits")
+    expect(page.locator("input[name=messages_per_hour]")).to_have_value("25")
+    page.fill("input[name=messages_per_day]", "lots")
+    page.click("text=Save limits")
+    expect(page.locator(".error")).to_contain_text("messages_per_day: give a whole number")
+    page.click("text=Set a new generated password")
+    second = page.get_by_test_id("new-password").inner_text()
+    assert second != first
+    listed = {a["address"]: a for a in json.loads(server.cli("user", "list", "--json").stdout)}
+    shop = listed["Shop@example.com"]
+    assert shop["senders"] == ["@shop.example", "shop@example.com"]
+    assert shop["limits"] == {"messages_per_hour": 25}
+    with smtplib.SMTP_SSL("127.0.0.1", server.implicit_port, context=server.client_context()) as c:
+        c.login("shop@example.com", second)
+    assert server.secrets_in_log([first, second]) == []

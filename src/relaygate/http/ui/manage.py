@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute
 
-from relaygate.accounts.credentials import CredentialError
+from relaygate.accounts.credentials import LIMIT_KEYS, MAX_LIMIT, CredentialError
 from relaygate.accounts.store import AccountError
 from relaygate.delivery.dkim import KEY_TYPES, DKIMError
 from relaygate.delivery.dkim_dns import published, resolver_for
@@ -184,6 +184,60 @@ async def _account_action(request: Request, ctx: HttpContext, who: Viewer) -> Re
     return redirect_to("/accounts")
 
 
+async def _account_page(request: Request, ctx: HttpContext, who: Viewer, **extra: Any) -> Response:
+    address = request.path_params["address"]
+    try:
+        account, limits = await ctx.admin.credentials.account_limits(address, {})
+    except USER_ERRORS:
+        return page(
+            "error.html", 404, viewer=who, title="Not found", message=f"No such account: {address}"
+        )
+    error = extra.get("error", "")
+    return page(
+        "account.html",
+        400 if error else 200,
+        viewer=who,
+        account=account,
+        limits=limits or {},
+        limit_keys=LIMIT_KEYS,
+        error=error,
+        password=extra.get("password", ""),
+        saved=extra.get("saved", ""),
+    )
+
+
+async def _account_edit(request: Request, ctx: HttpContext, who: Viewer) -> Response:
+    form = await request.form()
+    address = request.path_params["address"]
+    action = form_text(form, "action")
+    try:
+        account = await ctx.admin.accounts.get(address)
+        if action == "senders":
+            patterns = form_text(form, "senders").replace(",", " ").split()
+            await ctx.admin.accounts.set_senders(account.address, patterns)
+        elif action == "limits":
+            changes = {}
+            for key in LIMIT_KEYS:
+                text = form_text(form, key).strip()
+                if text:
+                    if not text.isdigit() or int(text) > MAX_LIMIT:
+                        raise ValueError(f"{key}: give a whole number from 0 to {MAX_LIMIT}")
+                    changes[key] = int(text)
+            await ctx.admin.credentials.account_limits(account.address, changes, clear=True)
+        elif action == "password":
+            password = secrets.token_urlsafe(18)
+            await ctx.admin.accounts.set_password(account.address, password)
+            audit(who.caller, "account.password", account=account.address)
+            # Shown in this response only; sessions made with the old one have ended.
+            return await _account_page(request, ctx, who, password=password)
+        else:
+            raise ValueError("unknown account change")
+    except USER_ERRORS as exc:
+        return await _account_page(request, ctx, who, error=str(exc))
+    audit(who.caller, f"account.{action}", account=account.address)
+    return await _account_page(request, ctx, who, saved=action)
+
+
 # ------------------------------------------------------------------------- DKIM
 
 
@@ -225,6 +279,8 @@ def routes() -> list[BaseRoute]:
         ui_page("/queue/action", _queue_action, admin=True, methods=("POST",)),
         ui_page("/accounts", _accounts, admin=True),
         ui_page("/accounts/action", _account_action, admin=True, methods=("POST",)),
+        ui_page("/accounts/{address}", _account_page, admin=True),
+        ui_page("/accounts/{address}/edit", _account_edit, admin=True, methods=("POST",)),
         ui_page("/dkim", _dkim, admin=True),
         ui_page("/dkim/generate", _dkim_generate, admin=True, methods=("POST",)),
     ]
