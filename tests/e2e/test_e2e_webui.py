@@ -520,3 +520,25 @@ def test_admin_adds_an_account_and_edits_it(ui: tuple[Server, str], page: Page) 
     with smtplib.SMTP_SSL("127.0.0.1", server.implicit_port, context=server.client_context()) as c:
         c.login("shop@example.com", second)
     assert server.secrets_in_log([first, second]) == []
+
+
+def test_api_tokens_made_in_the_ui_work_and_revoke(ui: tuple[Server, str], page: Page) -> None:
+    _, base = ui
+    _log_in(page, base, ALICE.address, ALICE.password)
+    page.click("nav >> text=API tokens")
+    page.fill("input[name=name]", "from-the-ui")
+    page.check("input[name=read_only]")
+    page.click("text=Create token")
+    token = page.get_by_test_id("new-token").inner_text()
+    request = urllib.request.Request(f"{base}/api/v1/messages?limit=1")
+    request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+    page.locator('tr[data-name="from-the-ui"] button:has-text("Revoke")').click()
+    expect(page.locator('tr[data-name="from-the-ui"]')).to_have_count(0)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401
+    page.fill("input[name=name]", "bad name!")
+    page.click("text=Create token")
+    expect(page.locator(".error")).to_contain_text("invalid token name")

@@ -23,7 +23,7 @@ from relaygate.http.api import audit
 from relaygate.http.context import HttpContext
 from relaygate.http.ui.auth import Viewer, forbidden, form_text, ui_page
 from relaygate.http.ui.render import page
-from relaygate.services.admin import NotFound
+from relaygate.services.admin import NotFound, TokenError
 
 USER_ERRORS = (AccountError, CredentialError, DKIMError, NotFound, ValueError)
 
@@ -238,6 +238,42 @@ async def _account_edit(request: Request, ctx: HttpContext, who: Viewer) -> Resp
     return await _account_page(request, ctx, who, saved=action)
 
 
+# ----------------------------------------------------------------------- tokens
+
+
+async def _tokens(request: Request, ctx: HttpContext, who: Viewer, **extra: Any) -> Response:
+    error = extra.get("error", "")
+    return page(
+        "tokens.html",
+        400 if error else 200,
+        viewer=who,
+        tokens=await ctx.admin.tokens.list(),
+        error=error,
+        created=extra.get("created"),
+        secret=extra.get("secret", ""),
+    )
+
+
+async def _token_action(request: Request, ctx: HttpContext, who: Viewer) -> Response:
+    form = await request.form()
+    action = form_text(form, "action")
+    name = form_text(form, "name").strip()
+    try:
+        if action == "add":
+            token, secret = await ctx.admin.tokens.add(
+                name, read_only=form_text(form, "read_only") == "on"
+            )
+            audit(who.caller, "token.add", name=token.name, read_only=token.read_only)
+            return await _tokens(request, ctx, who, created=token, secret=secret)
+        if action == "revoke":
+            await ctx.admin.tokens.revoke(name)
+            audit(who.caller, "token.revoke", name=name)
+            return redirect_to("/tokens")
+        raise ValueError("unknown token action")
+    except (*USER_ERRORS, TokenError) as exc:
+        return await _tokens(request, ctx, who, error=str(exc))
+
+
 # ------------------------------------------------------------------------- DKIM
 
 
@@ -281,6 +317,8 @@ def routes() -> list[BaseRoute]:
         ui_page("/accounts/action", _account_action, admin=True, methods=("POST",)),
         ui_page("/accounts/{address}", _account_page, admin=True),
         ui_page("/accounts/{address}/edit", _account_edit, admin=True, methods=("POST",)),
+        ui_page("/tokens", _tokens, admin=True),
+        ui_page("/tokens/action", _token_action, admin=True, methods=("POST",)),
         ui_page("/dkim", _dkim, admin=True),
         ui_page("/dkim/generate", _dkim_generate, admin=True, methods=("POST",)),
     ]
