@@ -24,7 +24,7 @@ from playwright.sync_api import Browser, Dialog, Page, expect, sync_playwright
 
 from fakes.dns_server import FakeDNS
 
-from .helpers import ALICE, BOB, Server, ServerPool, free_ports, session
+from .helpers import ALICE, BOB, E2E_STORAGE, Server, ServerPool, free_ports, session
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
@@ -542,3 +542,27 @@ def test_api_tokens_made_in_the_ui_work_and_revoke(ui: tuple[Server, str], page:
     page.fill("input[name=name]", "bad name!")
     page.click("text=Create token")
     expect(page.locator(".error")).to_contain_text("invalid token name")
+
+
+def test_credential_limits_and_the_nodes_page(ui: tuple[Server, str], page: Page) -> None:
+    server, base = ui
+    out = server.cli("credential", "add", BOB.address, "--name", "limited").stdout
+    assert "rgc_" in out
+    _log_in(page, base, BOB.address, BOB.password)
+    page.goto(base + "/credentials")
+    row = page.locator('tr[data-name="limited"]')
+    row.locator("summary").click()
+    row.locator("input[name=messages_per_day]").fill("40")
+    row.locator("button", has_text="Save limits").click()
+    expect(page.locator('tr[data-name="limited"] summary')).to_have_text("messages per day 40")
+    listed = json.loads(server.cli("credential", "list", BOB.address, "--json").stdout)
+    assert next(c for c in listed if c["name"] == "limited")["limits"] == {"messages_per_day": 40}
+    response = page.goto(base + "/nodes")  # admins only
+    assert response is not None and response.status == 403
+    page.context.clear_cookies()
+    _log_in(page, base, ALICE.address, ALICE.password)
+    page.goto(base + "/nodes")
+    if E2E_STORAGE == "postgresql":
+        expect(page.locator("tr[data-node] .status").first).to_have_text("up")
+    else:
+        expect(page.locator("main")).to_contain_text("One machine")

@@ -44,6 +44,8 @@ from relaygate.storage.api import (
     HourlyStats,
     MessageLog,
     MessageRecord,
+    NodeRecord,
+    Nodes,
     QueueEntry,
     QueueSummary,
     Secrets,
@@ -368,6 +370,20 @@ class StatsAdmin:
         return await stats.report(self._store, hours, time.time())
 
 
+class NodesAdmin:
+    """The nodes sharing a PostgreSQL database (``relaygate nodes``); none on SQLite."""
+
+    def __init__(self, nodes: Nodes | None) -> None:
+        self._nodes = nodes
+
+    @property
+    def shared(self) -> bool:
+        return self._nodes is not None
+
+    async def list(self) -> list[NodeRecord]:
+        return [] if self._nodes is None else await self._nodes.list(time.time())
+
+
 @dataclass
 class AdminServices:
     """Every admin use case on one storage: what the CLI, the HTTP API and the
@@ -380,6 +396,7 @@ class AdminServices:
     queue: QueueAdmin
     tokens: TokensAdmin
     stats: StatsAdmin
+    nodes: NodesAdmin
     webhooks: WebhooksAdmin
 
 
@@ -397,5 +414,6 @@ def admin_services(
         QueueAdmin(store.queue),
         TokensAdmin(store.tokens, store.secrets),
         StatsAdmin(store.stats),
+        NodesAdmin(getattr(store, "nodes", None)),
         WebhooksAdmin(store.webhooks, webhooks, allow_private_targets),
     )

@@ -24,6 +24,7 @@ from relaygate.http.context import HttpContext
 from relaygate.http.ui.auth import Viewer, forbidden, form_text, ui_page
 from relaygate.http.ui.render import page
 from relaygate.services.admin import NotFound, TokenError
+from relaygate.storage.postgres.nodes import ALIVE_FOR as NODE_ALIVE_FOR
 
 USER_ERRORS = (AccountError, CredentialError, DKIMError, NotFound, ValueError)
 
@@ -67,6 +68,7 @@ async def _credentials(request: Request, ctx: HttpContext, who: Viewer, **extra:
         error=error,
         created=extra.get("created"),
         secret=extra.get("secret", ""),
+        limit_keys=LIMIT_KEYS,
     )
 
 
@@ -101,6 +103,33 @@ async def _credential_revoke(request: Request, ctx: HttpContext, who: Viewer) ->
         return await _credentials(request, ctx, who, error=str(exc))
     audit(who.caller, "credential.revoke", account=owner, name=name)
     return redirect_to("/credentials", account=owner if owner != who.account.address else "")
+
+
+async def _credential_limits(request: Request, ctx: HttpContext, who: Viewer) -> Response:
+    form = await request.form()
+    owner = _owner(request, who, form)
+    if owner is None:
+        return forbidden(who, "You can manage only your own credentials.")
+    name = form_text(form, "name")
+    try:
+        changes = _limit_form(form)
+        await ctx.admin.credentials.limits(owner, name, changes, clear=True)
+    except USER_ERRORS as exc:
+        return await _credentials(request, ctx, who, error=str(exc))
+    audit(who.caller, "credential.limits", account=owner, name=name)
+    return redirect_to("/credentials", account=owner if owner != who.account.address else "")
+
+
+def _limit_form(form: Any) -> dict[str, int]:
+    """The limit fields of a form: empty is "no override", 0 is unlimited."""
+    changes = {}
+    for key in LIMIT_KEYS:
+        text = form_text(form, key).strip()
+        if text:
+            if not text.isdigit() or int(text) > MAX_LIMIT:
+                raise ValueError(f"{key}: give a whole number from 0 to {MAX_LIMIT}")
+            changes[key] = int(text)
+    return changes
 
 
 # ------------------------------------------------------------------------ queue
@@ -216,13 +245,7 @@ async def _account_edit(request: Request, ctx: HttpContext, who: Viewer) -> Resp
             patterns = form_text(form, "senders").replace(",", " ").split()
             await ctx.admin.accounts.set_senders(account.address, patterns)
         elif action == "limits":
-            changes = {}
-            for key in LIMIT_KEYS:
-                text = form_text(form, key).strip()
-                if text:
-                    if not text.isdigit() or int(text) > MAX_LIMIT:
-                        raise ValueError(f"{key}: give a whole number from 0 to {MAX_LIMIT}")
-                    changes[key] = int(text)
+            changes = _limit_form(form)
             await ctx.admin.credentials.account_limits(account.address, changes, clear=True)
         elif action == "password":
             password = secrets.token_urlsafe(18)
@@ -236,6 +259,21 @@ async def _account_edit(request: Request, ctx: HttpContext, who: Viewer) -> Resp
         return await _account_page(request, ctx, who, error=str(exc))
     audit(who.caller, f"account.{action}", account=account.address)
     return await _account_page(request, ctx, who, saved=action)
+
+
+# ------------------------------------------------------------------------ nodes
+
+
+async def _nodes(request: Request, ctx: HttpContext, who: Viewer) -> Response:
+    now = time.time()
+    return page(
+        "nodes.html",
+        viewer=who,
+        shared=ctx.admin.nodes.shared,
+        nodes=await ctx.admin.nodes.list(),
+        alive_for=NODE_ALIVE_FOR,
+        now=now,
+    )
 
 
 # ----------------------------------------------------------------------- tokens
@@ -317,6 +355,8 @@ def routes() -> list[BaseRoute]:
         ui_page("/accounts/action", _account_action, admin=True, methods=("POST",)),
         ui_page("/accounts/{address}", _account_page, admin=True),
         ui_page("/accounts/{address}/edit", _account_edit, admin=True, methods=("POST",)),
+        ui_page("/nodes", _nodes, admin=True),
+        ui_page("/credentials/limits", _credential_limits, methods=("POST",)),
         ui_page("/tokens", _tokens, admin=True),
         ui_page("/tokens/action", _token_action, admin=True, methods=("POST",)),
         ui_page("/dkim", _dkim, admin=True),
