@@ -637,7 +637,11 @@ class Server:
         return len(self.log_text())
 
     def log_events(self, name: str | None = None, since: int = 0) -> list[dict[str, str]]:
-        events = [parse_log_line(line) for line in self.log_text()[since:].splitlines() if line]
+        text = self.log_text()[since:]
+        # A line the server is writing right now can be read half-way: only whole
+        # lines count (the rest shows up at the next look).
+        text = text[: text.rfind("\n") + 1]
+        events = [parse_log_line(line) for line in text.splitlines() if line]
         return [e for e in events if name is None or e["event"] == name]
 
     def wait_for_event(
