@@ -101,35 +101,45 @@ def _is_attachment(part: EmailMessage) -> bool:
     return part.get_content_maintype() not in ("text", "multipart") or bool(part["Content-ID"])
 
 
+def headers(raw: bytes) -> list[tuple[str, str]]:
+    """The top-level header fields, decoded, without parsing the body."""
+    message = email.parser.BytesParser(policy=email.policy.default).parsebytes(
+        raw, headersonly=True
+    )
+    return [(name, _header_value(message, name)) for name in message]
+
+
 def parts(raw: bytes) -> MessageParts:
+    return _scan(raw)[0]
+
+
+def _scan(raw: bytes) -> tuple[MessageParts, dict[int, bytes]]:
+    """The parts, and each attachment's decoded bytes by index: one parse."""
     try:
-        return _parts(raw)
+        return _scan_parsed(_parse(raw))
     except RecursionError:
         # Nesting deeper than the email package can recurse: the top-level
         # header fields only, no body shown.
-        message = email.parser.BytesParser(policy=email.policy.default).parsebytes(
-            raw, headersonly=True
-        )
-        return MessageParts(headers=[(name, _header_value(message, name)) for name in message])
+        return MessageParts(headers=headers(raw)), {}
 
 
-def _parts(raw: bytes) -> MessageParts:
-    message = _parse(raw)
+def _scan_parsed(message: EmailMessage) -> tuple[MessageParts, dict[int, bytes]]:
     found = MessageParts(headers=[(name, _header_value(message, name)) for name in message])
+    contents: dict[int, bytes] = {}
     for index, part in enumerate(_walk(message)):
         if part.is_multipart():
             continue
         kind = part.get_content_type()
         if _is_attachment(part):
             content = _content(part)
-            size = len(content.encode() if isinstance(content, str) else content)
+            contents[index] = content.encode() if isinstance(content, str) else content
             cid = str(part["Content-ID"] or "").strip().strip("<>")
             found.attachments.append(
                 Attachment(
                     index=index,
                     filename=_filename(part),
                     content_type=kind,
-                    size=size,
+                    size=len(contents[index]),
                     inline=part.get_content_disposition() == "inline" or bool(cid),
                     content_id=cid,
                 )
@@ -138,16 +148,28 @@ def _parts(raw: bytes) -> MessageParts:
             found.text = _text(part)
         elif kind == "text/html" and found.html is None:
             found.html = _text(part)
-    return found
+    return found, contents
 
 
 def attachment(raw: bytes, index: int) -> tuple[Attachment, bytes] | None:
     """One attachment's description and decoded bytes; None if ``index`` is not one."""
-    for found in parts(raw).attachments:
-        if found.index == index:
-            part = _walk(_parse(raw))[
-                index
-            ]  # parts() found it, so this walk cannot recurse too deep
-            content = _content(part)
-            return found, content.encode() if isinstance(content, str) else content
+    found, contents = _scan(raw)
+    for part in found.attachments:
+        if part.index == index:
+            return part, contents[index]
     return None
+
+
+def inline_images(raw: bytes, max_size: int) -> tuple[str | None, dict[str, tuple[str, bytes]]]:
+    """The HTML body and the images it may reference by cid: (content id ->
+    type, bytes), up to ``max_size`` bytes each, SVG left out: one parse."""
+    found, contents = _scan(raw)
+    images = {
+        part.content_id: (part.content_type, contents[part.index])
+        for part in found.attachments
+        if part.content_id
+        and part.content_type.startswith("image/")
+        and part.content_type != "image/svg+xml"
+        and part.size <= max_size
+    }
+    return found.html, images

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from relaygate.accounts.changes import announce_for
 from relaygate.policy import sender_allowed
@@ -175,10 +176,10 @@ _SELECT_ACCOUNT = """
     FROM accounts AS a LEFT JOIN account_senders AS s ON s.account_id = a.id
 """
 
-_Row = tuple[int, str, str, int, float, float, str | None, str | None, str | None, int]
 
-
-def _account_from_row(row: _Row) -> Account:
+def account_from_row(row: Sequence[Any]) -> Account:
+    """An Account from the _SELECT_ACCOUNT columns (this SQLite store and the
+    PostgreSQL backend select the same ones)."""
     (
         id_,
         address,
@@ -192,13 +193,13 @@ def _account_from_row(row: _Row) -> Account:
         admin,
     ) = row
     return Account(
-        id=id_,
-        address=address,
-        password_hash=password_hash,
+        id=int(id_),
+        address=str(address),
+        password_hash=str(password_hash),
         disabled=bool(disabled),
-        senders=tuple(sorted(patterns.split("\n"))) if patterns else (),
-        created_at=created_at,
-        updated_at=updated_at,
+        senders=tuple(sorted(str(patterns).split("\n"))) if patterns else (),
+        created_at=float(created_at),
+        updated_at=float(updated_at),
         scram=decode_scram(scram),
         limits=limits,
         admin=bool(admin),
@@ -241,7 +242,7 @@ class AccountStore:
         row = self._db.execute(
             _SELECT_ACCOUNT + " WHERE a.address = ? GROUP BY a.id", (address,)
         ).fetchone()
-        return _account_from_row(row) if row is not None else None
+        return account_from_row(row) if row is not None else None
 
     def add(
         self,
@@ -313,7 +314,7 @@ class AccountStore:
     def list(self) -> list[Account]:
         """Every account, ordered by address."""
         rows = self._db.execute(_SELECT_ACCOUNT + " GROUP BY a.id ORDER BY a.address").fetchall()
-        return [_account_from_row(row) for row in rows]
+        return [account_from_row(row) for row in rows]
 
     def count(self) -> int:
         (total,) = self._db.execute("SELECT count(*) FROM accounts").fetchone()

@@ -72,7 +72,7 @@ async def _list(request: Request, ctx: HttpContext, caller: Caller) -> Response:
 async def _one(request: Request, ctx: HttpContext, caller: Caller) -> Response:
     """The record, its delivery history and its decoded header fields."""
     view = await ctx.admin.messages.show(request.path_params["message_id"])
-    headers = mail_parts.parts(view.body).headers if view.body is not None else []
+    headers = mail_parts.headers(view.body) if view.body is not None else []
     return JSONResponse(
         {
             **message_json(view.record),

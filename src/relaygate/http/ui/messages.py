@@ -109,20 +109,12 @@ def _with_inline_images(raw: bytes) -> str | None:
     """The HTML with its cid: images (logos, inline pictures sent with the
     message) turned into data: URIs, which the frame's CSP allows: they come
     with the message, so showing them tells the sender nothing."""
-    parts = mail_parts.parts(raw)
-    html = parts.html
+    html, images = mail_parts.inline_images(raw, MAX_INLINE_IMAGE)
     if html is None:
         return None
-    for part in parts.attachments:
-        if not part.content_id or not part.content_type.startswith("image/"):
-            continue
-        if part.size > MAX_INLINE_IMAGE or part.content_type == "image/svg+xml":
-            continue
-        found = mail_parts.attachment(raw, part.index)
-        if found is None:
-            continue
-        uri = f"data:{part.content_type};base64," + base64.b64encode(found[1]).decode("ascii")
-        pattern = re.compile("cid:" + re.escape(part.content_id), re.IGNORECASE)
+    for content_id, (kind, content) in images.items():
+        uri = f"data:{kind};base64," + base64.b64encode(content).decode("ascii")
+        pattern = re.compile("cid:" + re.escape(content_id), re.IGNORECASE)
         html = pattern.sub(functools.partial(_constant, uri), html)
     return html
 

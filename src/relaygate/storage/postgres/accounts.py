@@ -19,7 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 from relaygate.accounts.store import (
     Account,
     AccountError,
-    decode_scram,
+    account_from_row,
     encode_scram,
     normalize_address,
     normalize_senders,
@@ -34,33 +34,6 @@ _SELECT_ACCOUNT = """
            string_agg(s.pattern, E'\\n'), a.scram_sha256, a.limits, a.admin
     FROM accounts AS a LEFT JOIN account_senders AS s ON s.account_id = a.id
 """
-
-
-def account_from_row(row: Sequence[Any]) -> Account:
-    (
-        id_,
-        address,
-        password_hash,
-        disabled,
-        created_at,
-        updated_at,
-        patterns,
-        scram,
-        limits,
-        admin,
-    ) = row
-    return Account(
-        id=int(id_),
-        address=str(address),
-        password_hash=str(password_hash),
-        disabled=bool(disabled),
-        senders=tuple(sorted(str(patterns).split("\n"))) if patterns else (),
-        created_at=float(created_at),
-        updated_at=float(updated_at),
-        scram=decode_scram(scram),
-        limits=limits,
-        admin=bool(admin),
-    )
 
 
 async def get_account(connection: psycopg.AsyncConnection[Any], address: str) -> Account | None:
