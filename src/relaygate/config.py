@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from relaygate.durations import parse_duration
 from relaygate.webhooks.events import EVENTS
 from relaygate.webhooks.signing import SecretError, secret_key
 from relaygate.webhooks.targets import TargetError, check_url
@@ -265,6 +266,16 @@ class WebhookConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """How long captured and delivered mail is kept (services/retention.py).
+    None / 0: no limit of that kind."""
+
+    max_age: int | None = 30 * 86400  # seconds a message's record is kept
+    max_messages: int = 100_000  # records kept at most, the newest
+    body_max_age: int | None = None  # seconds a body is kept; None: as long as its record
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: Literal["logfmt", "json"] = "logfmt"
@@ -289,6 +300,7 @@ class Config:
     shared: SharedConfig = field(default_factory=SharedConfig)
     http: HTTPConfig | None = None
     webhooks: tuple[WebhookConfig, ...] = ()
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     node_name: str = field(default_factory=default_node_name)
     quickstart: bool = False
     source: Path | None = None  # the file this came from, None in quickstart
@@ -303,6 +315,18 @@ class Config:
 
     def worker_count(self) -> int:
         return self.workers if self.workers > 0 else (os.cpu_count() or 1)
+
+    def single_process(self) -> bool:
+        """One worker does everything: nothing to deliver, no HTTP, no supervisor."""
+        return self.worker_count() == 1 and self.delivery.mode == "capture" and self.http is None
+
+    def runs_delivery_process(self) -> bool:
+        """Whether ``serve`` starts the delivery process. It also sends webhooks:
+        in capture mode it runs for them alone when webhooks may exist (config
+        ones, or the API can make some)."""
+        if self.single_process():
+            return False
+        return self.delivery.mode != "capture" or bool(self.webhooks) or self.http is not None
 
 
 QUICKSTART_LISTENERS = (
@@ -346,6 +370,7 @@ _TOP_KEYS = {
     "shared",
     "http",
     "webhooks",
+    "retention",
 }
 
 
@@ -705,6 +730,49 @@ def _url(
     return value.strip()
 
 
+def _age(
+    raw: dict[str, Any], key: str, where: str, check: _Checker, default: int | None
+) -> int | None:
+    """A duration string ("30d"), or "off" for no limit."""
+    if key not in raw:
+        return default
+    value = raw[key]
+    if isinstance(value, str) and value.strip().lower() == "off":
+        return None
+    if not isinstance(value, str):
+        check.problem(
+            f"{where}.{key}", f'must be a duration such as "30d", or "off" (got {value!r})'
+        )
+        return default
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        check.problem(f"{where}.{key}", str(exc))
+        return default
+    if seconds < 1:
+        check.problem(f"{where}.{key}", f'must be at least 1s, or "off" (got {value!r})')
+        return default
+    return seconds
+
+
+def _retention(check: _Checker, data: dict[str, Any]) -> RetentionConfig:
+    where = "retention"
+    raw = check.table(data, where, where)
+    defaults = RetentionConfig()
+    check.unknown(raw, {f.name for f in dataclasses.fields(defaults)}, where)
+    max_age = _age(raw, "max_age", where, check, defaults.max_age)
+    body_max_age = _age(raw, "body_max_age", where, check, defaults.body_max_age)
+    if max_age is not None and body_max_age is not None and body_max_age > max_age:
+        check.problem(
+            f"{where}.body_max_age", "must not be longer than max_age (a record goes with its body)"
+        )
+    return RetentionConfig(
+        max_age=max_age,
+        max_messages=check.integer(raw, "max_messages", where, defaults.max_messages),
+        body_max_age=body_max_age,
+    )
+
+
 def _storage(check: _Checker, data: dict[str, Any]) -> StorageConfig:
     raw = check.table(data, "storage", "storage")
     check.unknown(raw, {"url", "pool_size"}, "storage")
@@ -910,6 +978,7 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
     webhooks = _webhooks(
         data.get("webhooks"), check, base, http is not None and http.allow_private_targets
     )
+    retention = _retention(check, data)
     if http is not None and any((x.host, x.port) == (http.host, http.port) for x in listeners):
         check.problem("http.address", f"{http.address} is also an SMTP listener")
 
@@ -932,6 +1001,7 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
         shared=shared,
         http=http,
         webhooks=webhooks,
+        retention=retention,
         node_name=node_name,
         source=source,
     )

@@ -33,6 +33,7 @@ from relaygate.delivery.mx import MXResolver, PermanentDNSError, TemporaryDNSErr
 from relaygate.delivery.outbound import DeliveryError, Plan, open_connection, smarthost_plan
 from relaygate.delivery.remote_text import clean
 from relaygate.eventloop import new_event_loop
+from relaygate.services import retention
 from relaygate.storage import bodies
 from relaygate.storage.api import LeaseLost, Notice
 from relaygate.storage.errors import STORAGE_ERRORS
@@ -649,6 +650,11 @@ def run_delivery(config: Config) -> int:
 async def _deliver(config: Config, loop: asyncio.AbstractEventLoop) -> None:
     storage = await open_delivery_storage(config, loop)
     flusher = asyncio.ensure_future(stats.flush_forever(storage.stats))
+    pruner = (
+        asyncio.ensure_future(retention.run_forever(config))
+        if retention.runs_here(config, None)
+        else None
+    )
     try:
         sender = WebhookSender(
             storage.webhooks,
@@ -670,5 +676,8 @@ async def _deliver(config: Config, loop: asyncio.AbstractEventLoop) -> None:
         logs.event("delivery.stop")
     finally:
         flusher.cancel()
+        if pruner is not None:
+            pruner.cancel()
+            await asyncio.gather(pruner, return_exceptions=True)
         await stats.flush(storage.stats)  # the last seconds' counts too
         await storage.close()

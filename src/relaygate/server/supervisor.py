@@ -382,7 +382,7 @@ def serve(config: Config) -> int:
     count = config.worker_count()
     # Shared by every worker (an anonymous shared mapping made before fork).
     limiter = ConnectionLimiter(config.connection_limits)
-    if count == 1 and config.delivery.mode == "capture" and http is None:
+    if config.single_process():
         return run_worker(config, 0, listeners, limiter)
     return _supervise(config, listeners, count, limiter, http)
 
@@ -466,9 +466,7 @@ def _supervise(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     indexes = list(range(count))
-    # The delivery process also sends webhooks: in capture mode it runs for them
-    # alone when webhooks may exist (config ones, or the API can make some).
-    if config.delivery.mode != "capture" or config.webhooks or http is not None:
+    if config.runs_delivery_process():
         indexes.append(DELIVERY)
     if http is not None:
         indexes.append(HTTP)

@@ -27,6 +27,7 @@ from relaygate.server.connection import SMTPConnection
 from relaygate.server.connlimit import ConnectionLimiter
 from relaygate.server.listener import ProxyListener
 from relaygate.server.tls import certificate_pairs, end_point_binding, server_context
+from relaygate.services import retention
 from relaygate.services.login import LoginService
 from relaygate.services.submission import SubmissionService
 from relaygate.smtp.session import Settings
@@ -182,8 +183,16 @@ class Worker:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
         sweeper = asyncio.ensure_future(self._sweep())
         flusher = asyncio.ensure_future(stats.flush_forever(self.storage.stats))
+        pruner = (
+            asyncio.ensure_future(retention.run_forever(self.config))
+            if retention.runs_here(self.config, self.index)
+            else None
+        )
         await self._stopped.wait()
         flusher.cancel()
+        if pruner is not None:
+            pruner.cancel()
+            await asyncio.gather(pruner, return_exceptions=True)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
             signal.signal(signum, signal.SIG_IGN)  # already stopping: a repeat must not kill us

@@ -47,17 +47,19 @@ class MessageRecord:
     subject: str
     size: int
     status: str  # captured | queued | delivered | failed | ...
+    body_removed_at: float | None = None  # when retention removed the stored body
 
 
 # The column order every backend selects a MessageRecord in (record_from_row).
 MESSAGE_COLUMNS = (
-    "id, created_at, account, credential, client_ip, mail_from, rcpt_to, subject, size, status"
+    "id, created_at, account, credential, client_ip, mail_from, rcpt_to, subject, size, status,"
+    " body_removed_at"
 )
 
 
 def record_from_row(row: Sequence[Any], recipients: Sequence[str]) -> MessageRecord:
     """A MessageRecord from MESSAGE_COLUMNS; ``recipients`` decoded by the backend."""
-    id_, created_at, account, credential, client_ip, mail_from, _, subject, size, status = row
+    id_, created_at, account, credential, client_ip, mail_from, _, subject, size, status, gone = row
     return MessageRecord(
         id=str(id_),
         created_at=float(created_at),
@@ -69,6 +71,7 @@ def record_from_row(row: Sequence[Any], recipients: Sequence[str]) -> MessageRec
         subject=str(subject),
         size=int(size),
         status=str(status),
+        body_removed_at=None if gone is None else float(gone),
     )
 
 
@@ -85,8 +88,18 @@ class DeliveryAttempt:
     outcome: str  # delivered | deferred | failed
 
 
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    """What ``MessageLog.delete`` did with the ids it was given."""
+
+    removed: list[str]  # gone now, with body, queue rows and history
+    unknown: list[str]  # no such message
+    sending: list[str]  # a delivery attempt holds it right now: left alone
+
+
 class MessageLog(Protocol):
-    """The read side of accepted mail: what the CLI, API and UI show."""
+    """Accepted mail: what the CLI, API and UI show, and its removal (by hand,
+    and by retention in small batches, so no write lock is held for long)."""
 
     async def recent(self, limit: int) -> list[MessageRecord]:
         """The newest ``limit`` messages, newest first."""
@@ -108,6 +121,29 @@ class MessageLog(Protocol):
 
     async def history(self, message_id: str) -> list[DeliveryAttempt]:
         """Delivery attempts, oldest first."""
+        ...
+
+    async def delete(self, message_ids: Sequence[str]) -> Deleted:
+        """Remove messages with their bodies, queue rows and delivery history,
+        also when still queued (that is what the admin asked); never one a
+        delivery attempt is sending right now."""
+        ...
+
+    async def count_cutoff(self, keep: int) -> float | None:
+        """The receive time of the ``keep``-th newest message: everything older
+        is past a ``max_messages`` of ``keep``. None: there are not that many."""
+        ...
+
+    async def prune(self, before: float, limit: int) -> int:
+        """Remove up to ``limit`` of the oldest messages received before
+        ``before`` that nothing still waits to deliver (no queued or sending
+        row); how many were removed."""
+        ...
+
+    async def prune_bodies(self, before: float, limit: int, now: float) -> int:
+        """Remove the stored bodies of up to ``limit`` messages received before
+        ``before`` that nothing still waits to deliver, and record ``now`` as
+        their body_removed_at; how many."""
         ...
 
 
@@ -581,6 +617,11 @@ class Webhooks(Protocol):
 
     async def attempts(self, endpoint_id: str, limit: int) -> list[WebhookAttempt]:
         """The newest attempts to one endpoint, newest first."""
+        ...
+
+    async def prune(self, before: float, limit: int) -> int:
+        """Remove up to ``limit`` settled outbox rows (delivered or given up
+        before ``before``) with their attempts; how many rows."""
         ...
 
 

@@ -185,7 +185,8 @@ def _copy_messages(
 ) -> None:
     rows = source.execute(
         "SELECT id, account, credential, client_ip, mail_from, rcpt_to, recipients, subject,"
-        " size, status, created_at, smtputf8, body_8bit FROM messages ORDER BY created_at"
+        " size, status, created_at, smtputf8, body_8bit, body_removed_at FROM messages"
+        " ORDER BY created_at"
     ).fetchall()
     missing = 0
     with target.cursor() as cursor:
@@ -193,9 +194,10 @@ def _copy_messages(
             chunk = rows[start : start + 500]
             cursor.executemany(
                 "INSERT INTO messages (id, account, credential, client_ip, mail_from, rcpt_to,"
-                " recipients, subject, size, status, created_at, smtputf8, body_8bit, node)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'copied')",
-                [(*r[:11], bool(r[11]), bool(r[12])) for r in chunk],
+                " recipients, subject, size, status, created_at, smtputf8, body_8bit,"
+                " body_removed_at, node)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'copied')",
+                [(*r[:11], bool(r[11]), bool(r[12]), r[13]) for r in chunk],
             )
             for row in chunk:
                 try:

@@ -14,6 +14,9 @@ class MessageQuery:
     account: str | None = None  # the account that sent it (any case)
     status: str | None = None  # captured | queued | delivered | failed | ...
     text: str | None = None  # in the subject, envelope sender or recipients, account or id
+    mail_from: str | None = None  # in the envelope sender (any case)
+    rcpt_to: str | None = None  # in any envelope recipient (any case)
+    subject: str | None = None  # in the subject (any case)
     since: float | None = None  # received at or after (unix time)
     until: float | None = None  # received before
     before: tuple[float, str] | None = None  # the cursor: older than this (created_at, id)
@@ -22,6 +25,11 @@ class MessageQuery:
 
 def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _contains(text: str) -> str:
+    """A LIKE pattern matching ``text`` anywhere, its wildcards taken literally."""
+    return "%" + _escape_like(text[:MAX_TEXT]) + "%"
 
 
 def where(query: MessageQuery, mark: str, like: str, rcpt_text: str) -> tuple[str, list[object]]:
@@ -37,10 +45,18 @@ def where(query: MessageQuery, mark: str, like: str, rcpt_text: str) -> tuple[st
         parts.append(f"status = {mark}")
         values.append(query.status)
     if query.text:
-        pattern = "%" + _escape_like(query.text[:MAX_TEXT]) + "%"
+        pattern = _contains(query.text)
         columns = ("subject", "mail_from", rcpt_text, "account", "id")
         parts.append("(" + " OR ".join(f"{c} {like} {mark} ESCAPE '\\'" for c in columns) + ")")
         values.extend([pattern] * len(columns))
+    for column, text in (
+        ("mail_from", query.mail_from),
+        (rcpt_text, query.rcpt_to),
+        ("subject", query.subject),
+    ):
+        if text:
+            parts.append(f"{column} {like} {mark} ESCAPE '\\'")
+            values.append(_contains(text))
     if query.since is not None:
         parts.append(f"created_at >= {mark}")
         values.append(query.since)

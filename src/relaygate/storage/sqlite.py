@@ -14,7 +14,7 @@ from pathlib import Path
 
 from relaygate.storage.files import private_file
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -208,6 +208,10 @@ CREATE TABLE webhook_cursor (       -- how far collect has read messages / deliv
     name     TEXT PRIMARY KEY,
     position REAL NOT NULL
 );
+""",
+    11: """
+ALTER TABLE messages ADD COLUMN body_removed_at REAL; -- retention removed the stored body then
+CREATE INDEX messages_body_kept ON messages(created_at) WHERE body_removed_at IS NULL;
 """,
 }
 

@@ -183,6 +183,26 @@ class SQLiteWebhooks:
 
         return await self._thread.run(read)
 
+    async def prune(self, before: float, limit: int) -> int:
+        def prune(c: Any) -> int:
+            db = self._connection(c)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                # Settled rows only; their attempts go with them (ON DELETE CASCADE).
+                count = db.execute(
+                    "DELETE FROM webhook_outbox WHERE id IN (SELECT id FROM webhook_outbox"
+                    " WHERE status IN ('delivered', 'failed') AND next_attempt < ?"
+                    " ORDER BY next_attempt LIMIT ?)",
+                    (before, limit),
+                ).rowcount
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return int(count)
+
+        return await self._thread.run(prune)
+
 
 def _attempt(row: Sequence[Any]) -> WebhookAttempt:
     return WebhookAttempt(

@@ -304,6 +304,12 @@ CREATE TABLE webhook_cursor (
 );
 CREATE INDEX delivery_attempts_ts ON delivery_attempts (ts)
 """,
+    # Retention (services/retention.py): when it removed a message's body, and
+    # the messages whose bodies it has still to look at.
+    11: """
+ALTER TABLE messages ADD COLUMN body_removed_at DOUBLE PRECISION;
+CREATE INDEX messages_body_kept ON messages (created_at) WHERE body_removed_at IS NULL
+""",
 }
 SCHEMA_VERSION = max(STEPS)
 

@@ -216,6 +216,18 @@ class PostgresWebhooks:
             for r in rows
         ]
 
+    async def prune(self, before: float, limit: int) -> int:
+        async with self._pool.connection() as connection:
+            # Settled rows only; their attempts go with them (ON DELETE CASCADE).
+            # Idempotent: nodes pruning at once at worst find fewer rows.
+            cursor = await connection.execute(
+                "DELETE FROM webhook_outbox WHERE id IN (SELECT id FROM webhook_outbox"
+                " WHERE status IN ('delivered', 'failed') AND next_attempt < %s"
+                " ORDER BY next_attempt LIMIT %s FOR UPDATE SKIP LOCKED)",
+                (before, limit),
+            )
+            return int(cursor.rowcount)
+
 
 async def _insert(connection: Any, rows: Sequence[tuple[str, Event]], now: float) -> int:
     if not rows:
