@@ -42,11 +42,14 @@ from relaygate.delivery.dkim import (
     KEY_TYPES,
     DKIMError,
 )
+from relaygate.durations import format_duration, parse_duration
 from relaygate.json_views import (
     account_json,
     credential_json,
+    message_detail_json,
     message_json,
     queue_entry_json,
+    rfc3339,
     token_json,
 )
 from relaygate.services.admin import (
@@ -55,6 +58,7 @@ from relaygate.services.admin import (
     NotFound,
     TokenError,
     admin_services,
+    no_body_text,
 )
 from relaygate.stats import MAX_HOURS
 from relaygate.storage import bodies
@@ -71,6 +75,7 @@ from relaygate.storage.sqlite import DatabaseError
 
 PROG = "relaygate"
 EXIT_USER_ERROR = 2  # the same status argparse uses for a bad command line
+EXIT_RUNTIME_ERROR = 1  # the command ran, and something asked for was not there
 SUBJECT_WIDTH = 50  # longer subjects are cut in `messages list` to keep rows on one line
 
 
@@ -358,12 +363,76 @@ def _add_message_commands(
     listing.add_argument("--until", metavar="TIME", help="received before (same forms)")
     listing.set_defaults(handler=_messages_list)
 
+    search = actions.add_parser(
+        "search", parents=[common], help="find messages by sender, recipient, subject, ..."
+    )
+    search.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    search.add_argument(
+        "--limit", type=_positive_int, default=50, metavar="N", help="at most N (default: 50)"
+    )
+    search.add_argument("--from", dest="mail_from", metavar="TEXT", help="in the envelope sender")
+    search.add_argument("--to", dest="rcpt_to", metavar="TEXT", help="in a recipient's address")
+    search.add_argument("--subject", metavar="TEXT", help="in the subject")
+    search.add_argument("--account", metavar="ADDRESS", help="sent by this account")
+    search.add_argument("--status", metavar="STATUS", help="captured, queued, delivered, ...")
+    search.add_argument(
+        "--since", metavar="TIME", help="received at or after (YYYY-MM-DD, UTC, or ISO 8601)"
+    )
+    search.add_argument("--until", metavar="TIME", help="received before (same forms)")
+    search.set_defaults(handler=_messages_list, search=None)
+
     show = actions.add_parser("show", parents=[common], help="show one message")
     show.add_argument("message_id", metavar="ID")
-    show.add_argument(
+    form = show.add_mutually_exclusive_group()
+    form.add_argument(
         "--raw", action="store_true", help="write the exact stored bytes and nothing else"
     )
+    form.add_argument(
+        "--text", action="store_true", help="the text body, decoded (else the HTML as text)"
+    )
+    form.add_argument("--html", action="store_true", help="the HTML body, decoded")
+    form.add_argument("--headers", action="store_true", help="the header fields, decoded")
+    form.add_argument(
+        "--part",
+        type=_part_number,
+        metavar="N",
+        help="write part N decoded, byte for byte (N as in `--json`'s parts)",
+    )
+    form.add_argument(
+        "--json", action="store_true", help="record, header fields, parts and history as JSON"
+    )
     show.set_defaults(handler=_messages_show)
+
+    delete = actions.add_parser(
+        "delete", parents=[common], help="remove messages: record, body and queue rows"
+    )
+    delete.add_argument("message_ids", metavar="ID", nargs="+")
+    delete.set_defaults(handler=_messages_delete)
+
+    prune = actions.add_parser(
+        "prune", parents=[common], help="remove messages older than a duration"
+    )
+    prune.add_argument(
+        "--older-than",
+        required=True,
+        type=_duration,
+        metavar="DURATION",
+        help="received longer ago than this: 30d, 12h, 90m, 45s",
+    )
+    prune.set_defaults(handler=_messages_prune)
+
+
+def _part_number(text: str) -> int:
+    if not text.isdigit() or len(text) > 6:
+        raise argparse.ArgumentTypeError(f"must be a part number such as 2 (got {text!r})")
+    return int(text)
+
+
+def _duration(text: str) -> int:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_queue_commands(
@@ -620,8 +689,8 @@ def _nodes(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _rfc3339(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+def _rfc3339(ts: float) -> str:  # the same form as --json
+    return rfc3339(ts)
 
 
 def _table_time(ts: float) -> str:
@@ -921,10 +990,14 @@ def _list_time(text: str | None, option: str) -> float | None:
 
 
 def _messages_list(args: argparse.Namespace, config: Config) -> int:
+    """``messages list`` and ``messages search``."""
     query = MessageQuery(
         account=args.account,
         status=args.status,
         text=args.search,
+        mail_from=getattr(args, "mail_from", None),
+        rcpt_to=getattr(args, "rcpt_to", None),
+        subject=getattr(args, "subject", None),
         since=_list_time(args.since, "--since"),
         until=_list_time(args.until, "--until"),
         limit=args.limit,
@@ -934,45 +1007,65 @@ def _messages_list(args: argparse.Namespace, config: Config) -> int:
         return (await admin.messages.search(query))[0]
 
     records = _with_admin(config, search)
-    messages = [message_json(record) for record in records]
     if args.json:
-        print(json.dumps(messages, indent=2))
-    elif not messages:
-        print("no messages captured yet")
+        print(json.dumps([message_json(record) for record in records], indent=2))
+    elif not records:
+        print("no messages captured yet" if args.action == "list" else "no message matches")
     else:
         _print_table(
             ("ID", "CREATED", "USER", "FROM", "TO", "SUBJECT", "SIZE", "STATUS"),
             [
                 (
-                    m["id"],
-                    _local_time(m["created_at"]),
-                    m["account"],
-                    m["mail_from"] or "<>",
-                    ", ".join(m["rcpt_to"]),
-                    _shorten(m["subject"], SUBJECT_WIDTH),
-                    str(m["size"]),
-                    m["status"],
+                    m.id,
+                    _local_time(m.created_at),
+                    m.account,
+                    m.mail_from or "<>",
+                    ", ".join(m.rcpt_to),
+                    _shorten(m.subject, SUBJECT_WIDTH),
+                    str(m.size),
+                    m.status,
                 )
-                for m in messages
+                for m in records
             ],
         )
     return 0
 
 
 def _messages_show(args: argparse.Namespace, config: Config) -> int:
-    view = _with_admin(config, lambda admin: admin.messages.show(args.message_id))
+    message_id = args.message_id
+    if args.text or args.html:
+
+        async def read(admin: AdminServices) -> str:
+            if args.text:
+                return await admin.messages.text(message_id)
+            return await admin.messages.html(message_id)
+
+        text = _with_admin(config, read)
+        print(_printable(text, keep="\n\t"), end="" if not text or text.endswith("\n") else "\n")
+        return 0
+    if args.part is not None:
+        _, data = _with_admin(config, lambda admin: admin.messages.part(message_id, args.part))
+        _write_bytes(data)
+        return 0
+    if args.headers or args.json:
+        view, found = _with_admin(config, lambda admin: admin.messages.content(message_id))
+        if args.headers:
+            for name, value in found.headers:
+                print(f"{_printable(name)}: {_printable(value)}")
+        else:
+            print(json.dumps(message_detail_json(view.record, view.history, found), indent=2))
+        return 0
+    view = _with_admin(config, lambda admin: admin.messages.show(message_id))
     body = view.body
     if args.raw:
         if body is None:
-            raise CommandError(f"message {args.message_id} has no stored body")
-        sys.stdout.flush()
-        sys.stdout.buffer.write(body)
-        sys.stdout.buffer.flush()
+            raise CommandError(no_body_text(view.record))
+        _write_bytes(body)
         return 0
     message = message_json(view.record)
     for label, value in (
         ("id", message["id"]),
-        ("created", _local_time(message["created_at"])),
+        ("created", _local_time(view.record.created_at)),
         ("user", message["account"]),
         ("credential", message["credential"] or "(password)"),
         ("client ip", message["client_ip"]),
@@ -987,10 +1080,39 @@ def _messages_show(args: argparse.Namespace, config: Config) -> int:
         _print_history(view.history)
     print()
     if body is None:
-        print("(no stored body)")
+        print(f"({no_body_text(view.record)})")
     else:
         text = body.decode("utf-8", errors="replace").replace("\r\n", "\n")
         print(_printable(text, keep="\n\t"), end="" if text.endswith("\n") else "\n")
+    return 0
+
+
+def _write_bytes(data: bytes) -> None:
+    """Exact bytes to stdout (a pipe or file: this is what --raw and --part are for)."""
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _messages_delete(args: argparse.Namespace, config: Config) -> int:
+    result = _with_admin(config, lambda admin: admin.messages.delete(args.message_ids))
+    for message_id in result.removed:
+        print(f"deleted {message_id}")
+    for message_id in result.unknown:
+        print(f"{PROG}: no such message: {message_id}", file=sys.stderr)
+    for message_id in result.sending:
+        print(
+            f"{PROG}: message {message_id} is being delivered right now; not deleted,"
+            " try again in a moment",
+            file=sys.stderr,
+        )
+    return EXIT_RUNTIME_ERROR if result.unknown or result.sending else 0
+
+
+def _messages_prune(args: argparse.Namespace, config: Config) -> int:
+    count = _with_admin(config, lambda admin: admin.messages.prune(args.older_than, time.time()))
+    age = format_duration(args.older_than)
+    print(f"removed {count} message{'' if count == 1 else 's'} older than {age}")
     return 0
 
 

@@ -1,19 +1,38 @@
 """Records as plain JSON objects, the same for every edge that prints JSON
-(``relaygate ... --json`` and the HTTP API), so the two never disagree."""
+(``relaygate ... --json`` and the HTTP API), so the two never disagree.
+
+Times are RFC 3339 strings in UTC ("2026-12-04T06:12:30Z"), as the tables
+show them, in whole seconds.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Sequence
+from typing import Any, overload
 
 from relaygate.accounts.credentials import Credential
 from relaygate.accounts.store import Account
+from relaygate.mail_parts import MessageParts
 from relaygate.storage.api import ApiToken, DeliveryAttempt, MessageRecord, QueueEntry
+
+
+@overload
+def rfc3339(ts: float) -> str: ...
+@overload
+def rfc3339(ts: None) -> None: ...
+def rfc3339(ts: float | None) -> str | None:
+    """Unix time as RFC 3339 UTC in whole seconds ("2026-12-04T06:12:30Z", the
+    fraction dropped); None stays None."""
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def message_json(message: MessageRecord) -> dict[str, Any]:
     return {
         "id": message.id,
-        "created_at": message.created_at,
+        "created_at": rfc3339(message.created_at),
         "account": message.account,
         "credential": message.credential,
         "client_ip": message.client_ip,
@@ -22,12 +41,37 @@ def message_json(message: MessageRecord) -> dict[str, Any]:
         "subject": message.subject,
         "size": message.size,
         "status": message.status,
+        "body_removed_at": rfc3339(message.body_removed_at),
+    }
+
+
+def message_detail_json(
+    message: MessageRecord, history: Sequence[DeliveryAttempt], parts: MessageParts
+) -> dict[str, Any]:
+    """The record, its header fields, its parts (numbered as /parts/N) and history."""
+    return {
+        **message_json(message),
+        "headers": [[name, value] for name, value in parts.headers],
+        "text": parts.text is not None,
+        "html": parts.html is not None,
+        "parts": [
+            {
+                "index": a.index,
+                "filename": a.filename,
+                "content_type": a.content_type,
+                "size": a.size,
+                "inline": a.inline,
+                "content_id": a.content_id,
+            }
+            for a in parts.attachments
+        ],
+        "history": [attempt_json(a) for a in history],
     }
 
 
 def attempt_json(attempt: DeliveryAttempt) -> dict[str, Any]:
     return {
-        "ts": attempt.ts,
+        "ts": rfc3339(attempt.ts),
         "domain": attempt.domain,
         "recipient": attempt.recipient,
         "host": attempt.host,
@@ -41,8 +85,8 @@ def token_json(token: ApiToken) -> dict[str, Any]:
     return {
         "name": token.name,
         "read_only": token.read_only,
-        "created_at": token.created_at,
-        "last_used": token.last_used,
+        "created_at": rfc3339(token.created_at),
+        "last_used": rfc3339(token.last_used),
     }
 
 
@@ -55,8 +99,8 @@ def account_json(account: Account, limits: dict[str, int] | None) -> dict[str, A
         "admin": account.admin,
         "senders": list(account.senders),
         "limits": limits,
-        "created_at": account.created_at,
-        "updated_at": account.updated_at,
+        "created_at": rfc3339(account.created_at),
+        "updated_at": rfc3339(account.updated_at),
     }
 
 
@@ -70,10 +114,10 @@ def credential_json(credential: Credential, now: float) -> dict[str, Any]:
         "senders": None if credential.senders is None else list(credential.senders),
         "networks": None if credential.networks is None else list(credential.networks),
         "limits": credential.limits,
-        "expires_at": credential.expires_at,
-        "created_at": credential.created_at,
-        "last_used_at": credential.last_used_at,
-        "revoked_at": credential.revoked_at,
+        "expires_at": rfc3339(credential.expires_at),
+        "created_at": rfc3339(credential.created_at),
+        "last_used_at": rfc3339(credential.last_used_at),
+        "revoked_at": rfc3339(credential.revoked_at),
     }
 
 
@@ -84,8 +128,8 @@ def queue_entry_json(entry: QueueEntry) -> dict[str, Any]:
         "recipients": list(entry.recipients),
         "status": entry.status,
         "attempts": entry.attempts,
-        "next_attempt": entry.next_attempt,
-        "created_at": entry.created_at,
+        "next_attempt": rfc3339(entry.next_attempt),
+        "created_at": rfc3339(entry.created_at),
         "last_reply": entry.last_reply,
         "mail_from": entry.mail_from,
         "node": entry.node,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import email
 import email.parser
 import email.policy
+import html.parser
+import re
 from dataclasses import dataclass, field
 from email.message import EmailMessage, Message
 
@@ -173,3 +175,63 @@ def inline_images(raw: bytes, max_size: int) -> tuple[str | None, dict[str, tupl
         and part.size <= max_size
     }
     return found.html, images
+
+
+# Tags after which a reader expects a new line, and ones whose text is not shown.
+_BLOCKS = frozenset(
+    (
+        *("address", "article", "blockquote", "br", "dd", "div", "dl", "dt", "footer", "form"),
+        *("h1", "h2", "h3", "h4", "h5", "h6", "header", "hr", "li", "ol", "p", "pre"),
+        *("section", "table", "tr", "ul"),
+    )
+)
+_HIDDEN = frozenset(("head", "script", "style", "title", "template", "noscript"))
+
+
+class _TextRenderer(html.parser.HTMLParser):
+    """What a reader of the HTML would see, as plain text: tags dropped,
+    entities decoded, blocks on lines of their own, a link's address after it."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.out: list[str] = []
+        self._hidden = 0
+        self._href: list[str | None] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in _HIDDEN:
+            self._hidden += 1
+        elif tag in _BLOCKS:
+            self.out.append("\n")
+        if tag == "li":
+            self.out.append("- ")
+        if tag == "a":
+            self._href.append(dict(attrs).get("href"))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _HIDDEN:
+            self._hidden = max(0, self._hidden - 1)
+        elif tag in _BLOCKS:
+            self.out.append("\n")
+        if tag == "a" and self._href:
+            href = self._href.pop()
+            if href and href.startswith(("http:", "https:", "mailto:")):
+                self.out.append(f" <{href}>")
+
+    def handle_data(self, data: str) -> None:
+        if not self._hidden:
+            self.out.append(re.sub(r"\s+", " ", data))
+
+
+def html_text(markup: str) -> str:
+    """A plain-text rendering of an HTML body, for a terminal (``messages show
+    --text`` when a message has no text/plain part). Never raises."""
+    renderer = _TextRenderer()
+    try:
+        renderer.feed(markup)
+        renderer.close()
+    except (AssertionError, ValueError):  # html.parser gives up on some broken markup
+        pass
+    lines = [line.strip() for line in "".join(renderer.out).split("\n")]
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    return text + "\n" if text else ""

@@ -13,7 +13,7 @@ from relaygate.http.api import ApiError, api_route
 from relaygate.http.context import Caller, HttpContext
 from relaygate.http.downloads import attachment_response
 from relaygate.json_views import attempt_json, message_json
-from relaygate.services.admin import decode_cursor
+from relaygate.services.admin import decode_cursor, no_body_text
 from relaygate.storage.message_query import MessageQuery
 
 MAX_LIST = 1000  # messages per page
@@ -40,9 +40,9 @@ def _time(request: Request, name: str) -> float | None:
 
 
 async def _list(request: Request, ctx: HttpContext, caller: Caller) -> Response:
-    """GET /api/v1/messages?account=&status=&q=&since=&until=&limit=&cursor="""
+    """GET /api/v1/messages?account=&status=&q=&from=&to=&subject=&since=&until=&limit=&cursor="""
     params = request.query_params
-    known = {"account", "status", "q", "since", "until", "limit", "cursor"}
+    known = {"account", "status", "q", "from", "to", "subject", "since", "until", "limit", "cursor"}
     unknown = sorted(set(params) - known)
     if unknown:
         raise ApiError(400, f"unknown parameter: {unknown[0][:40]}", {"known": sorted(known)})
@@ -58,6 +58,9 @@ async def _list(request: Request, ctx: HttpContext, caller: Caller) -> Response:
         account=params.get("account") or None,
         status=params.get("status") or None,
         text=(params.get("q") or None),
+        mail_from=params.get("from") or None,
+        rcpt_to=params.get("to") or None,
+        subject=params.get("subject") or None,
         since=_time(request, "since"),
         until=_time(request, "until"),
         before=before,
@@ -85,7 +88,7 @@ async def _one(request: Request, ctx: HttpContext, caller: Caller) -> Response:
 async def _parts(request: Request, ctx: HttpContext, caller: Caller) -> Response:
     view = await ctx.admin.messages.show(request.path_params["message_id"])
     if view.body is None:
-        raise ApiError(404, f"message {view.record.id} has no stored body")
+        raise ApiError(404, no_body_text(view.record))
     found = mail_parts.parts(view.body)
     return JSONResponse(
         {
@@ -122,7 +125,7 @@ async def _part(request: Request, ctx: HttpContext, caller: Caller) -> Response:
 async def _raw(request: Request, ctx: HttpContext, caller: Caller) -> Response:
     view = await ctx.admin.messages.show(request.path_params["message_id"])
     if view.body is None:
-        raise ApiError(404, f"message {view.record.id} has no stored body")
+        raise ApiError(404, no_body_text(view.record))
     return Response(
         view.body,
         media_type="message/rfc822",

@@ -13,6 +13,7 @@ from starlette.routing import BaseRoute
 
 from relaygate.http.api import ApiError, api_route, audit, json_body
 from relaygate.http.context import Caller, HttpContext
+from relaygate.json_views import rfc3339
 from relaygate.services.webhooks import ConfigDefined, WebhookError, WebhookMissing
 from relaygate.storage.api import WebhookAttempt
 from relaygate.webhooks.events import Endpoint
@@ -26,7 +27,7 @@ def endpoint_json(endpoint: Endpoint) -> dict[str, Any]:
         "url": endpoint.url,
         "events": list(endpoint.events) or "all",
         "source": endpoint.source,
-        "created_at": endpoint.created_at or None,
+        "created_at": rfc3339(endpoint.created_at or None),
     }
 
 
@@ -34,7 +35,7 @@ def attempt_json(attempt: WebhookAttempt) -> dict[str, Any]:
     return {
         "webhook_id": attempt.event_id,
         "type": attempt.type,
-        "ts": attempt.ts,
+        "ts": rfc3339(attempt.ts),
         "status_code": attempt.status_code,
         "error": attempt.error,
         "duration_ms": round(attempt.duration * 1000, 1),

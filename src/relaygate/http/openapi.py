@@ -56,6 +56,9 @@ OPERATIONS: list[Op] = [
             "account": (_STR, "sent by this account (any case)"),
             "status": (_STR, "captured, queued, delivered, partly delivered, failed, ..."),
             "q": (_STR, "text in the subject, envelope sender or recipients, account or id"),
+            "from": (_STR, "text in the envelope sender (any case)"),
+            "to": (_STR, "text in an envelope recipient (any case)"),
+            "subject": (_STR, "text in the subject (any case)"),
             "since": (_STR, "received at or after: unix seconds or RFC 3339"),
             "until": (_STR, "received before: unix seconds or RFC 3339"),
             "limit": (_INT, "1 to 1000, default 50"),
@@ -323,7 +326,9 @@ def document() -> dict[str, Any]:
         "info": {
             "title": "relaygate admin API",
             "version": __version__,
-            "description": "Bearer tokens from `relaygate token add NAME [--read-only]`."
+            "description": "Bearer tokens from `relaygate token add NAME [--read-only]`. Times in"
+            " answers are RFC 3339 strings in UTC (2026-12-04T06:12:30Z); time parameters take"
+            " those or unix seconds."
             ' Errors are JSON {"error": ..., "detail": ...}.',
         },
         "servers": [{"url": "/"}],

@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from relaygate import stats
+from relaygate import mail_parts, stats
 from relaygate.accounts.credentials import Credential, looks_like_credential
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import (
@@ -38,6 +38,7 @@ from relaygate.storage.api import (
     ApiToken,
     ApiTokens,
     Credentials,
+    Deleted,
     DeliveryAttempt,
     DeliveryQueue,
     DKIMKeys,
@@ -105,11 +106,77 @@ class MessagesAdmin:
 
         Raises storage.bodies.BodyMissing if the body is recorded but gone.
         """
+        message_id = normalize_message_id(message_id)
         record = await self._log.get(message_id)
         if record is None:
             raise NotFound(f"no such message: {message_id}")
         stored = await self._log.body(message_id) if body else None
         return MessageView(record, stored, await self._log.history(message_id))
+
+    async def content(self, message_id: str) -> tuple[MessageView, mail_parts.MessageParts]:
+        """The message taken apart (mail_parts); NotFound if its body is not stored."""
+        view = await self.show(message_id)
+        if view.body is None:
+            raise NotFound(no_body_text(view.record))
+        return view, await asyncio.to_thread(mail_parts.parts, view.body)
+
+    async def text(self, message_id: str) -> str:
+        """The text/plain body decoded, else a plain-text rendering of the HTML
+        body, else ""."""
+        _, found = await self.content(message_id)
+        if found.text is not None:
+            return found.text
+        return mail_parts.html_text(found.html) if found.html is not None else ""
+
+    async def html(self, message_id: str) -> str:
+        """The text/html body decoded; NotFound if the message has none."""
+        view, found = await self.content(message_id)
+        if found.html is None:
+            raise NotFound(f"message {view.record.id} has no HTML part")
+        return found.html
+
+    async def part(self, message_id: str, index: int) -> tuple[mail_parts.Attachment, bytes]:
+        """Part ``index`` as numbered by mail_parts (the API's /parts/N), decoded."""
+        view, found = await self.content(message_id)
+        assert view.body is not None
+        got = await asyncio.to_thread(mail_parts.attachment, view.body, index)
+        if got is None:
+            numbers = ", ".join(str(a.index) for a in found.attachments) or "none"
+            raise NotFound(f"message {view.record.id} has no part {index} (its parts: {numbers})")
+        return got
+
+    async def delete(self, message_ids: Sequence[str]) -> Deleted:
+        """Remove messages with their bodies, queue rows and history; ids that
+        are unknown, or being sent right now, are reported back, not removed."""
+        return await self._log.delete([normalize_message_id(i) for i in message_ids])
+
+    async def prune(self, older_than: float, now: float) -> int:
+        """Remove every message received more than ``older_than`` seconds ago
+        that nothing still waits to deliver, a batch at a time; how many."""
+        total = 0
+        for _ in range(MAX_PRUNE_BATCHES):
+            count = await self._log.prune(now - older_than, PRUNE_BATCH)
+            total += count
+            if count < PRUNE_BATCH:
+                break
+        return total
+
+
+PRUNE_BATCH = 500  # rows per transaction: the server's writers get the lock in between
+MAX_PRUNE_BATCHES = 100_000  # a bound on the loop (50 million messages)
+
+
+def normalize_message_id(message_id: str) -> str:
+    """Queue ids are upper-case Crockford base32; people type them in any case."""
+    return message_id.strip().upper()
+
+
+def no_body_text(record: MessageRecord) -> str:
+    """Why a message has no body to show, in words."""
+    if record.body_removed_at is not None:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.body_removed_at))
+        return f"message {record.id}: its body was removed by retention at {when}"
+    return f"message {record.id} has no stored body"
 
 
 class AccountsAdmin:
@@ -292,17 +359,21 @@ class QueueAdmin:
         return await self._queue.summary()
 
     async def pending(self, message_id: str) -> list[QueueEntry]:
+        message_id = normalize_message_id(message_id)
         return [e for e in await self._queue.entries() if e.id == message_id]
 
     async def retry(self, message_id: str | None) -> int:
         """Make queued rows (of one message, or all) due now; NotFound for a
         message with nothing queued."""
+        if message_id is not None:
+            message_id = normalize_message_id(message_id)
         count = await self._queue.retry_now(message_id, time.time())
         if count == 0 and message_id is not None:
             raise NotFound(f"nothing queued for {message_id}")
         return count
 
     async def delete(self, message_id: str) -> int:
+        message_id = normalize_message_id(message_id)
         count = await self._queue.delete(message_id, time.time())
         if count == 0:
             raise NotFound(f"nothing queued for {message_id}")

@@ -24,6 +24,7 @@ from relaygate.storage.api import MessageLog, Webhooks
 from relaygate.storage.errors import STORAGE_ERRORS
 from relaygate.storage.node import open_admin_storage
 from relaygate.storage.postgres.pool import PostgresUnavailable
+from relaygate.storage.sqlite import DatabaseError
 
 BATCH = 200  # rows per transaction
 PAUSE = 0.05  # seconds between batches: other writers get the lock in between
@@ -33,7 +34,11 @@ INTERVAL_ENV = "RELAYGATE_RETENTION_INTERVAL"  # seconds; for tests and impatien
 WEBHOOK_MIN_AGE = 3600  # settled webhook rows outlive the collectors' re-read window
 
 
-_OPEN_ERRORS: tuple[type[BaseException], ...] = (*STORAGE_ERRORS, PostgresUnavailable)
+_OPEN_ERRORS: tuple[type[BaseException], ...] = (
+    *STORAGE_ERRORS,
+    PostgresUnavailable,
+    DatabaseError,
+)
 
 
 @dataclass(frozen=True, slots=True)
