@@ -107,8 +107,9 @@ def test_last_used_is_recorded(cred_server: Server) -> None:
     before = time.time()
     assert raw_login(cred_server, DEV.address, secret).status == "235 2.7.0"
     after = time.time()
-    used = _credentials(cred_server, DEV.address)["cron"]["last_used_at"]
-    assert used is not None
+    text = _credentials(cred_server, DEV.address)["cron"]["last_used_at"]
+    assert isinstance(text, str) and text.endswith("Z"), text  # RFC 3339, UTC
+    used = datetime.fromisoformat(text).timestamp()
     assert before - 1 <= used <= after + 1, (before, used, after)
     table = cred_server.cli("credential", "list", DEV.address).stdout
     row = next(line for line in table.splitlines() if line.startswith("cron "))

@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from email.message import EmailMessage
 from typing import Any
 
@@ -259,11 +260,11 @@ def test_message_filters_and_cursor_pages(api: tuple[Server, str]) -> None:
         f"{base}/api/v1/messages?q={tag.upper()}%20N0&account=ALICE@example.com", token
     )
     assert status == 200 and len(body["messages"]) == 10
-    first = server.message(ids[0])["created_at"]
-    status, body = _get(
-        f"{base}/api/v1/messages?q={tag}&since={first}&until={first + 0.000001}", token
-    )
-    assert [m["id"] for m in body["messages"]] == [ids[0]]
+    created = server.message(ids[0])["created_at"]  # RFC 3339, whole seconds
+    first = datetime.fromisoformat(created).timestamp()
+    status, body = _get(f"{base}/api/v1/messages?q={tag}&since={created}&until={first + 1}", token)
+    assert ids[0] in [m["id"] for m in body["messages"]]
+    assert {m["created_at"] for m in body["messages"]} == {created}
     iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(first + 3600))
     assert len(_get(f"{base}/api/v1/messages?q={tag}&since={iso}", token)[1]["messages"]) == 0
     for query, error in (

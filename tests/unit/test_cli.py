@@ -21,6 +21,7 @@ from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import Account, AccountStore
 from relaygate.cli import main
 from relaygate.config import ENV_VAR, PasswordHashConfig
+from relaygate.json_views import rfc3339
 from relaygate.storage.sqlite import connect
 
 CONFIG = """
@@ -638,9 +639,9 @@ def test_credential_list_and_revoke(
         "senders": ["alice@example.com"],
         "networks": ["192.0.2.0/24"],
         "limits": None,
-        "expires_at": 1,
-        "created_at": cron.created_at,
-        "last_used_at": 1_800_000_000.0,
+        "expires_at": "1970-01-01T00:00:01Z",
+        "created_at": rfc3339(cron.created_at),
+        "last_used_at": "2027-01-15T08:00:00Z",
         "revoked_at": None,
     }
     assert listed[1]["revoked_at"] is not None
@@ -746,7 +747,8 @@ def test_messages_list(
     (only,) = json.loads(out)
     assert only["id"] == "NEW2"
     assert only["rcpt_to"] == ["x@example.net", "y@example.net"]
-    assert only["created_at"] == 1_700_000_100.0
+    assert only["created_at"] == "2023-11-14T22:15:00Z"
+    assert only["body_removed_at"] is None
     assert only["status"] == "captured"
 
 

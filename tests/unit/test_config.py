@@ -512,3 +512,39 @@ allow_private_targets = true
 def test_http_problems(tmp_path: Path, text: str, expected: str) -> None:
     found = problems(write(tmp_path, text))
     assert len(found) == 1 and found[0].split(": ", 1)[1].startswith(expected), found
+
+
+def test_retention_defaults_and_settings(tmp_path: Path) -> None:
+    defaults = load_config(write(tmp_path, "")).retention
+    assert (defaults.max_age, defaults.max_messages, defaults.body_max_age) == (
+        30 * 86400,
+        100_000,
+        None,
+    )
+    set_ = load_config(
+        write(
+            tmp_path,
+            '[retention]\nmax_age = "90d"\nmax_messages = 0\nbody_max_age = "1w"\n',
+        )
+    ).retention
+    assert (set_.max_age, set_.max_messages, set_.body_max_age) == (90 * 86400, 0, 7 * 86400)
+    off = load_config(write(tmp_path, '[retention]\nmax_age = "off"\n')).retention
+    assert off.max_age is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('max_age = "30"', "retention.max_age: not a duration: '30'"),
+        ("max_age = 30", 'retention.max_age: must be a duration such as "30d", or "off"'),
+        ('max_age = "0s"', 'retention.max_age: must be at least 1s, or "off"'),
+        ("max_messages = -1", "retention.max_messages: must be a whole number >= 0"),
+        ('body_max_age = "2w"\nmax_age = "1w"', "retention.body_max_age: must not be longer"),
+        ("keep = 1", "retention.keep: unknown setting"),
+    ],
+)
+def test_retention_problems(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, f"[retention]\n{text}\n")
+    found = problems(path)
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{path}: {expected}"), found

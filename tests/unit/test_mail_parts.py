@@ -138,3 +138,18 @@ def test_inline_image_with_content_id() -> None:
     )
     [attached] = mail_parts.parts(_mime(HTML, image)).attachments
     assert attached.inline and attached.content_id == "logo@x" and attached.size == 4
+
+
+def test_html_as_text_for_a_terminal() -> None:
+    markup = (
+        "<html><head><title>T</title><style>p {color: red}</style></head><body>"
+        "<h1>Hello &amp; welcome</h1><p>Click <a href='https://x.test/a'>here</a>\n   now.</p>"
+        "<ul><li>one</li><li>two</li></ul><script>alert(1)</script><p>bye</p></body></html>"
+    )
+    text = mail_parts.html_text(markup)
+    assert text.startswith("Hello & welcome\n")
+    assert "Click here <https://x.test/a> now." in text
+    assert "- one" in text and "- two" in text and text.endswith("bye\n")
+    assert "alert" not in text and "color" not in text and "<p>" not in text
+    assert mail_parts.html_text("") == ""
+    assert "broken" in mail_parts.html_text("<p>broken <b <<< </div>")

@@ -25,7 +25,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from relaygate.accounts.credentials import CredentialError
 from relaygate.accounts.store import AccountError
-from relaygate.config import PasswordHashConfig
+from relaygate.config import PasswordHashConfig, RetentionConfig
 from relaygate.delivery.dkim import DKIMError
 from relaygate.services.admin import (
     TOKEN_PREFIX,
@@ -39,15 +39,17 @@ from relaygate.services.admin import (
     decode_cursor,
 )
 from relaygate.services.login import LoginService
+from relaygate.services.retention import Retention
 from relaygate.services.web_login import IDLE_SECONDS, WebLogin
 from relaygate.spool import Spool, SpooledMessage, new_queue_id
 from relaygate.storage import bodies
-from relaygate.storage.api import DeliveryAttempt, MessageLog
+from relaygate.storage.api import DeliveryAttempt, MessageLog, Webhooks
 from relaygate.storage.message_query import MessageQuery
 from relaygate.storage.postgres import pool as pool_module
 from relaygate.storage.postgres.backend import PostgresStorage
 from relaygate.storage.postgres.messages import PostgresMessageLog
 from relaygate.storage.postgres.schema import migrate
+from relaygate.storage.postgres.webhooks import PostgresWebhooks
 from relaygate.storage.sqlite import connect
 from relaygate.storage.sqlite_backend import SQLiteStorage
 
@@ -110,6 +112,25 @@ class SQLiteBackend:
         finally:
             await store.close()
 
+    @asynccontextmanager
+    async def webhooks(self) -> AsyncIterator[Webhooks]:
+        store = SQLiteStorage(self.database)
+        try:
+            yield store.webhooks
+        finally:
+            await store.close()
+
+    def sql(self, statement: str, *values: Any) -> list[tuple[Any, ...]]:
+        """Run one statement (? placeholders) and return its rows."""
+        db = connect(self.database)
+        try:
+            return list(db.execute(statement, values).fetchall())
+        finally:
+            db.close()
+
+    def body_file(self, message_id: str) -> Path:
+        return bodies.directory_for(self.database) / message_id
+
     def lose_body(self, message_id: str) -> None:
         (bodies.directory_for(self.database) / message_id).unlink()
 
@@ -163,6 +184,16 @@ class PostgresBackend:
     async def message_log(self) -> AsyncIterator[MessageLog]:
         async with AsyncConnectionPool(self.url, min_size=1, max_size=2) as pool:
             yield PostgresMessageLog(pool)
+
+    @asynccontextmanager
+    async def webhooks(self) -> AsyncIterator[Webhooks]:
+        async with AsyncConnectionPool(self.url, min_size=1, max_size=2) as pool:
+            yield PostgresWebhooks(pool)
+
+    def sql(self, statement: str, *values: Any) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.url) as db:
+            cursor = db.execute(statement.replace("?", "%s"), values)  # type: ignore[arg-type]
+            return list(cursor.fetchall()) if cursor.description else []
 
 
 Backend = SQLiteBackend | PostgresBackend
@@ -610,3 +641,227 @@ def test_web_sessions_end_on_logout_password_change_disable_and_idle(
             assert rows and all(token.encode() not in bytes(r[0]) for r in rows)
 
     run(go())
+
+
+# ------------------------------------------------------------ delete, retention
+
+
+def _queue_row(backend: Backend, message_id: str, status: str | None) -> None:
+    """Give the message one delivery row in ``status`` (None: no row at all)."""
+    backend.sql("DELETE FROM deliveries WHERE message_id = ?", message_id)
+    if status is not None:
+        backend.sql(
+            "INSERT INTO deliveries (message_id, domain, recipients, status, next_attempt,"
+            " created_at, updated_at) VALUES (?, 'example.net', '[]', ?, 0, 0, 0)",
+            message_id,
+            status,
+        )
+
+
+def test_search_by_sender_recipient_and_subject(backend: Backend) -> None:
+    now = time.time()
+    plain = _message("Invoice 100% paid", now - 3)
+    other = dataclasses.replace(
+        _message("Welcome_aboard", now - 2),
+        mail_from="Billing@Shop.example",
+        recipients=["Carol@Example.org"],
+    )
+    third = dataclasses.replace(_message("invoice reminder", now - 1), recipients=["x@y.example"])
+    backend.accept([plain, other, third])
+
+    async def check() -> None:
+        async with backend.message_log() as log:
+            admin = MessagesAdmin(log)
+
+            async def subjects(**filters: Any) -> list[str]:
+                found, _ = await admin.search(MessageQuery(limit=50, **filters))
+                return [r.subject for r in found]
+
+            assert await subjects(mail_from="billing@SHOP") == ["Welcome_aboard"]
+            assert await subjects(rcpt_to="carol@example.ORG") == ["Welcome_aboard"]
+            assert await subjects(subject="INVOICE") == ["invoice reminder", "Invoice 100% paid"]
+            # LIKE wildcards in the text are taken literally.
+            assert await subjects(subject="100%") == ["Invoice 100% paid"]
+            assert await subjects(subject="e_a") == ["Welcome_aboard"]
+            assert await subjects(subject="%") == ["Invoice 100% paid"]
+            assert await subjects(subject="invoice", rcpt_to="x@y") == ["invoice reminder"]
+            assert await subjects(mail_from="nobody") == []
+
+    run(check())
+
+
+@pytest.mark.parametrize("size", [10, bodies.SPILL_BYTES])
+def test_delete_removes_record_body_queue_rows_and_history(backend: Backend, size: int) -> None:
+    now = time.time()
+    gone, kept, busy = (_message(s, now - i, size=size) for i, s in enumerate("abc"))
+    backend.accept([gone, kept, busy])
+    _queue_row(backend, gone.id, "queued")  # an admin may delete a queued message
+    _queue_row(backend, busy.id, "sending")  # but not one being sent right now
+    backend.record_attempt(gone.id, "deferred", "451 later")
+
+    async def check() -> None:
+        async for admin in _admin(backend):
+            result = await admin.delete([gone.id.lower(), "NOPE", busy.id, gone.id])
+            assert (result.removed, result.unknown, result.sending) == (
+                [gone.id],
+                ["NOPE"],
+                [busy.id],
+            )
+            with pytest.raises(NotFound):
+                await admin.show(gone.id)
+            assert (await admin.show(kept.id.lower())).body is not None  # any case
+            assert (await admin.show(busy.id)).body is not None
+
+    run(check())
+    for table, column in (
+        ("message_bodies", "id"),
+        ("deliveries", "message_id"),
+        ("delivery_attempts", "message_id"),
+    ):
+        assert backend.sql(f"SELECT 1 FROM {table} WHERE {column} = ?", gone.id) == []
+    if isinstance(backend, SQLiteBackend) and size >= bodies.SPILL_BYTES:
+        assert not backend.body_file(gone.id).exists()
+        assert backend.body_file(kept.id).exists()
+
+
+def test_prune_removes_old_settled_messages_a_batch_at_a_time(backend: Backend) -> None:
+    now = time.time()
+    old = [_message(f"old {i}", now - 1000 - i) for i in range(7)]
+    waiting = _message("old but queued", now - 5000)
+    sending = _message("old and being sent", now - 5000)
+    new = _message("new", now - 10)
+    backend.accept([*old, waiting, sending, new])
+    for m in old:
+        _queue_row(backend, m.id, "delivered" if m is old[0] else None)
+    _queue_row(backend, waiting.id, "queued")
+    _queue_row(backend, sending.id, "sending")
+    _queue_row(backend, new.id, None)
+
+    async def check() -> None:
+        async with backend.message_log() as log:
+            assert await log.prune(now - 100, 3) == 3  # the oldest first
+            assert await log.prune(now - 100, 3) == 3
+            assert await log.prune(now - 100, 3) == 1
+            assert await log.prune(now - 100, 3) == 0
+            left = {r.subject for r in await log.recent(50)}
+            assert left == {"old but queued", "old and being sent", "new"}
+            assert await log.count_cutoff(2) == pytest.approx(now - 5000)
+            assert await log.count_cutoff(1) == pytest.approx(now - 10)
+            assert await log.count_cutoff(4) is None
+
+    run(check())
+
+
+def test_prune_bodies_keeps_the_record_and_says_the_body_is_gone(backend: Backend) -> None:
+    now = time.time()
+    big = _message("big", now - 100, size=bodies.SPILL_BYTES)
+    small = _message("small", now - 90)
+    waiting = _message("queued", now - 80)
+    fresh = _message("fresh", now - 1)
+    backend.accept([big, small, waiting, fresh])
+    for m in (big, small, fresh):
+        _queue_row(backend, m.id, "delivered")
+    _queue_row(backend, waiting.id, "queued")
+
+    async def check() -> None:
+        async with backend.message_log() as log:
+            assert await log.prune_bodies(now - 50, 1, now) == 1
+            assert await log.prune_bodies(now - 50, 10, now) == 1
+            assert await log.prune_bodies(now - 50, 10, now) == 0
+            admin = MessagesAdmin(log)
+            for m in (big, small):
+                view = await admin.show(m.id)
+                assert view.body is None and view.record.body_removed_at == pytest.approx(now)
+                with pytest.raises(NotFound, match="its body was removed by retention at"):
+                    await admin.text(m.id)
+            for m in (waiting, fresh):
+                view = await admin.show(m.id)
+                assert view.body is not None and view.record.body_removed_at is None
+
+    run(check())
+    if isinstance(backend, SQLiteBackend):
+        assert not backend.body_file(big.id).exists()
+
+
+def test_retention_round_applies_age_count_and_body_age(backend: Backend) -> None:
+    now = time.time()
+    messages = [_message(f"m{i}", now - 10_000 + i * 1000) for i in range(10)]  # m9: 1000 s old
+    backend.accept(messages)
+    for m in messages:
+        _queue_row(backend, m.id, "delivered")
+    _queue_row(backend, messages[0].id, "queued")  # the oldest still waits: kept
+
+    async def check() -> None:
+        async with backend.message_log() as log, backend.webhooks() as hooks:
+            config = RetentionConfig(max_age=8500, max_messages=6, body_max_age=2500)
+            pruned = await Retention(log, hooks, config, batch=2, pause=0).round(now)
+            # m1 is past max_age; m2..m3 are past the 6 newest; m0 waits for delivery.
+            assert (pruned.messages, pruned.bodies) == (3, 4)  # bodies: m4..m7 (m0 waits)
+            left = {r.subject: r for r in await log.recent(50)}
+            assert sorted(left) == ["m0", "m4", "m5", "m6", "m7", "m8", "m9"]
+            assert [s for s, r in sorted(left.items()) if r.body_removed_at] == [
+                "m4",
+                "m5",
+                "m6",
+                "m7",
+            ]
+            again = await Retention(log, hooks, config).round(now)
+            assert not again.any
+
+    run(check())
+
+
+def test_settled_webhook_rows_are_pruned_with_their_attempts(backend: Backend) -> None:
+    now = time.time()
+    rows = [("delivered", now - 90_000), ("failed", now - 90_000), ("queued", now - 90_000)]
+    for n, (status, settled) in enumerate([*rows, ("delivered", now - 10)]):
+        backend.sql(
+            "INSERT INTO webhook_outbox (endpoint, event_id, type, body, status, attempts,"
+            " next_attempt, created_at) VALUES ('wh_1', ?, 'message.accepted', '{}', ?, 1, ?, ?)",
+            f"evt_{n}",
+            status,
+            settled,
+            settled,
+        )
+        backend.sql(
+            "INSERT INTO webhook_attempts (outbox_id, endpoint, ts, status_code, duration,"
+            " outcome) SELECT id, 'wh_1', ?, 200, 0.1, 'delivered' FROM webhook_outbox"
+            " WHERE event_id = ?",
+            settled,
+            f"evt_{n}",
+        )
+
+    async def check() -> None:
+        async with backend.webhooks() as hooks:
+            assert await hooks.prune(now - 3600, 1) == 1
+            assert await hooks.prune(now - 3600, 10) == 1
+            assert await hooks.prune(now - 3600, 10) == 0
+
+    run(check())
+    left = backend.sql("SELECT event_id FROM webhook_outbox ORDER BY event_id")
+    assert [r[0] for r in left] == ["evt_2", "evt_3"]
+    assert len(backend.sql("SELECT 1 FROM webhook_attempts")) == 2
+
+
+def test_sqlite_deleting_the_newest_rows_pulls_the_webhook_cursors_back(tmp_path: Path) -> None:
+    """SQLite gives a new row max(rowid) + 1: after the newest rows are deleted,
+    the webhook collector must not have passed the ids new rows will get."""
+    backend = SQLiteBackend(tmp_path)
+    now = time.time()
+    first, newest = _message("first", now - 2), _message("newest", now - 1)
+    backend.accept([first, newest])
+    backend.record_attempt(newest.id, "delivered", "250 ok")
+    top = backend.sql("SELECT max(rowid) FROM messages")[0][0]
+    backend.sql("INSERT INTO webhook_cursor (name, position) VALUES ('messages', ?)", top)
+    backend.sql("INSERT INTO webhook_cursor (name, position) VALUES ('attempts', 1)")
+
+    async def delete() -> None:
+        async for admin in _admin(backend):
+            assert (await admin.delete([newest.id])).removed == [newest.id]
+
+    run(delete())
+    cursors = dict(backend.sql("SELECT name, position FROM webhook_cursor"))
+    assert cursors == {"messages": top - 1, "attempts": 0}
+    backend.accept([_message("after", now)])
+    (rowid,) = backend.sql("SELECT rowid FROM messages WHERE subject = 'after'")[0]
+    assert rowid > cursors["messages"]  # the collector will read it
