@@ -192,7 +192,7 @@ class PostgresBackend:
 
     def sql(self, statement: str, *values: Any) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.url) as db:
-            cursor = db.execute(statement.replace("?", "%s"), values)  # type: ignore[arg-type]
+            cursor = db.execute(statement.replace("?", "%s"), values)
             return list(cursor.fetchall()) if cursor.description else []
 
 
