@@ -380,7 +380,7 @@ class Server:
         self.process: subprocess.Popen[bytes] | None = None
         self.terminated = False  # SIGTERM sent to the current process
         self.users: dict[str, User] = {}
-        self.env: dict[str, str] = {}  # more environment for `serve` (test knobs)
+        self.serve_env: dict[str, str] = {}  # more environment for `serve` (test knobs)
         self.write_config()
 
     def __repr__(self) -> str:
@@ -529,7 +529,7 @@ class Server:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
-                env=clean_env(**self.env),
+                env=clean_env(**self.serve_env),
                 cwd=self.directory,
                 start_new_session=True,  # its own process group: killpg reaches the workers
             )

@@ -223,7 +223,7 @@ def test_background_retention_while_submission_goes_on(fresh_servers: ServerPool
         sections={"retention": {"max_age": "5s", "body_max_age": "2s"}},
         start=False,
     )
-    server.env["RELAYGATE_RETENTION_INTERVAL"] = INTERVAL
+    server.serve_env["RELAYGATE_RETENTION_INTERVAL"] = INTERVAL
     server.start()
     tag = uuid.uuid4().hex[:8]
     old = submit(server, newsletter(tag))
@@ -281,7 +281,7 @@ def test_max_messages_keeps_the_newest(fresh_servers: ServerPool, process: str) 
     if process == "delivery":
         sections["http"] = {"address": f"127.0.0.1:{free_ports(1)[0]}"}
     server = fresh_servers.create(f"count-{process}", users=[ALICE], sections=sections, start=False)
-    server.env["RELAYGATE_RETENTION_INTERVAL"] = INTERVAL
+    server.serve_env["RELAYGATE_RETENTION_INTERVAL"] = INTERVAL
     server.start()
     tag = uuid.uuid4().hex[:8]
     sent = [submit(server, plain(tag, f"n{i}")) for i in range(6)]
