@@ -1048,7 +1048,9 @@ def _messages_show(args: argparse.Namespace, config: Config) -> int:
         _write_bytes(data)
         return 0
     if args.headers or args.json:
-        view, found = _with_admin(config, lambda admin: admin.messages.content(message_id))
+        view, found = _with_admin(
+            config, lambda admin: admin.messages.content(message_id, need_body=args.headers)
+        )
         if args.headers:
             for name, value in found.headers:
                 print(f"{_printable(name)}: {_printable(value)}")

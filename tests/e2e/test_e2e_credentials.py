@@ -174,7 +174,7 @@ def test_expired_credential_fails(cred_server: Server) -> None:
         cred_server, DEV.address, "short-lived", "--expires", expires.isoformat()
     )
     listed = _credentials(cred_server, DEV.address)["short-lived"]
-    assert listed["expires_at"] == expires.timestamp(), listed
+    assert listed["expires_at"] == expires.strftime("%Y-%m-%dT%H:%M:%SZ"), listed
     assert raw_login(cred_server, DEV.address, secret).code == 235
 
     refused_at: list[float] = []

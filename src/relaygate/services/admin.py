@@ -113,11 +113,16 @@ class MessagesAdmin:
         stored = await self._log.body(message_id) if body else None
         return MessageView(record, stored, await self._log.history(message_id))
 
-    async def content(self, message_id: str) -> tuple[MessageView, mail_parts.MessageParts]:
-        """The message taken apart (mail_parts); NotFound if its body is not stored."""
+    async def content(
+        self, message_id: str, *, need_body: bool = True
+    ) -> tuple[MessageView, mail_parts.MessageParts]:
+        """The message taken apart (mail_parts). Without a stored body: NotFound
+        saying why, or (``need_body`` False) no header fields and no parts."""
         view = await self.show(message_id)
         if view.body is None:
-            raise NotFound(no_body_text(view.record))
+            if need_body:
+                raise NotFound(no_body_text(view.record))
+            return view, mail_parts.MessageParts()
         return view, await asyncio.to_thread(mail_parts.parts, view.body)
 
     async def text(self, message_id: str) -> str:
