@@ -197,6 +197,10 @@ def test_log_in_watch_mail_arrive_and_open_it_safely(ui: tuple[Server, str], pag
         row = page.locator(f'tr[data-id="{queue_id}"]')
         expect(row).to_be_visible(timeout=10_000)  # no reload: the page polled it in
         expect(row.locator("td.subject")).to_contain_text("<script>")  # shown as text
+        # The poll's RFC 3339 time, shown as on the server-rendered rows.
+        expect(row.locator("td").first).to_have_text(
+            re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$")
+        )
         _shot(page, "messages")
         row.locator("a").click()
         expect(page.locator("h1.subject")).to_contain_text("<img src=x onerror=alert(1)>")
@@ -229,6 +233,8 @@ def test_log_in_watch_mail_arrive_and_open_it_safely(ui: tuple[Server, str], pag
         page.click("nav.tabs >> text=Source")
         expect(page.locator("pre.raw")).to_contain_text("Content-Type: multipart")
         assert page.dialogs == []  # type: ignore[attr-defined]
+        page.goto(f"{base}/messages/{queue_id.lower()}")  # an id in any case
+        expect(page.locator("h1.subject")).to_contain_text("<img src=x onerror=alert(1)>")
         # Opened on its own (a link, a new tab), the HTML still runs nothing:
         # its CSP carries "sandbox" and no script-src.
         page.goto(f"{base}/messages/{queue_id}/html")
