@@ -663,8 +663,8 @@ def _nodes(args: argparse.Namespace, config: Config) -> int:
                 [
                     {
                         "name": r.name,
-                        "started": _rfc3339(r.started_at),
-                        "last_seen": _rfc3339(r.last_seen),
+                        "started": rfc3339(r.started_at),
+                        "last_seen": rfc3339(r.last_seen),
                         "alive": now - r.last_seen <= NODE_ALIVE_FOR,
                         "pid": r.pid,
                         "version": r.version,
@@ -687,10 +687,6 @@ def _nodes(args: argparse.Namespace, config: Config) -> int:
             f" {state:<6} {r.leases:>6}  {r.version}"
         )
     return 0
-
-
-def _rfc3339(ts: float) -> str:  # the same form as --json
-    return rfc3339(ts)
 
 
 def _table_time(ts: float) -> str:
