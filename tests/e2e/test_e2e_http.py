@@ -109,6 +109,15 @@ def test_messages_list_show_and_raw(api: tuple[Server, str]) -> None:
     status, raw = _get(f"{base}/api/v1/messages/{queue_id}/raw", token)
     assert status == 200 and raw == server.raw(queue_id)
     assert b"Subject: seen through the API" in raw
+    # An id in any case is the same message; from/to/subject look in one field each.
+    status, lower = _get(f"{base}/api/v1/messages/{queue_id.lower()}", token)
+    assert status == 200 and lower == shown
+    status, found = _get(
+        f"{base}/api/v1/messages?subject=THROUGH%20THE&from={ALICE.address}&to={RCPT}", token
+    )
+    assert status == 200 and queue_id in [m["id"] for m in found["messages"]]
+    status, found = _get(f"{base}/api/v1/messages?from=through", token)
+    assert status == 200 and queue_id not in [m["id"] for m in found["messages"]]
 
 
 @pytest.mark.parametrize(
