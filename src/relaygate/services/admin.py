@@ -164,10 +164,12 @@ class MessagesAdmin:
             total += count
             if count < PRUNE_BATCH:
                 break
+            await asyncio.sleep(PRUNE_PAUSE)
         return total
 
 
-PRUNE_BATCH = 500  # rows per transaction: the server's writers get the lock in between
+PRUNE_BATCH = 500  # rows per transaction
+PRUNE_PAUSE = 0.05  # seconds between batches: a running server's writers get the lock
 MAX_PRUNE_BATCHES = 100_000  # a bound on the loop (50 million messages)
 
 

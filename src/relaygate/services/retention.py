@@ -26,9 +26,11 @@ from relaygate.storage.node import open_admin_storage
 from relaygate.storage.postgres.pool import PostgresUnavailable
 from relaygate.storage.sqlite import DatabaseError
 
-BATCH = 200  # rows per transaction
-PAUSE = 0.05  # seconds between batches: other writers get the lock in between
-MAX_BATCHES = 500  # per kind per round (100,000 rows): the rest waits for the next round
+BATCH = 200  # rows per transaction (milliseconds of lock on SQLite)
+# Seconds between batches: longer than a batch holds the lock, so a writer
+# waiting in SQLite's busy handler (it sleeps up to 100 ms at a time) gets in.
+PAUSE = 0.2
+MAX_BATCHES = 500  # per kind per round (100,000 rows, 100 s): the rest waits for the next round
 INTERVAL = 60.0  # seconds between rounds
 INTERVAL_ENV = "RELAYGATE_RETENTION_INTERVAL"  # seconds; for tests and impatient admins
 WEBHOOK_MIN_AGE = 3600  # settled webhook rows outlive the collectors' re-read window
