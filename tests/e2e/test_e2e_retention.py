@@ -11,6 +11,9 @@ import smtplib
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from datetime import datetime
 from email.message import EmailMessage
@@ -307,3 +310,66 @@ def test_times_are_rfc3339_in_json(capture: Server) -> None:
     (first,) = json.loads(cli(capture, "messages", "list", "--json", "--limit", "1").stdout)
     assert RFC3339.fullmatch(first["created_at"])
     assert abs(datetime.fromisoformat(first["created_at"]).timestamp() - time.time()) < 60
+
+
+def test_a_removed_body_in_the_api_and_the_web_ui(fresh_servers: ServerPool) -> None:
+    """body_max_age alone, pruned by the delivery process (the HTTP listener is on):
+    the API and the message page say the body is gone; the record stays."""
+    (port,) = free_ports(1)
+    server = fresh_servers.create(
+        "bodies-http",
+        users=[ALICE],
+        sections={
+            "http": {"address": f"127.0.0.1:{port}"},
+            "retention": {"max_age": "off", "max_messages": 0, "body_max_age": "1s"},
+        },
+        start=False,
+    )
+    server.serve_env["RELAYGATE_RETENTION_INTERVAL"] = INTERVAL
+    server.start()
+    queue_id = submit(server, newsletter(uuid.uuid4().hex[:8]))
+    wait_until(lambda: _body_removed(server, queue_id), 10, 0.2, "the body removed")
+    base = f"http://127.0.0.1:{port}"
+
+    out = server.cli("token", "add", "reader", "--read-only").stdout
+    token = re.findall(r"rgt_[A-Za-z0-9_-]+", out)[0]
+    assert token.startswith("rgt_"), token
+
+    def api(path: str) -> tuple[int, dict[str, object]]:
+        request = urllib.request.Request(base + path)
+        request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    status, record = api(f"/api/v1/messages/{queue_id.lower()}")
+    assert status == 200 and record["id"] == queue_id
+    assert RFC3339.fullmatch(str(record["body_removed_at"])) and record["headers"] == []
+    for path in ("raw", "parts"):
+        status, error = api(f"/api/v1/messages/{queue_id}/{path}")
+        assert status == 404 and "its body was removed by retention at" in str(error["error"])
+
+    form = urllib.parse.urlencode({"address": ALICE.address, "password": ALICE.password})
+    login = urllib.request.Request(f"{base}/login", data=form.encode())
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: object, **kwargs: object) -> None:
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        opener.open(login, timeout=10)
+        raise AssertionError("expected a 303 after logging in")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 303
+        cookie = exc.headers["Set-Cookie"].split(";")[0]
+    page = urllib.request.Request(f"{base}/messages/{queue_id.lower()}")
+    page.add_header("Cookie", cookie)
+    with urllib.request.urlopen(page, timeout=10) as response:
+        html = response.read().decode()
+    assert 'data-testid="body-removed"' in html and "removed by retention at" in html
+    assert queue_id in html
+    events = server.log_events("retention.pruned")
+    assert events and all(e["messages"] == "0" and e["webhooks"] == "0" for e in events)
