@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import secrets
+import signal
 import sqlite3
 import sys
 import time
@@ -25,6 +26,7 @@ from typing import TypeVar
 
 import psycopg
 
+from relaygate import health
 from relaygate.accounts.credentials import (
     LIMIT_KEYS,
     MAX_LIMIT,
@@ -49,6 +51,7 @@ from relaygate.json_views import (
     queue_entry_json,
     token_json,
 )
+from relaygate.server import reload
 from relaygate.services.admin import (
     AdminServices,
     MessageView,
@@ -56,6 +59,7 @@ from relaygate.services.admin import (
     TokenError,
     admin_services,
 )
+from relaygate.services.errors import error_kind
 from relaygate.stats import MAX_HOURS
 from relaygate.storage import bodies
 from relaygate.storage import sqlite as sqlite_storage
@@ -70,12 +74,20 @@ from relaygate.storage.postgres.pool import PostgresUnavailable
 from relaygate.storage.sqlite import DatabaseError
 
 PROG = "relaygate"
-EXIT_USER_ERROR = 2  # the same status argparse uses for a bad command line
+# Exit statuses (README "Exit status"): 0 done, 1 a runtime error (no such
+# account, storage unreachable, server not running), 2 a usage or config error
+# (the same status argparse uses for a bad command line).
+EXIT_RUNTIME_ERROR = 1
+EXIT_USER_ERROR = 2
 SUBJECT_WIDTH = 50  # longer subjects are cut in `messages list` to keep rows on one line
 
 
 class CommandError(Exception):
-    """A user mistake a command finds itself (unknown message id, empty password)."""
+    """A user mistake a command finds itself (bad expiry, empty password): exit 2."""
+
+
+class CommandFailed(Exception):
+    """A runtime failure a command finds itself (no server running, no data): exit 1."""
 
 
 Handler = Callable[[argparse.Namespace, Config], int]
@@ -87,17 +99,34 @@ def main(argv: list[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         config = load_config(getattr(args, "config", None))
+        if getattr(args, "only_reads", False):
+            _need_data(config)
         return handler(args, config)
     except ConfigError as exc:
         return _fail(*exc.problems)
-    except (AccountError, CommandError, CredentialError, DatabaseError) as exc:
-        return _fail(str(exc))
+    except CommandFailed as exc:
+        return _fail(str(exc), status=EXIT_RUNTIME_ERROR)
+    except (
+        AccountError,
+        CommandError,
+        CredentialError,
+        NotFound,
+        TokenError,
+        DKIMError,
+        bodies.BodyMissing,
+    ) as exc:
+        # A missing or conflicting thing is the state of the data (1); a
+        # request worded wrong is the user's to correct (2).
+        kind = error_kind(exc)
+        return _fail(str(exc), status=EXIT_USER_ERROR if kind == "invalid" else EXIT_RUNTIME_ERROR)
+    except DatabaseError as exc:
+        return _fail(str(exc), status=EXIT_RUNTIME_ERROR)
     except PostgresUnavailable as exc:
-        return _fail(f"storage: {exc}")
+        return _fail(f"storage: {exc}", status=EXIT_RUNTIME_ERROR)
     except psycopg.Error as exc:
-        return _fail(f"storage: {' '.join(str(exc).split())}")
+        return _fail(f"storage: {' '.join(str(exc).split())}", status=EXIT_RUNTIME_ERROR)
     except sqlite3.Error as exc:
-        return _fail(f"database error: {exc}")
+        return _fail(f"database error: {exc}", status=EXIT_RUNTIME_ERROR)
     except BrokenPipeError:
         # The reader went away (`relaygate messages list | head`): stop quietly
         # like other Unix tools, and point stdout at /dev/null so Python's own
@@ -105,15 +134,30 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as exc:
-        return _fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+        return _fail(text, status=EXIT_RUNTIME_ERROR)
     except KeyboardInterrupt:
         return 130  # what a shell reports for a command ended by Ctrl-C
 
 
-def _fail(*problems: str) -> int:
+def _fail(*problems: str, status: int = EXIT_USER_ERROR) -> int:
     for problem in problems:
         print(f"{PROG}: {problem}", file=sys.stderr)
-    return EXIT_USER_ERROR
+    return status
+
+
+def _need_data(config: Config) -> None:
+    """Commands that only read never make a data_dir: with none, say where we looked."""
+    if config.storage.url is None and not config.database_path.is_file():
+        where = (
+            f"the config file {config.source}"
+            if config.source is not None
+            else f"quickstart settings: no --config and no ${ENV_VAR}"
+        )
+        raise CommandFailed(
+            f"no relaygate data in {config.data_dir} (it has no {config.database_path.name};"
+            f" that data_dir is from {where})"
+        )
 
 
 # ----------------------------------------------------------------- arguments
@@ -176,7 +220,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--hours", type=int, default=24, help=f"the last N hours (1 to {MAX_HOURS}; default 24)"
     )
     stats_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    stats_parser.set_defaults(handler=_stats)
+    stats_parser.set_defaults(handler=_stats, only_reads=True)
+
+    health = commands.add_parser(
+        "health",
+        parents=[common],
+        help="is the server healthy? listeners, storage, queue, certificate (exit 0 or 1)",
+        description="Check this node as a monitoring script would: every listener answers"
+        " with 220, the storage answers, the queue's oldest message, the certificate's expiry."
+        " Exit 0 when healthy (warnings allowed), 1 when not, 2 for a config error.",
+    )
+    health.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    health.add_argument("--strict", action="store_true", help="a warning is unhealthy too")
+    health.set_defaults(handler=_health)
+    reload_parser = commands.add_parser(
+        "reload",
+        parents=[common],
+        help="make the running server re-read its config, certificate and keys (SIGHUP)",
+        description="Check the config file, then send SIGHUP to the relaygate serve using"
+        " its data_dir and wait for its answer. Settings that need a restart are named.",
+    )
+    reload_parser.set_defaults(handler=_reload)
 
     _add_user_commands(commands, common)
     _add_credential_commands(commands, common)
@@ -237,6 +301,7 @@ def _add_user_commands(
     senders.add_argument("patterns", metavar="PATTERN", nargs="+", help="a full address or @domain")
 
     listing = action("list", _user_list, "show all accounts")
+    listing.set_defaults(only_reads=True)  # never makes a data_dir
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     limits = action(
@@ -295,6 +360,7 @@ def _add_credential_commands(
     )
 
     listing = action("list", _credential_list, "show an account's credentials")
+    listing.set_defaults(only_reads=True)  # never makes a data_dir
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     revoke = action("revoke", _credential_revoke, "refuse further logins with a credential")
@@ -343,6 +409,7 @@ def _add_message_commands(
     actions = messages.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     listing = actions.add_parser("list", parents=[common], help="show the newest messages")
+    listing.set_defaults(only_reads=True)  # never makes a data_dir
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.add_argument(
         "--limit", type=_positive_int, default=50, metavar="N", help="at most N (default: 50)"
@@ -359,6 +426,7 @@ def _add_message_commands(
     listing.set_defaults(handler=_messages_list)
 
     show = actions.add_parser("show", parents=[common], help="show one message")
+    show.set_defaults(only_reads=True)  # never makes a data_dir
     show.add_argument("message_id", metavar="ID")
     show.add_argument(
         "--raw", action="store_true", help="write the exact stored bytes and nothing else"
@@ -375,9 +443,11 @@ def _add_queue_commands(
     )
     actions = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", parents=[common], help="what is waiting, and why")
+    listing.set_defaults(only_reads=True)  # never makes a data_dir
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(handler=_queue_list)
     show = actions.add_parser("show", parents=[common], help="one message's delivery history")
+    show.set_defaults(only_reads=True)  # never makes a data_dir
     show.add_argument("message_id", metavar="ID")
     show.set_defaults(handler=_queue_show)
     retry = actions.add_parser("retry", parents=[common], help="try again now")
@@ -428,9 +498,11 @@ def _add_dkim_commands(
     )
 
     listing = action("list", _dkim_list, "show all signing keys")
+    listing.set_defaults(only_reads=True)  # never makes a data_dir
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     show = action("show", _dkim_show, "print a domain's DNS TXT records again")
+    show.set_defaults(only_reads=True)  # never makes a data_dir
     show.add_argument("domain", metavar="DOMAIN")
 
 
@@ -454,6 +526,7 @@ def _add_token_commands(
         "--read-only", action="store_true", help="the token may read, never change (403)"
     )
     listing = action("list", _token_list, "show the tokens (never their secrets)")
+    listing.set_defaults(only_reads=True)  # never makes a data_dir
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     revoke = action("revoke", _token_revoke, "delete a token: it stops working at once")
     revoke.add_argument("name", metavar="NAME")
@@ -553,6 +626,71 @@ def _storage_copy(args: argparse.Namespace, config: Config) -> int:
         " then start them"
     )
     return 0
+
+
+def _health(args: argparse.Namespace, config: Config) -> int:
+    async def checks() -> list[health.Check]:
+        if config.storage.url is None and not config.database_path.is_file():
+            return await health.run_checks(config, None)  # and make no database
+        store = await open_admin_storage(config)
+        try:
+            return await health.run_checks(config, store.queue.summary)
+        finally:
+            await store.close()
+
+    found = asyncio.run(checks())
+    verdict = health.overall(found, args.strict)
+    if args.json:
+        print(json.dumps(health.check_json(found, args.strict), indent=2))
+    else:
+        for check in found:
+            print(f"{check.status:4}  {check.name}: {check.detail}")
+        print(f"relaygate is {'healthy' if verdict != 'fail' else 'NOT healthy'}")
+    return 0 if verdict != "fail" else EXIT_RUNTIME_ERROR
+
+
+RELOAD_WAIT = 10.0  # seconds to wait for the server's answer
+
+
+def _reload(args: argparse.Namespace, config: Config) -> int:
+    # main() loaded the file already: a broken one never reaches the server.
+    pid = _serve_pid(config)
+    if pid is None:
+        raise CommandFailed(f"no relaygate serve is running on {config.data_dir}")
+    before = reload.read_status(config.data_dir)
+    asked = time.time()
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + RELOAD_WAIT
+    while time.monotonic() < deadline:
+        status = reload.read_status(config.data_dir)
+        if status is not None and status != before and float(str(status.get("at", 0))) >= asked:
+            break
+        time.sleep(0.05)
+    else:
+        raise CommandFailed(f"relaygate serve (pid {pid}) did not answer within {RELOAD_WAIT:g} s")
+    problems = _strings(status.get("problems"))
+    if not status.get("ok"):
+        return _fail(*problems, "reload refused; the running configuration stays")
+    print(f"relaygate: reloaded (pid {pid})")
+    restart = _strings(status.get("restart_needed"))
+    if restart:
+        print(f"relaygate: these settings change only with a restart: {', '.join(restart)}")
+    return 0
+
+
+def _strings(value: object) -> list[str]:
+    return [str(item) for item in value] if isinstance(value, list) else []
+
+
+def _serve_pid(config: Config) -> int | None:
+    """The pid of the ``serve`` holding this data_dir's lock, or None."""
+    if not _serve_running(config):
+        return None
+    try:
+        text = (config.data_dir / "serve.lock").read_text(encoding="ascii").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def _serve_running(config: Config) -> bool:
@@ -900,10 +1038,7 @@ def _with_admin(config: Config, work: Callable[[AdminServices], Awaitable[T]]) -
         finally:
             await store.close()
 
-    try:
-        return asyncio.run(run())
-    except (NotFound, bodies.BodyMissing, DKIMError, TokenError) as exc:
-        raise CommandError(str(exc)) from None
+    return asyncio.run(run())
 
 
 def _list_time(text: str | None, option: str) -> float | None:

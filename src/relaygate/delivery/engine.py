@@ -21,18 +21,20 @@ import time
 from collections import defaultdict, deque
 
 import aiosmtplib
+from cryptography.hazmat.primitives import serialization
 
 from relaygate import logs, message, metrics, stats
 from relaygate.config import Config
 from relaygate.delivery import dsn, remote_text
 from relaygate.delivery import queue as q
-from relaygate.delivery.dkim import Signer
+from relaygate.delivery.dkim import DKIMError, DKIMKey, Signer
 from relaygate.delivery.mta_sts import MTASTS
 from relaygate.delivery.mta_sts import apply as apply_mta_sts
 from relaygate.delivery.mx import MXResolver, PermanentDNSError, TemporaryDNSError
 from relaygate.delivery.outbound import DeliveryError, Plan, open_connection, smarthost_plan
 from relaygate.delivery.remote_text import clean
 from relaygate.eventloop import new_event_loop
+from relaygate.server import reload
 from relaygate.storage import bodies
 from relaygate.storage.api import LeaseLost, Notice
 from relaygate.storage.errors import STORAGE_ERRORS
@@ -47,6 +49,8 @@ MAX_IN_MEMORY = 2000  # claimed rows waiting for a connection; more stay in the 
 KEEPALIVE = 2.0  # seconds an idle connection waits for the next queued message
 RECOVER_INTERVAL = 5.0  # seconds between looks for rows whose holder is gone
 MAX_FINISHING = 64  # outcomes being recorded at once, across connections
+KEYS_WATCH_INTERVAL = 3.0  # seconds between looks at the DKIM keys
+KEY_ERRORS: tuple[type[BaseException], ...] = (DKIMError, *STORAGE_ERRORS)
 
 
 class DeliveryEngine:
@@ -60,6 +64,9 @@ class DeliveryEngine:
         self.queue = storage.queue
         self.resolver = MXResolver(config.delivery)
         self.signer = Signer({})  # the keys are read in run()
+        self._keys_seen: tuple[tuple[str, str, str, bytes], ...] | None = None
+        self._keys_problem = ""
+        self._next_keys = 0.0
         self.mta_sts = MTASTS(
             storage.policies, self.resolver.resolver, https_port=config.delivery.mta_sts_port
         )
@@ -80,9 +87,14 @@ class DeliveryEngine:
     async def run(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self._stopping.set)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
         await self._load_keys()
         while not self._stopping.is_set():
+            if self.loop.time() >= self._next_keys:
+                # A key made with `relaygate dkim generate` (or the API) signs
+                # within seconds, without a signal.
+                self._next_keys = self.loop.time() + KEYS_WATCH_INTERVAL
+                await self._reload_keys()
             claimed = 0
             room = MAX_IN_MEMORY - sum(len(w) for w in self._pending.values())
             try:
@@ -111,14 +123,56 @@ class DeliveryEngine:
         """DKIM keys: files on one machine, rows on a cluster (the same for every node)."""
         while not self._stopping.is_set():
             try:
-                self.signer = Signer(await self.storage.dkim_keys.load())
+                keys = await self.storage.dkim_keys.load()
+                self.signer = Signer(keys)
+                self._keys_seen = _key_identities(keys)
+                self._next_keys = self.loop.time() + KEYS_WATCH_INTERVAL
                 return
             except STORAGE_ERRORS as exc:  # a database not there yet: keep trying
                 logs.event("delivery.error", logging.ERROR, reason=clean(str(exc)))
+            except DKIMError as exc:  # a broken key file: sign nothing until it is fixed
+                logs.event("dkim.load_failed", logging.ERROR, reason=str(exc))
+                self._keys_problem = str(exc)
+                return
             try:
                 await asyncio.wait_for(self._stopping.wait(), 5.0)
             except TimeoutError:
                 pass
+
+    async def _reload_keys(self) -> None:
+        """The keys again; a new signer only if they changed. A key that cannot
+        be read leaves the keys in use as they are (and is said once)."""
+        try:
+            keys = await self.storage.dkim_keys.load()
+            seen = _key_identities(keys)
+            if seen == self._keys_seen:
+                return
+            signer = Signer(keys)
+        except KEY_ERRORS as exc:
+            if str(exc) != self._keys_problem:
+                self._keys_problem = str(exc)
+                logs.event("dkim.load_failed", logging.ERROR, reason=clean(str(exc)))
+            return
+        self.signer, self._keys_seen, self._keys_problem = signer, seen, ""
+        logs.event("dkim.keys_loaded", domains=len(keys), keys=len(seen))
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload (SIGHUP): routes, TLS policy, retry schedule, timeouts and
+        resolvers apply to the next attempt; the DKIM keys are read again."""
+        old = self.delivery
+        self.config = config
+        self.delivery = config.delivery
+        if (old.resolvers, old.mta_sts_port) != (
+            config.delivery.resolvers,
+            config.delivery.mta_sts_port,
+        ):
+            self.resolver = MXResolver(config.delivery)
+            self.mta_sts = MTASTS(
+                self.storage.policies,
+                self.resolver.resolver,
+                https_port=config.delivery.mta_sts_port,
+            )
+        self._next_keys = 0.0
 
     async def _keep_leases(self) -> None:
         """Rows whose holder is gone go back to the queue (on a shared database,
@@ -629,9 +683,48 @@ async def _send_webhooks_only(loop: asyncio.AbstractEventLoop, sender: WebhookSe
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     logs.event("webhooks.start", pid=os.getpid())
     await sender.run(stopping)
+
+
+def _key_identities(keys: dict[str, list[DKIMKey]]) -> tuple[tuple[str, str, str, bytes], ...]:
+    """What tells one set of keys from another (key objects do not compare)."""
+    return tuple(
+        sorted(
+            (
+                key.domain,
+                key.selector,
+                key.algorithm,
+                key.private_key.public_key().public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                ),
+            )
+            for found in keys.values()
+            for key in found
+        )
+    )
+
+
+class _Reloader:
+    """SIGHUP in the delivery process: the file again, for what this process uses."""
+
+    def __init__(
+        self, config: Config, sender: WebhookSender, engine: DeliveryEngine | None
+    ) -> None:
+        self.config = config
+        self.sender = sender
+        self.engine = engine
+
+    def __call__(self) -> None:
+        new = reload.reload_config(self.config, "delivery")
+        if new is None:
+            return
+        reload.apply_logging(new)
+        self.config = new
+        self.sender.reconfigure(config_endpoints(new.webhooks, with_secrets=True))
+        if self.engine is not None:
+            self.engine.reconfigure(new)
 
 
 def run_delivery(config: Config) -> int:
@@ -656,9 +749,11 @@ async def _deliver(config: Config, loop: asyncio.AbstractEventLoop) -> None:
             config.http is not None and config.http.allow_private_targets,
         )
         if config.delivery.mode == "capture":  # nothing to deliver: webhooks only
+            loop.add_signal_handler(signal.SIGHUP, _Reloader(config, sender, None))
             await _send_webhooks_only(loop, sender)
             return
         engine = DeliveryEngine(config, loop, storage)
+        loop.add_signal_handler(signal.SIGHUP, _Reloader(config, sender, engine))
         stop_sending = asyncio.Event()
         sending = asyncio.create_task(sender.run(stop_sending))
         logs.event("delivery.start", mode=config.delivery.mode, pid=os.getpid())

@@ -28,9 +28,10 @@ from types import FrameType
 
 from relaygate import __version__, logs, metrics
 from relaygate.accounts.store import AccountStore
-from relaygate.config import Config, ListenerConfig
+from relaygate.config import Config, ConfigError, ListenerConfig
 from relaygate.delivery.engine import run_delivery
 from relaygate.http.server import run_http
+from relaygate.server import reload
 from relaygate.server.connlimit import ConnectionLimiter
 from relaygate.server.tls import TLSSetupError, certificate_pairs, server_context
 from relaygate.server.worker import BoundListener, run_worker
@@ -324,6 +325,7 @@ def _describe(config: Config) -> str:
 
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+HELD_SIGNALS = STOP_SIGNALS | {signal.SIGHUP}  # held during start-up: none lost, none fatal
 
 
 def _raise_file_limit() -> None:
@@ -349,7 +351,7 @@ def serve(config: Config) -> int:
     # Hold SIGTERM/SIGINT until every process has its handler: a stop request
     # that arrives during start-up is then delivered, not lost or fatal. Each
     # worker unblocks them once its event loop handles them (worker.py).
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
     try:
         prepare(config)
         listeners = bind_all(config)
@@ -362,7 +364,7 @@ def serve(config: Config) -> int:
     except StartupError as exc:
         for problem in exc.problems:
             print(f"relaygate: {problem}", file=sys.stderr)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
         return 2
     if config.http is not None and config.http.metrics:
         # Before any fork and any metric: every process writes its values where
@@ -375,7 +377,7 @@ def serve(config: Config) -> int:
                 sock.close()
             if http is not None:
                 http.close()
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
             return 2
     print(_describe(config), flush=True)
     logs.event("start", workers=config.worker_count(), pid=os.getpid())
@@ -383,7 +385,7 @@ def serve(config: Config) -> int:
     # Shared by every worker (an anonymous shared mapping made before fork).
     limiter = ConnectionLimiter(config.connection_limits)
     if count == 1 and config.delivery.mode == "capture" and http is None:
-        return run_worker(config, 0, listeners, limiter)
+        return run_worker(config, 0, listeners, limiter, standalone=True)
     return _supervise(config, listeners, count, limiter, http)
 
 
@@ -404,6 +406,8 @@ def _fork_worker(
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # Not the supervisor's reload handler; each process sets its own.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             _die_with_parent()
             if index in (DELIVERY, HTTP):
                 for sock, _ in listeners:
@@ -463,8 +467,40 @@ def _supervise(
             except ProcessLookupError:
                 pass
 
+    def reload_all(signum: int, frame: FrameType | None) -> None:
+        """SIGHUP: check the file here; only a good one reaches the children,
+        which each re-read it and apply what can change (server/reload.py)."""
+        nonlocal config
+        if stopping:
+            return
+        try:
+            new = reload.reread(config)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                logs.event(
+                    "config.reload_failed", logging.ERROR, process="supervisor", problem=problem
+                )
+            reload.write_status(config.data_dir, False, exc.problems, [])
+            return
+        effective, restart = reload.merge(config, new)
+        differ = reload.changed(config, effective)
+        reload.apply_logging(effective)
+        config = effective  # workers started from now on get it too
+        for pid in list(workers):
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+        logs.event(
+            "config.reloaded",
+            changed=",".join(differ) or "-",
+            restart_needed=",".join(restart) or "-",
+        )
+        reload.write_status(config.data_dir, True, [], restart)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload_all)
     indexes = list(range(count))
     # The delivery process also sends webhooks: in capture mode it runs for them
     # alone when webhooks may exist (config ones, or the API can make some).
@@ -474,7 +510,7 @@ def _supervise(
         indexes.append(HTTP)
     for index in indexes:
         workers[_fork_worker(config, index, listeners, limiter, http)] = index
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a pending stop runs here
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # a pending stop runs here
     restarts: list[float] = []
     failed = False
     while workers:
@@ -501,7 +537,7 @@ def _supervise(
             failed = True
             continue
         workers[_fork_worker(config, index, listeners, limiter, http)] = index
-    for signum in STOP_SIGNALS:
+    for signum in HELD_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)  # already stopping; a repeat must not kill us
     for sock, _ in listeners:
         sock.close()

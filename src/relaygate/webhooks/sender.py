@@ -51,6 +51,11 @@ class WebhookSender:
         self._scale = time_scale()
         self._client = httpx.AsyncClient(follow_redirects=False, timeout=TIMEOUT, trust_env=False)
 
+    def reconfigure(self, configured: Sequence[Endpoint]) -> None:
+        """A reload: the [[webhooks]] of the file now, from the next round on."""
+        self._configured = list(configured)
+        self._refreshed = 0.0
+
     async def run(self, stopping: asyncio.Event) -> None:
         try:
             while not stopping.is_set():
