@@ -232,10 +232,12 @@ def test_replaced_certificate_is_used_without_a_signal(
     write_certificate(tmp_path / "tls", "second.test")
     trusted.write_bytes(trusted.read_bytes() + cert.read_bytes())
     for implicit in (True, False):  # implicit TLS and STARTTLS, every worker
+
+        def renewed(implicit: bool = implicit) -> bool:
+            return all(served_name(server, implicit=implicit) == "second.test" for _ in range(4))
+
         wait_until(
-            lambda implicit=implicit: all(
-                served_name(server, implicit=implicit) == "second.test" for _ in range(4)
-            ),
+            renewed,
             RELOAD_WAIT,
             interval=0.3,
             what="the new certificate",
