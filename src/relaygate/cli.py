@@ -25,6 +25,7 @@ from typing import TypeVar
 
 import psycopg
 
+from relaygate import __version__
 from relaygate.accounts.credentials import (
     LIMIT_KEYS,
     MAX_LIMIT,
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         description="Authenticated SMTP submission server and relay.",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", parents=[common], help="run the SMTP server")

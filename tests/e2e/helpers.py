@@ -426,6 +426,10 @@ class Server:
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "relaygate", "--config", str(self.config_path), *args]
 
+    def env(self) -> dict[str, str]:
+        """The environment of this server's processes (serve and the CLI)."""
+        return clean_env()
+
     def cli(
         self, *args: str, stdin: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
@@ -435,7 +439,7 @@ class Server:
             capture_output=True,
             text=True,
             timeout=PROCESS_TIMEOUT,
-            env=clean_env(),
+            env=self.env(),
             cwd=self.directory,
             check=False,
         )
@@ -477,7 +481,7 @@ class Server:
             self.command("messages", "show", queue_id, "--raw"),
             capture_output=True,
             timeout=PROCESS_TIMEOUT,
-            env=clean_env(),
+            env=self.env(),
             check=False,
         )
         if result.returncode != 0:
@@ -528,7 +532,7 @@ class Server:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
-                env=clean_env(),
+                env=self.env(),
                 cwd=self.directory,
                 start_new_session=True,  # its own process group: killpg reaches the workers
             )
