@@ -222,3 +222,53 @@ def test_the_smoke_script_parses() -> None:
         ["bash", "-n", str(script)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------ systemd, logs, fail2ban
+
+
+def unit_settings() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    text = (REPO / "contrib" / "systemd" / "relaygate.service").read_text(encoding="utf-8")
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def test_the_unit_logs_to_the_journal_and_reloads_with_sighup() -> None:
+    unit = unit_settings()
+    assert unit["StandardError"] == ["journal"]
+    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert unit["ExecStart"] == [
+        "/opt/relaygate/bin/relaygate serve --config /etc/relaygate/relaygate.toml"
+    ]
+
+
+def test_the_jail_reads_the_units_journal() -> None:
+    jail = (REPO / "contrib" / "fail2ban" / "jail.d" / "relaygate.conf").read_text(encoding="utf-8")
+    settings = dict(
+        (key.strip(), value.strip())
+        for key, sep, value in (line.partition("=") for line in jail.splitlines())
+        if sep and not key.lstrip().startswith("#")
+    )
+    assert settings["backend"] == "systemd"
+    assert settings["journalmatch"] == "_SYSTEMD_UNIT=relaygate.service"  # the unit's file name
+    assert (REPO / "contrib" / "systemd" / settings["journalmatch"].split("=")[1]).is_file()
+
+
+def test_a_log_file_is_writable_by_the_unit_and_rotated_without_copytruncate() -> None:
+    writable = unit_settings()["ReadWritePaths"][0].split()
+    rotate = (REPO / "contrib" / "logrotate" / "relaygate").read_text(encoding="utf-8")
+    directives = [line.split("#")[0].strip() for line in rotate.splitlines()]
+    paths = [d.split()[0] for d in directives if d.endswith("{")]
+    assert paths == ["/var/log/relaygate/relaygate.log"]
+    assert str(Path(paths[0]).parent) in writable
+    assert "copytruncate" not in directives
+    assert "systemctl reload relaygate.service >/dev/null 2>&1 || true" in directives
+    # The README and docs/deployment.md name that same file.
+    for doc in ("README.md", "docs/deployment.md"):
+        text = (REPO / doc).read_text(encoding="utf-8")
+        named = set(re.findall(r"/var/log/relaygate[\w./-]*\.log", text))
+        assert named == {paths[0]}, (doc, named)
