@@ -9,6 +9,8 @@ ports, and the container config, loaded by relaygate's own config loader.
 
 from __future__ import annotations
 
+import getpass
+import grp
 import json
 import os
 import re
@@ -272,3 +274,38 @@ def test_a_log_file_is_writable_by_the_unit_and_rotated_without_copytruncate() -
         text = (REPO / doc).read_text(encoding="utf-8")
         named = set(re.findall(r"/var/log/relaygate[\w./-]*\.log", text))
         assert named == {paths[0]}, (doc, named)
+
+
+def test_logrotate_rotates_by_renaming_and_then_reloads(tmp_path: Path) -> None:
+    """The shipped recipe run by the real logrotate on a file of ours: the old
+    lines are renamed away (not copied and truncated), a new private file takes
+    the name, and the reload runs once. Only the path, the owner (this test's
+    user) and the reload command (a marker file) are changed for the test."""
+    log = tmp_path / "relaygate.log"
+    log.write_text("old line\n", encoding="utf-8")
+    marker = tmp_path / "reloaded"
+    user, group = getpass.getuser(), grp.getgrgid(os.getgid()).gr_name
+    recipe = (REPO / "contrib" / "logrotate" / "relaygate").read_text(encoding="utf-8")
+    for old, new in (
+        ("/var/log/relaygate/relaygate.log", str(log)),
+        ("create 0600 relaygate relaygate", f"create 0600 {user} {group}"),
+        ("systemctl reload relaygate.service >/dev/null 2>&1 || true", f"echo reload >> {marker}"),
+    ):
+        assert old in recipe, old
+        recipe = recipe.replace(old, new)
+    config = tmp_path / "logrotate.conf"
+    config.write_text(recipe, encoding="utf-8")
+    inode = log.stat().st_ino
+    result = subprocess.run(
+        ["/usr/sbin/logrotate", "--force", "--state", str(tmp_path / "state"), str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    rotated = tmp_path / "relaygate.log.1"  # delaycompress: not compressed yet
+    assert rotated.read_text(encoding="utf-8") == "old line\n"
+    assert rotated.stat().st_ino == inode  # renamed: a writer holding it loses nothing
+    assert log.read_text(encoding="utf-8") == "" and log.stat().st_mode & 0o777 == 0o600
+    assert marker.read_text(encoding="utf-8") == "reload\n"
