@@ -217,13 +217,16 @@ def test_compose_publishes_the_listeners_and_keeps_http_on_loopback(
     assert ports[config.http.port].startswith("127.0.0.1:"), ports
 
 
-def test_the_smoke_script_parses() -> None:
+def test_the_smoke_script_parses_and_sets_what_compose_reads() -> None:
     script = REPO / "contrib" / "docker" / "smoke.sh"
     assert os.access(script, os.X_OK)
     result = subprocess.run(
         ["bash", "-n", str(script)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
+    exported = set(re.findall(r"^export (RELAYGATE_\w+)", script.read_text(), re.MULTILINE))
+    read = set(re.findall(r"\$\{(RELAYGATE_\w+):-", (REPO / "compose.yaml").read_text()))
+    assert exported == read, (exported, read)
 
 
 # ------------------------------------------------------------------ systemd, logs, fail2ban
