@@ -26,7 +26,7 @@ from typing import TypeVar
 
 import psycopg
 
-from relaygate import health
+from relaygate import __version__, health
 from relaygate.accounts.credentials import (
     LIMIT_KEYS,
     MAX_LIMIT,
@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         description="Authenticated SMTP submission server and relay.",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", parents=[common], help="run the SMTP server")
