@@ -387,7 +387,8 @@ class DeliveryEngine:
             reply = "554 5.3.0 message body missing from the spool"
             await self._finish(delivery, q.Outcome.for_all(delivery, reply))
             return True
-        body = self._sign(body) + body
+        # The null sender is ours alone (submission refuses MAIL FROM:<>): a DSN.
+        body = self._sign(body, bounce=not delivery.mail_from) + body
         started = self.loop.time()
         try:
             try:
@@ -438,16 +439,29 @@ class DeliveryEngine:
         )
         return True
 
-    def _sign(self, body: bytes) -> bytes:
+    def _sign(self, body: bytes, *, bounce: bool = False) -> bytes:
         summary = message.summarize(body)
         found = message.addresses(summary.from_values[0]) if summary.from_values else None
         if not found:
             return b""
         domain = found[0].rpartition("@")[2].lower()
+        if bounce:
+            domain = self._bounce_domain(domain) or domain
         try:
             return self.signer.sign(body, domain, time.time())
         except (ValueError, KeyError):
             return b""
+
+    def _bounce_domain(self, domain: str) -> str | None:
+        """The domain a DSN (From MAILER-DAEMON@hostname) is signed as: the
+        hostname's own key, else the nearest parent domain's (mail.example.com:
+        example.com), which DMARC's relaxed alignment accepts for that From."""
+        labels = domain.split(".")
+        for start in range(len(labels) - 1):  # never a single label ("com")
+            candidate = ".".join(labels[start:])
+            if self.signer.keys_for(candidate):
+                return candidate
+        return None
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -586,7 +600,13 @@ class DeliveryEngine:
                 now=now,
                 warning=warning,
             )
-        return Notice(delivery.account, delivery.mail_from, body, warning)
+        return Notice(
+            delivery.account,
+            delivery.mail_from,
+            body,
+            warning,
+            keep_local=self.delivery.bounce_to == "capture",
+        )
 
     def _dsn(
         self,
