@@ -31,6 +31,7 @@ from fakes.smtp_sink import SMTPSink, make_tls_context
 from .delivery_helpers import (
     WAIT,
     DeliveryServer,
+    TomlData,
     delete_leftovers,
     delivery_toml,
     history,
@@ -268,7 +269,7 @@ def private_ca(pool: ServerPool, tmp_path_factory: pytest.TempPathFactory) -> It
     try:
         starttls.start()
         implicit.start()
-        common = {"host": host, "verify_certificate": True}
+        common: dict[str, TomlData] = {"host": host, "verify_certificate": True}
         toml = delivery_toml(
             {"mode": "smarthost", "retry_schedule": [3600], "connect_timeout": 5},
             # The mode's smarthost: no ca_file, so the system's CAs (which lack ours).
