@@ -445,23 +445,12 @@ class DeliveryEngine:
         if not found:
             return b""
         domain = found[0].rpartition("@")[2].lower()
-        if bounce:
-            domain = self._bounce_domain(domain) or domain
+        if bounce:  # From MAILER-DAEMON@hostname: its key, or its parent domain's
+            domain = self.signer.host_signing_domain(domain) or domain
         try:
             return self.signer.sign(body, domain, time.time())
         except (ValueError, KeyError):
             return b""
-
-    def _bounce_domain(self, domain: str) -> str | None:
-        """The domain a DSN (From MAILER-DAEMON@hostname) is signed as: the
-        hostname's own key, else the nearest parent domain's (mail.example.com:
-        example.com), which DMARC's relaxed alignment accepts for that From."""
-        labels = domain.split(".")
-        for start in range(len(labels) - 1):  # never a single label ("com")
-            candidate = ".".join(labels[start:])
-            if self.signer.keys_for(candidate):
-                return candidate
-        return None
 
     # ------------------------------------------------------------ bookkeeping
 
