@@ -487,6 +487,13 @@ def _listeners(raw: Any, check: _Checker) -> tuple[ListenerConfig, ...]:
                 f"{where}.allow_plaintext_auth",
                 f'is only for tls = "none" listeners (this one is {tls}: log in after TLS)',
             )
+        elif plaintext and proxy:
+            # Behind a balancer the clients are elsewhere, whatever address we bind.
+            check.problem(
+                f"{where}.allow_plaintext_auth",
+                "is not allowed with proxy_protocol = true: the clients are on other"
+                " machines and their passwords would cross the network unencrypted",
+            )
         elif plaintext and not is_loopback_host(parsed[0]):
             # A password sent in clear can be read by anyone on the path.
             check.problem(

@@ -577,6 +577,20 @@ def test_plaintext_auth_elsewhere_is_refused(
     assert "\n" not in found[0]
 
 
+def test_plaintext_auth_behind_a_proxy_is_refused(tmp_path: Path) -> None:
+    """A loopback listener behind a local balancer still serves remote clients."""
+    text = (
+        '[[listeners]]\naddress = "127.0.0.1:1025"\ntls = "none"\nallow_plaintext_auth = true\n'
+        'proxy_protocol = true\nproxy_trusted = ["127.0.0.1/32"]\n'
+    )
+    path = write(tmp_path, text)
+    assert problems(path) == [
+        f"{path}: listeners[0].allow_plaintext_auth: is not allowed with proxy_protocol = true:"
+        " the clients are on other machines and their passwords would cross the network"
+        " unencrypted"
+    ]
+
+
 def test_plaintext_auth_must_be_a_boolean(tmp_path: Path) -> None:
     text = '[[listeners]]\naddress = "127.0.0.1:1025"\ntls = "none"\nallow_plaintext_auth = 1\n'
     path = write(tmp_path, text)
