@@ -201,6 +201,10 @@ def test_a_plain_listener_without_plaintext_auth_warns_and_takes_no_login(dev: D
         assert not any(line.startswith("AUTH") for line in ehlo.lines), ehlo
         refused = client.command("AUTH PLAIN " + _plain(DEV.address, DEV.password))
         assert refused.code in (530, 538), refused
+    # What serve prints at start says which port is which.
+    started = dev.server.stdout_path.read_text(encoding="utf-8")
+    assert f"{HOST}:{dev.dev_port} (no TLS, plaintext AUTH (dev port))" in started, started
+    assert f"{HOST}:{dev.closed_port} (no TLS)" in started, started
     # The dev port itself is not warned about.
     assert not [
         e
