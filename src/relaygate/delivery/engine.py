@@ -441,7 +441,8 @@ class DeliveryEngine:
             reply = "554 5.3.0 message body missing from the spool"
             await self._finish(delivery, q.Outcome.for_all(delivery, reply))
             return True
-        body = self._sign(body) + body
+        # The null sender is ours alone (submission refuses MAIL FROM:<>): a DSN.
+        body = self._sign(body, bounce=not delivery.mail_from) + body
         started = self.loop.time()
         try:
             try:
@@ -492,12 +493,14 @@ class DeliveryEngine:
         )
         return True
 
-    def _sign(self, body: bytes) -> bytes:
+    def _sign(self, body: bytes, *, bounce: bool = False) -> bytes:
         summary = message.summarize(body)
         found = message.addresses(summary.from_values[0]) if summary.from_values else None
         if not found:
             return b""
         domain = found[0].rpartition("@")[2].lower()
+        if bounce:  # From MAILER-DAEMON@hostname: its key, or its parent domain's
+            domain = self.signer.host_signing_domain(domain) or domain
         try:
             return self.signer.sign(body, domain, time.time())
         except (ValueError, KeyError):
@@ -640,7 +643,13 @@ class DeliveryEngine:
                 now=now,
                 warning=warning,
             )
-        return Notice(delivery.account, delivery.mail_from, body, warning)
+        return Notice(
+            delivery.account,
+            delivery.mail_from,
+            body,
+            warning,
+            keep_local=self.delivery.bounce_to == "capture",
+        )
 
     def _dsn(
         self,

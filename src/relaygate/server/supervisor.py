@@ -310,7 +310,9 @@ def _create_quickstart_account(config: Config) -> None:
 def _describe(config: Config) -> str:
     kinds = {"starttls": "STARTTLS", "implicit": "implicit TLS", "none": "no TLS"}
     listeners = ", ".join(
-        f"{item.address} ({kinds[item.tls]}{', PROXY protocol' if item.proxy_protocol else ''})"
+        f"{item.address} ({kinds[item.tls]}"
+        f"{', plaintext AUTH (dev port)' if item.allow_plaintext_auth else ''}"
+        f"{', PROXY protocol' if item.proxy_protocol else ''})"
         for item in config.listeners
     )
     admin = (
@@ -322,6 +324,21 @@ def _describe(config: Config) -> str:
         f"relaygate: listening on {listeners}; {config.worker_count()} worker(s); "
         f"delivery: {config.delivery.mode}; data: {config.data_dir}{admin}"
     )
+
+
+def _warn_about_listeners(config: Config) -> None:
+    """A listener without TLS takes no login (passwords never cross it in clear)
+    unless it is a loopback dev port with allow_plaintext_auth: say so, since
+    no mail can be sent through it."""
+    for listener in config.listeners:
+        if listener.tls == "none" and not listener.allow_plaintext_auth:
+            logs.event(
+                "listener.no_auth",
+                logging.WARNING,
+                listener=listener.address,
+                reason="tls = none: AUTH needs TLS, so this listener can never accept mail"
+                " (allow_plaintext_auth = true is allowed on loopback addresses only)",
+            )
 
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -380,6 +397,7 @@ def serve(config: Config) -> int:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
             return 2
     print(_describe(config), flush=True)
+    _warn_about_listeners(config)
     logs.event("start", workers=config.worker_count(), pid=os.getpid())
     count = config.worker_count()
     # Shared by every worker (an anonymous shared mapping made before fork).

@@ -62,6 +62,8 @@ def session_settings(
         max_commands_before_login=limits.max_commands_before_login,
         starttls_available=listener.tls == "starttls",
         channel_bindings=channel_bindings if listener.tls != "none" else (),
+        # A loopback development port (config.py allows it nowhere else).
+        auth_without_tls=listener.tls == "none" and listener.allow_plaintext_auth,
     )
 
 
