@@ -125,6 +125,11 @@ class SendingLimits:
 NO_SENDING_LIMITS = SendingLimits(0, 0, 0, 0)
 
 
+def default_sending_limits(mode: DeliveryMode) -> SendingLimits:
+    """The limits when the file has no [sending_limits] table."""
+    return NO_SENDING_LIMITS if mode == "capture" else SendingLimits()
+
+
 @dataclass(frozen=True)
 class ConnectionLimitsConfig:
     """Per-client-IP connection limits across all workers; 0 means unlimited."""
@@ -497,7 +502,9 @@ def _proxy_trusted(
     trusted = _networks(value, f"{where}.proxy_trusted", check)
     if not proxy:
         # Likely a listener the admin believes is behind the balancer: say so.
-        check.problem(f"{where}.proxy_trusted", "is set but proxy_protocol is not true")
+        # (An empty list is what `config show` writes for a listener without it.)
+        if value != []:
+            check.problem(f"{where}.proxy_trusted", "is set but proxy_protocol is not true")
     elif value == []:
         check.problem(f"{where}.proxy_trusted", "must not be empty with proxy_protocol = true")
     return trusted
@@ -898,9 +905,7 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
         check,
         data,
         "sending_limits",
-        NO_SENDING_LIMITS
-        if delivery.mode == "capture" and "sending_limits" not in data
-        else SendingLimits(),
+        SendingLimits() if "sending_limits" in data else default_sending_limits(delivery.mode),
         {},
     )
     connection_limits = _connection_limits(check, data)
