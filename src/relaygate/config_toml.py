@@ -123,11 +123,18 @@ def _nested(hint: Any) -> tuple[SectionKind, type[Any]] | None:
     return None
 
 
-def _default(f: dataclasses.Field[Any]) -> tuple[Any, bool]:
-    """(the field's default, required); a default_factory is computed (node_name)."""
+_COMPUTED = {(Config, "node_name")}  # defaults that depend on the machine: no fixed one
+
+
+def _default(cls: type[Any], f: dataclasses.Field[Any]) -> tuple[Any, bool]:
+    """(the field's default, required: it has none)."""
+    if (cls, f.name) in _COMPUTED:
+        return None, False
     if f.default is not dataclasses.MISSING:
         return f.default, False
-    return None, f.default_factory is dataclasses.MISSING
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory(), False
+    return None, True
 
 
 def _settings(
@@ -164,8 +171,8 @@ def _settings(
         elif issubclass(cls, _ADDRESS_TYPES) and f.name in ("host", "port"):
             if f.name == "port":
                 continue
-            host, host_required = _default(f)
-            port, port_required = _default(cls.__dataclass_fields__["port"])
+            host, host_required = _default(cls, f)
+            port, port_required = _default(cls, cls.__dataclass_fields__["port"])
             required = host_required or port_required
             settings.append(
                 Setting(
@@ -177,7 +184,7 @@ def _settings(
                 )
             )
         else:
-            default, required = _default(f)
+            default, required = _default(cls, f)
             encoder = _ENCODERS.get((cls, f.name), encode)
             settings.append(
                 Setting(
