@@ -125,11 +125,6 @@ class SendingLimits:
 NO_SENDING_LIMITS = SendingLimits(0, 0, 0, 0)
 
 
-def default_sending_limits(mode: DeliveryMode) -> SendingLimits:
-    """The limits when the file has no [sending_limits] table."""
-    return NO_SENDING_LIMITS if mode == "capture" else SendingLimits()
-
-
 @dataclass(frozen=True)
 class ConnectionLimitsConfig:
     """Per-client-IP connection limits across all workers; 0 means unlimited."""
@@ -905,7 +900,9 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
         check,
         data,
         "sending_limits",
-        SendingLimits() if "sending_limits" in data else default_sending_limits(delivery.mode),
+        NO_SENDING_LIMITS
+        if delivery.mode == "capture" and "sending_limits" not in data
+        else SendingLimits(),
         {},
     )
     connection_limits = _connection_limits(check, data)

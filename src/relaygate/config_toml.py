@@ -30,7 +30,6 @@ from relaygate.config import (
     ListenerConfig,
     RouteConfig,
     config_from_dict,
-    default_sending_limits,
 )
 
 TomlValue: TypeAlias = "str | int | float | bool | list[TomlValue] | dict[str, TomlValue]"
@@ -84,6 +83,8 @@ def _resolvers(value: Any) -> TomlValue:
     return [_address(host, port) for host, port in value]
 
 
+# Fields whose TOML form is not the generic one (encode); an encoder is given
+# None too, for a field where "not set" has a TOML spelling (such as "off").
 _ENCODERS = {(DeliveryConfig, "resolvers"): _resolvers}
 
 
@@ -191,7 +192,7 @@ def _settings(
                     f.name,
                     f"{doc}.{f.name}",
                     None if current is _ABSENT else encoder(current),
-                    None if required or default is None else encoder(default),
+                    None if required else encoder(default),  # an encoder may name None
                     required,
                 )
             )
@@ -262,10 +263,17 @@ def mask_secrets(found: Iterable[Section]) -> list[Section]:
 
 
 def default_config(config: Config) -> Config:
-    """What an empty file beside ``config``'s would give (data_dir is relative to it)."""
+    """The defaults ``config`` is compared with for --changed: what a file beside
+    its own would give with only the same delivery mode, so that defaults which
+    follow the mode (capture's zero sending limits) are not changes; the mode
+    itself is then put back to its default, so that it is one."""
     base = config.source.parent if config.source is not None else Path.cwd()
-    empty = config_from_dict({}, base)
-    return dataclasses.replace(empty, sending_limits=default_sending_limits(config.delivery.mode))
+    delivery: dict[str, Any] = {"mode": config.delivery.mode}
+    if config.delivery.mode == "smarthost":
+        delivery["smarthost"] = {}  # required by that mode; compared with the type's defaults
+    loaded = config_from_dict({"delivery": delivery}, base)
+    mode = DeliveryConfig.__dataclass_fields__["mode"].default
+    return dataclasses.replace(loaded, delivery=dataclasses.replace(loaded.delivery, mode=mode))
 
 
 def changed_only(found: list[Section], defaults: list[Section]) -> list[Section]:
