@@ -272,8 +272,10 @@ def default_config(config: Config) -> Config:
     if config.delivery.mode == "smarthost":
         delivery["smarthost"] = {}  # required by that mode; compared with the type's defaults
     loaded = config_from_dict({"delivery": delivery}, base)
-    mode = DeliveryConfig.__dataclass_fields__["mode"].default
-    return dataclasses.replace(loaded, delivery=dataclasses.replace(loaded.delivery, mode=mode))
+    delivery_defaults = DeliveryConfig()
+    return dataclasses.replace(
+        loaded, delivery=dataclasses.replace(loaded.delivery, mode=delivery_defaults.mode)
+    )
 
 
 def changed_only(found: list[Section], defaults: list[Section]) -> list[Section]:
