@@ -26,7 +26,7 @@ from typing import TypeVar
 
 import psycopg
 
-from relaygate import __version__, health
+from relaygate import __version__, config_check, config_docs, config_toml, health
 from relaygate.accounts.credentials import (
     LIMIT_KEYS,
     MAX_LIMIT,
@@ -91,13 +91,17 @@ class CommandFailed(Exception):
 
 
 Handler = Callable[[argparse.Namespace, Config], int]
+Standalone = Callable[[argparse.Namespace], int]  # reads no config first (`config check`)
 T = TypeVar("T")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler: Handler = args.handler
     try:
+        standalone: Standalone | None = getattr(args, "standalone", None)
+        if standalone is not None:
+            return standalone(args)
+        handler: Handler = args.handler
         config = load_config(getattr(args, "config", None))
         if getattr(args, "only_reads", False):
             _need_data(config)
@@ -243,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reload_parser.set_defaults(handler=_reload)
 
+    _add_config_commands(commands, common)
     _add_user_commands(commands, common)
     _add_credential_commands(commands, common)
     _add_message_commands(commands, common)
@@ -250,6 +255,93 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dkim_commands(commands, common)
     _add_token_commands(commands, common)
     return parser
+
+
+def _add_config_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    config = commands.add_parser(
+        "config", parents=[common], help="check a config file, show the settings in effect"
+    )
+    actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
+    file_help = "the config file (default: --config, else $" + ENV_VAR + ")"
+    check = actions.add_parser(
+        "check",
+        parents=[common],
+        help="validate a config file as serve would, changing nothing",
+        description="Validate FILE as serve would: syntax, keys, values, readable files, the"
+        " [tls] certificate and key, DKIM keys, whether data_dir and the log file can be"
+        " made. Creates nothing; does not connect to PostgreSQL or Redis nor bind ports."
+        " Prints 'FILE: ok' (exit 0) or every problem, one line each (exit 2).",
+    )
+    check.add_argument("file", metavar="FILE", nargs="?", help=file_help)
+    check.set_defaults(standalone=_config_check)
+    show = actions.add_parser(
+        "show",
+        parents=[common],
+        help="print the settings in effect as TOML, defaults filled in, passwords masked",
+        description="Print the configuration in effect as TOML that config check accepts"
+        " again: every default filled in, paths absolute, passwords in URLs as ***."
+        " Without a file: the quickstart settings.",
+    )
+    show.add_argument("file", metavar="FILE", nargs="?", help=file_help)
+    show.add_argument(
+        "--changed",
+        action="store_true",
+        help="only what differs from the defaults (like postconf -n)",
+    )
+    show.set_defaults(standalone=_config_show)
+    example = actions.add_parser(
+        "example",
+        parents=[common],
+        help="print an example config: every setting, commented, with its default",
+        description="Print relaygate.example.toml for this version: every setting"
+        " commented out with its default and a description.",
+    )
+    example.set_defaults(standalone=_config_example)
+
+
+def _config_file(args: argparse.Namespace) -> str | None:
+    file: str | None = args.file or getattr(args, "config", None) or os.environ.get(ENV_VAR)
+    return file or None
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    file = _config_file(args)
+    if file is None:
+        raise ConfigError(
+            [
+                f"config check: no file given: name one, or set --config or ${ENV_VAR}"
+                " (without one, relaygate runs with quickstart settings)"
+            ]
+        )
+    config_check.check(file)
+    print(f"{PROG}: {file}: ok")
+    return 0
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    file = _config_file(args)
+    config = load_config(file)
+    found = config_toml.sections(config)
+    preface = [
+        f"{PROG} {__version__}: the settings in effect"
+        + (f" from {file}" if file else ": quickstart, no config file"),
+    ]
+    if args.changed:
+        defaults = config_toml.sections(config_toml.default_config(config))
+        found = config_toml.changed_only(found, defaults)
+        preface.append("only what differs from the defaults; passwords in URLs shown as ***")
+    else:
+        preface.append("every default filled in; passwords in URLs shown as ***")
+    sys.stdout.write(config_toml.render_show(config_toml.mask_secrets(found), preface))
+    return 0
+
+
+def _config_example(args: argparse.Namespace) -> int:
+    sys.stdout.write(config_docs.example())
+    return 0
 
 
 def _add_user_commands(

@@ -545,7 +545,9 @@ def _proxy_trusted(
     trusted = _networks(value, f"{where}.proxy_trusted", check)
     if not proxy:
         # Likely a listener the admin believes is behind the balancer: say so.
-        check.problem(f"{where}.proxy_trusted", "is set but proxy_protocol is not true")
+        # (An empty list is what `config show` writes for a listener without it.)
+        if value != []:
+            check.problem(f"{where}.proxy_trusted", "is set but proxy_protocol is not true")
     elif value == []:
         check.problem(f"{where}.proxy_trusted", "must not be empty with proxy_protocol = true")
     return trusted

@@ -418,6 +418,14 @@ tls = "implicit"
 _LISTENER = '[[listeners]]\naddress = "127.0.0.1:2587"\n'
 
 
+def test_an_empty_proxy_trusted_without_proxy_protocol_is_fine(tmp_path: Path) -> None:
+    # What `config show` writes for a listener without PROXY protocol.
+    config = load_config(
+        write(tmp_path, _LISTENER + "proxy_protocol = false\nproxy_trusted = []\n")
+    )
+    assert config.listeners[0].proxy_trusted == ()
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
