@@ -8,18 +8,47 @@ or secret - only listener addresses, queue size and certificate dates.
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from relaygate import health
 from relaygate.http.api import context
+from relaygate.http.context import HttpContext
+
+CACHE_SECONDS = 1.0  # a flood of probes costs one round of checks a second
+
+
+class _Recent:
+    """The last round of checks, shared by every request within CACHE_SECONDS
+    (and one round in flight at a time): each round opens a connection to
+    every listener and queries the storage, which no unauthenticated caller
+    should be able to multiply."""
+
+    def __init__(self) -> None:
+        self.at = -CACHE_SECONDS
+        self.round: asyncio.Future[list[health.Check]] | None = None
+
+    async def checks(self, ctx: HttpContext) -> list[health.Check]:
+        now = time.monotonic()
+        if self.round is None or (self.round.done() and now - self.at >= CACHE_SECONDS):
+            self.at = now
+            self.round = asyncio.ensure_future(
+                health.run_checks(ctx.config, ctx.admin.queue.summary)
+            )
+        return await asyncio.shield(self.round)
+
+
+_recent = _Recent()
 
 
 async def healthz(request: Request) -> Response:
     ctx = context(request)
     strict = request.query_params.get("strict", "") not in ("", "0", "false")
-    checks = await health.run_checks(ctx.config, ctx.admin.queue.summary)
+    checks = await _recent.checks(ctx)
     body = health.check_json(checks, strict)
     return JSONResponse(
         body,

@@ -88,7 +88,7 @@ async def _serve(
         context.admin.webhooks.reconfigure(new.webhooks)
         if certificates is not None:
             certificates.config = new
-            certificates.check(force=True)
+            certificates.check()
 
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, reload_config)

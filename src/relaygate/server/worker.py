@@ -247,7 +247,7 @@ class Worker:
         self.submission.reconfigure(effective.hostname, effective.sending_limits, notices)
         self.logins.config = effective.auth_throttle
         self.logins.notices = notices
-        if not self.reload_tls(force=True):
+        if not self.reload_tls():
             self._make_settings()  # the hostname or limits, with the certificate we had
         if self.standalone:
             logs.event(
