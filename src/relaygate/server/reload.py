@@ -82,7 +82,8 @@ def changed(running: Config, new: Config) -> list[str]:
 
 
 def apply_logging(config: Config) -> None:
-    """The [log] settings again; the log file is opened anew (after logrotate)."""
+    """The [log] settings (at start, and again at a reload: the log file is
+    then opened anew, after logrotate renamed it)."""
     logs.setup(
         config.log.level,
         config.log.format,

@@ -358,12 +358,7 @@ def _raise_file_limit() -> None:
 
 
 def serve(config: Config) -> int:
-    logs.setup(
-        config.log.level,
-        config.log.format,
-        config.log.file,
-        node=config.node_name if config.storage.url else None,
-    )
+    reload.apply_logging(config)
     _raise_file_limit()
     # Hold SIGTERM/SIGINT until every process has its handler: a stop request
     # that arrives during start-up is then delivered, not lost or fatal. Each
