@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import secrets
+import signal
 import sqlite3
 import sys
 import time
@@ -25,6 +26,7 @@ from typing import TypeVar
 
 import psycopg
 
+from relaygate import __version__, config_check, config_docs, config_toml, health
 from relaygate.accounts.credentials import (
     LIMIT_KEYS,
     MAX_LIMIT,
@@ -52,6 +54,7 @@ from relaygate.json_views import (
     rfc3339,
     token_json,
 )
+from relaygate.server import reload
 from relaygate.services.admin import (
     AdminServices,
     MessageView,
@@ -60,6 +63,7 @@ from relaygate.services.admin import (
     admin_services,
     no_body_text,
 )
+from relaygate.services.errors import error_kind
 from relaygate.stats import MAX_HOURS
 from relaygate.storage import bodies
 from relaygate.storage import sqlite as sqlite_storage
@@ -74,35 +78,63 @@ from relaygate.storage.postgres.pool import PostgresUnavailable
 from relaygate.storage.sqlite import DatabaseError
 
 PROG = "relaygate"
-EXIT_USER_ERROR = 2  # the same status argparse uses for a bad command line
-EXIT_RUNTIME_ERROR = 1  # the command ran, and something asked for was not there
+# Exit statuses (README "Exit status"): 0 done, 1 a runtime error (no such
+# account, storage unreachable, server not running), 2 a usage or config error
+# (the same status argparse uses for a bad command line).
+EXIT_RUNTIME_ERROR = 1
+EXIT_USER_ERROR = 2
 SUBJECT_WIDTH = 50  # longer subjects are cut in `messages list` to keep rows on one line
 
 
 class CommandError(Exception):
-    """A user mistake a command finds itself (unknown message id, empty password)."""
+    """A user mistake a command finds itself (bad expiry, empty password): exit 2."""
+
+
+class CommandFailed(Exception):
+    """A runtime failure a command finds itself (no server running, no data): exit 1."""
 
 
 Handler = Callable[[argparse.Namespace, Config], int]
+Standalone = Callable[[argparse.Namespace], int]  # reads no config first (`config check`)
 T = TypeVar("T")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler: Handler = args.handler
     try:
+        standalone: Standalone | None = getattr(args, "standalone", None)
+        if standalone is not None:
+            return standalone(args)
+        handler: Handler = args.handler
         config = load_config(getattr(args, "config", None))
+        if getattr(args, "only_reads", False):
+            _need_data(config)
         return handler(args, config)
     except ConfigError as exc:
         return _fail(*exc.problems)
-    except (AccountError, CommandError, CredentialError, DatabaseError) as exc:
-        return _fail(str(exc))
+    except CommandFailed as exc:
+        return _fail(str(exc), status=EXIT_RUNTIME_ERROR)
+    except (
+        AccountError,
+        CommandError,
+        CredentialError,
+        NotFound,
+        TokenError,
+        DKIMError,
+        bodies.BodyMissing,
+    ) as exc:
+        # A missing or conflicting thing is the state of the data (1); a
+        # request worded wrong is the user's to correct (2).
+        kind = error_kind(exc)
+        return _fail(str(exc), status=EXIT_USER_ERROR if kind == "invalid" else EXIT_RUNTIME_ERROR)
+    except DatabaseError as exc:
+        return _fail(str(exc), status=EXIT_RUNTIME_ERROR)
     except PostgresUnavailable as exc:
-        return _fail(f"storage: {exc}")
+        return _fail(f"storage: {exc}", status=EXIT_RUNTIME_ERROR)
     except psycopg.Error as exc:
-        return _fail(f"storage: {' '.join(str(exc).split())}")
+        return _fail(f"storage: {' '.join(str(exc).split())}", status=EXIT_RUNTIME_ERROR)
     except sqlite3.Error as exc:
-        return _fail(f"database error: {exc}")
+        return _fail(f"database error: {exc}", status=EXIT_RUNTIME_ERROR)
     except BrokenPipeError:
         # The reader went away (`relaygate messages list | head`): stop quietly
         # like other Unix tools, and point stdout at /dev/null so Python's own
@@ -110,15 +142,30 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as exc:
-        return _fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+        return _fail(text, status=EXIT_RUNTIME_ERROR)
     except KeyboardInterrupt:
         return 130  # what a shell reports for a command ended by Ctrl-C
 
 
-def _fail(*problems: str) -> int:
+def _fail(*problems: str, status: int = EXIT_USER_ERROR) -> int:
     for problem in problems:
         print(f"{PROG}: {problem}", file=sys.stderr)
-    return EXIT_USER_ERROR
+    return status
+
+
+def _need_data(config: Config) -> None:
+    """Commands that only read never make a data_dir: with none, say where we looked."""
+    if config.storage.url is None and not config.database_path.is_file():
+        where = (
+            f"the config file {config.source}"
+            if config.source is not None
+            else f"quickstart settings: no --config and no ${ENV_VAR}"
+        )
+        raise CommandFailed(
+            f"no relaygate data in {config.data_dir} (it has no {config.database_path.name};"
+            f" that data_dir is from {where})"
+        )
 
 
 # ----------------------------------------------------------------- arguments
@@ -141,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         description="Authenticated SMTP submission server and relay.",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", parents=[common], help="run the SMTP server")
@@ -181,8 +229,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--hours", type=int, default=24, help=f"the last N hours (1 to {MAX_HOURS}; default 24)"
     )
     stats_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    stats_parser.set_defaults(handler=_stats)
+    stats_parser.set_defaults(handler=_stats, only_reads=True)
 
+    health = commands.add_parser(
+        "health",
+        parents=[common],
+        help="is the server healthy? listeners, storage, queue, certificate (exit 0 or 1)",
+        description="Check this node as a monitoring script would: every listener answers"
+        " with 220, the storage answers, the queue's oldest message, the certificate's expiry."
+        " Exit 0 when healthy (warnings allowed), 1 when not, 2 for a config error.",
+    )
+    health.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    health.add_argument("--strict", action="store_true", help="a warning is unhealthy too")
+    health.set_defaults(handler=_health)
+    reload_parser = commands.add_parser(
+        "reload",
+        parents=[common],
+        help="make the running server re-read its config, certificate and keys (SIGHUP)",
+        description="Check the config file, then send SIGHUP to the relaygate serve using"
+        " its data_dir and wait for its answer. Settings that need a restart are named.",
+    )
+    reload_parser.set_defaults(handler=_reload)
+
+    _add_config_commands(commands, common)
     _add_user_commands(commands, common)
     _add_credential_commands(commands, common)
     _add_message_commands(commands, common)
@@ -190,6 +259,93 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dkim_commands(commands, common)
     _add_token_commands(commands, common)
     return parser
+
+
+def _add_config_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    config = commands.add_parser(
+        "config", parents=[common], help="check a config file, show the settings in effect"
+    )
+    actions = config.add_subparsers(dest="action", required=True, metavar="ACTION")
+    file_help = "the config file (default: --config, else $" + ENV_VAR + ")"
+    check = actions.add_parser(
+        "check",
+        parents=[common],
+        help="validate a config file as serve would, changing nothing",
+        description="Validate FILE as serve would: syntax, keys, values, readable files, the"
+        " [tls] certificate and key, DKIM keys, whether data_dir and the log file can be"
+        " made. Creates nothing; does not connect to PostgreSQL or Redis nor bind ports."
+        " Prints 'FILE: ok' (exit 0) or every problem, one line each (exit 2).",
+    )
+    check.add_argument("file", metavar="FILE", nargs="?", help=file_help)
+    check.set_defaults(standalone=_config_check)
+    show = actions.add_parser(
+        "show",
+        parents=[common],
+        help="print the settings in effect as TOML, defaults filled in, passwords masked",
+        description="Print the configuration in effect as TOML that config check accepts"
+        " again: every default filled in, paths absolute, passwords in URLs as ***."
+        " Without a file: the quickstart settings.",
+    )
+    show.add_argument("file", metavar="FILE", nargs="?", help=file_help)
+    show.add_argument(
+        "--changed",
+        action="store_true",
+        help="only what differs from the defaults (like postconf -n)",
+    )
+    show.set_defaults(standalone=_config_show)
+    example = actions.add_parser(
+        "example",
+        parents=[common],
+        help="print an example config: every setting, commented, with its default",
+        description="Print relaygate.example.toml for this version: every setting"
+        " commented out with its default and a description.",
+    )
+    example.set_defaults(standalone=_config_example)
+
+
+def _config_file(args: argparse.Namespace) -> str | None:
+    file: str | None = args.file or getattr(args, "config", None) or os.environ.get(ENV_VAR)
+    return file or None
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    file = _config_file(args)
+    if file is None:
+        raise ConfigError(
+            [
+                f"config check: no file given: name one, or set --config or ${ENV_VAR}"
+                " (without one, relaygate runs with quickstart settings)"
+            ]
+        )
+    config_check.check(file)
+    print(f"{PROG}: {file}: ok")
+    return 0
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    file = _config_file(args)
+    config = load_config(file)
+    found = config_toml.sections(config)
+    preface = [
+        f"{PROG} {__version__}: the settings in effect"
+        + (f" from {file}" if file else ": quickstart, no config file"),
+    ]
+    if args.changed:
+        defaults = config_toml.sections(config_toml.default_config(config))
+        found = config_toml.changed_only(found, defaults)
+        preface.append("only what differs from the defaults; passwords in URLs shown as ***")
+    else:
+        preface.append("every default filled in; passwords in URLs shown as ***")
+    sys.stdout.write(config_toml.render_show(config_toml.mask_secrets(found), preface))
+    return 0
+
+
+def _config_example(args: argparse.Namespace) -> int:
+    sys.stdout.write(config_docs.example())
+    return 0
 
 
 def _add_user_commands(
@@ -242,6 +398,7 @@ def _add_user_commands(
     senders.add_argument("patterns", metavar="PATTERN", nargs="+", help="a full address or @domain")
 
     listing = action("list", _user_list, "show all accounts")
+    listing.set_defaults(only_reads=True)  # never makes a data_dir
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     limits = action(
@@ -300,6 +457,7 @@ def _add_credential_commands(
     )
 
     listing = action("list", _credential_list, "show an account's credentials")
+    listing.set_defaults(only_reads=True)  # never makes a data_dir
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     revoke = action("revoke", _credential_revoke, "refuse further logins with a credential")
@@ -348,6 +506,7 @@ def _add_message_commands(
     actions = messages.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     listing = actions.add_parser("list", parents=[common], help="show the newest messages")
+    listing.set_defaults(only_reads=True)  # never makes a data_dir
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.add_argument(
         "--limit", type=_positive_int, default=50, metavar="N", help="at most N (default: 50)"
@@ -366,6 +525,7 @@ def _add_message_commands(
     search = actions.add_parser(
         "search", parents=[common], help="find messages by sender, recipient, subject, ..."
     )
+    search.set_defaults(only_reads=True)  # never makes a data_dir
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
     search.add_argument(
         "--limit", type=_positive_int, default=50, metavar="N", help="at most N (default: 50)"
@@ -382,6 +542,7 @@ def _add_message_commands(
     search.set_defaults(handler=_messages_list, search=None)
 
     show = actions.add_parser("show", parents=[common], help="show one message")
+    show.set_defaults(only_reads=True)  # never makes a data_dir
     show.add_argument("message_id", metavar="ID")
     form = show.add_mutually_exclusive_group()
     form.add_argument(
@@ -406,12 +567,14 @@ def _add_message_commands(
     delete = actions.add_parser(
         "delete", parents=[common], help="remove messages: record, body and queue rows"
     )
+    delete.set_defaults(only_reads=True)  # nothing to delete without a data_dir: never makes one
     delete.add_argument("message_ids", metavar="ID", nargs="+")
     delete.set_defaults(handler=_messages_delete)
 
     prune = actions.add_parser(
         "prune", parents=[common], help="remove messages older than a duration"
     )
+    prune.set_defaults(only_reads=True)  # nothing to prune without a data_dir: never makes one
     prune.add_argument(
         "--older-than",
         required=True,
@@ -444,9 +607,11 @@ def _add_queue_commands(
     )
     actions = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", parents=[common], help="what is waiting, and why")
+    listing.set_defaults(only_reads=True)  # never makes a data_dir
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(handler=_queue_list)
     show = actions.add_parser("show", parents=[common], help="one message's delivery history")
+    show.set_defaults(only_reads=True)  # never makes a data_dir
     show.add_argument("message_id", metavar="ID")
     show.set_defaults(handler=_queue_show)
     retry = actions.add_parser("retry", parents=[common], help="try again now")
@@ -497,9 +662,11 @@ def _add_dkim_commands(
     )
 
     listing = action("list", _dkim_list, "show all signing keys")
+    listing.set_defaults(only_reads=True)  # never makes a data_dir
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     show = action("show", _dkim_show, "print a domain's DNS TXT records again")
+    show.set_defaults(only_reads=True)  # never makes a data_dir
     show.add_argument("domain", metavar="DOMAIN")
 
 
@@ -523,6 +690,7 @@ def _add_token_commands(
         "--read-only", action="store_true", help="the token may read, never change (403)"
     )
     listing = action("list", _token_list, "show the tokens (never their secrets)")
+    listing.set_defaults(only_reads=True)  # never makes a data_dir
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     revoke = action("revoke", _token_revoke, "delete a token: it stops working at once")
     revoke.add_argument("name", metavar="NAME")
@@ -622,6 +790,71 @@ def _storage_copy(args: argparse.Namespace, config: Config) -> int:
         " then start them"
     )
     return 0
+
+
+def _health(args: argparse.Namespace, config: Config) -> int:
+    async def checks() -> list[health.Check]:
+        if config.storage.url is None and not config.database_path.is_file():
+            return await health.run_checks(config, None)  # and make no database
+        store = await open_admin_storage(config)
+        try:
+            return await health.run_checks(config, store.queue.summary)
+        finally:
+            await store.close()
+
+    found = asyncio.run(checks())
+    verdict = health.overall(found, args.strict)
+    if args.json:
+        print(json.dumps(health.check_json(found, args.strict), indent=2))
+    else:
+        for check in found:
+            print(f"{check.status:4}  {check.name}: {check.detail}")
+        print(f"relaygate is {'healthy' if verdict != 'fail' else 'NOT healthy'}")
+    return 0 if verdict != "fail" else EXIT_RUNTIME_ERROR
+
+
+RELOAD_WAIT = 10.0  # seconds to wait for the server's answer
+
+
+def _reload(args: argparse.Namespace, config: Config) -> int:
+    # main() loaded the file already: a broken one never reaches the server.
+    pid = _serve_pid(config)
+    if pid is None:
+        raise CommandFailed(f"no relaygate serve is running on {config.data_dir}")
+    before = reload.read_status(config.data_dir)
+    asked = time.time()
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + RELOAD_WAIT
+    while time.monotonic() < deadline:
+        status = reload.read_status(config.data_dir)
+        if status is not None and status != before and float(str(status.get("at", 0))) >= asked:
+            break
+        time.sleep(0.05)
+    else:
+        raise CommandFailed(f"relaygate serve (pid {pid}) did not answer within {RELOAD_WAIT:g} s")
+    problems = _strings(status.get("problems"))
+    if not status.get("ok"):
+        return _fail(*problems, "reload refused; the running configuration stays")
+    print(f"relaygate: reloaded (pid {pid})")
+    restart = _strings(status.get("restart_needed"))
+    if restart:
+        print(f"relaygate: these settings change only with a restart: {', '.join(restart)}")
+    return 0
+
+
+def _strings(value: object) -> list[str]:
+    return [str(item) for item in value] if isinstance(value, list) else []
+
+
+def _serve_pid(config: Config) -> int | None:
+    """The pid of the ``serve`` holding this data_dir's lock, or None."""
+    if not _serve_running(config):
+        return None
+    try:
+        text = (config.data_dir / "serve.lock").read_text(encoding="ascii").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def _serve_running(config: Config) -> bool:
@@ -965,10 +1198,7 @@ def _with_admin(config: Config, work: Callable[[AdminServices], Awaitable[T]]) -
         finally:
             await store.close()
 
-    try:
-        return asyncio.run(run())
-    except (NotFound, bodies.BodyMissing, DKIMError, TokenError) as exc:
-        raise CommandError(str(exc)) from None
+    return asyncio.run(run())
 
 
 def _list_time(text: str | None, option: str) -> float | None:
@@ -1057,7 +1287,7 @@ def _messages_show(args: argparse.Namespace, config: Config) -> int:
     body = view.body
     if args.raw:
         if body is None:
-            raise CommandError(no_body_text(view.record))
+            raise NotFound(no_body_text(view.record))
         _write_bytes(body)
         return 0
     message = message_json(view.record)

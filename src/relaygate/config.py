@@ -13,6 +13,7 @@ import ipaddress
 import os
 import re
 import socket
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from relaygate.webhooks.targets import TargetError, check_url
 
 TLSMode = Literal["starttls", "implicit", "none"]
 DeliveryMode = Literal["capture", "smarthost", "mx"]
+BounceTo = Literal["sender", "capture"]
 
 ENV_VAR = "RELAYGATE_CONFIG"
 
@@ -45,10 +47,24 @@ class ListenerConfig:
     # A PROXY protocol header (v1 or v2) comes first, from one of these networks only.
     proxy_protocol: bool = False
     proxy_trusted: tuple[str, ...] = ()  # CIDRs, normalised
+    # A development port: AUTH PLAIN/LOGIN without TLS. Only with tls = "none" on a
+    # loopback address (config loading refuses it anywhere else).
+    allow_plaintext_auth: bool = False
 
     @property
     def address(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 or "localhost": addresses no other machine can reach."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback if address.version == 4 else address == ipaddress.ip_address("::1")
 
 
 @dataclass(frozen=True)
@@ -145,6 +161,9 @@ class SmarthostConfig:
     username: str | None = None
     password_file: Path | None = None
     verify_certificate: bool = True
+    # A PEM file of CA certificates: this smarthost's certificate must chain to one
+    # of them (instead of the system's CAs). None: the system's trust store.
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +206,11 @@ class DeliveryConfig:
     # On a shared database: how long a node's claim on a row lasts unless renewed
     # (a killed node's rows go to another node after this).
     lease_seconds: float = 120.0
+    # Where bounces and delay warnings go: "sender" delivers them (smarthost or MX,
+    # routes apply) to the original envelope sender; "capture" keeps those for a
+    # local account in the message log. The loader's default follows the mode:
+    # "capture" in capture mode, else "sender".
+    bounce_to: BounceTo = "capture"
 
     def route_for(self, domain: str) -> SmarthostConfig | None:
         """The smarthost for ``domain`` (a route, else the mode's), None = its MX."""
@@ -469,7 +493,11 @@ def _listeners(raw: Any, check: _Checker) -> tuple[ListenerConfig, ...]:
         if not isinstance(item, dict):
             check.problem(where, "must be a table")
             continue
-        check.unknown(item, {"address", "tls", "proxy_protocol", "proxy_trusted"}, where)
+        check.unknown(
+            item,
+            {"address", "tls", "proxy_protocol", "proxy_trusted", "allow_plaintext_auth"},
+            where,
+        )
         address = item.get("address")
         parsed = parse_address(address) if isinstance(address, str) else None
         if parsed is None:
@@ -478,8 +506,28 @@ def _listeners(raw: Any, check: _Checker) -> tuple[ListenerConfig, ...]:
         tls = check.choice(item, "tls", where, "starttls", ("starttls", "implicit", "none"))
         proxy = _boolean(item, "proxy_protocol", where, check, False)
         trusted = _proxy_trusted(item, where, check, proxy)
+        plaintext = _boolean(item, "allow_plaintext_auth", where, check, False)
+        if plaintext and tls != "none":
+            check.problem(
+                f"{where}.allow_plaintext_auth",
+                f'is only for tls = "none" listeners (this one is {tls}: log in after TLS)',
+            )
+        elif plaintext and proxy:
+            # Behind a balancer the clients are elsewhere, whatever address we bind.
+            check.problem(
+                f"{where}.allow_plaintext_auth",
+                "is not allowed with proxy_protocol = true: the clients are on other"
+                " machines and their passwords would cross the network unencrypted",
+            )
+        elif plaintext and not is_loopback_host(parsed[0]):
+            # A password sent in clear can be read by anyone on the path.
+            check.problem(
+                f"{where}.allow_plaintext_auth",
+                f"is only allowed on a loopback address (127.0.0.0/8, ::1, localhost),"
+                f" not {parsed[0]}: passwords would cross the network unencrypted",
+            )
         result.append(
-            ListenerConfig(parsed[0], parsed[1], tls, proxy, trusted)  # type: ignore[arg-type]
+            ListenerConfig(parsed[0], parsed[1], tls, proxy, trusted, plaintext)  # type: ignore[arg-type]
         )
     seen: set[tuple[str, int]] = set()
     for listener in result:
@@ -522,7 +570,9 @@ def _proxy_trusted(
     trusted = _networks(value, f"{where}.proxy_trusted", check)
     if not proxy:
         # Likely a listener the admin believes is behind the balancer: say so.
-        check.problem(f"{where}.proxy_trusted", "is set but proxy_protocol is not true")
+        # (An empty list is what `config show` writes for a listener without it.)
+        if value != []:
+            check.problem(f"{where}.proxy_trusted", "is set but proxy_protocol is not true")
     elif value == []:
         check.problem(f"{where}.proxy_trusted", "must not be empty with proxy_protocol = true")
     return trusted
@@ -564,7 +614,16 @@ def _connection_limits(check: _Checker, data: dict[str, Any]) -> ConnectionLimit
 def _smarthost(raw: dict[str, Any], where: str, check: _Checker, base: Path) -> SmarthostConfig:
     check.unknown(
         raw,
-        {"host", "port", "tls", "username", "password_file", "verify_certificate", "domain"},
+        {
+            "host",
+            "port",
+            "tls",
+            "username",
+            "password_file",
+            "verify_certificate",
+            "ca_file",
+            "domain",
+        },
         where,
     )
     host = check.string(raw, "host", where, "localhost")
@@ -581,7 +640,26 @@ def _smarthost(raw: dict[str, Any], where: str, check: _Checker, base: Path) -> 
     if not isinstance(verify, bool):
         check.problem(f"{where}.verify_certificate", f"must be true or false (got {verify!r})")
         verify = True
-    return SmarthostConfig(host, port, tls, username, password_file, verify)  # type: ignore[arg-type]
+    ca_file = _ca_file(raw, where, check, base)
+    if ca_file is not None and (tls == "none" or not verify):
+        check.problem(
+            f"{where}.ca_file",
+            'is set but never used (tls = "none" or verify_certificate = false)',
+        )
+    return SmarthostConfig(host, port, tls, username, password_file, verify, ca_file)  # type: ignore[arg-type]
+
+
+def _ca_file(raw: dict[str, Any], where: str, check: _Checker, base: Path) -> Path | None:
+    """A readable PEM file with at least one CA certificate, checked now rather
+    than at the first delivery."""
+    path = check.path(raw, "ca_file", where, base, readable=True)
+    if path is None or not os.access(path, os.R_OK):
+        return path  # not given, or said already
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (ssl.SSLError, OSError, ValueError):
+        check.problem(f"{where}.ca_file", f"{path}: no PEM CA certificate in it")
+    return path
 
 
 def _delivery(raw: dict[str, Any], check: _Checker, base: Path) -> DeliveryConfig:
@@ -608,10 +686,14 @@ def _delivery(raw: dict[str, Any], check: _Checker, base: Path) -> DeliveryConfi
             "allow_private_targets",
             "destination_timeout",
             "lease_seconds",
+            "bounce_to",
         },
         where,
     )
     mode = check.choice(raw, "mode", where, "capture", ("capture", "smarthost", "mx"))
+    bounce_to = check.choice(
+        raw, "bounce_to", where, "capture" if mode == "capture" else "sender", ("sender", "capture")
+    )
     lease = check.number(raw, "lease_seconds", where, defaults.lease_seconds)
     if lease < MIN_LEASE_SECONDS:
         check.problem(
@@ -693,6 +775,7 @@ def _delivery(raw: dict[str, Any], check: _Checker, base: Path) -> DeliveryConfi
         destination_timeout=check.number(
             raw, "destination_timeout", where, defaults.destination_timeout
         ),
+        bounce_to=bounce_to,  # type: ignore[arg-type]
     )
 
 

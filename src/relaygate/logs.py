@@ -66,13 +66,21 @@ def setup(
 ) -> None:
     """``node``: every line says which node wrote it (a cluster's logs get merged)."""
     _sink.node = node
+    previous = _sink.stream
     if file is None:
         _sink.stream = sys.stderr
     else:
         # Line-buffered append: each event is one write(2), whole even with several
         # workers. 0600 when we create it: it names users, addresses and subjects.
+        # Called again on reload: the path is opened anew, so after logrotate
+        # renamed the file the events go to the new one (no copytruncate needed).
         fd = open_private_append(file)
         _sink.stream = open(fd, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+    if previous is not _sink.stream and previous not in (sys.stderr, sys.stdout):
+        try:
+            previous.close()
+        except OSError:
+            pass
     _sink.level = logging.getLevelName(level.upper())
     _sink.json = fmt == "json"
 

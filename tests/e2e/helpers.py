@@ -191,7 +191,10 @@ _PAIR = re.compile(r'([A-Za-z_][\w.]*)=("(?:[^"\\]|\\.)*"|[^\s"]+)')
 
 
 def parse_log_line(line: str) -> dict[str, str]:
-    """``TS level event=NAME key=value ...`` -> dict; ValueError if malformed."""
+    """``TS level event=NAME key=value ...`` (or the same as a JSON object, for
+    ``[log] format = "json"``) -> dict of strings; ValueError if malformed."""
+    if line.startswith("{"):
+        return _parse_json_line(line)
     match = _LOG_LINE.match(line)
     if match is None:
         raise ValueError(f"not a logfmt event line: {line!r}")
@@ -212,6 +215,16 @@ def parse_log_line(line: str) -> dict[str, str]:
                 raise ValueError(f"no space after {key}= in {line!r}")
             pos += 1
     return fields
+
+
+def _parse_json_line(line: str) -> dict[str, str]:
+    data = json.loads(line)
+    if not isinstance(data, dict) or list(data)[:3] != ["ts", "level", "event"]:
+        raise ValueError(f"not a JSON event line: {line!r}")
+    if not _LOG_LINE.match(f"{data['ts']} {data['level']} event={data['event']}"):
+        raise ValueError(f"bad ts, level or event in {line!r}")
+    # Values as the logfmt form shows them: str() of numbers and booleans.
+    return {key: value if isinstance(value, str) else str(value) for key, value in data.items()}
 
 
 # ------------------------------------------------------------------ messages
@@ -410,12 +423,15 @@ class Server:
             "memory_kib = 8192",
             "time_cost = 1",
             "",
-            "[log]",
+            "[log]",  # sections["log"] may add to it (format = "json")
             f"file = {json.dumps(str(self.log_path))}",
+            *(f"{k} = {json.dumps(v)}" for k, v in self.sections.get("log", {}).items()),
         ]
         if self.limits:
             lines += ["", "[limits]"] + [f"{k} = {v!r}" for k, v in self.limits.items()]
         for name, values in self.sections.items():
+            if name == "log":
+                continue
             lines += ["", f"[{name}]"] + [f"{k} = {json.dumps(v)}" for k, v in values.items()]
         self.config_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -427,6 +443,10 @@ class Server:
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "relaygate", "--config", str(self.config_path), *args]
 
+    def env(self) -> dict[str, str]:
+        """The environment of this server's processes (serve and the CLI)."""
+        return clean_env()
+
     def cli(
         self, *args: str, stdin: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
@@ -436,7 +456,7 @@ class Server:
             capture_output=True,
             text=True,
             timeout=PROCESS_TIMEOUT,
-            env=clean_env(),
+            env=self.env(),
             cwd=self.directory,
             check=False,
         )
@@ -478,7 +498,7 @@ class Server:
             self.command("messages", "show", queue_id, "--raw"),
             capture_output=True,
             timeout=PROCESS_TIMEOUT,
-            env=clean_env(),
+            env=self.env(),
             check=False,
         )
         if result.returncode != 0:
@@ -529,7 +549,7 @@ class Server:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
-                env=clean_env(**self.serve_env),
+                env={**self.env(), **self.serve_env},
                 cwd=self.directory,
                 start_new_session=True,  # its own process group: killpg reaches the workers
             )

@@ -368,7 +368,8 @@ class Fail2banResult:
 _SUMMARY = re.compile(r"Lines: (\d+) lines, (\d+) ignored, (\d+) matched, (\d+) missed")
 
 
-def _fail2ban_regex(log: Path, *options: str) -> str:
+def _fail2ban_regex(log: Path | str, *options: str) -> str:
+    """``log``: a file, or a journal source ("systemd-journal[journalfiles=...]")."""
     program = fail2ban_regex_path()
     assert program is not None, "fail2ban-regex is not installed"
     result = subprocess.run(
@@ -382,15 +383,70 @@ def _fail2ban_regex(log: Path, *options: str) -> str:
     return result.stdout
 
 
-def fail2ban_summary(log: Path) -> Fail2banResult:
+def fail2ban_summary(log: Path | str, *options: str) -> Fail2banResult:
     """fail2ban-regex with our filter on ``log``: its line counts."""
-    output = _fail2ban_regex(log)
+    output = _fail2ban_regex(log, *options)
     match = _SUMMARY.search(output)
     assert match is not None, output
     lines, ignored, matched, missed = (int(g) for g in match.groups())
     return Fail2banResult(lines, ignored, matched, missed, output)
 
 
-def fail2ban_hosts(log: Path) -> list[str]:
+def fail2ban_hosts(log: Path | str, *options: str) -> list[str]:
     """The address fail2ban would hold responsible for each matched line, in order."""
-    return [line.strip() for line in _fail2ban_regex(log, "-o", "ip").splitlines() if line.strip()]
+    output = _fail2ban_regex(log, "-o", "ip", *options)
+    return [line.strip() for line in output.splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------ the journal
+
+JOURNAL_REMOTE = Path("/lib/systemd/systemd-journal-remote")
+JAIL = REPO / "contrib" / "fail2ban" / "jail.d" / "relaygate.conf"
+
+
+def jail_setting(name: str) -> str:
+    """A setting of the shipped jail (``backend``, ``journalmatch``, ...)."""
+    for line in JAIL.read_text(encoding="utf-8").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == name and not line.lstrip().startswith("#"):
+            return value.strip()
+    raise AssertionError(f"{JAIL} has no {name} setting")
+
+
+def write_journal(path: Path, entries: Sequence[tuple[str, str]]) -> None:
+    """A journal file holding ``(unit, message)`` entries, as journald would
+    store a service's standard error: systemd-journal-remote turns the journal
+    export format into a real journal file, which fail2ban's systemd backend reads."""
+    assert JOURNAL_REMOTE.exists(), f"{JOURNAL_REMOTE} is not installed (systemd-journal-remote)"
+    now = int(time.time() * 1_000_000)
+    export = []
+    for index, (unit, message) in enumerate(entries):
+        name = unit.removesuffix(".service")
+        fields = {
+            "__REALTIME_TIMESTAMP": str(now + index),
+            "__MONOTONIC_TIMESTAMP": str(now + index),
+            "_BOOT_ID": "0123456789abcdef0123456789abcdef",
+            "_HOSTNAME": "mail-host",
+            "_SYSTEMD_UNIT": unit,
+            "SYSLOG_IDENTIFIER": name,
+            "_PID": str(1000 + index % 7),
+            "PRIORITY": "6",
+            "MESSAGE": message,
+        }
+        assert "\n" not in message and "\n" not in "".join(fields.values())
+        export.append("".join(f"{k}={v}\n" for k, v in fields.items()) + "\n")
+    result = subprocess.run(
+        [str(JOURNAL_REMOTE), f"--output={path}", "-"],
+        input="".join(export),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0 and path.is_file(), result.stderr
+    assert f"writing {len(entries)} entries" in result.stderr, result.stderr
+
+
+def journal_source(path: Path) -> str:
+    """How fail2ban-regex names a journal file (give the jail's journalmatch with -m)."""
+    return f'systemd-journal[journalfiles="{path}"]'

@@ -72,6 +72,7 @@ def _toml(dns: FakeDNS, port: int, **extra: Any) -> str:
         "per_destination": 2,
         "connect_timeout": 3,
         "command_timeout": 10,
+        "bounce_to": "capture",  # the bounces stay in the message log, where they are read
     }
     settings.update(extra)
     return delivery_toml({k: v for k, v in settings.items() if v is not None})

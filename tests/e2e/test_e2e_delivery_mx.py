@@ -6,8 +6,10 @@ fresh 127.66.x.y addresses, all on the one ``mx_port``. Each test has its own
 domains and sinks, so the module shares one server (retry_schedule = [1]);
 expiry and delay warnings need other timing and get a server of their own.
 
-The sender, alice@example.test, is a local account: her bounces stay here
-("captured", in ``messages list``), where the tests read and parse them.
+The sender, alice@example.test, is a local account and these servers keep the
+old behaviour, ``bounce_to = "capture"``: her bounces stay here ("captured",
+in ``messages list``), where the tests read and parse them. Bounces delivered
+to the sender's own mailbox (``bounce_to = "sender"``): test_e2e_bounces.py.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ def _server_toml(dns: FakeDNS, port: int, **extra: float | list[float]) -> str:
             "per_destination": 2,
             "connect_timeout": 3,
             "command_timeout": 10,
+            "bounce_to": "capture",
             **extra,
         },
         tls_policy={TLS_REQUIRED_CLEAR: "required", TLS_REQUIRED_OK: "required"},

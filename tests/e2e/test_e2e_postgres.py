@@ -126,13 +126,14 @@ def _run(server: Server, *args: str) -> subprocess.CompletedProcess[str]:
         ("postgresql://127.0.0.1:notaport/x", "invalid integer value"),
     ],
 )
-def test_a_database_that_cannot_be_used_is_one_line_and_exit_2(
+def test_a_database_that_cannot_be_used_is_one_line_and_exit_1_or_2(
     url: str, expected: str, tmp_path: Path
 ) -> None:
     server = Server(tmp_path / "bad", sections=_storage(url))
     for args in (("serve",), ("migrate",), ("user", "list"), ("messages", "list")):
         result = _run(server, *args)
-        assert result.returncode == 2, (args, result.stderr)
+        # serve: a start-up problem (2, like every one); a command: a runtime error (1).
+        assert result.returncode == (2 if args == ("serve",) else 1), (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], (args, result.stderr)
         assert "Traceback" not in result.stderr
@@ -144,7 +145,7 @@ def test_commands_on_a_database_without_the_schema_say_to_migrate(
 ) -> None:
     server = Server(tmp_path / "nomigrate", sections=_storage(database))
     result = _run(server, "user", "list")
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert "run `relaygate migrate`" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
@@ -369,7 +370,7 @@ def test_delivery_and_the_queue_commands_on_postgresql(
         }
         assert statuses == {delivered: "delivered", deferred: "delivered"}
         gone = other.cli("queue", "delete", deferred, check=False)
-        assert gone.returncode == 2 and gone.stderr.strip().endswith(
+        assert gone.returncode == 1 and gone.stderr.strip().endswith(
             f"nothing queued for {deferred}"
         )
     assert not (node.data_dir / "relaygate.db").exists()

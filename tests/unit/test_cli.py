@@ -54,6 +54,9 @@ def config_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def cfg(config_file: Path) -> list[str]:
+    # The database exists, as after `relaygate serve` or any command that writes
+    # (commands that only read refuse to make one: test_e2e_reload).
+    connect(config_file.parent / "data" / "relaygate.db").close()
     return ["--config", str(config_file)]
 
 
@@ -154,7 +157,7 @@ def test_user_admin_flag(capsys: pytest.CaptureFixture[str], cfg: list[str]) -> 
     status, out, _ = run(capsys, *cfg, "user", "admin", "root@example.com", "off")
     assert out.startswith("root@example.com is not an admin")
     status, out, err = run(capsys, *cfg, "user", "admin", "nobody@example.com", "on")
-    assert (status, out, err) == (2, "", "relaygate: no such account: nobody@example.com\n")
+    assert (status, out, err) == (1, "", "relaygate: no such account: nobody@example.com\n")
     with pytest.raises(SystemExit) as exited:
         run(capsys, *cfg, "user", "admin", "root@example.com", "maybe")
     assert exited.value.code == 2
@@ -163,7 +166,7 @@ def test_user_admin_flag(capsys: pytest.CaptureFixture[str], cfg: list[str]) -> 
 def test_user_add_twice(capsys: pytest.CaptureFixture[str], cfg: list[str]) -> None:
     assert run(capsys, *cfg, "user", "add", "alice@example.com")[0] == 0
     status, out, err = run(capsys, *cfg, "user", "add", "ALICE@example.com")
-    assert (status, out) == (2, "")
+    assert (status, out) == (1, "")
     assert err == "relaygate: account already exists: ALICE@example.com\n"
 
 
@@ -222,7 +225,7 @@ def test_user_passwd(
 
 def test_user_passwd_unknown_account(capsys: pytest.CaptureFixture[str], cfg: list[str]) -> None:
     status, out, err = run(capsys, *cfg, "user", "passwd", "nobody@example.com")
-    assert (status, out) == (2, "")  # and no password printed for nobody
+    assert (status, out) == (1, "")  # and no password printed for nobody
     assert err == "relaygate: no such account: nobody@example.com\n"
 
 
@@ -242,7 +245,7 @@ def test_disable_enable_remove(
     assert AccountStore(db).get("alice@example.com") is None
     for action in ("disable", "enable", "remove"):
         status, _, err = run(capsys, *cfg, "user", action, "alice@example.com")
-        assert (status, err) == (2, "relaygate: no such account: alice@example.com\n")
+        assert (status, err) == (1, "relaygate: no such account: alice@example.com\n")
 
 
 def test_user_senders(
@@ -370,11 +373,11 @@ def test_user_limits(
 
 def test_user_limits_errors(capsys: pytest.CaptureFixture[str], cfg: list[str]) -> None:
     status, out, err = run(capsys, *cfg, "user", "limits", "ghost@example.com")
-    assert (status, out, err) == (2, "", "relaygate: no such account: ghost@example.com\n")
+    assert (status, out, err) == (1, "", "relaygate: no such account: ghost@example.com\n")
     status, _, err = run(
         capsys, *cfg, "user", "limits", "ghost@example.com", "--messages-per-day", "1"
     )
-    assert (status, err) == (2, "relaygate: no such account: ghost@example.com\n")
+    assert (status, err) == (1, "relaygate: no such account: ghost@example.com\n")
     for value in ("-1", "lots", "1000000001"):
         with pytest.raises(SystemExit) as caught:
             main([*cfg, "user", "limits", "a@example.com", "--messages-per-day", value])
@@ -556,7 +559,8 @@ def test_credential_add_errors(
 ) -> None:
     run(capsys, *cfg, "user", "add", "alice@example.com")
     status, out, err = run(capsys, *cfg, "credential", "add", *argv)
-    assert (status, out, err) == (2, "", f"relaygate: {error}\n")
+    expected = 1 if error.startswith("no such") else 2  # the data's state, or the request
+    assert (status, out, err) == (expected, "", f"relaygate: {error}\n")
     assert db.execute("SELECT count(*) FROM credentials").fetchone() == (0,)
 
 
@@ -564,7 +568,7 @@ def test_credential_add_duplicate(capsys: pytest.CaptureFixture[str], cfg: list[
     run(capsys, *cfg, "user", "add", "alice@example.com")
     add_credential(capsys, cfg, "alice@example.com", "--name", "web")
     status, out, err = run(capsys, *cfg, "credential", "add", "alice@example.com", "--name", "WEB")
-    assert (status, out) == (2, "")
+    assert (status, out) == (1, "")
     assert err == "relaygate: credential 'web' already exists for alice@example.com\n"
 
 
@@ -654,9 +658,9 @@ def test_credential_list_and_revoke(
     assert (status, out) == (2, "")
     assert err == "relaygate: credential 'gone' of alice@example.com is already revoked\n"
     status, out, err = run(capsys, *cfg, "credential", "revoke", "alice@example.com", "nope")
-    assert (status, err) == (2, "relaygate: no such credential: 'nope' of alice@example.com\n")
+    assert (status, err) == (1, "relaygate: no such credential: 'nope' of alice@example.com\n")
     status, out, err = run(capsys, *cfg, "credential", "list", "ghost@example.com")
-    assert (status, err) == (2, "relaygate: no such account: ghost@example.com\n")
+    assert (status, err) == (1, "relaygate: no such account: ghost@example.com\n")
 
 
 def test_credential_limits(
@@ -695,7 +699,7 @@ def test_credential_limits(
         none
     )
     status, _, err = run(capsys, *cfg, "credential", "limits", "alice@example.com", "nope")
-    assert (status, err) == (2, "relaygate: no such credential: 'nope' of alice@example.com\n")
+    assert (status, err) == (1, "relaygate: no such credential: 'nope' of alice@example.com\n")
 
 
 # ------------------------------------------------------------------ messages
@@ -811,7 +815,7 @@ def test_messages_show_raw(
 
 def test_messages_show_unknown(capsys: pytest.CaptureFixture[str], cfg: list[str]) -> None:
     status, out, err = run(capsys, *cfg, "messages", "show", "NOPE")
-    assert (status, out, err) == (2, "", "relaygate: no such message: NOPE\n")
+    assert (status, out, err) == (1, "", "relaygate: no such message: NOPE\n")
 
 
 # -------------------------------------------------------------------- errors
@@ -840,8 +844,8 @@ def test_unusable_data_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     (tmp_path / "blocker").write_text("a file where the data directory should be")
     path = tmp_path / "relaygate.toml"
     path.write_text('[server]\ndata_dir = "blocker"\n')
-    status, out, err = run(capsys, "--config", str(path), "user", "list")
-    assert (status, out) == (2, "")
+    status, out, err = run(capsys, "--config", str(path), "token", "add", "x")
+    assert (status, out) == (1, "")
     assert err.startswith(f"relaygate: {tmp_path / 'blocker' / 'relaygate.db'}: ")
     assert err.count("\n") == 1
 
@@ -849,7 +853,13 @@ def test_unusable_data_dir(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
 def test_quickstart_uses_current_directory(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    assert run(capsys, "messages", "list")[0] == 0
+    # Quickstart: ./relaygate-data; a command that only reads finds none and makes none,
+    status, _, err = run(capsys, "messages", "list")
+    assert status == 1
+    assert err.startswith(f"relaygate: no relaygate data in {tmp_path / 'relaygate-data'} ")
+    assert not (tmp_path / "relaygate-data").exists()
+    # while one that writes makes it there.
+    assert run(capsys, "token", "add", "ci")[0] == 0
     assert (tmp_path / "relaygate-data" / "relaygate.db").exists()
 
 
@@ -902,7 +912,7 @@ def test_process_passwd_unknown_account(
     result = run_process(
         command, "user", "passwd", "ghost@example.com", "--config", str(config_file), cwd=tmp_path
     )
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stdout == ""
     assert "Traceback" not in result.stderr
     assert result.stderr == "relaygate: no such account: ghost@example.com\n"
@@ -937,7 +947,7 @@ def test_process_credential_error(command: list[str], config_file: Path, tmp_pat
         "web",
         cwd=tmp_path,
     )
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr == "relaygate: no such account: ghost@example.com\n"
 
@@ -960,8 +970,9 @@ def test_process_add_then_list(command: list[str], config_file: Path, tmp_path: 
 
 
 def test_migrate_creates_then_reports_up_to_date_and_names_a_broken_file(
-    capsys: pytest.CaptureFixture[str], cfg: list[str], config_file: Path
+    capsys: pytest.CaptureFixture[str], config_file: Path
 ) -> None:
+    cfg = ["--config", str(config_file)]
     path = config_file.parent / "data" / "relaygate.db"
     status, out, err = run(capsys, *cfg, "migrate")
     assert (status, err) == (0, "")
@@ -972,7 +983,7 @@ def test_migrate_creates_then_reports_up_to_date_and_names_a_broken_file(
     for suffix in ("-wal", "-shm"):
         path.with_name(path.name + suffix).unlink(missing_ok=True)
     status, out, err = run(capsys, *cfg, "migrate")
-    assert (status, out) == (2, "")
+    assert (status, out) == (1, "")
     assert err.count("\n") == 1 and str(path) in err and "not a database" in err
 
 
@@ -987,7 +998,7 @@ def test_token_add_list_revoke(capsys: pytest.CaptureFixture[str], cfg: list[str
     status, out, err = run(capsys, *cfg, "token", "add", "deploy")
     assert status == 0 and "(read-write)" in out
     status, out, err = run(capsys, *cfg, "token", "add", "deploy")
-    assert (status, out) == (2, "")
+    assert (status, out) == (1, "")
     assert err.strip() == "relaygate: a token named 'deploy' exists already"
     status, out, err = run(capsys, *cfg, "token", "list", "--json")
     listed = json.loads(out)
@@ -1001,6 +1012,6 @@ def test_token_add_list_revoke(capsys: pytest.CaptureFixture[str], cfg: list[str
     assert re.search(rf"grafana +read-only +{ISO_TIME} +never", out), out
     assert run(capsys, *cfg, "token", "revoke", "grafana")[:2] == (0, "token grafana revoked\n")
     status, out, err = run(capsys, *cfg, "token", "revoke", "grafana")
-    assert (status, err.strip()) == (2, "relaygate: no token named 'grafana'")
+    assert (status, err.strip()) == (1, "relaygate: no token named 'grafana'")
     status, out, err = run(capsys, *cfg, "token", "add", "bad name")
     assert status == 2 and "invalid token name" in err and "Traceback" not in err

@@ -13,6 +13,7 @@ import pytest
 from relaygate.cli import main
 from relaygate.config import ENV_VAR
 from relaygate.delivery.dkim import Signer
+from relaygate.storage.sqlite import connect
 
 CONFIG = """
 [server]
@@ -31,6 +32,8 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def cfg(tmp_path: Path) -> list[str]:
     path = tmp_path / "relaygate.toml"
     path.write_text(CONFIG, encoding="utf-8")
+    # The database exists, as after `relaygate serve` (read-only commands make none).
+    connect(tmp_path / "data" / "relaygate.db").close()
     return ["--config", str(path)]
 
 
@@ -200,7 +203,7 @@ def test_list_reports_a_broken_key_in_one_line(
 
 def test_show_unknown_domain(capsys: pytest.CaptureFixture[str], cfg: list[str]) -> None:
     status, out, err = run(capsys, *cfg, "dkim", "show", "example.net")
-    assert (status, out) == (2, "")
+    assert (status, out) == (1, "")
     assert err == (
         "relaygate: no DKIM key for example.net; create one with:"
         " relaygate dkim generate example.net\n"

@@ -418,6 +418,14 @@ tls = "implicit"
 _LISTENER = '[[listeners]]\naddress = "127.0.0.1:2587"\n'
 
 
+def test_an_empty_proxy_trusted_without_proxy_protocol_is_fine(tmp_path: Path) -> None:
+    # What `config show` writes for a listener without PROXY protocol.
+    config = load_config(
+        write(tmp_path, _LISTENER + "proxy_protocol = false\nproxy_trusted = []\n")
+    )
+    assert config.listeners[0].proxy_trusted == ()
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -548,3 +556,156 @@ def test_retention_problems(tmp_path: Path, text: str, expected: str) -> None:
     found = problems(path)
     assert len(found) == 1, found
     assert found[0].startswith(f"{path}: {expected}"), found
+
+
+# ------------------------------------------------------------------ bounce_to, dev port, ca_file
+
+
+def test_bounce_to_defaults_follow_the_mode(tmp_path: Path) -> None:
+    assert load_config().delivery.bounce_to == "capture"  # quickstart: capture mode
+    assert load_config(write(tmp_path, "")).delivery.bounce_to == "capture"
+    mx = load_config(write(tmp_path, '[delivery]\nmode = "mx"\n'))
+    assert mx.delivery.bounce_to == "sender"  # outside capture mode bounces reach people
+    kept = load_config(write(tmp_path, '[delivery]\nmode = "mx"\nbounce_to = "capture"\n'))
+    assert kept.delivery.bounce_to == "capture"
+    path = write(tmp_path, '[delivery]\nmode = "mx"\nbounce_to = "postmaster"\n')
+    assert problems(path) == [
+        f"{path}: delivery.bounce_to: must be one of sender, capture (got 'postmaster')"
+    ]
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:1025", "127.8.9.10:1025", "[::1]:1025"])
+def test_plaintext_auth_on_a_loopback_dev_port(tmp_path: Path, address: str) -> None:
+    text = f'[[listeners]]\naddress = "{address}"\ntls = "none"\nallow_plaintext_auth = true\n'
+    [listener] = load_config(write(tmp_path, text)).listeners
+    assert (listener.tls, listener.allow_plaintext_auth) == ("none", True)
+
+
+def test_localhost_is_a_loopback_dev_port(tmp_path: Path) -> None:
+    text = '[[listeners]]\naddress = "localhost:1025"\ntls = "none"\nallow_plaintext_auth = true\n'
+    [listener] = load_config(write(tmp_path, text)).listeners
+    assert listener.allow_plaintext_auth and listener.host == "localhost"
+
+
+@pytest.mark.parametrize(
+    ("address", "tls", "expected"),
+    [
+        (
+            "0.0.0.0:1025",
+            "none",
+            "listeners[0].allow_plaintext_auth: is only allowed on a loopback address"
+            " (127.0.0.0/8, ::1, localhost), not 0.0.0.0: passwords would cross the network"
+            " unencrypted",
+        ),
+        ("192.0.2.1:1025", "none", "listeners[0].allow_plaintext_auth: is only allowed on a"),
+        ("[::]:1025", "none", "listeners[0].allow_plaintext_auth: is only allowed on a"),
+        ("[::ffff:127.0.0.1]:1025", "none", "listeners[0].allow_plaintext_auth: is only allowed"),
+        ("mail.example.test:1025", "none", "listeners[0].allow_plaintext_auth: is only allowed"),
+        (
+            "127.0.0.1:1025",
+            "starttls",
+            'listeners[0].allow_plaintext_auth: is only for tls = "none" listeners'
+            " (this one is starttls: log in after TLS)",
+        ),
+        ("127.0.0.1:1025", "implicit", 'listeners[0].allow_plaintext_auth: is only for tls = "'),
+    ],
+)
+def test_plaintext_auth_elsewhere_is_refused(
+    tmp_path: Path, address: str, tls: str, expected: str
+) -> None:
+    text = f'[[listeners]]\naddress = "{address}"\ntls = "{tls}"\nallow_plaintext_auth = true\n'
+    path = write(tmp_path, text)
+    found = problems(path)
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{path}: {expected}"), found
+    assert "\n" not in found[0]
+
+
+def test_plaintext_auth_behind_a_proxy_is_refused(tmp_path: Path) -> None:
+    """A loopback listener behind a local balancer still serves remote clients."""
+    text = (
+        '[[listeners]]\naddress = "127.0.0.1:1025"\ntls = "none"\nallow_plaintext_auth = true\n'
+        'proxy_protocol = true\nproxy_trusted = ["127.0.0.1/32"]\n'
+    )
+    path = write(tmp_path, text)
+    assert problems(path) == [
+        f"{path}: listeners[0].allow_plaintext_auth: is not allowed with proxy_protocol = true:"
+        " the clients are on other machines and their passwords would cross the network"
+        " unencrypted"
+    ]
+
+
+def test_plaintext_auth_must_be_a_boolean(tmp_path: Path) -> None:
+    text = '[[listeners]]\naddress = "127.0.0.1:1025"\ntls = "none"\nallow_plaintext_auth = 1\n'
+    path = write(tmp_path, text)
+    assert problems(path) == [
+        f"{path}: listeners[0].allow_plaintext_auth: must be true or false (got 1)"
+    ]
+
+
+def test_a_tls_none_listener_defaults_to_no_plaintext_auth(tmp_path: Path) -> None:
+    [listener] = load_config(
+        write(tmp_path, '[[listeners]]\naddress = "0.0.0.0:1025"\ntls = "none"\n')
+    ).listeners
+    assert listener.allow_plaintext_auth is False
+
+
+def _ca_pem(tmp_path: Path) -> Path:
+    from fakes.smtp_sink import make_tls_context
+
+    _, ca = make_tls_context("smarthost.test", tmp_path / "tls", ips=())
+    return ca
+
+
+def test_smarthost_and_route_ca_file(tmp_path: Path) -> None:
+    ca = _ca_pem(tmp_path)
+    config = load_config(
+        write(
+            tmp_path,
+            f"""
+[delivery]
+mode = "smarthost"
+[delivery.smarthost]
+host = "smarthost.test"
+ca_file = "tls/{ca.name}"
+[[delivery.routes]]
+domain = "Private.Test"
+host = "relay.private.test"
+ca_file = "{ca}"
+[[delivery.routes]]
+domain = "public.test"
+host = "relay.public.test"
+""",
+        )
+    )
+    assert config.delivery.smarthost is not None
+    assert config.delivery.smarthost.ca_file == ca  # relative to the config file
+    private, public = config.delivery.routes
+    assert private.smarthost.ca_file == ca
+    assert public.smarthost.ca_file is None  # the system's trust store
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ('ca_file = "missing.pem"', "delivery.smarthost.ca_file: cannot read "),
+        ('ca_file = "junk.pem"', "delivery.smarthost.ca_file: "),
+        (
+            'ca_file = "CA"\nverify_certificate = false',
+            "delivery.smarthost.ca_file: is set but never used",
+        ),
+        ('ca_file = "CA"\ntls = "none"', "delivery.smarthost.ca_file: is set but never used"),
+        ("ca_file = 5", "delivery.smarthost.ca_file: must be a path (got 5)"),
+    ],
+)
+def test_ca_file_problems(tmp_path: Path, extra: str, expected: str) -> None:
+    ca = _ca_pem(tmp_path)
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    text = '[delivery]\nmode = "smarthost"\n[delivery.smarthost]\nhost = "smarthost.test"\n'
+    path = write(tmp_path, text + extra.replace('"CA"', f'"{ca}"') + "\n")
+    found = problems(path)
+    assert len(found) == 1, found
+    assert found[0].startswith(f"{path}: {expected}"), found
+    assert "\n" not in found[0]
+    if "junk" in extra:
+        assert found[0].endswith("junk.pem: no PEM CA certificate in it"), found

@@ -593,6 +593,22 @@ def test_signing_domain_for(keys: Keys) -> None:
     assert signer.domains == [DOMAIN]
 
 
+def test_host_signing_domain_falls_back_to_the_parent_domain(keys: Keys, tmp_path: Path) -> None:
+    """Our own mail (bounces, From MAILER-DAEMON@hostname) is signed with the
+    hostname's keys, else with its nearest parent domain's."""
+    signer = keys.signer()
+    assert signer.host_signing_domain("relay.example.com") == DOMAIN
+    assert signer.host_signing_domain("a.b.Example.COM.") == DOMAIN
+    assert signer.host_signing_domain(DOMAIN) == DOMAIN
+    assert signer.host_signing_domain("relay.example.org") is None
+    assert signer.host_signing_domain("localhost") is None
+    assert signer.host_signing_domain("") is None
+    own, _ = generate_key(tmp_path / "own", "relay.example.com", "s", "ed25519")
+    both = Signer({DOMAIN: list(keys.keys.values()), "relay.example.com": [own]})
+    assert both.host_signing_domain("relay.example.com") == "relay.example.com"
+    assert both.host_signing_domain("mx.relay.example.com") == "relay.example.com"
+
+
 def test_internationalized_domain(tmp_path: Path) -> None:
     _, record = generate_key(tmp_path, "Bücher.example", "s", "ed25519")
     signer = Signer(load_keys(tmp_path))

@@ -189,6 +189,60 @@ def test_a_failure_is_stored_with_its_bounce(backend: Backend) -> None:
     asyncio.run(go())
 
 
+async def _add_account(backend: Backend, address: str) -> None:
+    if isinstance(backend, SQLite):
+        store = SQLiteStorage(backend.database)
+        try:
+            await store.accounts.add(address, "not-a-hash", None, None)
+        finally:
+            await store.close()
+        return
+    assert isinstance(backend, Postgres)
+    shared = await PostgresStorage.open(backend.url, 1, _nothing)
+    try:
+        await shared.accounts.add(address, "not-a-hash", None, None)
+    finally:
+        await shared.close()
+
+
+def test_a_bounce_for_a_local_account_is_kept_or_queued(backend: Backend) -> None:
+    """bounce_to = "capture" (keep_local): a DSN for one of our accounts stays in
+    the log; bounce_to = "sender": it is queued like any message, to that address."""
+    ids = _accept(backend, 2, ["r@example.net"])
+
+    async def go() -> None:
+        await _add_account(backend, "alice@example.org")
+        async with _queue(backend) as (queue, _):
+            rows = sorted(await queue.claim(time.time(), 10), key=lambda r: r.message_id)
+            assert [r.message_id for r in rows] == sorted(ids)
+            failed = Outcome(failed=(("r@example.net", "550 5.1.1 no such user"),))
+            bounce = b"Subject: bounce\r\n\r\nx\r\n"
+            kept = await queue.finish(
+                rows[0],
+                failed,
+                time.time(),
+                time.time(),
+                Notice(rows[0].account, "Alice@example.org", bounce, False, keep_local=True),
+            )
+            assert kept is not None and await queue.body(kept) == bounce
+            dsns = [e for e in await queue.entries() if e.mail_from == ""]
+            assert dsns == []  # captured: nothing to deliver
+            sent = await queue.finish(
+                rows[1],
+                failed,
+                time.time(),
+                time.time(),
+                Notice(rows[1].account, "Alice@example.org", bounce, False, keep_local=False),
+            )
+            assert sent is not None and sent != kept
+            dsns = [e for e in await queue.entries() if e.mail_from == ""]
+            assert [(e.id, e.domain, e.recipients) for e in dsns] == [
+                (sent, "example.org", ("Alice@example.org",))
+            ]
+
+    asyncio.run(go())
+
+
 def test_sqlite_outcomes_finished_together_share_a_commit_and_fail_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

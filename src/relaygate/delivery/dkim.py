@@ -534,6 +534,19 @@ class Signer:
         keys = self.keys_for(domain)
         return keys[0].domain if keys else None
 
+    def host_signing_domain(self, hostname: str) -> str | None:
+        """The domain our own mail (DSNs, From MAILER-DAEMON@``hostname``) is signed
+        as: ``hostname`` if it has keys, else its nearest parent domain that has
+        (relay.example.com: example.com, which DMARC's relaxed alignment accepts
+        for that From); never a single label. People's mail is signed only with
+        the keys of exactly its From domain (``signing_domain_for``)."""
+        labels = hostname.strip().rstrip(".").split(".")
+        for start in range(len(labels) - 1):
+            keys = self.keys_for(".".join(labels[start:]))
+            if keys:
+                return keys[0].domain
+        return None
+
     def sign(self, message: bytes, domain: str, now: float) -> bytes:
         """The DKIM-Signature fields (each ending with CRLF) to put above ``message``.
 

@@ -21,18 +21,20 @@ import time
 from collections import defaultdict, deque
 
 import aiosmtplib
+from cryptography.hazmat.primitives import serialization
 
 from relaygate import logs, message, metrics, stats
 from relaygate.config import Config
 from relaygate.delivery import dsn, remote_text
 from relaygate.delivery import queue as q
-from relaygate.delivery.dkim import Signer
+from relaygate.delivery.dkim import DKIMError, DKIMKey, Signer
 from relaygate.delivery.mta_sts import MTASTS
 from relaygate.delivery.mta_sts import apply as apply_mta_sts
 from relaygate.delivery.mx import MXResolver, PermanentDNSError, TemporaryDNSError
 from relaygate.delivery.outbound import DeliveryError, Plan, open_connection, smarthost_plan
 from relaygate.delivery.remote_text import clean
 from relaygate.eventloop import new_event_loop
+from relaygate.server import reload
 from relaygate.services import retention
 from relaygate.storage import bodies
 from relaygate.storage.api import LeaseLost, Notice
@@ -48,6 +50,8 @@ MAX_IN_MEMORY = 2000  # claimed rows waiting for a connection; more stay in the 
 KEEPALIVE = 2.0  # seconds an idle connection waits for the next queued message
 RECOVER_INTERVAL = 5.0  # seconds between looks for rows whose holder is gone
 MAX_FINISHING = 64  # outcomes being recorded at once, across connections
+KEYS_WATCH_INTERVAL = 3.0  # seconds between looks at the DKIM keys
+KEY_ERRORS: tuple[type[BaseException], ...] = (DKIMError, *STORAGE_ERRORS)
 
 
 class DeliveryEngine:
@@ -61,6 +65,9 @@ class DeliveryEngine:
         self.queue = storage.queue
         self.resolver = MXResolver(config.delivery)
         self.signer = Signer({})  # the keys are read in run()
+        self._keys_seen: tuple[tuple[str, str, str, bytes], ...] | None = None
+        self._keys_problem = ""
+        self._next_keys = 0.0
         self.mta_sts = MTASTS(
             storage.policies, self.resolver.resolver, https_port=config.delivery.mta_sts_port
         )
@@ -81,9 +88,14 @@ class DeliveryEngine:
     async def run(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self._stopping.set)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
         await self._load_keys()
         while not self._stopping.is_set():
+            if self.loop.time() >= self._next_keys:
+                # A key made with `relaygate dkim generate` (or the API) signs
+                # within seconds, without a signal.
+                self._next_keys = self.loop.time() + KEYS_WATCH_INTERVAL
+                await self._reload_keys()
             claimed = 0
             room = MAX_IN_MEMORY - sum(len(w) for w in self._pending.values())
             try:
@@ -112,14 +124,56 @@ class DeliveryEngine:
         """DKIM keys: files on one machine, rows on a cluster (the same for every node)."""
         while not self._stopping.is_set():
             try:
-                self.signer = Signer(await self.storage.dkim_keys.load())
+                keys = await self.storage.dkim_keys.load()
+                self.signer = Signer(keys)
+                self._keys_seen = _key_identities(keys)
+                self._next_keys = self.loop.time() + KEYS_WATCH_INTERVAL
                 return
             except STORAGE_ERRORS as exc:  # a database not there yet: keep trying
                 logs.event("delivery.error", logging.ERROR, reason=clean(str(exc)))
+            except DKIMError as exc:  # a broken key file: sign nothing until it is fixed
+                logs.event("dkim.load_failed", logging.ERROR, reason=str(exc))
+                self._keys_problem = str(exc)
+                return
             try:
                 await asyncio.wait_for(self._stopping.wait(), 5.0)
             except TimeoutError:
                 pass
+
+    async def _reload_keys(self) -> None:
+        """The keys again; a new signer only if they changed. A key that cannot
+        be read leaves the keys in use as they are (and is said once)."""
+        try:
+            keys = await self.storage.dkim_keys.load()
+            seen = _key_identities(keys)
+            if seen == self._keys_seen:
+                return
+            signer = Signer(keys)
+        except KEY_ERRORS as exc:
+            if str(exc) != self._keys_problem:
+                self._keys_problem = str(exc)
+                logs.event("dkim.load_failed", logging.ERROR, reason=clean(str(exc)))
+            return
+        self.signer, self._keys_seen, self._keys_problem = signer, seen, ""
+        logs.event("dkim.keys_loaded", domains=len(keys), keys=len(seen))
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload (SIGHUP): routes, TLS policy, retry schedule, timeouts and
+        resolvers apply to the next attempt; the DKIM keys are read again."""
+        old = self.delivery
+        self.config = config
+        self.delivery = config.delivery
+        if (old.resolvers, old.mta_sts_port) != (
+            config.delivery.resolvers,
+            config.delivery.mta_sts_port,
+        ):
+            self.resolver = MXResolver(config.delivery)
+            self.mta_sts = MTASTS(
+                self.storage.policies,
+                self.resolver.resolver,
+                https_port=config.delivery.mta_sts_port,
+            )
+        self._next_keys = 0.0
 
     async def _keep_leases(self) -> None:
         """Rows whose holder is gone go back to the queue (on a shared database,
@@ -388,7 +442,8 @@ class DeliveryEngine:
             reply = "554 5.3.0 message body missing from the spool"
             await self._finish(delivery, q.Outcome.for_all(delivery, reply))
             return True
-        body = self._sign(body) + body
+        # The null sender is ours alone (submission refuses MAIL FROM:<>): a DSN.
+        body = self._sign(body, bounce=not delivery.mail_from) + body
         started = self.loop.time()
         try:
             try:
@@ -439,12 +494,14 @@ class DeliveryEngine:
         )
         return True
 
-    def _sign(self, body: bytes) -> bytes:
+    def _sign(self, body: bytes, *, bounce: bool = False) -> bytes:
         summary = message.summarize(body)
         found = message.addresses(summary.from_values[0]) if summary.from_values else None
         if not found:
             return b""
         domain = found[0].rpartition("@")[2].lower()
+        if bounce:  # From MAILER-DAEMON@hostname: its key, or its parent domain's
+            domain = self.signer.host_signing_domain(domain) or domain
         try:
             return self.signer.sign(body, domain, time.time())
         except (ValueError, KeyError):
@@ -587,7 +644,13 @@ class DeliveryEngine:
                 now=now,
                 warning=warning,
             )
-        return Notice(delivery.account, delivery.mail_from, body, warning)
+        return Notice(
+            delivery.account,
+            delivery.mail_from,
+            body,
+            warning,
+            keep_local=self.delivery.bounce_to == "capture",
+        )
 
     def _dsn(
         self,
@@ -630,9 +693,48 @@ async def _send_webhooks_only(loop: asyncio.AbstractEventLoop, sender: WebhookSe
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     logs.event("webhooks.start", pid=os.getpid())
     await sender.run(stopping)
+
+
+def _key_identities(keys: dict[str, list[DKIMKey]]) -> tuple[tuple[str, str, str, bytes], ...]:
+    """What tells one set of keys from another (key objects do not compare)."""
+    return tuple(
+        sorted(
+            (
+                key.domain,
+                key.selector,
+                key.algorithm,
+                key.private_key.public_key().public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                ),
+            )
+            for found in keys.values()
+            for key in found
+        )
+    )
+
+
+class _Reloader:
+    """SIGHUP in the delivery process: the file again, for what this process uses."""
+
+    def __init__(
+        self, config: Config, sender: WebhookSender, engine: DeliveryEngine | None
+    ) -> None:
+        self.config = config
+        self.sender = sender
+        self.engine = engine
+
+    def __call__(self) -> None:
+        new = reload.reload_config(self.config, "delivery")
+        if new is None:
+            return
+        reload.apply_logging(new)
+        self.config = new
+        self.sender.reconfigure(config_endpoints(new.webhooks, with_secrets=True))
+        if self.engine is not None:
+            self.engine.reconfigure(new)
 
 
 def run_delivery(config: Config) -> int:
@@ -650,21 +752,26 @@ def run_delivery(config: Config) -> int:
 async def _deliver(config: Config, loop: asyncio.AbstractEventLoop) -> None:
     storage = await open_delivery_storage(config, loop)
     flusher = asyncio.ensure_future(stats.flush_forever(storage.stats))
-    pruner = (
-        asyncio.ensure_future(retention.run_forever(config))
-        if retention.runs_here(config, None)
-        else None
-    )
+    pruner: asyncio.Future[None] | None = None
     try:
         sender = WebhookSender(
             storage.webhooks,
             config_endpoints(config.webhooks, with_secrets=True),
             config.http is not None and config.http.allow_private_targets,
         )
-        if config.delivery.mode == "capture":  # nothing to deliver: webhooks only
+        # Capture mode: nothing to deliver, webhooks (and retention) only.
+        engine = (
+            None if config.delivery.mode == "capture" else DeliveryEngine(config, loop, storage)
+        )
+        reloader = _Reloader(config, sender, engine)
+        loop.add_signal_handler(signal.SIGHUP, reloader)
+        if retention.runs_here(config, None):
+            pruner = asyncio.ensure_future(
+                retention.run_forever(config, lambda: reloader.config.retention)
+            )
+        if engine is None:
             await _send_webhooks_only(loop, sender)
             return
-        engine = DeliveryEngine(config, loop, storage)
         stop_sending = asyncio.Event()
         sending = asyncio.create_task(sender.run(stop_sending))
         logs.event("delivery.start", mode=config.delivery.mode, pid=os.getpid())

@@ -38,6 +38,7 @@ class Plan:
     verify: bool
     username: str | None = None
     password_file: Path | None = None
+    ca_file: Path | None = None  # trust only these CAs (a smarthost's ca_file)
 
 
 def smarthost_plan(smarthost: SmarthostConfig) -> Plan:
@@ -54,11 +55,15 @@ def smarthost_plan(smarthost: SmarthostConfig) -> Plan:
         verify=smarthost.verify_certificate,
         username=smarthost.username,
         password_file=smarthost.password_file,
+        ca_file=smarthost.ca_file,
     )
 
 
-def _context(verify: bool) -> ssl.SSLContext:
-    if verify:
+def _context(verify: bool, ca_file: Path | None = None) -> ssl.SSLContext:
+    if verify and ca_file is not None:
+        # Read at each connection: a renewed CA file needs no restart.
+        context = ssl.create_default_context(cafile=str(ca_file))
+    elif verify:
         context = ssl.create_default_context()  # honours SSL_CERT_FILE for private CAs
     else:
         context = ssl.create_default_context()
@@ -85,6 +90,11 @@ async def open_connection(
 ) -> tuple[aiosmtplib.SMTP, str | None]:
     """A connected, greeted (and, per the plan, encrypted and logged-in) client."""
     implicit = plan.tls == "implicit"
+    label = clean(f"{plan.server_name}[{plan.connect_to}]:{plan.port}")
+    try:
+        context = _context(plan.verify, plan.ca_file) if implicit else None
+    except (OSError, ssl.SSLError) as exc:  # a ca_file gone or broken since the start
+        raise DeliveryError(f"451 4.4.1 cannot use {label}: ca_file: {clean(str(exc))}") from None
     client = aiosmtplib.SMTP(
         hostname=plan.connect_to,
         port=plan.port,
@@ -93,9 +103,8 @@ async def open_connection(
         use_tls=implicit,
         start_tls=False,
         validate_certs=plan.verify,
-        tls_context=_context(plan.verify) if implicit else None,
+        tls_context=context,
     )
-    label = clean(f"{plan.server_name}[{plan.connect_to}]:{plan.port}")
     try:
         await client.connect(timeout=connect_timeout)
         await client.ehlo()
@@ -105,7 +114,9 @@ async def open_connection(
                 await client.starttls(
                     server_hostname=plan.server_name,
                     validate_certs=plan.verify and plan.tls == "starttls-required",
-                    tls_context=_context(plan.verify and plan.tls == "starttls-required"),
+                    tls_context=_context(
+                        plan.verify and plan.tls == "starttls-required", plan.ca_file
+                    ),
                 )
                 await client.ehlo()
             elif plan.tls == "starttls-required":

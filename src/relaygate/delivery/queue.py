@@ -304,17 +304,26 @@ def mark_warned(db: sqlite3.Connection, delivery_id: int) -> None:
 
 
 def insert_notification(
-    db: sqlite3.Connection, *, account: str, recipient: str, body: bytes, now: float
+    db: sqlite3.Connection,
+    *,
+    account: str,
+    recipient: str,
+    body: bytes,
+    now: float,
+    keep_local: bool = True,
 ) -> str:
     """Spool a DSN from the null sender to ``recipient``; the caller holds the transaction.
 
-    If the recipient is one of our own accounts the DSN stays here, in the
-    message log ("captured"), where that user's messages are; otherwise it is
-    queued like any other message.
+    With ``keep_local`` (``bounce_to = "capture"``), a DSN for one of our own
+    accounts stays here, in the message log ("captured"), where that user's
+    messages are; every other DSN is queued like any other message (from <>,
+    so it is never bounced itself).
     """
     queue_id = new_queue_id(now)
     local = (
-        db.execute("SELECT 1 FROM accounts WHERE address = ?", (recipient,)).fetchone() is not None
+        keep_local
+        and db.execute("SELECT 1 FROM accounts WHERE address = ?", (recipient,)).fetchone()
+        is not None
     )
     summary = message.summarize(body)
     db.execute(

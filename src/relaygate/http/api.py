@@ -20,6 +20,7 @@ from relaygate.accounts.store import AccountError
 from relaygate.delivery.dkim import DKIMError
 from relaygate.http.context import Caller, HttpContext
 from relaygate.services.admin import NotFound, TokenError
+from relaygate.services.errors import error_kind
 from relaygate.storage import bodies
 from relaygate.storage.errors import STORAGE_ERRORS
 from relaygate.throttle import Reservation, Verdict, Wait
@@ -151,13 +152,9 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 
 async def _bad_request(request: Request, exc: Exception) -> Response:
-    # The use cases word their errors for people; these say what kind they are.
-    text = str(exc)
-    if text.startswith(("no such", "no DKIM key")):
-        return json_error(404, text)
-    if "already exists" in text:
-        return json_error(409, text)
-    return json_error(400, text)
+    # The use cases word their errors for people; error_kind says what kind they are.
+    status = {"missing": 404, "conflict": 409, "invalid": 400}[error_kind(exc)]
+    return json_error(status, str(exc))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

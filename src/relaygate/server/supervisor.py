@@ -28,9 +28,10 @@ from types import FrameType
 
 from relaygate import __version__, logs, metrics
 from relaygate.accounts.store import AccountStore
-from relaygate.config import Config, ListenerConfig
+from relaygate.config import Config, ConfigError, ListenerConfig
 from relaygate.delivery.engine import run_delivery
 from relaygate.http.server import run_http
+from relaygate.server import reload
 from relaygate.server.connlimit import ConnectionLimiter
 from relaygate.server.tls import TLSSetupError, certificate_pairs, server_context
 from relaygate.server.worker import BoundListener, run_worker
@@ -309,7 +310,9 @@ def _create_quickstart_account(config: Config) -> None:
 def _describe(config: Config) -> str:
     kinds = {"starttls": "STARTTLS", "implicit": "implicit TLS", "none": "no TLS"}
     listeners = ", ".join(
-        f"{item.address} ({kinds[item.tls]}{', PROXY protocol' if item.proxy_protocol else ''})"
+        f"{item.address} ({kinds[item.tls]}"
+        f"{', plaintext AUTH (dev port)' if item.allow_plaintext_auth else ''}"
+        f"{', PROXY protocol' if item.proxy_protocol else ''})"
         for item in config.listeners
     )
     admin = (
@@ -323,7 +326,23 @@ def _describe(config: Config) -> str:
     )
 
 
+def _warn_about_listeners(config: Config) -> None:
+    """A listener without TLS takes no login (passwords never cross it in clear)
+    unless it is a loopback dev port with allow_plaintext_auth: say so, since
+    no mail can be sent through it."""
+    for listener in config.listeners:
+        if listener.tls == "none" and not listener.allow_plaintext_auth:
+            logs.event(
+                "listener.no_auth",
+                logging.WARNING,
+                listener=listener.address,
+                reason="tls = none: AUTH needs TLS, so this listener can never accept mail"
+                " (allow_plaintext_auth = true is allowed on loopback addresses only)",
+            )
+
+
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+HELD_SIGNALS = STOP_SIGNALS | {signal.SIGHUP}  # held during start-up: none lost, none fatal
 
 
 def _raise_file_limit() -> None:
@@ -339,17 +358,12 @@ def _raise_file_limit() -> None:
 
 
 def serve(config: Config) -> int:
-    logs.setup(
-        config.log.level,
-        config.log.format,
-        config.log.file,
-        node=config.node_name if config.storage.url else None,
-    )
+    reload.apply_logging(config)
     _raise_file_limit()
     # Hold SIGTERM/SIGINT until every process has its handler: a stop request
     # that arrives during start-up is then delivered, not lost or fatal. Each
     # worker unblocks them once its event loop handles them (worker.py).
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
     try:
         prepare(config)
         listeners = bind_all(config)
@@ -362,7 +376,7 @@ def serve(config: Config) -> int:
     except StartupError as exc:
         for problem in exc.problems:
             print(f"relaygate: {problem}", file=sys.stderr)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
         return 2
     if config.http is not None and config.http.metrics:
         # Before any fork and any metric: every process writes its values where
@@ -375,15 +389,16 @@ def serve(config: Config) -> int:
                 sock.close()
             if http is not None:
                 http.close()
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)
             return 2
     print(_describe(config), flush=True)
+    _warn_about_listeners(config)
     logs.event("start", workers=config.worker_count(), pid=os.getpid())
     count = config.worker_count()
     # Shared by every worker (an anonymous shared mapping made before fork).
     limiter = ConnectionLimiter(config.connection_limits)
     if config.single_process():
-        return run_worker(config, 0, listeners, limiter)
+        return run_worker(config, 0, listeners, limiter, standalone=True)
     return _supervise(config, listeners, count, limiter, http)
 
 
@@ -404,6 +419,8 @@ def _fork_worker(
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # Not the supervisor's reload handler; each process sets its own.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             _die_with_parent()
             if index in (DELIVERY, HTTP):
                 for sock, _ in listeners:
@@ -463,8 +480,40 @@ def _supervise(
             except ProcessLookupError:
                 pass
 
+    def reload_all(signum: int, frame: FrameType | None) -> None:
+        """SIGHUP: check the file here; only a good one reaches the children,
+        which each re-read it and apply what can change (server/reload.py)."""
+        nonlocal config
+        if stopping:
+            return
+        try:
+            new = reload.reread(config)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                logs.event(
+                    "config.reload_failed", logging.ERROR, process="supervisor", problem=problem
+                )
+            reload.write_status(config.data_dir, False, exc.problems, [])
+            return
+        effective, restart = reload.merge(config, new)
+        differ = reload.changed(config, effective)
+        reload.apply_logging(effective)
+        config = effective  # workers started from now on get it too
+        for pid in list(workers):
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+        logs.event(
+            "config.reloaded",
+            changed=",".join(differ) or "-",
+            restart_needed=",".join(restart) or "-",
+        )
+        reload.write_status(config.data_dir, True, [], restart)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload_all)
     indexes = list(range(count))
     if config.runs_delivery_process():
         indexes.append(DELIVERY)
@@ -472,7 +521,7 @@ def _supervise(
         indexes.append(HTTP)
     for index in indexes:
         workers[_fork_worker(config, index, listeners, limiter, http)] = index
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a pending stop runs here
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_SIGNALS)  # a pending stop runs here
     restarts: list[float] = []
     failed = False
     while workers:
@@ -499,7 +548,7 @@ def _supervise(
             failed = True
             continue
         workers[_fork_worker(config, index, listeners, limiter, http)] = index
-    for signum in STOP_SIGNALS:
+    for signum in HELD_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)  # already stopping; a repeat must not kill us
     for sock, _ in listeners:
         sock.close()

@@ -91,6 +91,22 @@ def certificate_pairs(config: Config) -> list[CertPair]:
     return ensure_self_signed(config.tls_dir, config.hostname)
 
 
+def certificate_pairs_quiet(config: Config) -> list[CertPair]:
+    """The files ``certificate_pairs`` would use, without making any."""
+    if config.tls.cert_file is not None and config.tls.key_file is not None:
+        return [(config.tls.cert_file, config.tls.key_file)]
+    return [
+        (config.tls_dir / f"selfsigned-{kind}.crt", config.tls_dir / f"selfsigned-{kind}.key")
+        for kind in ("ecdsa", "rsa")
+    ]
+
+
+def certificate_not_after(cert_file: Path) -> str:
+    """When the (first) certificate in ``cert_file`` expires, RFC 3339 UTC."""
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    return cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def server_context(pairs: list[CertPair]) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2

@@ -21,12 +21,20 @@ from typing import Any
 from relaygate import __version__, logs, stats
 from relaygate.accounts.changes import ChangeSignal
 from relaygate.accounts.passwords import PasswordHasher
-from relaygate.config import Config, ListenerConfig
+from relaygate.config import Config, ConfigError, ListenerConfig
 from relaygate.eventloop import new_event_loop
+from relaygate.server import reload
 from relaygate.server.connection import SMTPConnection
 from relaygate.server.connlimit import ConnectionLimiter
 from relaygate.server.listener import ProxyListener
-from relaygate.server.tls import certificate_pairs, end_point_binding, server_context
+from relaygate.server.tls import (
+    TLSSetupError,
+    certificate_not_after,
+    certificate_pairs,
+    certificate_pairs_quiet,
+    end_point_binding,
+    server_context,
+)
 from relaygate.services import retention
 from relaygate.services.login import LoginService
 from relaygate.services.submission import SubmissionService
@@ -55,6 +63,8 @@ def session_settings(
         max_commands_before_login=limits.max_commands_before_login,
         starttls_available=listener.tls == "starttls",
         channel_bindings=channel_bindings if listener.tls != "none" else (),
+        # A loopback development port (config.py allows it nowhere else).
+        auth_without_tls=listener.tls == "none" and listener.allow_plaintext_auth,
     )
 
 
@@ -74,8 +84,15 @@ class Worker:
         self.draining = False
         self._stopped = asyncio.Event()
         pairs = certificate_pairs(config)
+        # Every handshake starts on this context; after a certificate reload its
+        # SNI callback moves the handshake to the newest one (_current_tls).
         self.tls_context: ssl.SSLContext = server_context(pairs)
+        self._current_tls = self.tls_context
         self.channel_bindings = tuple(end_point_binding(cert) for cert, _ in pairs)
+        self._tls_files = [path for pair in pairs for path in pair]
+        self._tls_signature = reload.signature(self._tls_files)
+        self.listener_settings: dict[str, Settings] = {}  # by listener address
+        self.standalone = False  # no supervisor: this process answers SIGHUP alone
         self.changes = ChangeSignal(config.data_dir)
         if self.changes.problem:
             logs.event("changes.unavailable", logging.WARNING, reason=self.changes.problem)
@@ -93,13 +110,7 @@ class Worker:
         self.storage = await open_node_storage(
             config, self.loop, deliver=config.delivery.mode != "capture"
         )
-        notices = (
-            None
-            if self.storage.webhooks is None
-            else EventNotices(
-                self.storage.webhooks, config_endpoints(config.webhooks, with_secrets=False)
-            )
-        )
+        notices = self._notices()
         self.submission = SubmissionService(
             hostname=config.hostname,
             # Which node took the message, when several share the storage.
@@ -149,8 +160,10 @@ class Worker:
         loop = self.loop
         loop.set_exception_handler(_quiet_exception_handler)
         await self._open_storage()
+        self._listeners = [listener for _, listener in listeners]
+        self._make_settings()
         for sock, listener in listeners:
-            settings = session_settings(self.config, listener, self.channel_bindings)
+            settings = self.listener_settings[listener.address]
             implicit = listener.tls == "implicit"
             if listener.proxy_protocol:
                 # PROXY header first, then TLS: not an asyncio.Server (server/listener.py).
@@ -159,12 +172,9 @@ class Worker:
                 self._proxy_listeners.append(proxied)
                 continue
 
-            def factory(
-                settings: Settings = settings,
-                implicit: bool = implicit,
-                name: str = listener.address,
-            ) -> SMTPConnection:
-                return SMTPConnection(self, settings, implicit, listener=name)
+            def factory(implicit: bool = implicit, name: str = listener.address) -> SMTPConnection:
+                # The settings of now: a reload may have changed them.
+                return SMTPConnection(self, self.listener_settings[name], implicit, listener=name)
 
             server = await loop.create_server(
                 factory,
@@ -178,13 +188,14 @@ class Worker:
             self._servers.append(server)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.begin_shutdown)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         # The supervisor blocked these until now (see supervisor.serve): a stop
         # request that came during start-up is delivered here, to our handler.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
         sweeper = asyncio.ensure_future(self._sweep())
         flusher = asyncio.ensure_future(stats.flush_forever(self.storage.stats))
         pruner = (
-            asyncio.ensure_future(retention.run_forever(self.config))
+            asyncio.ensure_future(retention.run_forever(self.config, lambda: self.config.retention))
             if retention.runs_here(self.config, self.index)
             else None
         )
@@ -193,7 +204,7 @@ class Worker:
         if pruner is not None:
             pruner.cancel()
             await asyncio.gather(pruner, return_exceptions=True)
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
             signal.signal(signum, signal.SIG_IGN)  # already stopping: a repeat must not kill us
         sweeper.cancel()
@@ -214,6 +225,85 @@ class Worker:
         await asyncio.gather(*pending, return_exceptions=True)
         self.logins.close()
         self.changes.close()
+
+    # ------------------------------------------------------------- reloading
+
+    def _make_settings(self) -> None:
+        for listener in self._listeners:
+            settings = session_settings(self.config, listener, self.channel_bindings)
+            self.listener_settings[listener.address] = settings
+        for proxied in self._proxy_listeners:
+            proxied.settings = self.listener_settings[proxied.listener.address]
+
+    def reload(self) -> None:
+        """SIGHUP: the configuration file again, applied to new sessions and
+        to the limits every session reads; open connections stay."""
+        process = "server" if self.standalone else f"worker {self.index}"
+        try:
+            new = reload.reread(self.config)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                logs.event("config.reload_failed", logging.ERROR, process=process, problem=problem)
+            if self.standalone:
+                reload.write_status(self.config.data_dir, False, exc.problems, [])
+            return
+        effective, restart = reload.merge(self.config, new)
+        differ = reload.changed(self.config, effective)
+        reload.apply_logging(effective)
+        self.config = effective
+        self.max_connections = effective.limits.max_connections
+        notices = self._notices()
+        self.submission.reconfigure(effective.hostname, effective.sending_limits, notices)
+        self.logins.config = effective.auth_throttle
+        self.logins.notices = notices
+        if not self.reload_tls():
+            self._make_settings()  # the hostname or limits, with the certificate we had
+        if self.standalone:
+            logs.event(
+                "config.reloaded",
+                changed=",".join(differ) or "-",
+                restart_needed=",".join(restart) or "-",
+            )
+            reload.write_status(effective.data_dir, True, [], restart)
+
+    def reload_tls(self, force: bool = False) -> bool:
+        """Load the certificate files again if they changed (or ``force``);
+        True if new ones are in use. A pair that does not load is logged and
+        the one in use stays (an admin may be half-way through copying it)."""
+        files = [path for pair in certificate_pairs_quiet(self.config) for path in pair]
+        sig = reload.signature(files)
+        if not force and files == self._tls_files and sig == self._tls_signature:
+            return False
+        self._tls_files, self._tls_signature = files, sig
+        try:
+            pairs = certificate_pairs(self.config)
+            context = server_context(pairs)
+            bindings = tuple(end_point_binding(cert) for cert, _ in pairs)
+        except (TLSSetupError, OSError, ValueError) as exc:
+            logs.event("tls.reload_failed", logging.ERROR, worker=self.index, reason=str(exc))
+            return False
+        self._current_tls = context
+        self.channel_bindings = bindings
+        self.tls_context.sni_callback = self._pick_tls
+        self._make_settings()
+        logs.event(
+            "tls.reloaded",
+            worker=self.index,
+            cert=str(pairs[0][0]),
+            not_after=certificate_not_after(pairs[0][0]),
+        )
+        return True
+
+    def _pick_tls(self, connection: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        if connection.context is not self._current_tls:
+            connection.context = self._current_tls
+
+    def _notices(self) -> EventNotices | None:
+        if self.storage.webhooks is None:
+            return None
+        return EventNotices(
+            self.storage.webhooks, config_endpoints(self.config.webhooks, with_secrets=False)
+        )
 
     def generation(self) -> int:
         """The account-change signal's current value (see accounts/changes.py)."""
@@ -290,6 +380,7 @@ class Worker:
         deadline: float | None = None
         next_prune = 0.0
         next_heartbeat = 0.0
+        next_watch = self.loop.time() + reload.WATCH_INTERVAL
         while True:
             await asyncio.sleep(0.1 if self.draining else 1.0)
             now = self.loop.time()
@@ -299,6 +390,9 @@ class Worker:
             if self.index == 0 and self.storage.nodes is not None and now >= next_heartbeat:
                 next_heartbeat = now + HEARTBEAT
                 self._beating = asyncio.ensure_future(self._heartbeat(self.storage.nodes))
+            if now >= next_watch and not self.draining:
+                next_watch = now + reload.WATCH_INTERVAL
+                self.reload_tls()  # a renewed certificate, with no signal needed
             for connection in list(self.connections):
                 connection.check_timeouts(now)
             if not self.draining:
@@ -336,13 +430,16 @@ def run_worker(
     index: int,
     listeners: list[BoundListener],
     limiter: ConnectionLimiter | None = None,
+    standalone: bool = False,
 ) -> int:
-    """Run one worker until it is told to stop; returns the exit status."""
+    """Run one worker until it is told to stop; returns the exit status.
+    ``standalone``: no supervisor (one worker, capture mode, no HTTP)."""
     loop = new_event_loop()
     profile_path = os.environ.get("RELAYGATE_PROFILE")  # bench/: where the CPU goes
     profiler = cProfile.Profile() if profile_path else None
     try:
         worker = Worker(config, index, loop, limiter)
+        worker.standalone = standalone
         if profiler is not None:
             profiler.enable()
         loop.run_until_complete(worker.run(listeners))

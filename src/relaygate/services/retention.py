@@ -134,12 +134,14 @@ def enabled(config: RetentionConfig) -> bool:
     )
 
 
-async def run_forever(config: Config) -> None:
-    """Prune every interval() seconds until cancelled; log ``retention.pruned``."""
-    if not enabled(config.retention):
-        return
+async def run_forever(config: Config, settings: Callable[[], RetentionConfig]) -> None:
+    """Prune every interval() seconds until cancelled; log ``retention.pruned``.
+    ``settings`` gives the [retention] in force now (a reload may change it)."""
     every = interval()
     while True:
+        if not enabled(settings()):
+            await asyncio.sleep(every)
+            continue
         try:
             store = await open_admin_storage(config)
         except _OPEN_ERRORS as exc:  # try again next round
@@ -147,16 +149,18 @@ async def run_forever(config: Config) -> None:
             await asyncio.sleep(every)
             continue
         try:
-            await _rounds(Retention(store.messages, store.webhooks, config.retention), every)
+            await _rounds(store.messages, store.webhooks, settings, every)
         finally:
             await store.close()
 
 
-async def _rounds(retention: Retention, every: float) -> None:
+async def _rounds(
+    log: MessageLog, webhooks: Webhooks, settings: Callable[[], RetentionConfig], every: float
+) -> None:
     while True:
         started = time.monotonic()
         try:
-            pruned = await retention.round(time.time())
+            pruned = await Retention(log, webhooks, settings()).round(time.time())
         except STORAGE_ERRORS as exc:
             logs.event("retention.error", logging.WARNING, reason=" ".join(str(exc).split()))
         else:

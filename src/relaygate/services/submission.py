@@ -92,6 +92,14 @@ class SubmissionService:
         self._counters = counters
         self._acceptance = acceptance
 
+    def reconfigure(
+        self, hostname: str, sending_limits: SendingLimits, notices: EventNotices | None
+    ) -> None:
+        """A reload: logins from now on get these defaults (sessions keep theirs)."""
+        self._hostname = hostname
+        self._defaults = sending_limits
+        self.notices = notices
+
     def login(self, account: Account, credential: Credential | None) -> Login:
         scopes = [account_scope(account.address, account.limits, self._defaults)]
         senders = account.senders

@@ -50,6 +50,10 @@ class WebhooksAdmin:
         self._configured = config_endpoints(configured, with_secrets=False)
         self._allow_private = allow_private
 
+    def reconfigure(self, configured: Sequence[WebhookConfig]) -> None:
+        """A reload: the [[webhooks]] the file lists now."""
+        self._configured = config_endpoints(configured, with_secrets=False)
+
     def _check_url(self, url: object) -> str:
         if not isinstance(url, str) or not url.strip():
             raise WebhookError("url must be an http:// or https:// URL")

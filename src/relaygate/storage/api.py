@@ -349,6 +349,9 @@ class Notice:
     recipient: str  # the original sender
     body: bytes
     warning: bool  # a delay warning: the row is marked warned with it
+    # [delivery] bounce_to = "capture": a notice for one of our own accounts stays
+    # in the message log ("captured"). False: always queued for delivery.
+    keep_local: bool = True
 
 
 @dataclass(frozen=True, slots=True)

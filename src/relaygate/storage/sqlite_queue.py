@@ -90,6 +90,7 @@ class SQLiteDeliveryQueue:
                     recipient=notice.recipient,
                     body=notice.body,
                     now=now,
+                    keep_local=notice.keep_local,
                 )
             )
             if notice.warning:

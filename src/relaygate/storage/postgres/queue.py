@@ -334,13 +334,16 @@ async def _update_message_status(connection: Any, message_id: str) -> None:
 
 
 async def _insert_notice(connection: Any, notice: Notice, now: float, node: str) -> str:
-    """Store a DSN from the null sender; captured here when it is for one of our
-    accounts (where that user's mail is), else queued like any message."""
+    """Store a DSN from the null sender; with ``notice.keep_local`` captured here
+    when it is for one of our accounts (where that user's mail is), else queued
+    like any message."""
     queue_id = new_queue_id(now)
-    cursor = await connection.execute(
-        "SELECT 1 FROM accounts WHERE lower(address) = lower(%s)", (notice.recipient,)
-    )
-    local = await cursor.fetchone() is not None
+    local = False
+    if notice.keep_local:
+        cursor = await connection.execute(
+            "SELECT 1 FROM accounts WHERE lower(address) = lower(%s)", (notice.recipient,)
+        )
+        local = await cursor.fetchone() is not None
     summary = message.summarize(notice.body)
     await connection.execute(
         "INSERT INTO messages (id, account, client_ip, mail_from, rcpt_to, subject, size,"
