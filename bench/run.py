@@ -334,7 +334,11 @@ class RelaygateServer:
         redis_url: str | None = None,
         http_port: int | None = None,
         http: bool = False,
+        extra_toml: str = "",
+        env: dict[str, str] | None = None,
     ) -> None:
+        self.extra_toml = extra_toml  # more config text, appended
+        self.env = env  # more environment for serve
         self.storage_url = storage_url  # None: the embedded SQLite database
         self.redis_url = redis_url  # [shared] redis_url, as a cluster node has
         self.python = python
@@ -381,7 +385,8 @@ class RelaygateServer:
             f'file = "{self.log_file}"\n'
             + (f'\n[storage]\nurl = "{self.storage_url}"\n' if self.storage_url else "")
             + (f'\n[shared]\nredis_url = "{self.redis_url}"\n' if self.redis_url else "")
-            + (f'\n[http]\naddress = "127.0.0.1:{self.http_port}"\n' if self.http_port else ""),
+            + (f'\n[http]\naddress = "127.0.0.1:{self.http_port}"\n' if self.http_port else "")
+            + self.extra_toml,
             encoding="utf-8",
         )
 
@@ -429,6 +434,7 @@ class RelaygateServer:
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None,
             )
         limit = time.monotonic() + timeout
         while time.monotonic() < limit:
@@ -891,6 +897,12 @@ def build_parser() -> argparse.ArgumentParser:
         " open (polling), and report the ratio to relaygate without it",
     )
     parser.add_argument(
+        "--compare-retention",
+        action="store_true",
+        help="also bench relaygate with retention pruning all the time ([retention]"
+        " max_messages = 2000, a round every second), and report the ratio to relaygate without",
+    )
+    parser.add_argument(
         "--relaygate-only-port",
         type=int,
         metavar="PORT",
@@ -958,6 +970,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scratch: ScratchPostgres | None = None
     postfix: PostfixServer | None = None
     http_server: RelaygateServer | None = None
+    retention_server: RelaygateServer | None = None
     poller: DashboardPoller | None = None
     info: dict[str, Any] = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -1053,6 +1066,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                 targets.append(
                     Target("relaygate-http", http_smtp, args.mode, [http_server.process.pid])
                 )
+            if args.compare_retention:
+                # Past 2,000 messages every round (each second) deletes the oldest in
+                # batches while the load goes on: the worst case for the SQLite lock.
+                retention_server = RelaygateServer(
+                    args.python,
+                    args.workers,
+                    args.users,
+                    args.log_level,
+                    extra_toml='\n[retention]\nmax_messages = 2000\nbody_max_age = "1m"\n',
+                    env={"RELAYGATE_RETENTION_INTERVAL": "1"},
+                )
+                retention_server.write_config()
+                print(f"creating {args.users} users (retention) ...", file=sys.stderr)
+                retention_server.create_users()
+                retention_server.start()
+                assert retention_server.process is not None
+                targets.append(
+                    Target(
+                        "relaygate-retention",
+                        retention_server.starttls_port
+                        if args.mode == "starttls"
+                        else retention_server.implicit_port,
+                        args.mode,
+                        [retention_server.process.pid],
+                    )
+                )
             if args.compare_postfix:
                 postfix = PostfixServer()
                 print("starting Postfix + Dovecot ...", file=sys.stderr)
@@ -1116,6 +1155,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if stop_problem:
                     problems.append(f"with HTTP on: {stop_problem}")
                 http_server.cleanup(args.keep_temp or bool(problems))
+            if retention_server is not None:
+                info["retention"] = {
+                    "pruned_events": retention_server.log_file.read_text(errors="replace").count(
+                        "retention.pruned"
+                    )
+                    if retention_server.log_file.exists()
+                    else 0
+                }
+                stop_problem = retention_server.stop()
+                if stop_problem:
+                    problems.append(f"with retention: {stop_problem}")
+                retention_server.cleanup(args.keep_temp or bool(problems))
             if scratch is not None:
                 scratch.drop()
             if postfix is not None:
@@ -1126,6 +1177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratios = compute_ratios(measurements)
     pg_ratios = compute_ratios(measurements, "relaygate-pg", "relaygate")
     http_ratios = compute_ratios(measurements, "relaygate-http", "relaygate")
+    retention_ratios = compute_ratios(measurements, "relaygate-retention", "relaygate")
     if measurements:
         print()
         print(format_table(table_rows(measurements, ratios, pg_ratios)))
@@ -1154,6 +1206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"HTTP on + dashboard polling / HTTP off, scenario {scenario}: "
             + ", ".join(f"{key} {cell(value)}" for key, value in figures.items())
         )
+    for scenario, figures in retention_ratios.items():
+        print(
+            f"retention pruning all the time / retention idle, scenario {scenario}: "
+            + ", ".join(f"{key} {cell(value)}" for key, value in figures.items())
+        )
+    if "retention" in info:
+        print(f"retention rounds that removed something: {info['retention']['pruned_events']}")
     if "dashboard" in info:
         print(f"dashboard requests during the run: {info['dashboard']['requests']}")
     log_problems = info.get("relaygate", {}).get("log_problems", [])
@@ -1171,6 +1230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratios_relaygate_over_postfix": ratios,
         "ratios_postgresql_over_sqlite": pg_ratios,
         "ratios_http_on_over_off": http_ratios,
+        "ratios_retention_pruning_over_idle": retention_ratios,
         "problems": problems,
     }
     args.results_dir.mkdir(parents=True, exist_ok=True)

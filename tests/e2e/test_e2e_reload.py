@@ -468,3 +468,39 @@ def test_reload_storm_under_load_loses_nothing(fresh_servers: ServerPool) -> Non
     assert server.process is not None and server.process.poll() is None
     assert server.log_events("config.reloaded")
     assert not server.log_events("worker.exit") and not server.log_events("internal.error")
+
+
+def test_reload_moves_delivery_to_a_new_route(fresh_servers: ServerPool) -> None:
+    """The delivery process takes a changed [delivery] too: after a reload that
+    adds a route, the next message for that domain goes to the new smarthost."""
+    first_host, second_host = "127.66.9.2", "127.66.9.3"
+    port = free_ports(1)[0]
+    first = SMTPSink(first_host, port).start()
+    second = SMTPSink(second_host, port).start()
+    try:
+
+        def delivery(route: bool) -> str:
+            text = (
+                '\n[delivery]\nmode = "smarthost"\n'
+                f'\n[delivery.smarthost]\nhost = "{first_host}"\nport = {port}\ntls = "none"\n'
+            )
+            if route:
+                text += (
+                    '\n[[delivery.routes]]\ndomain = "routed.test"\n'
+                    f'host = "{second_host}"\nport = {port}\ntls = "none"\n'
+                )
+            return text
+
+        server = new_server(fresh_servers, "routes", extra_toml=delivery(False), users=[ALICE])
+        submit_one(server, ALICE, ["bob@routed.test"], "before the route")
+        first.wait_for_messages(1, RELOAD_WAIT)
+        server.extra_toml = delivery(True)
+        server.write_config()
+        server.cli("reload")
+        submit_one(server, ALICE, ["bob@routed.test"], "after the route")
+        [routed] = second.wait_for_messages(1, RELOAD_WAIT)
+        assert b"Subject: after the route" in routed.data
+        assert len(first.messages) == 1
+    finally:
+        first.stop()
+        second.stop()
