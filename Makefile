@@ -25,10 +25,22 @@ E2E_POSTGRES := accounts credentials clients scram refusals revocation large_mes
 	retention
 E2E_POSTGRES_FILES := $(foreach m,$(E2E_POSTGRES),tests/e2e/test_e2e_$(m).py)
 
-## test: lint (ruff, mypy --strict), the whole test suite, then the e2e storage modules on PostgreSQL
+PG_PASS_LOG := test-artifacts/postgres-pass.log
+# Short: Unix socket paths made under it stay within 108 bytes.
+PG_PASS_TMP := /tmp/relaygate-postgres-pass
+
+## test: lint (ruff, mypy --strict), the whole test suite, and at the same time the e2e storage
+## modules on PostgreSQL (mostly waiting on servers and sockets: two passes fit two cores;
+## the PostgreSQL pass has its own temporary directory, and its output follows the first's)
 test: lint
-	$(BIN)/pytest -q tests
-	RELAYGATE_E2E_STORAGE=postgresql $(BIN)/pytest -q -m "not sqlite_only" $(E2E_POSTGRES_FILES)
+	@mkdir -p test-artifacts
+	@RELAYGATE_E2E_STORAGE=postgresql $(BIN)/pytest -q -p no:cacheprovider \
+		--basetemp=$(PG_PASS_TMP) -m "not sqlite_only" $(E2E_POSTGRES_FILES) \
+		> $(PG_PASS_LOG) 2>&1 & pg=$$!; trap 'kill $$pg 2>/dev/null' INT TERM; \
+	$(BIN)/pytest -q tests; first=$$?; \
+	wait $$pg; second=$$?; \
+	echo "--- the e2e storage modules on PostgreSQL ($(PG_PASS_LOG)):"; cat $(PG_PASS_LOG); \
+	[ $$first -eq 0 ] && [ $$second -eq 0 ]
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
