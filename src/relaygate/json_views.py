@@ -13,7 +13,7 @@ from typing import Any, overload
 
 from relaygate.accounts.credentials import Credential
 from relaygate.accounts.store import Account
-from relaygate.mail_parts import MessageParts
+from relaygate.mail_parts import Attachment, MessageParts
 from relaygate.storage.api import ApiToken, DeliveryAttempt, MessageRecord, QueueEntry
 
 
@@ -54,17 +54,7 @@ def message_detail_json(
         "headers": [[name, value] for name, value in parts.headers],
         "text": parts.text is not None,
         "html": parts.html is not None,
-        "parts": [
-            {
-                "index": a.index,
-                "filename": a.filename,
-                "content_type": a.content_type,
-                "size": a.size,
-                "inline": a.inline,
-                "content_id": a.content_id,
-            }
-            for a in parts.attachments
-        ],
+        "parts": [attachment_json(a) for a in parts.attachments],
         "history": [attempt_json(a) for a in history],
     }
 
@@ -133,4 +123,16 @@ def queue_entry_json(entry: QueueEntry) -> dict[str, Any]:
         "last_reply": entry.last_reply,
         "mail_from": entry.mail_from,
         "node": entry.node,
+    }
+
+
+def attachment_json(attachment: Attachment) -> dict[str, Any]:
+    """One part as listed by ``messages show --json`` and ``/parts`` (numbered as /parts/N)."""
+    return {
+        "index": attachment.index,
+        "filename": attachment.filename,
+        "content_type": attachment.content_type,
+        "size": attachment.size,
+        "inline": attachment.inline,
+        "content_id": attachment.content_id,
     }

@@ -12,7 +12,7 @@ from relaygate import mail_parts
 from relaygate.http.api import ApiError, api_route
 from relaygate.http.context import Caller, HttpContext
 from relaygate.http.downloads import attachment_response
-from relaygate.json_views import attempt_json, message_json
+from relaygate.json_views import attachment_json, attempt_json, message_json
 from relaygate.services.admin import decode_cursor, no_body_text
 from relaygate.storage.message_query import MessageQuery
 
@@ -94,17 +94,7 @@ async def _parts(request: Request, ctx: HttpContext, caller: Caller) -> Response
         {
             "text": found.text,
             "html": found.html,
-            "attachments": [
-                {
-                    "index": a.index,
-                    "filename": a.filename,
-                    "content_type": a.content_type,
-                    "size": a.size,
-                    "inline": a.inline,
-                    "content_id": a.content_id,
-                }
-                for a in found.attachments
-            ],
+            "attachments": [attachment_json(a) for a in found.attachments],
         }
     )
 
