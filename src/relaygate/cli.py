@@ -51,7 +51,6 @@ from relaygate.json_views import (
     message_detail_json,
     message_json,
     queue_entry_json,
-    rfc3339,
     token_json,
 )
 from relaygate.server import reload
@@ -76,6 +75,7 @@ from relaygate.storage.postgres.backend import PostgresStorage
 from relaygate.storage.postgres.nodes import ALIVE_FOR as NODE_ALIVE_FOR
 from relaygate.storage.postgres.pool import PostgresUnavailable
 from relaygate.storage.sqlite import DatabaseError
+from relaygate.times import rfc3339
 
 PROG = "relaygate"
 # Exit statuses (README "Exit status"): 0 done, 1 a runtime error (no such

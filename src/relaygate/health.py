@@ -26,6 +26,7 @@ from cryptography import x509
 from relaygate.config import Config, ListenerConfig
 from relaygate.server.tls import certificate_pairs_quiet
 from relaygate.storage.api import QueueSummary
+from relaygate.times import rfc3339_of
 
 Status = Literal["ok", "warn", "fail"]
 CONNECT_TIMEOUT = 3.0
@@ -140,7 +141,7 @@ def check_certificates(config: Config) -> list[Check]:
             checks.append(Check(name, "fail", f"{cert_file}: {reason}"))
             continue
         left = cert.not_valid_after_utc - now
-        until = cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+        until = rfc3339_of(cert.not_valid_after_utc)
         if left.total_seconds() <= 0:
             checks.append(Check(name, "fail", f"expired at {until}"))
         elif left.days < CERT_WARN_DAYS:

@@ -7,26 +7,14 @@ show them, in whole seconds.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from typing import Any, overload
+from typing import Any
 
 from relaygate.accounts.credentials import Credential
 from relaygate.accounts.store import Account
 from relaygate.mail_parts import Attachment, MessageParts
 from relaygate.storage.api import ApiToken, DeliveryAttempt, MessageRecord, QueueEntry
-
-
-@overload
-def rfc3339(ts: float) -> str: ...
-@overload
-def rfc3339(ts: None) -> None: ...
-def rfc3339(ts: float | None) -> str | None:
-    """Unix time as RFC 3339 UTC in whole seconds ("2026-12-04T06:12:30Z", the
-    fraction dropped); None stays None."""
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+from relaygate.times import rfc3339
 
 
 def message_json(message: MessageRecord) -> dict[str, Any]:

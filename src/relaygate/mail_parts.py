@@ -112,10 +112,10 @@ def headers(raw: bytes) -> list[tuple[str, str]]:
 
 
 def parts(raw: bytes) -> MessageParts:
-    return _scan(raw)[0]
+    return scan(raw)[0]
 
 
-def _scan(raw: bytes) -> tuple[MessageParts, dict[int, bytes]]:
+def scan(raw: bytes) -> tuple[MessageParts, dict[int, bytes]]:
     """The parts, and each attachment's decoded bytes by index: one parse."""
     try:
         return _scan_parsed(_parse(raw))
@@ -155,7 +155,7 @@ def _scan_parsed(message: EmailMessage) -> tuple[MessageParts, dict[int, bytes]]
 
 def attachment(raw: bytes, index: int) -> tuple[Attachment, bytes] | None:
     """One attachment's description and decoded bytes; None if ``index`` is not one."""
-    found, contents = _scan(raw)
+    found, contents = scan(raw)
     for part in found.attachments:
         if part.index == index:
             return part, contents[index]
@@ -165,7 +165,7 @@ def attachment(raw: bytes, index: int) -> tuple[Attachment, bytes] | None:
 def inline_images(raw: bytes, max_size: int) -> tuple[str | None, dict[str, tuple[str, bytes]]]:
     """The HTML body and the images it may reference by cid: (content id ->
     type, bytes), up to ``max_size`` bytes each, SVG left out: one parse."""
-    found, contents = _scan(raw)
+    found, contents = scan(raw)
     images = {
         part.content_id: (part.content_type, contents[part.index])
         for part in found.attachments

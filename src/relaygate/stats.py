@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from relaygate import logs
 from relaygate.storage.api import HourlyStats, StatRow
 from relaygate.storage.errors import STORAGE_ERRORS
+from relaygate.times import rfc3339
 
 HOUR = 3600
 FLUSH_INTERVAL = 10.0  # seconds
@@ -98,7 +99,7 @@ class HourStats:
 
     def as_json(self) -> dict[str, object]:
         return {
-            "hour": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.hour)),
+            "hour": rfc3339(self.hour),
             "accepted": self.accepted,
             "delivered": self.delivered,
             "deferred": self.deferred,

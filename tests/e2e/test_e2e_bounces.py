@@ -107,18 +107,7 @@ def _remote_rules(sink: SMTPSink) -> None:
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPool]:
-    servers = ServerPool(tmp_path_factory.mktemp("e2e-bounces"))
-    try:
-        yield servers
-    finally:
-        problems = servers.finish()
-        if problems:
-            pytest.fail("\n".join(problems), pytrace=False)
-
-
-@pytest.fixture(scope="module")
-def mx(pool: ServerPool) -> Iterator[Mx]:
+def mx(servers: ServerPool) -> Iterator[Mx]:
     [port] = free_ports(1)
     remote = SMTPSink(loopback_address(), port, hostname="mx.hard.test")
     mailbox = SMTPSink(loopback_address(), port, hostname="mx.example.test")
@@ -148,10 +137,10 @@ def mx(pool: ServerPool) -> Iterator[Mx]:
                 "tls": "none",
             }
             sender = _server(
-                pool, "mx", delivery_toml(base, routes=[route]), [ALICE, BOB, CAROL]
+                servers, "mx", delivery_toml(base, routes=[route]), [ALICE, BOB, CAROL]
             )  # bounce_to left out: "sender" is the default in mx mode
             capture = _server(
-                pool,
+                servers,
                 "mx-capture",
                 delivery_toml({**base, "bounce_to": "capture"}, routes=[route]),
                 [ALICE],
@@ -163,7 +152,7 @@ def mx(pool: ServerPool) -> Iterator[Mx]:
 
 
 @pytest.fixture(scope="module")
-def smarthost(pool: ServerPool) -> Iterator[Smarthost]:
+def smarthost(servers: ServerPool) -> Iterator[Smarthost]:
     relay = SMTPSink(loopback_address(), 0, hostname="smarthost.test")
     try:
         relay.start()
@@ -172,7 +161,7 @@ def smarthost(pool: ServerPool) -> Iterator[Smarthost]:
             _settings(mode="smarthost"),
             smarthost={"host": relay.host, "port": relay.port, "tls": "none"},
         )
-        yield Smarthost(_server(pool, "smarthost", toml, [ALICE]), relay)
+        yield Smarthost(_server(servers, "smarthost", toml, [ALICE]), relay)
     finally:
         relay.stop()
 

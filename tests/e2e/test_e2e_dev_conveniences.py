@@ -72,22 +72,11 @@ def _listener(port: int, *extra: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPool]:
-    servers = ServerPool(tmp_path_factory.mktemp("e2e-dev"))
-    try:
-        yield servers
-    finally:
-        problems = servers.finish()
-        if problems:
-            pytest.fail("\n".join(problems), pytrace=False)
-
-
-@pytest.fixture(scope="module")
-def dev(pool: ServerPool) -> DevPort:
+def dev(servers: ServerPool) -> DevPort:
     dev_port, closed_port = free_ports(2)
     toml = _listener(dev_port, "allow_plaintext_auth = true") + "\n" + _listener(closed_port) + "\n"
     remember_credentials(DEV.address, DEV.password)
-    server = new_server(pool, "dev", extra_toml=toml, users=[DEV])  # capture mode
+    server = new_server(servers, "dev", extra_toml=toml, users=[DEV])  # capture mode
     return DevPort(server, dev_port, closed_port)
 
 
@@ -264,7 +253,9 @@ SMARTHOST_NAME = "smarthost.private.test"
 
 
 @pytest.fixture(scope="module")
-def private_ca(pool: ServerPool, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateCA]:
+def private_ca(
+    servers: ServerPool, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PrivateCA]:
     base = tmp_path_factory.mktemp("e2e-private-ca")
     host = loopback_address()
     context, ca_file = make_tls_context(SMARTHOST_NAME, base, ips=(host,))
@@ -296,7 +287,7 @@ def private_ca(pool: ServerPool, tmp_path_factory: pytest.TempPathFactory) -> It
             ],
         )
         # No SSL_CERT_FILE pointing at the CA: the ca_file setting alone must do.
-        server = new_server(pool, "private-ca", extra_toml=toml, users=[DEV])
+        server = new_server(servers, "private-ca", extra_toml=toml, users=[DEV])
         yield PrivateCA(server, starttls, implicit)
     finally:
         starttls.stop()

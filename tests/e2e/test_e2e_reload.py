@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -104,10 +105,23 @@ def served_name(server: Server, *, implicit: bool) -> str:
     with client:
         sock = client.sock
         assert isinstance(sock, ssl.SSLSocket)
-        der = sock.getpeercert(binary_form=True)
-        assert der is not None
-        cert = x509.load_der_x509_certificate(der)
-        return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+        return common_name(sock)
+
+
+def common_name(sock: ssl.SSLSocket) -> str:
+    der = sock.getpeercert(binary_form=True)
+    assert der is not None
+    cert = x509.load_der_x509_certificate(der)
+    return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+
+def https_name(port: int) -> str:
+    """The common name the HTTPS listener shows a new connection."""
+    with (
+        socket.create_connection((HOST, port), timeout=10) as raw,
+        unverified().wrap_socket(raw) as sock,
+    ):
+        return common_name(sock)
 
 
 def too_many_recipients_at(server: Server, count: int) -> int | None:
@@ -248,6 +262,33 @@ def test_replaced_certificate_is_used_without_a_signal(
     # The session opened on the old certificate goes on.
     assert held.command("NOOP").code == 250
     held.close()
+
+
+def test_replaced_certificate_reaches_the_https_listener_too(
+    fresh_servers: ServerPool, tmp_path: Path
+) -> None:
+    cert, key = write_certificate(tmp_path / "tls", "first.test")
+    http_port = free_ports(1)[0]
+    server = fresh_servers.create(
+        "https",
+        sections={
+            "tls": {"cert_file": str(cert), "key_file": str(key)},
+            "http": {"address": f"{HOST}:{http_port}", "tls": True},
+        },
+        start=False,
+    )
+    server.ca_file = cert
+    server.start()
+    assert https_name(http_port) == "first.test"
+    mark = server.log_mark()
+    write_certificate(tmp_path / "tls", "second.test")
+    wait_until(
+        lambda: https_name(http_port) == "second.test",
+        RELOAD_WAIT,
+        interval=0.3,
+        what="the new certificate on HTTPS",
+    )
+    server.wait_for_event("tls.reloaded", lambda e: e["worker"] == "http", since=mark)
 
 
 def test_new_dkim_key_signs_without_a_restart(fresh_servers: ServerPool) -> None:

@@ -21,8 +21,8 @@ from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import Account, AccountStore
 from relaygate.cli import main
 from relaygate.config import ENV_VAR, PasswordHashConfig
-from relaygate.json_views import rfc3339
 from relaygate.storage.sqlite import connect
+from relaygate.times import rfc3339
 
 CONFIG = """
 [server]

@@ -51,7 +51,6 @@ KEEPALIVE = 2.0  # seconds an idle connection waits for the next queued message
 RECOVER_INTERVAL = 5.0  # seconds between looks for rows whose holder is gone
 MAX_FINISHING = 64  # outcomes being recorded at once, across connections
 KEYS_WATCH_INTERVAL = 3.0  # seconds between looks at the DKIM keys
-KEY_ERRORS: tuple[type[BaseException], ...] = (DKIMError, *STORAGE_ERRORS)
 
 
 class DeliveryEngine:
@@ -65,7 +64,7 @@ class DeliveryEngine:
         self.queue = storage.queue
         self.resolver = MXResolver(config.delivery)
         self.signer = Signer({})  # the keys are read in run()
-        self._keys_seen: tuple[tuple[str, str, str, bytes], ...] | None = None
+        self._keys_seen: tuple[tuple[str, str, str, bytes], ...] = ()  # none yet
         self._keys_problem = ""
         self._next_keys = 0.0
         self.mta_sts = MTASTS(
@@ -121,41 +120,36 @@ class DeliveryEngine:
         await self._release_pending()
 
     async def _load_keys(self) -> None:
-        """DKIM keys: files on one machine, rows on a cluster (the same for every node)."""
-        while not self._stopping.is_set():
-            try:
-                keys = await self.storage.dkim_keys.load()
-                self.signer = Signer(keys)
-                self._keys_seen = _key_identities(keys)
-                self._next_keys = self.loop.time() + KEYS_WATCH_INTERVAL
-                return
-            except STORAGE_ERRORS as exc:  # a database not there yet: keep trying
-                logs.event("delivery.error", logging.ERROR, reason=clean(str(exc)))
-            except DKIMError as exc:  # a broken key file: sign nothing until it is fixed
-                logs.event("dkim.load_failed", logging.ERROR, reason=str(exc))
-                self._keys_problem = str(exc)
-                return
+        """DKIM keys before the first delivery (no message leaves unsigned because
+        the database was not up yet): files on one machine, rows on a cluster."""
+        while not self._stopping.is_set() and not await self._reload_keys():
             try:
                 await asyncio.wait_for(self._stopping.wait(), 5.0)
             except TimeoutError:
                 pass
+        self._next_keys = self.loop.time() + KEYS_WATCH_INTERVAL
 
-    async def _reload_keys(self) -> None:
+    async def _reload_keys(self) -> bool:
         """The keys again; a new signer only if they changed. A key that cannot
-        be read leaves the keys in use as they are (and is said once)."""
+        be read leaves the keys in use as they are (said once). False only
+        when the storage could not be asked."""
         try:
             keys = await self.storage.dkim_keys.load()
             seen = _key_identities(keys)
             if seen == self._keys_seen:
-                return
+                return True
             signer = Signer(keys)
-        except KEY_ERRORS as exc:
+        except STORAGE_ERRORS as exc:
+            logs.event("delivery.error", logging.ERROR, reason=clean(str(exc)))
+            return False
+        except DKIMError as exc:  # a broken key file: sign as before until it is fixed
             if str(exc) != self._keys_problem:
                 self._keys_problem = str(exc)
                 logs.event("dkim.load_failed", logging.ERROR, reason=clean(str(exc)))
-            return
+            return True
         self.signer, self._keys_seen, self._keys_problem = signer, seen, ""
         logs.event("dkim.keys_loaded", domains=len(keys), keys=len(seen))
+        return True
 
     def reconfigure(self, config: Config) -> None:
         """A reload (SIGHUP): routes, TLS policy, retry schedule, timeouts and
@@ -730,7 +724,6 @@ class _Reloader:
         new = reload.reload_config(self.config, "delivery")
         if new is None:
             return
-        reload.apply_logging(new)
         self.config = new
         self.sender.reconfigure(config_endpoints(new.webhooks, with_secrets=True))
         if self.engine is not None:

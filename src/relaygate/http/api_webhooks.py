@@ -13,9 +13,9 @@ from starlette.routing import BaseRoute
 
 from relaygate.http.api import ApiError, api_route, audit, json_body
 from relaygate.http.context import Caller, HttpContext
-from relaygate.json_views import rfc3339
 from relaygate.services.webhooks import ConfigDefined, WebhookError, WebhookMissing
 from relaygate.storage.api import WebhookAttempt
+from relaygate.times import rfc3339
 from relaygate.webhooks.events import Endpoint
 
 T = TypeVar("T")

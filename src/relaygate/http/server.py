@@ -8,8 +8,6 @@ import asyncio
 import logging
 import signal
 import socket
-import ssl
-from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
@@ -21,9 +19,7 @@ from relaygate.http.context import HttpContext
 from relaygate.server import reload
 from relaygate.server.tls import (
     TLSSetupError,
-    certificate_not_after,
     certificate_pairs,
-    certificate_pairs_quiet,
 )
 
 MAX_CONNECTIONS = 1000
@@ -32,9 +28,11 @@ MAX_CONNECTIONS = 1000
 def run_http(config: Config, sock: socket.socket) -> int:
     assert config.http is not None
     certfile = keyfile = None
+    pairs = []
     if config.http.tls:
         try:
-            certfile, keyfile = (str(p) for p in certificate_pairs(config)[0])
+            pairs = certificate_pairs(config)[:1]
+            certfile, keyfile = (str(p) for p in pairs[0])
         except TLSSetupError as exc:
             logs.event("http.error", logging.ERROR, reason=str(exc))
             return 1
@@ -55,7 +53,11 @@ def run_http(config: Config, sock: socket.socket) -> int:
     )
     settings.load()
     server = uvicorn.Server(settings)
-    certificates = _Certificates(config, settings.ssl) if settings.ssl is not None else None
+    certificates = (
+        reload.CertificateWatch(config, settings.ssl, pairs, "http")
+        if settings.ssl is not None
+        else None
+    )
 
     # uvicorn handles SIGTERM/SIGINT while it serves, then raises the signal again
     # for the handler it found. Ours asks the server to stop: a stop that came
@@ -73,7 +75,10 @@ def run_http(config: Config, sock: socket.socket) -> int:
 
 
 async def _serve(
-    server: uvicorn.Server, sock: socket.socket, app: Starlette, certificates: _Certificates | None
+    server: uvicorn.Server,
+    sock: socket.socket,
+    app: Starlette,
+    certificates: reload.CertificateWatch | None,
 ) -> None:
     def reload_config() -> None:
         context: HttpContext | None = getattr(app.state, "context", None)
@@ -82,7 +87,6 @@ async def _serve(
         new = reload.reload_config(context.config, "http")
         if new is None:
             return
-        reload.apply_logging(new)
         context.config = new
         context.logins.config = new.auth_throttle
         context.admin.webhooks.reconfigure(new.webhooks)
@@ -90,55 +94,17 @@ async def _serve(
             certificates.config = new
             certificates.check()
 
+    async def watch(certificates: reload.CertificateWatch) -> None:
+        while True:
+            await asyncio.sleep(reload.WATCH_INTERVAL)
+            certificates.check()
+
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, reload_config)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
-    watching = asyncio.create_task(certificates.watch()) if certificates is not None else None
+    watching = asyncio.create_task(watch(certificates)) if certificates is not None else None
     try:
         await server.serve(sockets=[sock])
     finally:
         if watching is not None:
             watching.cancel()
-
-
-class _Certificates:
-    """HTTPS: a renewed certificate is used for new connections within seconds
-    (uvicorn's context stays; its SNI callback moves handshakes to the newest)."""
-
-    def __init__(self, config: Config, front: ssl.SSLContext) -> None:
-        self.config = config
-        self.front = front
-        self.current = front
-        self.files = self._files()
-        self.signature = reload.signature(self.files)
-
-    def _files(self) -> list[Path]:
-        return list(certificate_pairs_quiet(self.config)[0])
-
-    async def watch(self) -> None:
-        while True:
-            await asyncio.sleep(reload.WATCH_INTERVAL)
-            self.check()
-
-    def check(self, force: bool = False) -> None:
-        files = self._files()
-        signature = reload.signature(files)
-        if not force and (files, signature) == (self.files, self.signature):
-            return
-        self.files, self.signature = files, signature
-        try:
-            cert, key = certificate_pairs(self.config)[0]
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(cert, key)
-        except (TLSSetupError, OSError, ssl.SSLError) as exc:
-            logs.event("tls.reload_failed", logging.ERROR, worker="http", reason=str(exc))
-            return
-        self.current = context
-        self.front.sni_callback = self._pick
-        logs.event(
-            "tls.reloaded", worker="http", cert=str(cert), not_after=certificate_not_after(cert)
-        )
-
-    def _pick(self, connection: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
-        if connection.context is not self.current:
-            connection.context = self.current

@@ -15,7 +15,8 @@ configuration since the fork). The supervisor writes the outcome to
 data_dir/reload.json so ``relaygate reload`` can report it.
 
 Certificates and DKIM keys need no signal at all: the processes that use
-them look at their files (or rows) every few seconds (``FileWatch``).
+them look at their files (``CertificateWatch``) or rows (delivery/engine.py)
+every few seconds.
 """
 
 from __future__ import annotations
@@ -24,11 +25,21 @@ import dataclasses
 import json
 import logging
 import os
+import ssl
 import time
 from pathlib import Path
 
 from relaygate import logs
 from relaygate.config import Config, ConfigError, load_config, quickstart_config
+from relaygate.server.tls import (
+    CertPair,
+    TLSSetupError,
+    certificate_not_after,
+    certificate_pairs,
+    certificate_pairs_quiet,
+    end_point_binding,
+    server_context,
+)
 
 STATUS_FILE = "reload.json"
 WATCH_INTERVAL = 2.0  # seconds between looks at certificate files and DKIM keys
@@ -72,7 +83,7 @@ def merge(running: Config, new: Config) -> tuple[Config, list[str]]:
     return dataclasses.replace(new, delivery=delivery, **kept), needs_restart
 
 
-def changed(running: Config, new: Config) -> list[str]:
+def _changed(running: Config, new: Config) -> list[str]:
     """Names of the top-level settings that differ."""
     return [
         f.name
@@ -92,15 +103,42 @@ def apply_logging(config: Config) -> None:
     )
 
 
-def reload_config(running: Config, process: str) -> Config | None:
-    """Re-read the file for one process: the config to apply, or None (logged)."""
+def _reread_logged(running: Config, process: str) -> tuple[Config | None, list[str]]:
     try:
-        new = reread(running)
+        return reread(running), []
     except ConfigError as exc:
         for problem in exc.problems:
             logs.event("config.reload_failed", logging.ERROR, process=process, problem=problem)
+        return None, exc.problems
+
+
+def reload_config(running: Config, process: str) -> Config | None:
+    """SIGHUP in a process the supervisor signalled: the file again, merged and
+    with the log reopened; None if it does not validate (logged, nothing changes)."""
+    new, _ = _reread_logged(running, process)
+    if new is None:
         return None
     effective, _ = merge(running, new)
+    apply_logging(effective)
+    return effective
+
+
+def answer(running: Config, process: str) -> Config | None:
+    """SIGHUP in the process that answers ``relaygate reload`` (the supervisor,
+    or the lone worker): as ``reload_config``, and the outcome logged
+    (``config.reloaded``) and written to data_dir/reload.json."""
+    new, problems = _reread_logged(running, process)
+    if new is None:
+        write_status(running.data_dir, False, problems, [])
+        return None
+    effective, restart = merge(running, new)
+    apply_logging(effective)
+    logs.event(
+        "config.reloaded",
+        changed=",".join(_changed(running, effective)) or "-",
+        restart_needed=",".join(restart) or "-",
+    )
+    write_status(effective.data_dir, True, [], restart)
     return effective
 
 
@@ -144,3 +182,52 @@ def signature(paths: list[Path]) -> FileSignature:
         except OSError:
             found.append((0, -1, 0))
     return tuple(found)
+
+
+class CertificateWatch:
+    """The certificate files behind a listening TLS context, looked at every
+    WATCH_INTERVAL: changed files are loaded into a new context, and new
+    handshakes move to it through the SNI callback of the context the listener
+    was made with (``front``: asyncio and uvicorn keep theirs for good). A pair
+    that does not load is logged and the one in use stays (an admin may be
+    half-way through copying it); the next change is tried again."""
+
+    def __init__(
+        self, config: Config, front: ssl.SSLContext, pairs: list[CertPair], who: str
+    ) -> None:
+        self.config = config  # a reload replaces it
+        self.front = front
+        self.current = front
+        self.pairs = pairs
+        self.bindings = tuple(end_point_binding(cert) for cert, _ in pairs)  # SCRAM-PLUS
+        self._who = who  # for the log: the worker's number, or "http"
+        self._seen = self._look()
+
+    def _look(self) -> tuple[list[Path], FileSignature]:
+        files = [path for pair in certificate_pairs_quiet(self.config) for path in pair]
+        return files, signature(files)
+
+    def check(self) -> bool:
+        """True when new certificate files are in use from now on."""
+        seen = self._look()
+        if seen == self._seen:
+            return False
+        self._seen = seen
+        try:
+            pairs = certificate_pairs(self.config)
+            context = server_context(pairs)
+            bindings = tuple(end_point_binding(cert) for cert, _ in pairs)
+        except (TLSSetupError, OSError, ValueError) as exc:
+            logs.event("tls.reload_failed", logging.ERROR, worker=self._who, reason=str(exc))
+            return False
+        self.current, self.pairs, self.bindings = context, pairs, bindings
+        self.front.sni_callback = self._pick
+        cert = pairs[0][0]
+        logs.event(
+            "tls.reloaded", worker=self._who, cert=str(cert), not_after=certificate_not_after(cert)
+        )
+        return True
+
+    def _pick(self, connection: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        if connection.context is not self.current:
+            connection.context = self.current

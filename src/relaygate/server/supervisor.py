@@ -28,7 +28,7 @@ from types import FrameType
 
 from relaygate import __version__, logs, metrics
 from relaygate.accounts.store import AccountStore
-from relaygate.config import Config, ConfigError, ListenerConfig
+from relaygate.config import Config, ListenerConfig
 from relaygate.delivery.engine import run_delivery
 from relaygate.http.server import run_http
 from relaygate.server import reload
@@ -486,30 +486,15 @@ def _supervise(
         nonlocal config
         if stopping:
             return
-        try:
-            new = reload.reread(config)
-        except ConfigError as exc:
-            for problem in exc.problems:
-                logs.event(
-                    "config.reload_failed", logging.ERROR, process="supervisor", problem=problem
-                )
-            reload.write_status(config.data_dir, False, exc.problems, [])
+        new = reload.answer(config, "supervisor")
+        if new is None:
             return
-        effective, restart = reload.merge(config, new)
-        differ = reload.changed(config, effective)
-        reload.apply_logging(effective)
-        config = effective  # workers started from now on get it too
+        config = new  # workers started from now on get it too
         for pid in list(workers):
             try:
                 os.kill(pid, signal.SIGHUP)
             except ProcessLookupError:
                 pass
-        logs.event(
-            "config.reloaded",
-            changed=",".join(differ) or "-",
-            restart_needed=",".join(restart) or "-",
-        )
-        reload.write_status(config.data_dir, True, [], restart)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

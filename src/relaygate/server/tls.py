@@ -20,6 +20,7 @@ from cryptography.x509.oid import NameOID
 
 from relaygate.config import Config
 from relaygate.storage.files import private_directory
+from relaygate.times import rfc3339_of
 
 CertPair = tuple[Path, Path]  # (certificate chain, private key)
 
@@ -104,7 +105,7 @@ def certificate_pairs_quiet(config: Config) -> list[CertPair]:
 def certificate_not_after(cert_file: Path) -> str:
     """When the (first) certificate in ``cert_file`` expires, RFC 3339 UTC."""
     cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
-    return cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339_of(cert.not_valid_after_utc)
 
 
 def server_context(pairs: list[CertPair]) -> ssl.SSLContext:

@@ -21,18 +21,14 @@ from typing import Any
 from relaygate import __version__, logs, stats
 from relaygate.accounts.changes import ChangeSignal
 from relaygate.accounts.passwords import PasswordHasher
-from relaygate.config import Config, ConfigError, ListenerConfig
+from relaygate.config import Config, ListenerConfig
 from relaygate.eventloop import new_event_loop
 from relaygate.server import reload
 from relaygate.server.connection import SMTPConnection
 from relaygate.server.connlimit import ConnectionLimiter
 from relaygate.server.listener import ProxyListener
 from relaygate.server.tls import (
-    TLSSetupError,
-    certificate_not_after,
     certificate_pairs,
-    certificate_pairs_quiet,
-    end_point_binding,
     server_context,
 )
 from relaygate.services import retention
@@ -84,13 +80,10 @@ class Worker:
         self.draining = False
         self._stopped = asyncio.Event()
         pairs = certificate_pairs(config)
-        # Every handshake starts on this context; after a certificate reload its
-        # SNI callback moves the handshake to the newest one (_current_tls).
+        # Every handshake starts on this context; once the certificate files
+        # change, its SNI callback moves handshakes to the newest (reload.py).
         self.tls_context: ssl.SSLContext = server_context(pairs)
-        self._current_tls = self.tls_context
-        self.channel_bindings = tuple(end_point_binding(cert) for cert, _ in pairs)
-        self._tls_files = [path for pair in pairs for path in pair]
-        self._tls_signature = reload.signature(self._tls_files)
+        self.certificates = reload.CertificateWatch(config, self.tls_context, pairs, str(index))
         self.listener_settings: dict[str, Settings] = {}  # by listener address
         self.standalone = False  # no supervisor: this process answers SIGHUP alone
         self.changes = ChangeSignal(config.data_dir)
@@ -230,7 +223,7 @@ class Worker:
 
     def _make_settings(self) -> None:
         for listener in self._listeners:
-            settings = session_settings(self.config, listener, self.channel_bindings)
+            settings = session_settings(self.config, listener, self.certificates.bindings)
             self.listener_settings[listener.address] = settings
         for proxied in self._proxy_listeners:
             proxied.settings = self.listener_settings[proxied.listener.address]
@@ -238,65 +231,20 @@ class Worker:
     def reload(self) -> None:
         """SIGHUP: the configuration file again, applied to new sessions and
         to the limits every session reads; open connections stay."""
-        process = "server" if self.standalone else f"worker {self.index}"
-        try:
-            new = reload.reread(self.config)
-        except ConfigError as exc:
-            for problem in exc.problems:
-                logs.event("config.reload_failed", logging.ERROR, process=process, problem=problem)
-            if self.standalone:
-                reload.write_status(self.config.data_dir, False, exc.problems, [])
-            return
-        effective, restart = reload.merge(self.config, new)
-        differ = reload.changed(self.config, effective)
-        reload.apply_logging(effective)
-        self.config = effective
-        self.max_connections = effective.limits.max_connections
-        notices = self._notices()
-        self.submission.reconfigure(effective.hostname, effective.sending_limits, notices)
-        self.logins.config = effective.auth_throttle
-        self.logins.notices = notices
-        if not self.reload_tls():
-            self._make_settings()  # the hostname or limits, with the certificate we had
         if self.standalone:
-            logs.event(
-                "config.reloaded",
-                changed=",".join(differ) or "-",
-                restart_needed=",".join(restart) or "-",
-            )
-            reload.write_status(effective.data_dir, True, [], restart)
-
-    def reload_tls(self, force: bool = False) -> bool:
-        """Load the certificate files again if they changed (or ``force``);
-        True if new ones are in use. A pair that does not load is logged and
-        the one in use stays (an admin may be half-way through copying it)."""
-        files = [path for pair in certificate_pairs_quiet(self.config) for path in pair]
-        sig = reload.signature(files)
-        if not force and files == self._tls_files and sig == self._tls_signature:
-            return False
-        self._tls_files, self._tls_signature = files, sig
-        try:
-            pairs = certificate_pairs(self.config)
-            context = server_context(pairs)
-            bindings = tuple(end_point_binding(cert) for cert, _ in pairs)
-        except (TLSSetupError, OSError, ValueError) as exc:
-            logs.event("tls.reload_failed", logging.ERROR, worker=self.index, reason=str(exc))
-            return False
-        self._current_tls = context
-        self.channel_bindings = bindings
-        self.tls_context.sni_callback = self._pick_tls
-        self._make_settings()
-        logs.event(
-            "tls.reloaded",
-            worker=self.index,
-            cert=str(pairs[0][0]),
-            not_after=certificate_not_after(pairs[0][0]),
-        )
-        return True
-
-    def _pick_tls(self, connection: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
-        if connection.context is not self._current_tls:
-            connection.context = self._current_tls
+            new = reload.answer(self.config, "server")
+        else:
+            new = reload.reload_config(self.config, f"worker {self.index}")
+        if new is None:
+            return
+        self.config = self.certificates.config = new
+        self.max_connections = new.limits.max_connections
+        notices = self._notices()
+        self.submission.reconfigure(new.hostname, new.sending_limits, notices)
+        self.logins.config = new.auth_throttle
+        self.logins.notices = notices
+        self.certificates.check()
+        self._make_settings()  # the hostname, limits and certificate of now
 
     def _notices(self) -> EventNotices | None:
         if self.storage.webhooks is None:
@@ -392,7 +340,8 @@ class Worker:
                 self._beating = asyncio.ensure_future(self._heartbeat(self.storage.nodes))
             if now >= next_watch and not self.draining:
                 next_watch = now + reload.WATCH_INTERVAL
-                self.reload_tls()  # a renewed certificate, with no signal needed
+                if self.certificates.check():  # a renewed certificate, with no signal needed
+                    self._make_settings()
             for connection in list(self.connections):
                 connection.check_timeouts(now)
             if not self.draining:

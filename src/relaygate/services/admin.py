@@ -30,6 +30,7 @@ from relaygate.accounts.store import (
 from relaygate.config import PasswordHashConfig, WebhookConfig
 from relaygate.delivery.dkim import DKIMKey, KeyType, normalize_domain, txt_record
 from relaygate.sasl import StoredKeys, stored_keys_for_password
+from relaygate.services import retention
 from relaygate.services.webhooks import WebhooksAdmin
 from relaygate.stats import HourStats
 from relaygate.storage.api import (
@@ -53,6 +54,7 @@ from relaygate.storage.api import (
     TokenExists,
 )
 from relaygate.storage.message_query import MessageQuery
+from relaygate.times import rfc3339
 
 
 class NotFound(LookupError):
@@ -142,13 +144,15 @@ class MessagesAdmin:
 
     async def part(self, message_id: str, index: int) -> tuple[mail_parts.Attachment, bytes]:
         """Part ``index`` as numbered by mail_parts (the API's /parts/N), decoded."""
-        view, found = await self.content(message_id)
-        assert view.body is not None
-        got = await asyncio.to_thread(mail_parts.attachment, view.body, index)
-        if got is None:
-            numbers = ", ".join(str(a.index) for a in found.attachments) or "none"
-            raise NotFound(f"message {view.record.id} has no part {index} (its parts: {numbers})")
-        return got
+        view = await self.show(message_id)
+        if view.body is None:
+            raise NotFound(no_body_text(view.record))
+        found, contents = await asyncio.to_thread(mail_parts.scan, view.body)  # one parse
+        for attachment in found.attachments:
+            if attachment.index == index:
+                return attachment, contents[index]
+        numbers = ", ".join(str(a.index) for a in found.attachments) or "none"
+        raise NotFound(f"message {view.record.id} has no part {index} (its parts: {numbers})")
 
     async def delete(self, message_ids: Sequence[str]) -> Deleted:
         """Remove messages with their bodies, queue rows and history; ids that
@@ -158,14 +162,13 @@ class MessagesAdmin:
     async def prune(self, older_than: float, now: float) -> int:
         """Remove every message received more than ``older_than`` seconds ago
         that nothing still waits to deliver, a batch at a time; how many."""
-        total = 0
-        for _ in range(MAX_PRUNE_BATCHES):
-            count = await self._log.prune(now - older_than, PRUNE_BATCH)
-            total += count
-            if count < PRUNE_BATCH:
-                break
-            await asyncio.sleep(PRUNE_PAUSE)
-        return total
+        before = now - older_than
+        return await retention.in_batches(
+            lambda: self._log.prune(before, PRUNE_BATCH),
+            PRUNE_BATCH,
+            PRUNE_PAUSE,
+            MAX_PRUNE_BATCHES,
+        )
 
 
 PRUNE_BATCH = 500  # rows per transaction
@@ -181,7 +184,7 @@ def normalize_message_id(message_id: str) -> str:
 def no_body_text(record: MessageRecord) -> str:
     """Why a message has no body to show, in words."""
     if record.body_removed_at is not None:
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.body_removed_at))
+        when = rfc3339(record.body_removed_at)
         return f"message {record.id}: its body was removed by retention at {when}"
     return f"message {record.id} has no stored body"
 

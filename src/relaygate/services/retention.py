@@ -98,14 +98,23 @@ class Retention:
         return Pruned(messages, bodies, webhooks)
 
     async def _batches(self, step: Callable[[], Awaitable[int]]) -> int:
-        total = 0
-        for _ in range(MAX_BATCHES):
-            count = await step()
-            total += count
-            if count < self._batch:
-                break
-            await asyncio.sleep(self._pause)
-        return total
+        return await in_batches(step, self._batch, self._pause, MAX_BATCHES)
+
+
+async def in_batches(
+    step: Callable[[], Awaitable[int]], batch: int, pause: float, most: int
+) -> int:
+    """Run ``step`` (one short transaction removing up to ``batch`` rows) until
+    it removes fewer, at most ``most`` times, pausing between so other writers
+    get the lock; how many rows in all."""
+    total = 0
+    for _ in range(most):
+        count = await step()
+        total += count
+        if count < batch:
+            break
+        await asyncio.sleep(pause)
+    return total
 
 
 def interval() -> float:
@@ -136,17 +145,18 @@ def enabled(config: RetentionConfig) -> bool:
 
 async def run_forever(config: Config, settings: Callable[[], RetentionConfig]) -> None:
     """Prune every interval() seconds until cancelled; log ``retention.pruned``.
-    ``settings`` gives the [retention] in force now (a reload may change it)."""
+    ``settings`` gives the [retention] in force now (a reload may change it).
+    The first round (and the storage it opens) comes an interval after start,
+    not at it: a (re)start has work enough."""
     every = interval()
     while True:
+        await asyncio.sleep(every)
         if not enabled(settings()):
-            await asyncio.sleep(every)
             continue
         try:
             store = await open_admin_storage(config)
         except _OPEN_ERRORS as exc:  # try again next round
             logs.event("retention.error", logging.WARNING, reason=" ".join(str(exc).split()))
-            await asyncio.sleep(every)
             continue
         try:
             await _rounds(store.messages, store.webhooks, settings, every)

@@ -23,6 +23,14 @@ class MessageQuery:
     limit: int = 50
 
 
+# Both backends, for retention and prune (messages aliased m): nothing waits to
+# deliver the message - no queue row that is queued or being sent.
+SETTLED = (
+    "NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = m.id"
+    " AND d.status IN ('queued', 'sending'))"
+)
+
+
 def _escape_like(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 

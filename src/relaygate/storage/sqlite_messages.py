@@ -16,7 +16,8 @@ from relaygate.storage.api import (
     MessageRecord,
     record_from_row,
 )
-from relaygate.storage.message_query import MessageQuery, where
+from relaygate.storage.message_query import SETTLED, MessageQuery, where
+from relaygate.storage.sqlite import write_transaction
 from relaygate.storage.thread import DatabaseThread
 
 
@@ -103,13 +104,6 @@ def _history(db: sqlite3.Connection, message_id: str) -> list[DeliveryAttempt]:
     return [DeliveryAttempt(*row) for row in rows]
 
 
-# Not waiting to be delivered: no queue row that is queued or being sent.
-_SETTLED = (
-    "NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = m.id"
-    " AND d.status IN ('queued', 'sending'))"
-)
-
-
 def _remove(db: sqlite3.Connection, ids: Sequence[str]) -> list[str]:
     """Delete these messages (their bodies, queue rows and history go with
     them: ON DELETE CASCADE) inside the caller's transaction; the ids whose
@@ -154,8 +148,7 @@ def _delete(db: sqlite3.Connection, directory: Path, ids: list[str]) -> Deleted:
     removed: list[str] = []
     unknown: list[str] = []
     sending: list[str] = []
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(db):
         for message_id in dict.fromkeys(ids):
             if db.execute("SELECT 1 FROM messages WHERE id = ?", (message_id,)).fetchone() is None:
                 unknown.append(message_id)
@@ -167,10 +160,6 @@ def _delete(db: sqlite3.Connection, directory: Path, ids: list[str]) -> Deleted:
             else:
                 removed.append(message_id)
         files = _remove(db, removed) if removed else []
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
     _unlink(directory, files)
     return Deleted(removed, unknown, sending)
 
@@ -183,21 +172,16 @@ def _count_cutoff(db: sqlite3.Connection, keep: int) -> float | None:
 
 
 def _prune(db: sqlite3.Connection, directory: Path, before: float, limit: int) -> int:
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(db):
         ids = [
             str(row[0])
             for row in db.execute(
-                f"SELECT m.id FROM messages m WHERE m.created_at < ? AND {_SETTLED}"  # noqa: S608
+                f"SELECT m.id FROM messages m WHERE m.created_at < ? AND {SETTLED}"  # noqa: S608
                 " ORDER BY m.created_at LIMIT ?",
                 (before, limit),
             )
         ]
         files = _remove(db, ids) if ids else []
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
     _unlink(directory, files)
     return len(ids)
 
@@ -205,12 +189,11 @@ def _prune(db: sqlite3.Connection, directory: Path, before: float, limit: int) -
 def _prune_bodies(
     db: sqlite3.Connection, directory: Path, before: float, limit: int, now: float
 ) -> int:
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(db):
         rows = db.execute(
             "SELECT m.id, coalesce(b.in_file, 0) FROM messages m"  # noqa: S608 (constants)
             " LEFT JOIN message_bodies b ON b.id = m.id"
-            f" WHERE m.created_at < ? AND m.body_removed_at IS NULL AND {_SETTLED}"
+            f" WHERE m.created_at < ? AND m.body_removed_at IS NULL AND {SETTLED}"
             " ORDER BY m.created_at LIMIT ?",
             (before, limit),
         ).fetchall()
@@ -222,9 +205,5 @@ def _prune_bodies(
                 f"UPDATE messages SET body_removed_at = ? WHERE id IN ({marks})",  # noqa: S608
                 (now, *ids),
             )
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
     _unlink(directory, [str(row[0]) for row in rows if row[1]])
     return len(ids)

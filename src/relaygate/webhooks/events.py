@@ -13,7 +13,8 @@ import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+
+from relaygate.times import rfc3339
 
 MESSAGE_ACCEPTED = "message.accepted"
 MESSAGE_DELIVERED = "message.delivered"
@@ -87,10 +88,6 @@ class AttemptRow:
     recipients: tuple[str, ...]
     host: str | None
     reply: str | None
-
-
-def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def body(event_type: str, ts: float, data: dict[str, object]) -> str:

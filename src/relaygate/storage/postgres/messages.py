@@ -14,19 +14,13 @@ from relaygate.storage.api import (
     MessageRecord,
     record_from_row,
 )
-from relaygate.storage.message_query import MessageQuery, where
+from relaygate.storage.message_query import SETTLED, MessageQuery, where
 from relaygate.storage.postgres import bodies
 
 # Retention on several nodes: one at a time does a batch (a transaction-level
 # advisory lock; the others skip that round). Deleting twice would be harmless
 # (deletes are idempotent) but would make nodes wait on each other's row locks.
 RETENTION_LOCK = 0x72657465  # "rete"
-
-# Not waiting to be delivered: no queue row that is queued or being sent.
-_SETTLED = (
-    "NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = m.id"
-    " AND d.status IN ('queued', 'sending'))"
-)
 
 
 def _record(row: tuple[Any, ...]) -> MessageRecord:
@@ -114,7 +108,7 @@ class PostgresMessageLog:
                 return 0
             cursor = await connection.execute(
                 "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages m"  # noqa: S608
-                f" WHERE m.created_at < %s AND {_SETTLED}"
+                f" WHERE m.created_at < %s AND {SETTLED}"
                 " ORDER BY m.created_at LIMIT %s FOR UPDATE SKIP LOCKED)",
                 (before, limit),
             )
@@ -127,7 +121,7 @@ class PostgresMessageLog:
             cursor = await connection.execute(
                 "UPDATE messages SET body_removed_at = %s"  # noqa: S608 (constants)
                 " WHERE id IN (SELECT m.id FROM messages m"
-                f" WHERE m.created_at < %s AND m.body_removed_at IS NULL AND {_SETTLED}"
+                f" WHERE m.created_at < %s AND m.body_removed_at IS NULL AND {SETTLED}"
                 " ORDER BY m.created_at LIMIT %s FOR UPDATE SKIP LOCKED) RETURNING id",
                 (now, before, limit),
             )
