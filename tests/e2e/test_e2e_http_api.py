@@ -103,6 +103,19 @@ def test_accounts_made_and_changed_over_the_api_log_in_over_smtp(
     )
     assert status == 200 and body["admin"] is True and body["disabled"] is False
     assert _smtp_login(server, "app@shop.example", "a-new-long-password")
+    # One refused value refuses the whole PATCH: nothing of it is stored.
+    for refused in ({"password": ""}, {"senders": ["not a pattern"]}):
+        status, body = call(
+            "PATCH",
+            f"{base}/api/v1/accounts/app@shop.example",
+            token,
+            {"senders": ["@other.example"], "admin": False, "disabled": True, **refused},
+        )
+        assert status == 400, body
+        status, body = call("GET", f"{base}/api/v1/accounts/app@shop.example", token)
+        assert body["senders"] == ["@shop.example"] and body["admin"] is True, body
+        assert body["disabled"] is False
+        assert _smtp_login(server, "app@shop.example", "a-new-long-password")
     status, body = call(
         "PATCH", f"{base}/api/v1/accounts/app@shop.example/limits", token, {"messages_per_hour": 5}
     )

@@ -116,24 +116,13 @@ async def _account_change(request: Request, ctx: HttpContext, caller: Caller) ->
     address = request.path_params["address"]
     data = await json_body(request)
     _only(data, {"senders", "disabled", "admin", "password"})
-    account = await ctx.admin.accounts.get(address)
-    senders = _strings(data, "senders")
-    disabled = _flag(data, "disabled")
-    admin = _flag(data, "admin")
-    password = _text(data, "password")
-    changed = []
-    if senders is not None:
-        await ctx.admin.accounts.set_senders(account.address, senders)
-        changed.append("senders")
-    if disabled is not None:
-        await ctx.admin.accounts.set_disabled(account.address, disabled)
-        changed.append("disabled")
-    if admin is not None:
-        await ctx.admin.accounts.set_admin(account.address, admin)
-        changed.append("admin")
-    if password is not None:
-        await ctx.admin.accounts.set_password(account.address, password)
-        changed.append("password")
+    account, changed = await ctx.admin.accounts.change(
+        address,
+        senders=_strings(data, "senders"),
+        disabled=_flag(data, "disabled"),
+        admin=_flag(data, "admin"),
+        password=_text(data, "password"),
+    )
     audit(caller, "account.change", account=account.address, fields=",".join(changed))
     account, limits = await ctx.admin.credentials.account_limits(account.address, {})
     return JSONResponse(account_json(account, limits))

@@ -26,6 +26,7 @@ from relaygate.accounts.store import (
     AccountError,
     normalize_address,
     normalize_sender_pattern,
+    normalize_senders,
 )
 from relaygate.config import PasswordHashConfig, WebhookConfig
 from relaygate.delivery.dkim import DKIMKey, KeyType, normalize_domain, txt_record
@@ -211,6 +212,37 @@ class AccountsAdmin:
         address = _valid_new(address, senders)
         password_hash, scram = await self._secrets(password)
         return await self._accounts.add(address, password_hash, senders, scram)
+
+    async def change(
+        self,
+        address: str,
+        *,
+        senders: Sequence[str] | None = None,
+        disabled: bool | None = None,
+        admin: bool | None = None,
+        password: str | None = None,
+    ) -> tuple[Account, list[str]]:
+        """Several changes at once (the API's PATCH): every value is checked, and the
+        password hashed, before the first is stored, so a refused value leaves the
+        account as it was instead of half changed. The account and what changed."""
+        account = await self.get(address)
+        if senders is not None:
+            normalize_senders(senders)  # raises AccountError, worded for users
+        secrets_ = None if password is None else await self._secrets(password)
+        changed: list[str] = []
+        if senders is not None:
+            await self._accounts.set_senders(account.address, senders)
+            changed.append("senders")
+        if disabled is not None:
+            await self._accounts.set_disabled(account.address, disabled)
+            changed.append("disabled")
+        if admin is not None:
+            await self._accounts.set_admin(account.address, admin)
+            changed.append("admin")
+        if secrets_ is not None:
+            await self._accounts.set_password_hash(account.address, *secrets_)
+            changed.append("password")
+        return await self.get(account.address), changed
 
     async def set_password(self, address: str, password: str) -> Account:
         account = await self.get(address)
