@@ -21,8 +21,8 @@ import jwt
 from relaygate.config import OAuthConfig
 from relaygate.oauth.keys import KeySet, family_of_algorithm
 
-# Real tokens are 1-4 KB; an AUTH line holds at most 12,288 octets anyway.
-MAX_TOKEN = 8192
+# Real tokens are 1-4 KB; this is about what fits in a 12,288-octet AUTH line.
+MAX_TOKEN = 9216
 MAX_ADDRESS = 320
 
 
