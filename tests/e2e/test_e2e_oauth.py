@@ -491,3 +491,47 @@ def test_msmtp(server: Server, tmp_path: Path, auth: str) -> None:
     assert b"535" in refused.stderr or b"authentication failed" in refused.stderr.lower(), (
         refused.stderr
     )
+
+
+# ------------------------------------------------------------------ peers that stall
+
+
+def test_a_client_that_never_answers_the_challenge_is_timed_out(
+    servers: ServerPool, idp: JwksServer
+) -> None:
+    impatient = servers.create(
+        "oauth-timeouts",
+        users=[ALICE],
+        limits={"idle_timeout": 1, "command_timeout": 1},
+        sections={"oauth": _oauth_section(idp)},
+    )
+    with _tls_client(impatient) as client:
+        assert client.command(f"AUTH OAUTHBEARER {_oauthbearer(token(audience='x'))}").code == 334
+        started = time.monotonic()
+        reply = client.reply(timeout=15)  # we never send the dummy response
+        assert reply.status == "421 4.4.2", str(reply)
+        assert client.wait_closed(timeout=10)
+        assert time.monotonic() - started < 10
+
+
+def test_a_stalling_identity_provider_stalls_nobody_else(server: Server, idp: JwksServer) -> None:
+    time.sleep(1.1)  # past jwks_min_interval: the next unknown kid fetches
+    idp.delay = 2.0
+    try:
+        with (
+            _tls_client(server) as waiting,
+            _tls_client(server) as other,
+        ):
+            started = time.monotonic()
+            waiting.send(
+                f"AUTH OAUTHBEARER {_oauthbearer(token(kid='unknown-while-slow'))}\r\n".encode()
+            )
+            time.sleep(0.2)  # the fetch is under way now
+            # Meanwhile another client logs in with a known key and gets answered at once.
+            quick = other.command(f"AUTH XOAUTH2 {_xoauth2(token())}")
+            assert quick.code == 235, str(quick)
+            assert time.monotonic() - started < 1.5
+            assert waiting.reply(timeout=15).code == 334  # the unknown kid, after the fetch
+            assert waiting.command("AQ==").status == "535 5.7.8"
+    finally:
+        idp.delay = 0.0

@@ -424,3 +424,13 @@ def test_config_needs_issuer_and_a_key_source() -> None:
     assert isinstance(problems, list)
     assert "oauth.issuer: is required (the tokens' iss claim)" in problems
     assert "oauth: needs jwks_url or jwks_file (one of them)" in problems
+
+
+def test_a_changed_oauth_section_waits_for_a_restart() -> None:
+    from relaygate.server.reload import merge
+
+    running = config_from_dict({"oauth": GOOD}, Path("/"))
+    new = config_from_dict({"oauth": {**GOOD, "audience": "other"}}, Path("/"))
+    merged, needs_restart = merge(running, new)
+    assert "oauth" in needs_restart
+    assert merged.oauth == running.oauth

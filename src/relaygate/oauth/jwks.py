@@ -27,7 +27,7 @@ from relaygate import logs
 from relaygate.config import OAuthConfig
 from relaygate.oauth.keys import MAX_JWKS_BYTES, JwksError, KeySet
 
-FETCH_TIMEOUT = 10.0
+FETCH_TIMEOUT = 5.0
 FILE_CHECK_INTERVAL = 1.0
 
 Fetch = Callable[[], Awaitable[bytes]]
