@@ -434,3 +434,16 @@ def test_a_changed_oauth_section_waits_for_a_restart() -> None:
     merged, needs_restart = merge(running, new)
     assert "oauth" in needs_restart
     assert merged.oauth == running.oauth
+
+
+def test_a_login_before_the_first_fetch_ends_waits_for_it() -> None:
+    async def run() -> None:
+        provider, clock = FakeProvider(RSA), Clock()
+        tokens = OAuthTokens(CONFIG, JwksSource(CONFIG, fetch=provider, clock=clock))
+        await tokens.start(wait=False)  # as a worker starts: listening at once
+        results = await asyncio.gather(*(tokens.check(RSA.token()) for _ in range(5)))
+        assert all(r.ok for r in results)
+        assert provider.calls == 1
+        await tokens.close()
+
+    asyncio.run(run())

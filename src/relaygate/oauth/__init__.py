@@ -37,8 +37,8 @@ class OAuthTokens:
         self.verifier = TokenVerifier(config)
         self.source = source if source is not None else JwksSource(config)
 
-    async def start(self) -> None:
-        await self.source.start()
+    async def start(self, wait: bool = True) -> None:
+        await self.source.start(wait)
 
     async def close(self) -> None:
         await self.source.close()

@@ -82,12 +82,17 @@ class JwksSource:
     def where(self) -> str:
         return self.config.jwks_url or str(self.config.jwks_file)
 
-    async def start(self) -> None:
-        """The first load (a failure is logged, not fatal: logins wait for keys),
-        then the periodic refresh."""
+    async def start(self, wait: bool = True) -> None:
+        """The first load (a failure is logged, not fatal), then the periodic refresh.
+
+        ``wait=False``: the first fetch runs on its own; a login that comes
+        before it ends waits for it (keys_for joins the fetch under way).
+        """
         if self._fetch is not None:
-            await self.refresh("start")
-            self._refresher = asyncio.ensure_future(self._refresh_forever())
+            first = self._begin("start")
+            self._refresher = asyncio.ensure_future(self._refresh_forever(first))
+            if wait:
+                await first
         else:
             self._check_file(force=True)
 
@@ -115,11 +120,15 @@ class JwksSource:
 
     async def refresh(self, reason: str) -> None:
         """Fetch now (or join the fetch under way); keeps the old set on failure."""
+        await asyncio.shield(self._begin(reason))
+
+    def _begin(self, reason: str) -> asyncio.Future[None]:
+        """The fetch under way, or a new one."""
         if self._inflight is None:
             self._last_attempt = self._clock()
             self._inflight = asyncio.ensure_future(self._fetch_once(reason))
             self._inflight.add_done_callback(self._fetched)
-        await asyncio.shield(self._inflight)
+        return self._inflight
 
     def _fetched(self, _: asyncio.Future[None]) -> None:
         self._inflight = None
@@ -153,7 +162,9 @@ class JwksSource:
             )
         self.keys = keys
 
-    async def _refresh_forever(self) -> None:
+    async def _refresh_forever(self, first: asyncio.Future[None]) -> None:
+        with contextlib.suppress(Exception):
+            await first
         while True:
             # Without any keys (the provider was away at start), try sooner.
             pause = self.config.jwks_refresh if self.keys else self.config.jwks_min_interval

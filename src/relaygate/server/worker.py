@@ -121,7 +121,8 @@ class Worker:
         )
         self.oauth = OAuthTokens(config.oauth) if config.oauth is not None else None
         if self.oauth is not None:
-            await self.oauth.start()  # keys fetched before the first login (failure: logged)
+            # The keys are fetched meanwhile; a login that comes first waits for them.
+            await self.oauth.start(wait=False)
         self.logins = LoginService(
             accounts=self.storage.accounts,
             credentials=self.storage.credentials,
