@@ -20,7 +20,7 @@ run: $(STAMP)
 
 # End-to-end modules run a second time with every server on PostgreSQL
 # (a database of its own each; RELAYGATE_TEST_POSTGRES says where).
-E2E_POSTGRES := accounts credentials clients scram refusals revocation large_messages bounces reload \
+E2E_POSTGRES := accounts credentials clients scram oauth refusals revocation large_messages bounces reload \
 	login_races throttle proxy quotas limits http http_api webui webui_login metrics webhooks \
 	retention
 E2E_POSTGRES_FILES := $(foreach m,$(E2E_POSTGRES),tests/e2e/test_e2e_$(m).py)

@@ -299,6 +299,106 @@ class RetentionConfig:
     body_max_age: int | None = None  # seconds a body is kept; None: as long as its record
 
 
+# --------------------------------------------------------------------- [oauth]
+# OAUTHBEARER / XOAUTH2 logins (relaygate/oauth/, docs/identity.md): one block,
+# so a merge with other sections stays simple.
+
+# JWS algorithms a token may use. A JWKS holds public keys: HS* (shared secrets)
+# and "none" can never be allowed.
+OAUTH_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA")
+OAUTH_MAX_LEEWAY = 300.0
+
+
+@dataclass(frozen=True)
+class OAuthConfig:
+    """[oauth]: who issues the tokens, for whom, and where its public keys are."""
+
+    issuer: str  # the token's "iss", exactly
+    audience: tuple[str, ...]  # the token's "aud" must name one of these
+    jwks_url: str | None = None  # https:// (http:// on loopback only); or jwks_file
+    jwks_file: Path | None = None  # re-read when it changes
+    address_claim: str = "email"  # the claim naming the relaygate account
+    algorithms: tuple[str, ...] = ("RS256", "ES256", "PS256", "EdDSA")
+    leeway: float = 60.0  # seconds of clock skew allowed for exp / nbf / iat
+    jwks_refresh: float = 3600.0  # seconds between routine re-fetches of jwks_url
+    jwks_min_interval: float = 30.0  # seconds at least between fetches for unknown kids
+    scope: str | None = None  # "scope" in the RFC 7628 error challenge, if any
+
+
+def _oauth(check: _Checker, data: dict[str, Any], base: Path) -> OAuthConfig | None:
+    if "oauth" not in data:
+        return None
+    where = "oauth"
+    raw = check.table(data, where, where)
+    fields = {f.name for f in dataclasses.fields(OAuthConfig)}
+    check.unknown(raw, fields, where)
+    issuer = ""
+    if "issuer" not in raw:
+        check.problem(f"{where}.issuer", "is required (the tokens' iss claim)")
+    else:
+        issuer = check.string(raw, "issuer", where, "")
+    audience_raw = raw.get("audience")
+    if isinstance(audience_raw, str) and audience_raw:
+        audience: tuple[str, ...] = (audience_raw,)
+    elif (
+        isinstance(audience_raw, list)
+        and audience_raw
+        and all(isinstance(a, str) and a for a in audience_raw)
+    ):
+        audience = tuple(audience_raw)
+    else:
+        check.problem(
+            f"{where}.audience", f"must be a string or a list of strings (got {audience_raw!r})"
+        )
+        audience = ()
+    jwks_url = _url(raw, "jwks_url", where, ("https", "http"), check)
+    if jwks_url is not None and jwks_url.lower().startswith("http://"):
+        host = jwks_url[len("http://") :].partition("/")[0].rpartition("@")[2]
+        host = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+        if not is_loopback_host(host):
+            check.problem(f"{where}.jwks_url", "must be https:// (http:// only on loopback)")
+    jwks_file = check.path(raw, "jwks_file", where, base, readable=True)
+    if "jwks_url" not in raw and "jwks_file" not in raw:
+        check.problem(where, "needs jwks_url or jwks_file (one of them)")
+    elif "jwks_url" in raw and "jwks_file" in raw:
+        check.problem(where, "jwks_url and jwks_file: give one, not both")
+    algorithms_raw = raw.get("algorithms", list(OAuthConfig.algorithms))
+    algorithms: tuple[str, ...] = OAuthConfig.algorithms
+    if not isinstance(algorithms_raw, list) or not algorithms_raw:
+        check.problem(f"{where}.algorithms", f"must be a non-empty list (got {algorithms_raw!r})")
+    else:
+        wrong = [a for a in algorithms_raw if a not in OAUTH_ALGORITHMS]
+        if wrong:
+            check.problem(
+                f"{where}.algorithms",
+                f"{wrong[0]!r} is not allowed (HS* and none never are); choose from "
+                + ", ".join(OAUTH_ALGORITHMS),
+            )
+        else:
+            algorithms = tuple(dict.fromkeys(algorithms_raw))
+    leeway = _non_negative(raw, "leeway", where, check, OAuthConfig.leeway)
+    if leeway > OAUTH_MAX_LEEWAY:
+        check.problem(f"{where}.leeway", f"must be at most {OAUTH_MAX_LEEWAY:g} seconds")
+    scope = raw.get("scope")
+    if scope is not None and (not isinstance(scope, str) or not scope.strip()):
+        check.problem(f"{where}.scope", f"must be a non-empty string (got {scope!r})")
+        scope = None
+    return OAuthConfig(
+        issuer=issuer,
+        audience=audience,
+        jwks_url=jwks_url,
+        jwks_file=jwks_file,
+        address_claim=check.string(raw, "address_claim", where, OAuthConfig.address_claim),
+        algorithms=algorithms,
+        leeway=leeway,
+        jwks_refresh=check.number(raw, "jwks_refresh", where, OAuthConfig.jwks_refresh),
+        jwks_min_interval=check.number(
+            raw, "jwks_min_interval", where, OAuthConfig.jwks_min_interval
+        ),
+        scope=scope,
+    )
+
+
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
@@ -325,6 +425,7 @@ class Config:
     http: HTTPConfig | None = None
     webhooks: tuple[WebhookConfig, ...] = ()
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    oauth: OAuthConfig | None = None
     node_name: str = field(default_factory=default_node_name)
     quickstart: bool = False
     source: Path | None = None  # the file this came from, None in quickstart
@@ -395,6 +496,7 @@ _TOP_KEYS = {
     "http",
     "webhooks",
     "retention",
+    "oauth",
 }
 
 
@@ -1062,6 +1164,7 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
         data.get("webhooks"), check, base, http is not None and http.allow_private_targets
     )
     retention = _retention(check, data)
+    oauth = _oauth(check, data, base)
     if http is not None and any((x.host, x.port) == (http.host, http.port) for x in listeners):
         check.problem("http.address", f"{http.address} is also an SMTP listener")
 
@@ -1085,6 +1188,7 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
         http=http,
         webhooks=webhooks,
         retention=retention,
+        oauth=oauth,
         node_name=node_name,
         source=source,
     )

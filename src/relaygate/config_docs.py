@@ -267,6 +267,50 @@ DOCS: dict[str, Doc] = {
         "Bodies of messages nothing waits to deliver go earlier than their records (which"
         ' then say so); "off": a body is kept as long as its record.'
     ),
+    # [oauth]
+    "oauth": Doc(
+        "OAuth 2.0 bearer-token logins (AUTH OAUTHBEARER, RFC 7628, and XOAUTH2), offered"
+        " over TLS only. The token is a JWT signed by your identity provider; its address"
+        " claim must name an enabled account. Not set: no token logins (docs/identity.md)."
+        " A change needs a restart."
+    ),
+    "oauth.issuer": Doc(
+        'The tokens\' "iss", exactly (Keycloak: https://sso.example.com/realms/mail).',
+        example="https://sso.example.com/realms/mail",
+    ),
+    "oauth.audience": Doc(
+        'The tokens\' "aud" must name this (or one of this list): the client ID or API'
+        " identifier the tokens are issued for.",
+        example="relaygate",
+    ),
+    "oauth.jwks_url": Doc(
+        "Where the provider publishes its signing keys (JWKS). https://, or http:// on"
+        " loopback only. Fetched at start, every jwks_refresh, and for a key id not seen"
+        " yet; the last good set is kept when a fetch fails. Or jwks_file.",
+        example="https://sso.example.com/realms/mail/protocol/openid-connect/certs",
+    ),
+    "oauth.jwks_file": Doc(
+        "A JWKS file instead of jwks_url; re-read when it changes.",
+        example="/etc/relaygate/jwks.json",
+    ),
+    "oauth.address_claim": Doc(
+        "The claim holding the account's address (email; Entra ID: email, upn or"
+        " preferred_username). With email, email_verified = false is refused."
+    ),
+    "oauth.algorithms": Doc(
+        "Signature algorithms a token may use: RS256/384/512, PS256/384/512, ES256, ES384,"
+        " EdDSA. HS* and none never (a JWKS holds public keys)."
+    ),
+    "oauth.leeway": Doc("Seconds of clock difference allowed for exp and nbf (0-300)."),
+    "oauth.jwks_refresh": Doc("Seconds between routine fetches of jwks_url."),
+    "oauth.jwks_min_interval": Doc(
+        "Seconds at least between two fetches, whatever asks (tokens with unknown key ids"
+        " cannot make relaygate hammer the provider)."
+    ),
+    "oauth.scope": Doc(
+        'The "scope" named in the error challenge a client gets for a bad token.',
+        example="openid email",
+    ),
 }
 
 PREFACE = (

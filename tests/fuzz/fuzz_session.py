@@ -32,6 +32,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relaygate.sasl import BearerToken
+from relaygate.smtp import replies
 from relaygate.smtp.events import (
     AuthRequest,
     Close,
@@ -47,14 +49,22 @@ HOSTNAME = "mx.example"
 CORPUS = Path(__file__).parent / "corpus"
 
 # Small limits so that random input reaches them.
+_MECHANISMS = (*Settings.auth_mechanisms, "OAUTHBEARER", "XOAUTH2")
 SETTINGS = (
-    Settings(HOSTNAME, max_message_size=2000, max_recipients=3, max_bad_commands=20),
+    Settings(
+        HOSTNAME,
+        max_message_size=2000,
+        max_recipients=3,
+        max_bad_commands=20,
+        auth_mechanisms=_MECHANISMS,
+    ),
     Settings(
         HOSTNAME,
         max_message_size=2000,
         max_recipients=3,
         max_bad_commands=20,
         starttls_available=True,
+        auth_mechanisms=_MECHANISMS,
     ),
 )
 
@@ -106,14 +116,21 @@ class Run:
         check_replies(out)
         self.output += out
         if session.state in _COMMAND_STATES:
-            assert len(session._buffer) < MAX_COMMAND_LINE, len(session._buffer)
+            # An AUTH line may be as long as a SASL response (RFC 4954).
+            auth = session._buffer[:5].upper() == b"AUTH "
+            limit = MAX_AUTH_LINE if auth else MAX_COMMAND_LINE
+            assert len(session._buffer) < limit, len(session._buffer)
         elif session.state is State.AUTH:
             assert len(session._buffer) < MAX_AUTH_LINE, len(session._buffer)
 
     def _answer(self, event: Event) -> None:
         session = self.session
         if isinstance(event, AuthRequest):
-            session.auth_succeeded(event.credentials.username or "user")
+            if isinstance(event.credentials, BearerToken) and event.credentials.token == "bad":
+                # A refused token: the error challenge, then 535 after any answer.
+                session.auth_failed(replies.AUTH_FAILED, b'{"status":"invalid_token"}')
+            else:
+                session.auth_succeeded(event.credentials.username or "user")
         elif isinstance(event, SenderRequest):
             session.accept_sender()
         elif isinstance(event, RecipientRequest):
@@ -182,6 +199,11 @@ TOKENS = (
     b"AUTH PLAIN " + base64.b64encode(b"\0user\0secret") + b"\r\n",
     b"AUTH PLAIN\r\n",
     b"AUTH LOGIN\r\n",
+    b"AUTH OAUTHBEARER " + base64.b64encode(b"n,a=u@x,\x01auth=Bearer t.o.k\x01\x01") + b"\r\n",
+    b"AUTH OAUTHBEARER " + base64.b64encode(b"n,,\x01auth=Bearer bad\x01\x01") + b"\r\n",
+    b"AUTH XOAUTH2 " + base64.b64encode(b"user=u@x\x01auth=Bearer bad\x01\x01") + b"\r\n",
+    b"AUTH XOAUTH2\r\n",
+    b"AQ==\r\n",
     b"dXNlcg==\r\n",
     b"*\r\n",
     b"MAIL FROM:<a@b.example>\r\n",

@@ -10,8 +10,10 @@ belong to the SMTP session, which owns the AUTH dialogue.
 from __future__ import annotations
 
 from relaygate.sasl.mechanisms import Login, Plain
+from relaygate.sasl.oauth import BEARER_MECHANISMS, OAuthBearer, XOAuth2, failure_challenge
 from relaygate.sasl.scram import SCRAM_NAMES, Scram, stored_keys_for_password
 from relaygate.sasl.steps import (
+    BearerToken,
     Challenge,
     Credentials,
     Malformed,
@@ -24,7 +26,9 @@ from relaygate.sasl.steps import (
 )
 
 __all__ = [
+    "BEARER_MECHANISMS",
     "SCRAM_NAMES",
+    "BearerToken",
     "Challenge",
     "Credentials",
     "Malformed",
@@ -35,6 +39,7 @@ __all__ = [
     "StoredKeys",
     "Verified",
     "create",
+    "failure_challenge",
     "stored_keys_for_password",
 ]
 
@@ -50,6 +55,10 @@ def create(name: str, channel_bindings: tuple[bytes, ...] = ()) -> Mechanism | N
         return Plain()
     if name == "LOGIN":
         return Login()
+    if name == "OAUTHBEARER":
+        return OAuthBearer()
+    if name == "XOAUTH2":
+        return XOAuth2()
     if name in SCRAM_NAMES:
         plus = name.endswith("-PLUS")
         if plus and not channel_bindings:

@@ -55,6 +55,25 @@ class Rejected:
 
 
 @dataclass(frozen=True, slots=True)
+class BearerToken:
+    """OAUTHBEARER / XOAUTH2: a token for the server to verify.
+
+    ``user`` is the address the client names (``a=`` / ``user=``; may be empty):
+    it must match the token's. The token never gets logged.
+    """
+
+    user: str
+    token: str
+
+    @property
+    def username(self) -> str:
+        return self.user
+
+    def __repr__(self) -> str:
+        return f"BearerToken(user={self.user!r})"
+
+
+@dataclass(frozen=True, slots=True)
 class StoredKeys:
     """What SCRAM keeps instead of a password (RFC 5802 section 3)."""
 
@@ -67,7 +86,7 @@ class StoredKeys:
         return f"StoredKeys(iterations={self.iterations})"
 
 
-Step = Challenge | Credentials | Malformed | NeedKeys | Verified | Rejected
+Step = Challenge | Credentials | Malformed | NeedKeys | Verified | Rejected | BearerToken
 
 
 class Mechanism(Protocol):

@@ -23,7 +23,7 @@ from relaygate.accounts.credentials import Credential
 from relaygate.accounts.store import Account
 from relaygate.config import Config
 from relaygate.eventloop import LARGE_BLOCK, release_memory_soon
-from relaygate.sasl import Rejected, StoredKeys, Verified
+from relaygate.sasl import BearerToken, Rejected, StoredKeys, Verified, failure_challenge
 from relaygate.server.connlimit import ConnectionLimiter
 from relaygate.server.tls import cipher_info
 from relaygate.services.login import LoginResult, LoginService, failure_delay, login_problem
@@ -495,7 +495,10 @@ class SMTPConnection(asyncio.Protocol):
         logins = self.worker.logins
         failures = self.session.auth_failures
         work: Awaitable[LoginResult]
-        if isinstance(credentials, Verified | Rejected):
+        if isinstance(credentials, BearerToken):
+            self._abandon_reservation()
+            work = logins.bearer(credentials.token, credentials.user, self.client_ip, failures)
+        elif isinstance(credentials, Verified | Rejected):
             reservation, self._reservation = self._reservation, None
             work = logins.scram_finished(
                 credentials.username,
@@ -529,7 +532,8 @@ class SMTPConnection(asyncio.Protocol):
             "session": self.session_id,
             "client_ip": self.client_ip,
             "mechanism": mechanism,
-            "user": username,
+            # OAuth: the client may name nobody; then the token's address, if it had one.
+            "user": username or result.user or "",
         }
         account = result.account
         if account is not None:
@@ -566,7 +570,7 @@ class SMTPConnection(asyncio.Protocol):
                 logging.WARNING,
                 session=self.session_id,
                 client_ip=self.client_ip,
-                user=username,
+                user=fields["user"],
                 scope=verdict.scope,
                 retry_after=round(verdict.retry_after),
                 reply="454",
@@ -586,15 +590,24 @@ class SMTPConnection(asyncio.Protocol):
             )
         if closing:
             reply = replies.AUTH_TOO_MANY_FAILURES
+        bad_token = verdict is None and result.outcome != "busy"
+        challenge = self._bearer_challenge(mechanism) if bad_token else None
         if result.delay > 0:
             # Each failure costs the client time; holding the connection costs us a timer.
             self._decide(
                 asyncio.sleep(result.delay),
-                lambda _: self.session.auth_failed(reply),
+                lambda _: self.session.auth_failed(reply, challenge),
                 extra_time=result.delay,
             )
             return
-        self.session.auth_failed(reply)
+        self.session.auth_failed(reply, challenge)
+
+    def _bearer_challenge(self, mechanism: str) -> bytes | None:
+        """OAUTHBEARER / XOAUTH2 failures: the error challenge sent before the 535."""
+        oauth = self.worker.config.oauth
+        if mechanism not in ("OAUTHBEARER", "XOAUTH2") or oauth is None:
+            return None
+        return failure_challenge(mechanism, oauth.scope, oauth.issuer)
 
     # -------------------------------------------------------------- submission
 

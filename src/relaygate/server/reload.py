@@ -56,6 +56,7 @@ RESTART_ONLY = (
     "node_name",
     "password_hash",
     "connection_limits",
+    "oauth",  # the mechanisms each listener offers and the key source follow it
 )
 # [delivery] settings fixed for the life of the delivery process.
 DELIVERY_RESTART_ONLY = ("mode", "concurrency")

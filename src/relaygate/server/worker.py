@@ -23,6 +23,8 @@ from relaygate.accounts.changes import ChangeSignal
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.config import Config, ListenerConfig
 from relaygate.eventloop import new_event_loop
+from relaygate.oauth import OAuthTokens
+from relaygate.sasl import BEARER_MECHANISMS
 from relaygate.server import reload
 from relaygate.server.connection import SMTPConnection
 from relaygate.server.connlimit import ConnectionLimiter
@@ -61,6 +63,8 @@ def session_settings(
         channel_bindings=channel_bindings if listener.tls != "none" else (),
         # A loopback development port (config.py allows it nowhere else).
         auth_without_tls=listener.tls == "none" and listener.allow_plaintext_auth,
+        # [oauth] set: bearer tokens too (the session offers them over TLS only).
+        auth_mechanisms=Settings.auth_mechanisms + (BEARER_MECHANISMS if config.oauth else ()),
     )
 
 
@@ -94,6 +98,7 @@ class Worker:
         # Made in run(), before any listener: the storage may need a round trip.
         self.storage: NodeStorage
         self.logins: LoginService
+        self.oauth: OAuthTokens | None = None
         self.submission: SubmissionService
 
     async def _open_storage(self) -> None:
@@ -114,6 +119,10 @@ class Worker:
             acceptance=self.storage.acceptance,
             notices=notices,
         )
+        self.oauth = OAuthTokens(config.oauth) if config.oauth is not None else None
+        if self.oauth is not None:
+            # The keys are fetched meanwhile; a login that comes first waits for them.
+            await self.oauth.start(wait=False)
         self.logins = LoginService(
             accounts=self.storage.accounts,
             credentials=self.storage.credentials,
@@ -123,6 +132,7 @@ class Worker:
             decoy_key=await LoginService.decoy_key(self.storage.secrets),
             loop=self.loop,
             notices=notices,
+            oauth=self.oauth,
         )
         self._servers: list[asyncio.Server] = []
         self._proxy_listeners: list[ProxyListener] = []
@@ -217,6 +227,8 @@ class Worker:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         self.logins.close()
+        if self.oauth is not None:
+            await self.oauth.close()
         self.changes.close()
 
     # ------------------------------------------------------------- reloading

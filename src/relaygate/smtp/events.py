@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from relaygate.sasl import Credentials, Rejected, Verified
+from relaygate.sasl import BearerToken, Credentials, Rejected, Verified
 
 
 @dataclass(slots=True)
@@ -18,11 +18,13 @@ class AuthRequest:
 
     ``credentials`` is a password claim to check (PLAIN, LOGIN), or the
     verdict of a mechanism that checks the proof itself (SCRAM): Verified
-    still needs the account to exist and be enabled; Rejected is a failure.
+    still needs the account to exist and be enabled; Rejected is a failure;
+    BearerToken (OAUTHBEARER, XOAUTH2) is a token to verify: on failure answer
+    ``auth_failed`` with the mechanism's error challenge.
     """
 
     mechanism: str
-    credentials: Credentials | Verified | Rejected
+    credentials: Credentials | Verified | Rejected | BearerToken
 
 
 @dataclass(slots=True)

@@ -48,7 +48,10 @@ from relaygate.smtp.events import (
 )
 
 MAX_COMMAND_LINE = 1000  # octets including CRLF (RFC 5321 4.5.3.1.4, 4.5.3.1.6)
-MAX_AUTH_LINE = 12288  # RFC 4954 section 4
+MAX_AUTH_LINE = 12288  # RFC 4954 section 4: AUTH lines and SASL responses (OAuth tokens)
+# Mechanisms whose secret is a bearer token: offered and accepted over TLS only,
+# even on a development port that allows plaintext AUTH.
+TLS_ONLY_MECHANISMS = frozenset({"OAUTHBEARER", "XOAUTH2"})
 # Replies held before the session stops reading more pipelined commands: the
 # driver must send them (and the client read them) first, so a client that
 # pipelines without reading cannot make us hold unbounded output.
@@ -172,6 +175,8 @@ class Session:
         self._bdat_used = False
         # AUTH
         self._mechanism: sasl.Mechanism | None = None
+        # After an OAuth error challenge: the reply owed once the client's dummy response comes.
+        self._final_auth_reply: bytes | None = None
         self._handlers: dict[str, Callable[[str], None]] = {
             "EHLO": self._ehlo,
             "HELO": self._helo,
@@ -259,10 +264,23 @@ class Session:
         self._output.append(replies.AUTH_OK)
         self.state = State.GREETED
 
-    def auth_failed(self, reply: bytes = replies.AUTH_FAILED) -> None:
+    def auth_failed(
+        self, reply: bytes = replies.AUTH_FAILED, challenge: bytes | None = None
+    ) -> None:
+        """Refuse the login with ``reply``; with a ``challenge`` (OAUTHBEARER,
+        XOAUTH2) that goes first as a 334, and ``reply`` follows the client's
+        dummy response (RFC 7628 section 3.2.3)."""
         self._expect_waiting()
         self._mechanism = None
         self.auth_failures += 1
+        if challenge is not None:
+            self._output.append(b"334 " + base64.b64encode(challenge) + b"\r\n")
+            self._final_auth_reply = reply
+            self.state = State.AUTH
+            return
+        self._send_auth_failure(reply)
+
+    def _send_auth_failure(self, reply: bytes) -> None:
         self._output.append(reply)
         self.state = State.GREETED
         if reply.startswith(b"421"):
@@ -402,7 +420,9 @@ class Session:
         """Handle one complete line; False when no complete line is buffered."""
         buffer = self._buffer
         end = buffer.find(b"\n")
-        limit = MAX_AUTH_LINE if self.state is State.AUTH else MAX_COMMAND_LINE
+        # AUTH lines carry initial responses (OAuth tokens of a few KB): RFC 4954's limit.
+        auth_line = self.state is State.AUTH or buffer[:5].upper() == b"AUTH "
+        limit = MAX_AUTH_LINE if auth_line else MAX_COMMAND_LINE
         if end < 0:
             if len(buffer) >= limit:
                 del buffer[:]
@@ -435,6 +455,11 @@ class Session:
         return True
 
     def _line_too_long(self) -> None:
+        final = self._final_auth_reply
+        if final is not None:  # the failure is settled already: its reply, not a 500
+            self._final_auth_reply = None
+            self._send_auth_failure(final)
+            return
         if self.state is State.AUTH:
             self._mechanism = None
             self.state = State.GREETED
@@ -485,7 +510,9 @@ class Session:
         if s.starttls_available and not self.tls_active:
             lines.append("STARTTLS")
         if self.tls_active or s.auth_without_tls:
-            lines.append("AUTH " + " ".join(self._offered_mechanisms()))
+            offered = self._offered_mechanisms()
+            if offered:
+                lines.append("AUTH " + " ".join(offered))
         last = len(lines) - 1
         return "".join(
             f"250{' ' if i == last else '-'}{text}\r\n" for i, text in enumerate(lines)
@@ -494,7 +521,12 @@ class Session:
     def _offered_mechanisms(self) -> list[str]:
         s = self.settings
         bindings = s.channel_bindings if self.tls_active else ()
-        return [m for m in s.auth_mechanisms if not m.endswith("-PLUS") or bindings]
+        return [
+            m
+            for m in s.auth_mechanisms
+            if (not m.endswith("-PLUS") or bindings)
+            and (self.tls_active or m not in TLS_ONLY_MECHANISMS)
+        ]
 
     def _greet(self, argument: str, esmtp: bool) -> None:
         if not argument or " " in argument:
@@ -797,6 +829,9 @@ class Session:
             self._refuse_command("AUTH", replies.AUTH_SYNTAX, bad=True)
             return
         name = parts[0].upper()
+        if name in TLS_ONLY_MECHANISMS and not self.tls_active:
+            self._refuse_command("AUTH", replies.ENCRYPTION_REQUIRED)
+            return
         mechanism = (
             sasl.create(name, self.settings.channel_bindings if self.tls_active else ())
             if name in self.settings.auth_mechanisms
@@ -818,6 +853,11 @@ class Session:
         self._sasl_step(mechanism.start(initial))
 
     def _auth_response(self, raw: bytes) -> None:
+        final = self._final_auth_reply
+        if final is not None:  # the dummy response after an error challenge, whatever it is
+            self._final_auth_reply = None
+            self._send_auth_failure(final)
+            return
         mechanism = self._mechanism
         assert mechanism is not None
         if raw == b"*":
@@ -848,7 +888,7 @@ class Session:
             self.state = State.AUTH
         elif isinstance(step, sasl.NeedKeys):
             self._wait(KeysRequest(name, step.username), State.AUTH)
-        elif isinstance(step, sasl.Credentials | sasl.Verified | sasl.Rejected):
+        elif isinstance(step, sasl.Credentials | sasl.Verified | sasl.Rejected | sasl.BearerToken):
             self._mechanism = None
             self._wait(AuthRequest(name, step), State.GREETED)
         else:
