@@ -15,6 +15,7 @@ import re
 import socket
 import ssl
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -426,6 +427,7 @@ class Config:
     webhooks: tuple[WebhookConfig, ...] = ()
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     oauth: OAuthConfig | None = None
+    ldap: LDAPConfig | None = None  # directory accounts; see the [ldap] block below
     node_name: str = field(default_factory=default_node_name)
     quickstart: bool = False
     source: Path | None = None  # the file this came from, None in quickstart
@@ -497,6 +499,7 @@ _TOP_KEYS = {
     "webhooks",
     "retention",
     "oauth",
+    "ldap",
 }
 
 
@@ -1062,6 +1065,137 @@ def _webhooks(
     return tuple(found)
 
 
+# ------------------------------------------------------------------ [ldap]
+# Directory accounts (docs/identity.md): a login not found locally is looked up
+# in an LDAP directory (relaygate/accounts/directory.py).
+
+LDAP_SCHEMES = ("ldap", "ldaps")
+LDAP_DEFAULT_FILTER = "(mail={address})"
+
+
+@dataclass(frozen=True)
+class LDAPConfig:
+    url: str  # ldap://host[:port] or ldaps://host[:port]
+    bind_dn: str  # the service account relaygate searches with
+    bind_password_file: Path  # its password; read at start, never logged
+    base_dn: str  # where users are searched (subtree)
+    filter: str = LDAP_DEFAULT_FILTER  # {address}: the login name, escaped (RFC 4515)
+    start_tls: bool = True  # with ldap:// URLs: StartTLS before any bind
+    ca_file: Path | None = None  # PEM CAs the directory's certificate must chain to
+    alias_attributes: tuple[str, ...] = ()  # besides mail: more sender addresses
+    disabled_filter: str | None = None  # an entry matching it may not log in
+    cache_ttl: int = 300  # seconds a verified directory login is trusted
+    timeout: int = 5  # seconds for each directory operation (connect, bind, search)
+
+
+def ldap_url_parts(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of ``ldap://host[:port]`` or ``ldaps://host[:port]``;
+    ValueError with a one-line reason for anything else (a path, user info)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"not an LDAP URL: {url!r}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in LDAP_SCHEMES or not parts.hostname:
+        raise ValueError(f"must be ldap://host[:port] or ldaps://host[:port] (got {url!r})")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError(f"must be ldap://host[:port] or ldaps://host[:port] (got {url!r})")
+    return scheme, parts.hostname, port or (636 if scheme == "ldaps" else 389)
+
+
+_LDAP_ATTRIBUTE = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,63}")
+
+
+def _ldap_filter_problem(text: str) -> str | None:
+    """A cheap check that a filter is one parenthesised expression."""
+    depth = 0
+    for index, char in enumerate(text):
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0 or (depth == 0 and index != len(text) - 1):
+                return "must be one parenthesised LDAP filter, such as (mail={address})"
+    if not text.startswith("(") or depth != 0:
+        return "must be one parenthesised LDAP filter, such as (mail={address})"
+    return None
+
+
+def _ldap(check: _Checker, data: dict[str, Any], base: Path) -> LDAPConfig | None:
+    if "ldap" not in data:
+        return None
+    where = "ldap"
+    raw = check.table(data, where, where)
+    check.unknown(raw, {f.name for f in dataclasses.fields(LDAPConfig)}, where)
+    for key in ("url", "bind_dn", "bind_password_file", "base_dn"):
+        if key not in raw:
+            check.problem(f"{where}.{key}", "is required")
+    url = _url(raw, "url", where, LDAP_SCHEMES, check) or "ldap://localhost"
+    try:
+        scheme, host, _ = ldap_url_parts(url)
+    except ValueError as exc:
+        check.problem(f"{where}.url", str(exc))
+        scheme, host = "ldaps", "localhost"
+    start_tls = _boolean(raw, "start_tls", where, check, True)
+    if scheme == "ldap" and not start_tls and not is_loopback_host(host):
+        check.problem(
+            f"{where}.start_tls",
+            "false would send passwords in clear to a host that is not loopback:"
+            " use start_tls = true or an ldaps:// URL",
+        )
+    password_file = check.path(raw, "bind_password_file", where, base, readable=True)
+    if password_file is not None and os.access(password_file, os.R_OK):
+        try:
+            empty = not password_file.read_text(encoding="utf-8").strip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            check.problem(f"{where}.bind_password_file", f"{password_file}: {exc}")
+        else:
+            if empty:
+                check.problem(f"{where}.bind_password_file", f"{password_file} is empty")
+    search = check.string(raw, "filter", where, LDAP_DEFAULT_FILTER)
+    if "{address}" not in search:
+        check.problem(f"{where}.filter", "must contain {address} (the login name)")
+    else:
+        problem = _ldap_filter_problem(search.replace("{address}", "x"))
+        if problem:
+            check.problem(f"{where}.filter", problem)
+    disabled = raw.get("disabled_filter")
+    if disabled is not None:
+        problem = (
+            "must be a non-empty string"
+            if not isinstance(disabled, str) or not disabled
+            else _ldap_filter_problem(disabled)
+        )
+        if problem:
+            check.problem(f"{where}.disabled_filter", problem)
+            disabled = None
+    aliases = raw.get("alias_attributes", [])
+    if not isinstance(aliases, list) or not all(
+        isinstance(a, str) and _LDAP_ATTRIBUTE.fullmatch(a) for a in aliases
+    ):
+        check.problem(f"{where}.alias_attributes", "must be a list of LDAP attribute names")
+        aliases = []
+    ttl = _age(raw, "cache_ttl", where, check, 300)
+    if ttl is None:
+        check.problem(f"{where}.cache_ttl", 'must be a duration such as "5m" ("off" is not one)')
+        ttl = 300
+    timeout = check.integer(raw, "timeout", where, LDAPConfig.timeout, 1)
+    return LDAPConfig(
+        url=url,
+        bind_dn=check.string(raw, "bind_dn", where, "x"),
+        bind_password_file=password_file or Path("/nonexistent"),
+        base_dn=check.string(raw, "base_dn", where, "x"),
+        filter=search,
+        start_tls=start_tls,
+        ca_file=_ca_file(raw, where, check, base),
+        alias_attributes=tuple(aliases),
+        disabled_filter=disabled,
+        cache_ttl=ttl,
+        timeout=timeout,
+    )
+
+
 def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = None) -> Config:
     """Validate parsed TOML; raise ConfigError with every problem found."""
     check = _Checker()
@@ -1165,6 +1299,7 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
     )
     retention = _retention(check, data)
     oauth = _oauth(check, data, base)
+    ldap = _ldap(check, data, base)
     if http is not None and any((x.host, x.port) == (http.host, http.port) for x in listeners):
         check.problem("http.address", f"{http.address} is also an SMTP listener")
 
@@ -1189,6 +1324,7 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
         webhooks=webhooks,
         retention=retention,
         oauth=oauth,
+        ldap=ldap,
         node_name=node_name,
         source=source,
     )

@@ -311,6 +311,56 @@ DOCS: dict[str, Doc] = {
         'The "scope" named in the error challenge a client gets for a bad token.',
         example="openid email",
     ),
+    # [ldap]
+    "ldap": Doc(
+        "Directory accounts (docs/identity.md): a login name not found among the local accounts"
+        " is looked up in this LDAP directory (search with the service account, then a bind as"
+        " the user). Not set: local accounts only. Applied at start (a change needs a restart)."
+    ),
+    "ldap.url": Doc(
+        "ldap://host[:port] or ldaps://host[:port].", example="ldap://ldap.example.com"
+    ),
+    "ldap.bind_dn": Doc(
+        "The service account that searches for users.",
+        example="cn=relaygate,ou=services,dc=example,dc=com",
+    ),
+    "ldap.bind_password_file": Doc(
+        "File holding the service account's password (read at start, never logged).",
+        example="/etc/relaygate/ldap.password",
+    ),
+    "ldap.base_dn": Doc(
+        "Where users are searched (the whole subtree).", example="dc=example,dc=com"
+    ),
+    "ldap.filter": Doc(
+        "Finds the user; {address} is the login name, escaped (RFC 4515). Exactly one entry"
+        " must match. Active Directory: (userPrincipalName={address})."
+    ),
+    "ldap.start_tls": Doc(
+        "With ldap://: StartTLS before any bind (false only to a loopback host). ldaps:// is TLS"
+        " from the start either way."
+    ),
+    "ldap.ca_file": Doc(
+        "PEM CA certificates the directory's certificate must chain to. Not set: the system's.",
+        example="/etc/relaygate/ldap-ca.pem",
+    ),
+    "ldap.alias_attributes": Doc(
+        "Attributes holding more addresses the user may send as, besides mail (AD's"
+        " proxyAddresses values lose their smtp: prefix).",
+        example=["mailAlternateAddress"],
+    ),
+    "ldap.disabled_filter": Doc(
+        "An entry that also matches this may not log in. Not set: every entry found may."
+        " Active Directory: (userAccountControl:1.2.840.113556.1.4.803:=2).",
+        example="(pwdAccountLockedTime=*)",
+    ),
+    "ldap.cache_ttl": Doc(
+        "A verified directory login is trusted this long (per worker): a disabled, deleted or"
+        " re-passworded directory user loses access within it. Duration: 5m, 30s, 1h."
+    ),
+    "ldap.timeout": Doc(
+        "Whole seconds for each directory operation (connect, StartTLS, bind, search); a login"
+        " gives up (454 4.7.0) after three times this."
+    ),
 }
 
 PREFACE = (

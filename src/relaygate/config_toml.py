@@ -27,6 +27,7 @@ from relaygate.config import (
     Config,
     DeliveryConfig,
     HTTPConfig,
+    LDAPConfig,
     ListenerConfig,
     RetentionConfig,
     RouteConfig,
@@ -95,6 +96,7 @@ _ENCODERS = {
     (DeliveryConfig, "resolvers"): _resolvers,
     (RetentionConfig, "max_age"): _age,
     (RetentionConfig, "body_max_age"): _age,
+    (LDAPConfig, "cache_ttl"): _age,
 }
 
 

@@ -636,7 +636,9 @@ class SMTPConnection(asyncio.Protocol):
             self._login_revoked("credential expired")
             return
         generation = self.worker.generation()
-        if generation == self.login_generation:
+        account = self.account
+        stale = account is not None and self.worker.logins.needs_recheck(account)  # [ldap]
+        if generation == self.login_generation and not stale:
             then()
             return
         assert self.account is not None

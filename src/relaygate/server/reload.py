@@ -57,6 +57,7 @@ RESTART_ONLY = (
     "password_hash",
     "connection_limits",
     "oauth",  # the mechanisms each listener offers and the key source follow it
+    "ldap",  # its password file is read, and its thread pool made, at start
 )
 # [delivery] settings fixed for the life of the delivery process.
 DELIVERY_RESTART_ONLY = ("mode", "concurrency")

@@ -20,6 +20,7 @@ from typing import Any
 
 from relaygate import __version__, logs, stats
 from relaygate.accounts.changes import ChangeSignal
+from relaygate.accounts.directory import Directory
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.config import Config, ListenerConfig
 from relaygate.eventloop import new_event_loop
@@ -133,6 +134,7 @@ class Worker:
             loop=self.loop,
             notices=notices,
             oauth=self.oauth,
+            directory=Directory(config.ldap, self.loop) if config.ldap else None,
         )
         self._servers: list[asyncio.Server] = []
         self._proxy_listeners: list[ProxyListener] = []

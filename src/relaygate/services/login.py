@@ -57,6 +57,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from relaygate.accounts.credentials import Credential, looks_like_credential
+from relaygate.accounts.directory import (
+    Directory,
+    DirectoryAccount,
+    DirectoryUnavailable,
+    log_unavailable,
+)
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.accounts.store import Account
 from relaygate.config import AuthThrottleConfig
@@ -160,6 +166,7 @@ class LoginService:
         loop: asyncio.AbstractEventLoop,
         notices: EventNotices | None = None,
         oauth: OAuthTokens | None = None,
+        directory: Directory | None = None,
     ) -> None:
         self.notices = notices  # auth.throttled webhooks (at most one per IP and user a minute)
         self.oauth = oauth  # None: no [oauth], no bearer-token logins
@@ -182,6 +189,9 @@ class LoginService:
         self._suspects_waiting = 0
         self._rest_until = 0.0  # the suspect thread's own: when it may hash again
         self._background: set[asyncio.Future[None]] = set()
+        self.directory = directory  # [ldap]: logins not found locally are checked there
+        self._directory_cache: dict[bytes, DirectoryAccount] = {}  # verified logins
+        self._directory_seen: dict[str, DirectoryAccount] = {}  # last found, by address
 
     @staticmethod
     async def decoy_key(secrets: Secrets) -> bytes:
@@ -190,6 +200,8 @@ class LoginService:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.directory is not None:
+            self.directory.close()
         self._suspect_pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------ throttle calls
@@ -284,6 +296,10 @@ class LoginService:
                 return await self._credential(username, password, client_ip, connection_failures)
             key = self._cache_key(username, password)
             account = await self._account(username)
+            if account is None and self.directory is not None:
+                return await self._directory_password(
+                    username, password, key, client_ip, connection_failures
+                )
             if account is not None and not account.disabled:
                 cached = self._cache.get(key)
                 if cached is not None and hmac.compare_digest(
@@ -534,6 +550,111 @@ class LoginService:
             return LoginResult(account, "ok")
         return self._failed(outcome, connection_failures, recent)
 
+    # ------------------------------------------------------------ directory (LDAP)
+    #
+    # A login name that is no local account, when [ldap] is set: the directory
+    # says (accounts/directory.py). The same throttle reservation, failure
+    # accounting and replies as a local password; a failure also costs one
+    # dummy argon2id, so it takes as long as a local one; a right password is
+    # remembered for [ldap] cache_ttl (keyed like the local cache), after which
+    # the directory is asked again: a disabled, deleted or re-passworded user
+    # loses access within that time. SCRAM never reaches here: directory users
+    # have no stored keys, so they get the decoy keys of an unknown user.
+
+    async def _directory_password(
+        self, username: str, password: str, key: bytes, client_ip: str, connection_failures: int
+    ) -> LoginResult:
+        directory = self.directory
+        assert directory is not None
+        cached = self._directory_cache.get(key)
+        if cached is not None and self._directory_fresh(cached):
+            verdict = await self._allow(client_ip, cached.address)
+            if verdict is not None:
+                return self._throttled(verdict, client_ip, username)
+            return LoginResult(cached, "ok", cached=True)
+        self._directory_cache.pop(key, None)
+        reserved = await self._reserve(client_ip, username)
+        if reserved is None:
+            return LoginResult(None, "busy", delay=1.0)
+        if isinstance(reserved, Verdict):
+            return self._throttled(reserved, client_ip, username)
+        suspect = connection_failures > 0 or reserved.recent > 1
+        account: DirectoryAccount | None = None
+        try:
+            check = await directory.verify(username, password)
+            outcome, account = check.outcome, check.account
+        except DirectoryUnavailable as exc:
+            log_unavailable(str(exc), directory.config.url, username)
+            outcome = "error"
+        if outcome not in ("ok", "error"):
+            try:  # a failure costs what a local one does
+                if await self._slow_verify(None, password, suspect) == "busy":
+                    outcome = "busy"
+            except VERIFY_ERRORS:
+                outcome = "error"
+        try:
+            if outcome in ("ok", "busy", "error"):
+                await self._release(reserved, client_ip, username)
+            else:
+                await self._failures.fail(reserved)
+        except STORAGE_ERRORS:
+            pass  # a pending attempt left behind stops counting after PENDING_TTL
+        if outcome == "ok" and account is not None:
+            self._remember_directory(account, key)
+            return LoginResult(account, "ok")
+        if outcome == "busy":
+            return LoginResult(
+                None, "busy", delay=failure_delay(self.config, connection_failures + 1, 0)
+            )
+        if outcome == "error":
+            return LoginResult(None, "error")
+        return self._failed(outcome, connection_failures, reserved.recent)
+
+    def _directory_fresh(self, account: DirectoryAccount) -> bool:
+        assert self.directory is not None
+        return time.monotonic() - account.verified_at < self.directory.config.cache_ttl
+
+    def _remember_directory(self, account: DirectoryAccount, key: bytes | None) -> None:
+        if key is not None:
+            if len(self._directory_cache) >= CACHE_SIZE:
+                self._directory_cache.pop(next(iter(self._directory_cache)))  # the oldest
+            self._directory_cache[key] = account
+        if len(self._directory_seen) >= CACHE_SIZE:
+            self._directory_seen.pop(next(iter(self._directory_seen)))
+        self._directory_seen[account.address.lower()] = account
+
+    def needs_recheck(self, account: Account) -> bool:
+        """A live session of a directory user: verified longer than cache_ttl ago?"""
+        return isinstance(account, DirectoryAccount) and not self._directory_fresh(account)
+
+    async def _directory_current(self, address: str) -> DirectoryAccount | None:
+        """The directory user as the directory says now (search only), for a live
+        session's re-check; while the directory cannot answer, the last one found
+        stands until cache_ttl has passed (then DirectoryUnavailable)."""
+        directory = self.directory
+        assert directory is not None
+        try:
+            account = await directory.lookup(address)
+        except DirectoryUnavailable as exc:
+            log_unavailable(str(exc), directory.config.url, address)
+            seen = self._directory_seen.get(address.lower())
+            if seen is not None and self._directory_fresh(seen):
+                return seen
+            raise
+        if account is None:
+            self._directory_seen.pop(address.lower(), None)
+        else:
+            self._remember_directory(account, None)
+        return account
+
+    async def directory_user(self, address: str) -> DirectoryAccount | None:
+        """Is ``address`` a valid, enabled directory user (search only, no password)?
+        None when not (or when no directory is set); DirectoryUnavailable when the
+        directory cannot say. For logins proven another way (OAuth tokens)."""
+        if self.directory is None:
+            return None
+        return await self.directory.lookup(address)
+
     # ------------------------------------------------------------ re-checks
 
     async def current(
@@ -541,6 +662,8 @@ class LoginService:
     ) -> tuple[Account | None, Credential | None]:
         """The account (and credential) as stored now, to re-check a live session."""
         account = await self._account(address)
+        if account is None and self.directory is not None:
+            return await self._directory_current(address), None
         if account is None or credential_id is None:
             return account, None
         return account, await self._credentials.by_id(credential_id)
