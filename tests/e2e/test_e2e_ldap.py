@@ -528,3 +528,13 @@ def test_config_errors_are_one_line_each(tmp_path: Path, slapd: Slapd) -> None:
         f"relaygate: {path}: ldap.start_tls: false would send passwords in clear to a host"
         " that is not loopback: use start_tls = true or an ldaps:// URL"
     ]
+
+
+def test_the_test_directory_refuses_binds_without_tls(slapd: Slapd) -> None:
+    """So the logins above prove relaygate used StartTLS: slapd here refuses clear binds."""
+    result = subprocess.run(
+        ["ldapwhoami", "-x", "-H", slapd.url, "-D", SERVICE_DN, "-w", SERVICE_PASSWORD],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "Confidentiality required" in result.stderr, result.stderr

@@ -203,6 +203,8 @@ class Slapd:
                 f"TLSCertificateKeyFile {self._key}",
                 f"TLSCACertificateFile {self.ca_file}",
                 "loglevel none",
+                # Binds need TLS (StartTLS or ldaps://): a client that skipped it fails.
+                "security simple_bind=128",
                 "database mdb",
                 "maxsize 10485760",
                 f'suffix "{BASE_DN}"',
@@ -296,8 +298,9 @@ class Slapd:
     def modify(self, ldif: str) -> None:
         """Change the tree as the directory's administrator (ldapmodify)."""
         result = subprocess.run(
-            [str(LDAPMODIFY), "-x", "-H", self.url, "-D", ADMIN_DN, "-w", ADMIN_PASSWORD],
+            [str(LDAPMODIFY), "-x", "-ZZ", "-H", self.url, "-D", ADMIN_DN, "-w", ADMIN_PASSWORD],
             input=ldif,
+            env={**os.environ, "LDAPTLS_CACERT": str(self.ca_file), "LDAPTLS_REQCERT": "demand"},
             capture_output=True,
             text=True,
             timeout=30,
