@@ -23,6 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from fakes.identity_provider import AUDIENCE, ISSUER, JwksServer, SigningKey
+from fakes.slapd import SERVICE_DN, SERVICE_PASSWORD, Slapd, make_ca_and_certificate, user_ldif
+
 from .helpers import (
     HOST,
     SENT_SECRETS,
@@ -37,9 +40,6 @@ from .helpers import (
     session,
     wait_until,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fakes.slapd import SERVICE_DN, SERVICE_PASSWORD, Slapd, user_ldif
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -451,8 +451,6 @@ def test_starttls_and_ldaps_verify_the_directory_certificate(
     # A CA that did not sign slapd's certificate: no bind is attempted at all.
     other = tmp_path / "other-ca"
     other.mkdir()
-    from fakes.slapd import make_ca_and_certificate
-
     wrong_ca, _, _ = make_ca_and_certificate(other)
     for name, url in (("wrongca-starttls", slapd.url), ("wrongca-ldaps", slapd.ldaps_url)):
         server = servers.create(
@@ -538,3 +536,45 @@ def test_the_test_directory_refuses_binds_without_tls(slapd: Slapd) -> None:
     )  # fmt: skip
     assert result.returncode != 0
     assert "Confidentiality required" in result.stderr, result.stderr
+
+
+# ------------------------------------------------------------------ OAuth tokens
+
+
+def test_an_oauth_token_may_name_a_directory_user(servers: ServerPool, slapd: Slapd) -> None:
+    """[oauth] + [ldap]: a token's address claim may name an enabled directory user
+    (looked up with the service account; the token is the proof, no bind)."""
+    key = SigningKey.rsa("ldap-k1")
+    with JwksServer([key]) as idp:
+        server = servers.create(
+            "oauth-ldap",
+            sections={
+                "ldap": ldap_section(slapd),
+                "oauth": {"issuer": ISSUER, "audience": AUDIENCE, "jwks_url": idp.url},
+            },
+        )
+
+        def xoauth2(address: str) -> str:
+            token = key.token(email=address)
+            SENT_SECRETS.add(token)
+            return b64(f"user={address}\x01auth=Bearer {token}\x01\x01")
+
+        mark = server.log_mark()
+        with session(server) as client:
+            reply = client.command(f"AUTH XOAUTH2 {xoauth2(DAVE.address)}")
+            assert reply.status == "235 2.7.0", str(reply)
+            message = make_message(from_addr=DAVE_ALIAS, to=[REMOTE], subject="ldap oauth")
+            client.send_mail(DAVE_ALIAS, [REMOTE], message)
+        assert server.message(queue_id_of_subject(server, "ldap oauth"))["account"] == DAVE.address
+        for address in (ERIN.address, SHARED, f"nobody@{DOMAIN}"):  # disabled, two, none
+            with session(server) as client:
+                reply = client.command(f"AUTH XOAUTH2 {xoauth2(address)}")
+                if reply.code == 334:  # the error challenge first
+                    reply = client.command("")
+                assert reply.status == "535 5.7.8", (address, str(reply))
+        reasons = [e["reason"] for e in server.log_events("auth.fail", mark)]
+        assert reasons == ["unknown_account"] * 3
+
+
+def queue_id_of_subject(server: Server, subject: str) -> str:
+    return str(next(m for m in server.messages() if m["subject"] == subject)["id"])

@@ -77,6 +77,8 @@ from relaygate.webhooks.notices import EventNotices
 
 # A hash pool shut down under us is RuntimeError: both mean "could not check".
 VERIFY_ERRORS: tuple[type[BaseException], ...] = (*STORAGE_ERRORS, RuntimeError)
+# An account looked up for an identity proved elsewhere: the store or the directory failed.
+LOOKUP_ERRORS: tuple[type[BaseException], ...] = (*STORAGE_ERRORS, DirectoryUnavailable)
 CACHE_SIZE = 10000
 TOUCH_INTERVAL = 60.0  # seconds between last_used_at writes for one credential
 SUSPECT_QUEUE = 64  # argon2id runs waiting for suspects; more are refused for now
@@ -282,8 +284,12 @@ class LoginService:
     async def account_for_address(self, address: str) -> Account | None:
         """The account an identity asserted from outside (an OAuth token's address)
         logs in as; None when there is none. One place for other account sources
-        to hook in."""
-        return await self._account(address)
+        to hook in: with [ldap], an address that is no local account may be an
+        enabled directory user (DirectoryUnavailable when the directory cannot say)."""
+        account = await self._account(address)
+        if account is None and self.directory is not None:
+            return await self._directory_user(address)
+        return account
 
     # ------------------------------------------------------------ PLAIN, LOGIN
 
@@ -470,7 +476,7 @@ class LoginService:
                 return self._failed(outcome, connection_failures, answer.recent, check.address)
             assert account is not None
             verdict = await self._allow(client_ip, account.address)
-        except STORAGE_ERRORS:
+        except LOOKUP_ERRORS:
             return LoginResult(None, "error")
         if verdict is not None:  # right, but this client is over a limit
             return self._throttled(verdict, client_ip, user)
@@ -647,13 +653,25 @@ class LoginService:
             self._remember_directory(account, None)
         return account
 
-    async def directory_user(self, address: str) -> DirectoryAccount | None:
+    async def _directory_user(self, address: str) -> DirectoryAccount | None:
         """Is ``address`` a valid, enabled directory user (search only, no password)?
-        None when not (or when no directory is set); DirectoryUnavailable when the
-        directory cannot say. For logins proven another way (OAuth tokens)."""
-        if self.directory is None:
-            return None
-        return await self.directory.lookup(address)
+        For logins proven another way (OAuth tokens, account_for_address). The
+        answer is remembered for cache_ttl like a verified password."""
+        directory = self.directory
+        assert directory is not None
+        seen = self._directory_seen.get(address.lower())
+        if seen is not None and self._directory_fresh(seen):
+            return seen
+        try:
+            account = await directory.lookup(address)
+        except DirectoryUnavailable as exc:
+            log_unavailable(str(exc), directory.config.url, address)
+            raise
+        if account is None:
+            self._directory_seen.pop(address.lower(), None)
+        else:
+            self._remember_directory(account, None)
+        return account
 
     # ------------------------------------------------------------ re-checks
 
