@@ -311,9 +311,12 @@ def test_changes_in_the_directory_apply_within_the_cache_ttl(
         assert _auth(server, user.address, user.password) == "235 2.7.0 Authentication successful"
     verified = time.monotonic()
     live = RawSMTP.connect(server.implicit_port, tls=server.client_context())
+    kept = RawSMTP.connect(server.implicit_port, tls=server.client_context())
     try:
         live.ehlo()
         live.login(IVAN.address, IVAN.password)
+        kept.ehlo()
+        kept.login(HEIDI.address, HEIDI.password)
         slapd.disable("frank")
         slapd.delete("grace")
         slapd.set_password("heidi", "heidi-new-pw-8")
@@ -343,8 +346,12 @@ def test_changes_in_the_directory_apply_within_the_cache_ttl(
         reply = live.command(f"MAIL FROM:<{IVAN.address}>")
         assert reply.status == "530 5.7.0", str(reply)
         server.wait_for_event("auth.revoked", lambda e: e["user"] == IVAN.address, mark)
+        # Still enabled (only its password changed): the session goes on.
+        kept.transaction(HEIDI.address, [REMOTE])
+        assert [e["user"] for e in server.log_events("auth.revoked", mark)] == [IVAN.address]
     finally:
         live.close()
+        kept.close()
         slapd.enable("frank")
         slapd.enable("ivan")
 
