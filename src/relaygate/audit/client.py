@@ -10,6 +10,7 @@ and matches replies to commands hides exactly that.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 
 from relaygate.audit.findings import Reply
@@ -77,11 +78,11 @@ class Client:
         except (OSError, RuntimeError) as exc:
             raise ProbeError(f"connection lost while sending: {_os_reason(exc)}") from None
 
-    async def _line(self, timeout: float) -> bytes:
+    async def _line(self, timeout: float, allowed: float) -> bytes:
         try:
             line = await asyncio.wait_for(self.reader.readuntil(b"\n"), timeout)
         except TimeoutError:
-            raise ProbeError(f"no reply within {timeout:g} s") from None
+            raise ProbeError(f"no reply within {allowed:g} s") from None
         except asyncio.IncompleteReadError:
             raise ProbeError("the server closed the connection") from None
         except asyncio.LimitOverrunError:
@@ -95,14 +96,15 @@ class Client:
     async def reply(self, timeout: float | None = None) -> Reply:
         """One (multi-line) reply, within ``timeout`` for the whole of it."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (self.timeout if timeout is None else timeout)
+        allowed = self.timeout if timeout is None else timeout
+        deadline = loop.time() + allowed
         texts: list[str] = []
         code: int | None = None
         for _ in range(MAX_LINES):
             left = deadline - loop.time()
             if left <= 0:
                 raise ProbeError("the reply did not end in time")
-            line = (await self._line(left)).rstrip(b"\r\n")
+            line = (await self._line(left, allowed)).rstrip(b"\r\n")
             head = line[:3]
             if len(line) < 3 or not head.isdigit() or line[3:4] not in (b"", b" ", b"-"):
                 raise ProbeError(f"not an SMTP reply: {clean(line, 60)}")
@@ -131,9 +133,11 @@ class Client:
         try:
             await asyncio.wait_for(
                 self.writer.start_tls(
-                    context, server_hostname=server_hostname, ssl_handshake_timeout=self.timeout
+                    context,
+                    server_hostname=server_hostname,
+                    ssl_handshake_timeout=self.timeout + 5,  # wait_for's backstop
                 ),
-                self.timeout + 1,
+                self.timeout,
             )
         except TimeoutError:
             raise TLSFailed(f"TLS handshake not done within {self.timeout:g} s") from None
@@ -167,6 +171,8 @@ def _tls_reason(exc: ssl.SSLError) -> str:
 
 
 def _os_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno and not isinstance(exc, ssl.SSLError):
+        return os.strerror(exc.errno)  # not asyncio's "Connect call failed (address)"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__

@@ -8,6 +8,7 @@ gives the standard behind each one.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -285,10 +286,7 @@ def smuggling_bare_lf(probe: Smuggling) -> Result:
 
 # "Postfix 3.7.6", "Exim 4.96", "Sendmail 8.15.2/8.15.2", "Microsoft ESMTP MAIL Service,
 # Version: 10.0.17763.1" - a word, then a dotted version (never a dotted quad address).
-VERSION = re.compile(
-    r"(?i)\b([a-z][\w-]*(?::)?[ /]v?|version[: ]+)(\d+\.\d+(?:\.\d+){0,2})(?![.\d])"
-)
-_ADDRESS = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+VERSION = re.compile(r"(?i)\b[a-z][\w-]*:?[ /]v?(\d+(?:\.\d+){1,3})(?![.\d])")
 
 
 def banner(obs: Observations) -> Result:
@@ -296,11 +294,19 @@ def banner(obs: Observations) -> Result:
     texts = [obs.greeting.text if obs.greeting else "", obs.ehlo_plain_first]
     for text in texts:
         for match in VERSION.finditer(text):
-            if _ADDRESS.match(match.group(2)):
+            if _is_ipv4(match.group(1)):
                 continue
             return Result(rid, "warn", f"software version shown: {clean(match.group(0), 60)}")
     shown = clean(obs.greeting.text, 80) if obs.greeting else "(none)"
     return Result(rid, "pass", f"no software version in the greeting: {shown}")
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def limits_size(obs: Observations) -> Result:
