@@ -8,40 +8,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from fakes.bad_smtp import BadSMTPServer
 
-from .helpers import ALICE, HOST, TLS_NAME, Server, ServerPool, clean_env, free_ports
-
-CHECK_TIMEOUT = 90.0
-
-
-def run_check(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "relaygate", "check", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=CHECK_TIMEOUT,
-        env=clean_env(),
-        check=False,
-    )
-
-
-def statuses(result: subprocess.CompletedProcess[str]) -> dict[str, str]:
-    document: dict[str, Any] = json.loads(result.stdout)
-    return {c["id"]: c["status"] for c in document["checks"]}
-
-
-def details(result: subprocess.CompletedProcess[str]) -> dict[str, str]:
-    document: dict[str, Any] = json.loads(result.stdout)
-    return {c["id"]: c["detail"] for c in document["checks"]}
+from .check_helpers import details, run_check, statuses
+from .helpers import ALICE, HOST, TLS_NAME, Server, ServerPool, free_ports
 
 
 @pytest.fixture(scope="module")
