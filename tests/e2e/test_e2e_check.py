@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from fakes.bad_smtp import BadSMTPServer
 
 from .check_helpers import details, run_check, statuses
-from .helpers import ALICE, HOST, TLS_NAME, Server, ServerPool, free_ports
+from .helpers import ALICE, HOST, TLS_NAME, Server, ServerPool, clean_env, free_ports
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +245,74 @@ def test_hostile_bytes_from_the_server_are_never_printed_raw(tmp_path: Path) -> 
         assert not any(ord(c) < 0x20 and c != "\n" for c in output), repr(output)
     assert "\\x1b[2J" in table.stdout  # shown, escaped
     assert json.loads(as_json.stdout)["checks"]
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "error"),
+    [
+        ("refuse", "the server refused the session: 554 5.7.1 go away"),
+        ("not_smtp", "not an SMTP reply: HTTP/1.1 400 Bad Request"),
+    ],
+)
+def test_no_smtp_session_is_exit_2(tmp_path: Path, behaviour: str, error: str) -> None:
+    with BadSMTPServer(tmp_path, behaviour=behaviour) as bad:
+        result = run_check(f"{bad.host}:{bad.port}", "--timeout", "2")
+    assert result.returncode == 2
+    assert result.stderr == f"relaygate: cannot check {bad.host}:{bad.port}: {error}\n"
+
+
+def test_a_server_that_never_answers_the_end_of_data_fails_the_probe_in_time(
+    tmp_path: Path,
+) -> None:
+    with BadSMTPServer(tmp_path, behaviour="mute_data") as bad:
+        started = time.monotonic()
+        result = run_check(
+            f"{bad.host}:{bad.port}",
+            "--user",
+            "someone@example.com",
+            "--password-stdin",
+            "--timeout",
+            "1",
+            "--json",
+            stdin="anything\n",
+        )
+        took = time.monotonic() - started
+    assert result.returncode == 1
+    assert details(result)["smuggling.bare_lf"] == "could not test: no reply within 1 s"
+    assert took < 20
+
+
+def test_parallel_checks_against_relaygate_all_pass(relaygate: Server) -> None:
+    args = [
+        sys.executable,
+        "-m",
+        "relaygate",
+        "check",
+        f"{HOST}:{relaygate.starttls_port}",
+        "--servername",
+        TLS_NAME,
+        "--ca-file",
+        str(relaygate.ca_bundle()),
+        "--json",
+        "--user",
+        ALICE.address,
+        "--password-stdin",
+    ]
+    processes = [
+        subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(),
+        )
+        for _ in range(4)
+    ]
+    outputs = [p.communicate(ALICE.password + "\n", timeout=120) for p in processes]
+    for process, (out, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, out + err
+        assert {c["status"] for c in json.loads(out)["checks"]} == {"pass"}
 
 
 def test_a_refused_connection_is_exit_2_with_one_line() -> None:

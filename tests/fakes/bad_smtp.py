@@ -11,7 +11,9 @@ Everything the checklist looks for is wrong here, on purpose:
 ``behaviour`` makes it hostile instead: "silent" (never greets), "endless"
 (an EHLO reply that never ends), "long_line" (a reply line without end),
 "stall_tls" (agrees to STARTTLS, then never does the handshake), "hostile_text"
-(escape sequences, NUL and CR in the greeting).
+(escape sequences, NUL and CR in the greeting), "refuse" (a 554 greeting),
+"not_smtp" (answers like a web server), "mute_data" (never answers the end of
+a message).
 
 It runs its own asyncio loop in a thread; every wait is bounded (``LIFETIME``).
 """
@@ -147,6 +149,14 @@ class BadSMTPServer:
         if self.behaviour == "silent":
             await asyncio.sleep(LIFETIME)
             return
+        if self.behaviour == "not_smtp":
+            writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            await writer.drain()
+            return
+        if self.behaviour == "refuse":
+            writer.write(b"554 5.7.1 go away\r\n")
+            await writer.drain()
+            return
         writer.write(HOSTILE_BANNER if self.behaviour == "hostile_text" else BANNER)
         tls = self.implicit
         while True:
@@ -197,6 +207,9 @@ class BadSMTPServer:
                         break
                     body += data_line
                 self.messages.append(body)
+                if self.behaviour == "mute_data":
+                    await asyncio.sleep(LIFETIME)
+                    return
                 writer.write(b"250 2.0.0 queued\r\n")
             elif verb == b"QUIT":
                 writer.write(b"221 2.0.0 bye\r\n")

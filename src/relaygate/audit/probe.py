@@ -14,6 +14,7 @@ domain (RFC 2606: example.com, example.net, .invalid) except the login's own.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
 import secrets
@@ -78,7 +79,21 @@ def verifying_context(ca_file: str | None) -> ssl.SSLContext:
     return context
 
 
+def run_limit(timeout: float) -> float:
+    """The whole run's bound: each step has ``timeout``, and a server that answers
+    every step just in time must not keep a CI job for an hour."""
+    return max(60.0, timeout * 12)
+
+
 async def gather(settings: Settings) -> Observations:
+    limit = run_limit(settings.timeout)
+    try:
+        return await asyncio.wait_for(_gather(settings), limit)
+    except TimeoutError:
+        raise Unreachable(f"the whole check took longer than {limit:g} s") from None
+
+
+async def _gather(settings: Settings) -> Observations:
     obs = Observations(implicit=settings.target.implicit, now=datetime.now(UTC))
     if not settings.target.implicit:
         await _clear_session(settings, obs)
