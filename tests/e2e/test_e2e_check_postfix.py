@@ -4,12 +4,14 @@ Each Postfix is a private instance: its own config_directory, queue_directory
 and data_directory under the test's tmp directory, started with
 ``postfix -c DIR start`` on a free port of 127.0.0.1 and always stopped
 (``postfix -c DIR stop``, then SIGKILL to its master if it is still there).
-It has no SASL (that needs Dovecot), so it advertises no AUTH: the checks
-that need a login (smuggling.bare_lf) are not run against it.
+Logins go to a private Dovecot (SASL only: no mail protocols, a passwd-file
+with one account, its auth service on a free loopback port), so the AUTH
+checks and the bare-LF smuggling probe run against Postfix too; the probe's
+messages go to Postfix's ``discard`` transport, never anywhere else.
 
-The one allowed skip of the suite: where /usr/sbin/postfix is not installed
-(the bench setup in /work/shared/bench/postfix/ installs it), these tests skip
-with that reason. Starting Postfix needs root.
+The one allowed skip of the suite: where Postfix or Dovecot is not installed
+(the bench setup in /work/shared/bench/postfix/ installs both), these tests
+skip with that reason. Starting them needs root.
 """
 
 from __future__ import annotations
@@ -36,11 +38,38 @@ from .check_helpers import details, run_check, statuses
 from .helpers import HOST, free_ports, wait_until
 
 POSTFIX = Path("/usr/sbin/postfix")
+DOVECOT = Path("/usr/sbin/dovecot")
 pytestmark = pytest.mark.skipif(
-    not POSTFIX.exists(),
-    reason="Postfix is not installed (/usr/sbin/postfix); the bench setup"
-    " /work/shared/bench/postfix/setup.sh installs it",
+    not (POSTFIX.exists() and DOVECOT.exists()),
+    reason="Postfix or Dovecot is not installed (/usr/sbin/postfix, /usr/sbin/dovecot);"
+    " the bench setup /work/shared/bench/postfix/setup.sh installs both",
 )
+USER = "probe@example.test"
+PASSWORD = "Probe-pw-4Kd8sWq2"
+DOVECOT_CONF = """\
+protocols =
+base_dir = {base}/run
+state_dir = {base}/state
+log_path = {base}/dovecot.log
+ssl = no
+auth_mechanisms = plain login
+default_internal_user = dovecot
+default_login_user = dovenull
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN {base}/users
+}}
+userdb {{
+  driver = static
+  args = uid=nobody gid=nogroup home=/nonexistent
+}}
+service auth {{
+  inet_listener {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+}}
+"""
 
 MASTER_CF = """\
 {address} inet n - n - - smtpd
@@ -75,13 +104,20 @@ COMMON = {
     "alias_database": "",
     "local_recipient_maps": "",
     "message_size_limit": "10240000",
+    "smtpd_sasl_auth_enable": "yes",
+    "smtpd_sasl_type": "dovecot",
+    # mail that is accepted goes nowhere
+    "default_transport": "discard",
+    "relay_transport": "discard",
 }
 SAFE = {
     "smtpd_tls_security_level": "encrypt",  # nothing before STARTTLS
     "smtpd_tls_protocols": ">=TLSv1.2",
     "smtpd_tls_mandatory_protocols": ">=TLSv1.2",
     "mynetworks": "192.0.2.1/32",  # nobody relays without a login
-    "smtpd_relay_restrictions": "reject_unauth_destination",
+    "smtpd_relay_restrictions": "permit_sasl_authenticated, reject_unauth_destination",
+    "smtpd_tls_auth_only": "yes",
+    "smtpd_forbid_bare_newline": "yes",  # the CVE-2023-51764 fix
     "smtpd_banner": "$myhostname ESMTP",
 }
 BAD = {
@@ -92,7 +128,9 @@ BAD = {
     "smtpd_tls_ciphers": "medium",
     "tls_medium_cipherlist": "DEFAULT:@SECLEVEL=0",
     "mynetworks": "127.0.0.0/8",  # everyone on this host may relay: an open relay here
-    "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+    "smtpd_relay_restrictions": "permit_mynetworks, permit_sasl_authenticated,"
+    " reject_unauth_destination",
+    "smtpd_forbid_bare_newline": "no",  # Postfix 3.7's default: bare LF ends lines
     "smtpd_banner": "$myhostname ESMTP $mail_name $mail_version",
 }
 
@@ -146,8 +184,64 @@ def postfix_dir() -> Iterator[Path]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.fixture
+def dovecot_auth(postfix_dir: Path) -> Iterator[int]:
+    """A Dovecot that only authenticates (USER, PASSWORD); its port."""
+    base = postfix_dir / "dovecot"
+    base.mkdir()
+    base.chmod(0o755)
+    (base / "users").write_text(f"{USER}:{{PLAIN}}{PASSWORD}\n")
+    (base / "users").chmod(0o644)
+    (port,) = free_ports(1)
+    conf = base / "dovecot.conf"
+    conf.write_text(DOVECOT_CONF.format(base=base, port=port))
+    try:
+        # It forks into the background: its output goes to a file, never to a pipe
+        # this process would wait on.
+        with open(base / "start.log", "wb") as out:
+            started = subprocess.run(
+                [str(DOVECOT), "-c", str(conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                timeout=30,
+                check=False,
+            )
+        assert started.returncode == 0, f"dovecot: {(base / 'start.log').read_text()}"
+        wait_until(lambda: _accepts(port), 20, 0.1, "Dovecot auth to listen")
+        yield port
+    finally:
+        subprocess.run(
+            [str(DOVECOT), "-c", str(conf), "stop"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=30,
+            check=False,
+        )
+        _kill_from(base / "run" / "master.pid")
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((HOST, port)) == 0
+
+
+def _kill_from(pid_file: Path) -> None:
+    """A daemon that outlived its stop command: SIGKILL (its pid file is gone otherwise)."""
+    if not pid_file.exists():
+        return
+    try:
+        os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+    except (ValueError, IndexError, ProcessLookupError):
+        pass
+
+
 @contextmanager
-def running_postfix(directory: Path, settings: dict[str, str]) -> Iterator[tuple[int, Path]]:
+def running_postfix(
+    directory: Path, settings: dict[str, str], auth_port: int
+) -> Iterator[tuple[int, Path]]:
     """(port, CA file) of a private Postfix, stopped whatever happens."""
     assert os.geteuid() == 0, "starting Postfix needs root"
     config, queue, data = directory / "conf", directory / "queue", directory / "data"
@@ -162,25 +256,20 @@ def running_postfix(directory: Path, settings: dict[str, str]) -> Iterator[tuple
         "queue_directory": str(queue),
         "data_directory": str(data),
         "smtpd_tls_chain_files": str(config / "chain.pem"),
+        "smtpd_sasl_path": f"inet:{HOST}:{auth_port}",
         "maillog_file_prefixes": str(directory),
         "maillog_file": str(directory / "maillog"),
     }
     (config / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in main.items()))
     (config / "master.cf").write_text(MASTER_CF.format(address=f"{HOST}:{port}"))
-    started = postfix(config, "start")
     try:
+        started = postfix(config, "start")
         assert started.returncode == 0, f"postfix start: {started.stderr} {_log(directory)}"
         wait_until(lambda: _listening(port), 20, 0.1, "Postfix to listen")
         yield port, ca_file
     finally:
         postfix(config, "stop")
-        pid_file = queue / "pid" / "master.pid"
-        if pid_file.exists():  # stop did not finish: make sure
-            try:
-                pid = int(pid_file.read_text().split()[0])
-                os.kill(pid, signal.SIGKILL)
-            except (ValueError, IndexError, ProcessLookupError):
-                pass
+        _kill_from(queue / "pid" / "master.pid")
 
 
 def _log(directory: Path) -> str:
@@ -198,45 +287,72 @@ def _listening(port: int) -> bool:
         return sock.recv(4).startswith(b"220")
 
 
-def test_safe_postfix_has_no_failure(postfix_dir: Path) -> None:
-    with running_postfix(postfix_dir, SAFE) as (port, ca_file):
-        result = run_check(
-            f"{HOST}:{port}", "--servername", "localhost", "--ca-file", str(ca_file), "--json"
-        )
+def check_postfix(port: int, ca_file: Path) -> subprocess.CompletedProcess[str]:
+    return run_check(
+        f"{HOST}:{port}",
+        "--servername",
+        "localhost",
+        "--ca-file",
+        str(ca_file),
+        "--user",
+        USER,
+        "--password-stdin",
+        "--json",
+        stdin=PASSWORD + "\n",
+    )
+
+
+def test_safe_postfix_has_no_failure(postfix_dir: Path, dovecot_auth: int) -> None:
+    with running_postfix(postfix_dir, SAFE, dovecot_auth) as (port, ca_file):
+        result = check_postfix(port, ca_file)
     assert result.returncode == 0, result.stdout + result.stderr
     assert statuses(result) == {
         "starttls.offered": "pass",
         "tls.versions": "pass",
         "tls.certificate": "pass",
         "auth.before_tls": "pass",
-        "auth.mechanisms": "warn",  # no SASL configured: no AUTH at all
+        "auth.mechanisms": "warn",  # Dovecot here offers PLAIN LOGIN, no SCRAM
         "relay.unauthenticated": "pass",
+        "smuggling.bare_lf": "pass",
         "banner": "pass",
         "limits.size": "pass",
     }, result.stdout
     why = details(result)
-    assert why["auth.mechanisms"] == "no AUTH advertised after TLS"
+    assert why["auth.mechanisms"] == "no SCRAM mechanism offered (after TLS: PLAIN LOGIN)"
     assert why["relay.unauthenticated"].startswith("before TLS: MAIL refused 530 5.7.0")
     assert "RCPT refused 554 5.7.1" in why["relay.unauthenticated"]
+    assert why["smuggling.bare_lf"].startswith("bare LF never ends the data: <LF>.<LF> ")
     assert why["limits.size"] == "SIZE 10240000 bytes"
+    assert PASSWORD not in result.stdout + result.stderr
 
 
-def test_badly_configured_postfix_fails(postfix_dir: Path) -> None:
-    with running_postfix(postfix_dir, BAD) as (port, ca_file):
-        result = run_check(
-            f"{HOST}:{port}", "--servername", "localhost", "--ca-file", str(ca_file), "--json"
-        )
+def test_badly_configured_postfix_fails(postfix_dir: Path, dovecot_auth: int) -> None:
+    with running_postfix(postfix_dir, BAD, dovecot_auth) as (port, ca_file):
+        result = check_postfix(port, ca_file)
         log = _log(postfix_dir)
     assert result.returncode == 1, result.stdout + result.stderr
     found = statuses(result)
     why = details(result)
-    assert found["relay.unauthenticated"] == "fail"
+    assert found == {
+        "starttls.offered": "pass",
+        "tls.versions": "fail",
+        "tls.certificate": "pass",
+        "auth.before_tls": "fail",
+        "auth.mechanisms": "fail",
+        "relay.unauthenticated": "fail",
+        "smuggling.bare_lf": "fail",
+        "banner": "warn",
+        "limits.size": "pass",
+    }, why
+    assert why["tls.versions"] == "TLS 1.0 and TLS 1.1 accepted (RFC 8996 forbids them)"
+    assert why["auth.before_tls"] == "AUTH PLAIN LOGIN advertised before TLS"
     assert why["relay.unauthenticated"] == (
         "before TLS: RCPT to an outside domain accepted: 250 2.1.5 Ok"
     )
-    assert found["tls.versions"] == "fail", why["tls.versions"]
-    assert why["tls.versions"] == "TLS 1.0 and TLS 1.1 accepted (RFC 8996 forbids them)"
-    assert found["banner"] == "warn"
+    # CVE-2023-51764: Postfix 3.7 without smtpd_forbid_bare_newline ends the data at <LF>.<LF>.
+    assert why["smuggling.bare_lf"].startswith("<LF>.<LF> ended the data: the text after it")
     assert why["banner"].startswith("software version shown: Postfix 3.")
-    # The relay probe never sent DATA: nothing was queued.
-    assert "queued" not in log and "message-id" not in log.lower()
+    # The relay probe never sent DATA: the one message Postfix took is the probe's,
+    # from the login to itself (discarded).
+    assert log.count("message-id=") == 1, log
+    assert "relay-test@example.net" not in log.split("message-id=")[1]
