@@ -282,6 +282,28 @@ def test_a_server_that_never_answers_the_end_of_data_fails_the_probe_in_time(
     assert took < 20
 
 
+def test_a_server_that_refuses_bare_lf_and_hangs_up_passes_the_smuggling_check(
+    tmp_path: Path,
+) -> None:
+    with BadSMTPServer(tmp_path, behaviour="strict_close") as bad:
+        result = run_check(
+            f"{bad.host}:{bad.port}",
+            "--user",
+            "someone@example.com",
+            "--password-stdin",
+            "--timeout",
+            "2",
+            "--json",
+            stdin="anything\n",
+        )
+    assert (statuses(result)["smuggling.bare_lf"], details(result)["smuggling.bare_lf"]) == (
+        "pass",
+        "bare LF never ends the data: <LF>.<LF> refused (521);"
+        " then the server closed the connection",
+    )
+    assert bad.messages == []
+
+
 def test_parallel_checks_against_relaygate_all_pass(relaygate: Server) -> None:
     args = [
         sys.executable,

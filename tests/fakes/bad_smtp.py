@@ -13,7 +13,8 @@ Everything the checklist looks for is wrong here, on purpose:
 "stall_tls" (agrees to STARTTLS, then never does the handshake), "hostile_text"
 (escape sequences, NUL and CR in the greeting), "refuse" (a 554 greeting),
 "not_smtp" (answers like a web server), "mute_data" (never answers the end of
-a message).
+a message). "strict_close" is the one good behaviour: a bare LF in DATA gets
+``521`` and the connection closed, as Postfix's smtpd_forbid_bare_newline does.
 
 It runs its own asyncio loop in a thread; every wait is bounded (``LIFETIME``).
 """
@@ -203,6 +204,10 @@ class BadSMTPServer:
                 body = b""
                 while True:
                     data_line = await reader.readline()
+                    if self.behaviour == "strict_close" and not data_line.endswith(b"\r\n"):
+                        writer.write(b"521 5.5.2 Error: bare <LF> received\r\n")
+                        await writer.drain()
+                        return
                     if not data_line or data_line.rstrip(b"\r\n") == b".":
                         break
                     body += data_line

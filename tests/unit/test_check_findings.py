@@ -220,6 +220,19 @@ def test_smuggling_is_listed_only_when_tested() -> None:
     assert "one message (250)" in by_id(evaluate(good(smuggling=one)))["smuggling.bare_lf"].detail
 
 
+def test_smuggling_refused_then_closed_passes() -> None:
+    probe = Smuggling(Reply(235, "ok"), None, {"<LF>.<LF>": [Reply(521, "5.5.2 bare <LF>")]})
+    probe.closed_after_refusal = True
+    result = by_id(evaluate(good(smuggling=probe)))["smuggling.bare_lf"]
+    assert (result.status, result.detail) == (
+        "pass",
+        "bare LF never ends the data: <LF>.<LF> refused (521);"
+        " then the server closed the connection",
+    )
+    temporary = Smuggling(Reply(235, "ok"), None, {"<LF>.<LF>": [Reply(451, "later")]})
+    assert "refused (451)" in by_id(evaluate(good(smuggling=temporary)))["smuggling.bare_lf"].detail
+
+
 @pytest.mark.parametrize(
     "probe",
     [

@@ -69,6 +69,7 @@ class Smuggling:
     error: str | None = None  # the probe could not run to its end (why)
     # variant name (e.g. "<LF>.<LF>") -> the replies after the whole message was sent
     outcomes: dict[str, list[Reply]] = field(default_factory=dict)
+    closed_after_refusal: bool = False  # the server hung up after refusing one: no more tried
 
 
 @dataclass
@@ -279,9 +280,12 @@ def smuggling_bare_lf(probe: Smuggling) -> Result:
         return Result(rid, "fail", "could not test: no message sent")
     parts = []
     for variant, replies in probe.outcomes.items():
-        verdict = "refused" if replies[0].code >= 500 else "one message"
+        verdict = "one message" if replies[0].code < 300 else "refused"
         parts.append(f"{variant} {verdict} ({replies[0].code})")
-    return Result(rid, "pass", "bare LF never ends the data: " + ", ".join(parts))
+    detail = "bare LF never ends the data: " + ", ".join(parts)
+    if probe.closed_after_refusal:
+        detail += "; then the server closed the connection"
+    return Result(rid, "pass", detail)
 
 
 # "Postfix 3.7.6", "Exim 4.96", "Sendmail 8.15.2/8.15.2", "Microsoft ESMTP MAIL Service,

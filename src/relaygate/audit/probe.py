@@ -261,7 +261,13 @@ async def _smuggling(client: Client, user: str, password: str, probe: Smuggling)
         probe.outcomes[variant] = replies
         if len(replies) > 1:
             return
-        await client.command("RSET")
+        try:
+            await client.command("RSET")
+        except ProbeError:
+            if replies[0].code < 400:
+                raise
+            probe.closed_after_refusal = True  # e.g. Postfix's 521 for bare LF: done
+            return
 
 
 def _smuggling_message(user: str, variant: str, ending: bytes) -> bytes:
