@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import socket
+
 import pytest
 
+from relaygate.audit.client import describe_os_error
 from relaygate.audit.target import Target, parse_target
 
 
@@ -50,3 +54,13 @@ def test_display_puts_ipv6_in_brackets() -> None:
 def test_bad_targets_are_refused(text: str) -> None:
     with pytest.raises(ValueError):
         parse_target(text, implicit=False)
+
+
+def test_connection_errors_read_well() -> None:
+    # A name that does not resolve: getaddrinfo's code is not an errno (no DNS
+    # query in tests: traffic stays on loopback, so the error is made here).
+    unresolved = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    assert describe_os_error(unresolved) == "cannot resolve the host: Name or service not known"
+    refused = OSError(errno.ECONNREFUSED, "Connect call failed ('127.0.0.1', 1)")
+    assert describe_os_error(refused) == "Connection refused"
+    assert describe_os_error(ConnectionResetError()) == "ConnectionResetError"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import ssl
 
 from relaygate.audit.findings import Reply
@@ -50,7 +51,7 @@ class Client:
         except TimeoutError:
             raise ProbeError(f"no connection within {timeout:g} s") from None
         except OSError as exc:
-            raise ProbeError(_os_reason(exc)) from None
+            raise ProbeError(describe_os_error(exc)) from None
         client = cls(reader, writer, timeout)
         if tls is not None:
             # The handshake apart from the TCP connect, so that a refused
@@ -76,7 +77,7 @@ class Client:
                 f"the server did not read what was sent within {self.timeout:g} s"
             ) from None
         except (OSError, RuntimeError) as exc:
-            raise ProbeError(f"connection lost while sending: {_os_reason(exc)}") from None
+            raise ProbeError(f"connection lost while sending: {describe_os_error(exc)}") from None
 
     async def _line(self, timeout: float, allowed: float) -> bytes:
         try:
@@ -88,7 +89,7 @@ class Client:
         except asyncio.LimitOverrunError:
             raise ProbeError(f"a reply line longer than {STREAM_LIMIT} bytes") from None
         except OSError as exc:  # ssl.SSLError too
-            raise ProbeError(f"connection lost: {_os_reason(exc)}") from None
+            raise ProbeError(f"connection lost: {describe_os_error(exc)}") from None
         if len(line) > MAX_LINE:
             raise ProbeError(f"a reply line longer than {MAX_LINE} bytes")
         return line
@@ -144,7 +145,8 @@ class Client:
         except ssl.SSLError as exc:
             raise TLSFailed(_tls_reason(exc)) from None
         except (OSError, ConnectionError) as exc:
-            raise TLSFailed(f"connection lost during the handshake: {_os_reason(exc)}") from None
+            reason = describe_os_error(exc)
+            raise TLSFailed(f"connection lost during the handshake: {reason}") from None
 
     async def close(self) -> None:
         """QUIT if the server still listens, then close; never raises, never waits long."""
@@ -170,7 +172,9 @@ def _tls_reason(exc: ssl.SSLError) -> str:
     return str(exc.reason or exc)
 
 
-def _os_reason(exc: BaseException) -> str:
+def describe_os_error(exc: BaseException) -> str:
+    if isinstance(exc, socket.gaierror):  # its errno is a getaddrinfo code, not errno
+        return f"cannot resolve the host: {exc.strerror}"
     if isinstance(exc, OSError) and exc.errno and not isinstance(exc, ssl.SSLError):
         return os.strerror(exc.errno)  # not asyncio's "Connect call failed (address)"
     if isinstance(exc, OSError) and exc.strerror:
