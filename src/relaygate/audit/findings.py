@@ -248,12 +248,12 @@ def relay_unauthenticated(obs: Observations) -> Result:
             notes.append(f"{phase}: MAIL refused {mail}")
         elif rcpt is None:
             notes.append(f"{phase}: no RCPT reply")
-            status = "fail" if status == "fail" else "warn"
+            status = "warn"
         elif 200 <= rcpt.code < 300:
             return Result(rid, "fail", f"{phase}: RCPT to an outside domain accepted: {rcpt}")
         elif 400 <= rcpt.code < 500:
             notes.append(f"{phase}: RCPT only temporarily refused {rcpt}")
-            status = "fail" if status == "fail" else "warn"
+            status = "warn"
         else:
             notes.append(f"{phase}: RCPT refused {rcpt}")
     for phase, error in obs.relay_errors.items():

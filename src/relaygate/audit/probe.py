@@ -127,10 +127,11 @@ async def _clear_session(settings: Settings, obs: Observations) -> None:
         client, greeting = await _open(settings, None)
     except ProbeError as exc:
         raise Unreachable(str(exc)) from None
+    obs.greeting = greeting
+    if greeting.code != 220:
+        client.abort()
+        raise Unreachable(f"the server refused the session: {greeting}")
     try:
-        obs.greeting = greeting
-        if greeting.code != 220:
-            raise Unreachable(f"the server refused the session: {greeting}")
         obs.ehlo_plain_first, obs.ehlo_plain = await client.ehlo(CLIENT_NAME)
     except ProbeError as exc:
         client.abort()
