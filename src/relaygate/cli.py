@@ -38,6 +38,7 @@ from relaygate.accounts.store import (
     AccountError,
     normalize_address,
 )
+from relaygate.audit import command as audit_command
 from relaygate.config import ENV_VAR, Config, ConfigError, load_config
 from relaygate.delivery.dkim import (
     DEFAULT_SELECTORS,
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reload_parser.set_defaults(handler=_reload)
 
+    audit_command.register(commands, common)
     _add_config_commands(commands, common)
     _add_user_commands(commands, common)
     _add_credential_commands(commands, common)
