@@ -534,6 +534,7 @@ class SMTPConnection(asyncio.Protocol):
         account = result.account
         if account is not None:
             self.login = self.worker.submission.login(account, result.credential)
+            self.worker.submission.logged_in(self.login, self.client_ip, self.session.helo_name)
             self.login_generation = self.worker.generation()
             self.session.auth_succeeded(account.address)
             self.metrics.auth_attempt(mechanism, "ok")
