@@ -145,8 +145,10 @@ def _delivery(row: Sequence[object]) -> Delivery:
 
 # A held account's rows are never claimed, whatever their status says: a worker
 # may have stored a message as queued a moment after another held the account.
+# Bounces (empty sender) go to the account's own sender and are never held.
 NOT_HELD_SQLITE = (
-    " AND lower(m.account) NOT IN (SELECT account FROM defence_accounts WHERE held_at IS NOT NULL)"
+    " AND (m.mail_from = '' OR lower(m.account) NOT IN"
+    " (SELECT account FROM defence_accounts WHERE held_at IS NOT NULL))"
 )
 
 

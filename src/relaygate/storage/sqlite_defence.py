@@ -92,7 +92,8 @@ def hold(db: sqlite3.Connection, account: str, trigger: Trigger, now: float) -> 
             return None
         db.execute(
             "UPDATE deliveries SET status = 'held', updated_at = ? WHERE status = 'queued'"
-            " AND message_id IN (SELECT id FROM messages WHERE lower(account) = ?)",
+            " AND message_id IN (SELECT id FROM messages WHERE lower(account) = ?"
+            " AND mail_from <> '')",  # bounces to the account's own sender are not held
             (now, account),
         )
         return int(

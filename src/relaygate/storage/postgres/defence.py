@@ -93,8 +93,8 @@ class PostgresDefence:
                 return None
             await connection.execute(
                 "UPDATE deliveries SET status = 'held', updated_at = %(now)s"
-                " WHERE status = 'queued' AND message_id IN"
-                " (SELECT id FROM messages WHERE lower(account) = %(account)s)",
+                " WHERE status = 'queued' AND message_id IN (SELECT id FROM messages"
+                " WHERE lower(account) = %(account)s AND mail_from <> '')",
                 params,
             )
             cursor = await connection.execute(

@@ -108,9 +108,10 @@ class PostgresDeliveryQueue:
                 " AND next_attempt <= %(now)s"
                 # A held account's rows are never claimed, whatever their status
                 # says: a node may have stored one as queued just after a hold.
+                # Bounces (empty sender) go to the account's own sender: never held.
                 " AND NOT EXISTS (SELECT 1 FROM messages AS hm JOIN defence_accounts AS h"
                 " ON h.account = lower(hm.account) AND h.held_at IS NOT NULL"
-                " WHERE hm.id = deliveries.message_id)"
+                " WHERE hm.id = deliveries.message_id AND hm.mail_from <> '')"
                 " ORDER BY next_attempt LIMIT %(limit)s"
                 " FOR UPDATE SKIP LOCKED) AS due, messages AS m"
                 " WHERE d.id = due.id AND m.id = d.message_id RETURNING d.id, d.message_id,"
