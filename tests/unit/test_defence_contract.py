@@ -20,7 +20,7 @@ from test_acceptance_contract import ALICE, Backend, Postgres, SQLite, _message
 from relaygate.config import SendingLimits
 from relaygate.defence import Trigger
 from relaygate.quotas import Usage, account_scope
-from relaygate.storage.api import Defence, DeliveryQueue
+from relaygate.storage.api import Defence, DeliveryQueue, MessageLog
 from relaygate.storage.postgres.backend import PostgresStorage
 from relaygate.storage.sqlite_backend import SQLiteStorage
 
@@ -34,17 +34,23 @@ async def _nothing() -> None:
 
 @asynccontextmanager
 async def _opened(backend: Backend) -> AsyncIterator[tuple[Defence, DeliveryQueue]]:
+    async with _all(backend) as (defence, queue, _):
+        yield defence, queue
+
+
+@asynccontextmanager
+async def _all(backend: Backend) -> AsyncIterator[tuple[Defence, DeliveryQueue, MessageLog]]:
     if isinstance(backend, SQLite):
         store = SQLiteStorage(backend.database)
         try:
-            yield store.defence, store.queue
+            yield store.defence, store.queue, store.messages
         finally:
             await store.close()
         return
     assert isinstance(backend, Postgres)
     shared = await PostgresStorage.open(backend.url, 4, _nothing)
     try:
-        yield shared.defence, shared.delivery_queue("node-a", 60.0)
+        yield shared.defence, shared.delivery_queue("node-a", 60.0), shared.messages
     finally:
         await shared.close()
 
@@ -161,5 +167,24 @@ def test_activity_baseline_and_new_networks(backend: Backend) -> None:
             await defence.expect(KEY, now + 60, 500)
             expected = await defence.activity(KEY, now)
             assert replace(expected, messages=0).expected_messages == 500
+
+    asyncio.run(go())
+
+
+def test_retention_keeps_held_mail_and_queue_delete_stops_it(backend: Backend) -> None:
+    kept, deleted = _accept(backend, 2)
+
+    async def go() -> None:
+        async with _all(backend) as (defence, queue, messages):
+            await defence.hold(KEY, TRIGGER, time.time())
+            future = time.time() + 86400
+            assert await messages.prune(future, 100) == 0  # held: waits for an admin
+            assert await messages.prune_bodies(future, 100, time.time()) == 0
+            assert await queue.delete(deleted, time.time()) == 1
+            [entry] = await defence.held()
+            assert entry.messages == 1
+            released = await defence.release(KEY, time.time(), time.time() + 60)
+            assert released == [kept]
+            assert [d.message_id for d in await queue.claim(time.time() + 1, 10)] == [kept]
 
     asyncio.run(go())

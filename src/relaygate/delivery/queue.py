@@ -420,7 +420,7 @@ def delete(db: sqlite3.Connection, message_id: str, now: float) -> int:
     try:
         cursor = db.execute(
             "UPDATE deliveries SET status = 'deleted', recipients = '[]', updated_at = ?"
-            " WHERE message_id = ? AND status IN ('queued', 'sending')",
+            " WHERE message_id = ? AND status IN ('queued', 'sending', 'held')",
             (now, message_id),
         )
         if cursor.rowcount:

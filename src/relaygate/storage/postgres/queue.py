@@ -310,7 +310,7 @@ class PostgresDeliveryQueue:
             cursor = await connection.execute(
                 "UPDATE deliveries SET status = 'deleted', recipients = '[]', updated_at = %s,"
                 " lease_node = NULL, lease_until = NULL"
-                " WHERE message_id = %s AND status IN ('queued', 'sending')",
+                " WHERE message_id = %s AND status IN ('queued', 'sending', 'held')",
                 (now, message_id),
             )
             count = cursor.rowcount
