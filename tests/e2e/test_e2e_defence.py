@@ -28,6 +28,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from postgres_helpers import scratch_database
 
 from fakes.smtp_sink import SMTPSink
 from relaygate.quotas import window_keys
@@ -370,3 +371,57 @@ def test_held_commands_report_bad_input_in_one_line(setup: Setup) -> None:
     assert "50 messages an hour expected" in out.stdout
     ids = _send(setup, user, FLOOR + 8)  # over the floor, within 3 x 50
     assert set(_settled(setup, user, ids).values()) == {"delivered"}
+
+
+@pytest.mark.sqlite_only
+def test_storage_copy_moves_held_mail_and_holds_to_postgres(
+    setup: Setup, servers: ServerPool
+) -> None:
+    toml = delivery_toml(
+        {"mode": "smarthost", "retry_schedule": [60]},
+        smarthost={"host": "127.0.0.1", "port": setup.sink.port, "tls": "none"},
+    )
+    rules = {"volume_floor": 3, "new_recipient_min": 0, "refresh_seconds": 0.5}
+    box = new_server(servers, "defence-box", extra_toml=toml, start=False)
+    box.sections["defence"] = dict(rules)
+    box.write_config()
+    user = User("mover@example.test", "Defence-mover-pw-3Jd7")
+    box.add_user(user)
+    box.start()
+    with session(box, user=user) as client:
+        ids = [
+            client.send_mail(
+                user.address,
+                ["friend@example.net"],
+                make_message(from_addr=user.address, to=["friend@example.net"], subject=str(n)),
+            )
+            for n in range(6)
+        ]
+
+    def statuses() -> dict[str, str]:
+        out = box.cli("messages", "list", "--json").stdout
+        return {m["id"]: m["status"] for m in json.loads(out)}
+
+    wait_until(lambda: "queued" not in statuses().values(), 30, what="settled")
+    held = sorted(i for i, s in statuses().items() if s == "held")
+    assert held and set(ids) >= set(held)
+    box.stop()
+    with scratch_database() as url:
+        copied = box.cli("storage", "copy", "--to", url).stdout
+        assert "held or expected accounts: 1" in copied, copied
+        assert "networks and clients seen: 2" in copied, copied
+        node = new_server(servers, "defence-node", extra_toml=toml, start=False)
+        node.sections["storage"] = {"url": url}
+        node.sections["defence"] = dict(rules)
+        node.write_config()
+        node.start()
+        try:
+            [entry] = json.loads(node.cli("held", "list", "--json").stdout)
+            assert entry["account"] == user.address and entry["held_messages"] == len(held)
+            time.sleep(1)  # the copied hold keeps the queue away from them
+            assert len(_delivered(setup, user)) == 6 - len(held)
+            released = json.loads(node.cli("held", "release", user.address, "--json").stdout)
+            assert sorted(released["released"]) == held
+            wait_until(lambda: len(_delivered(setup, user)) == 6, 30, what="released mail")
+        finally:
+            node.stop()
