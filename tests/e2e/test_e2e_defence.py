@@ -425,3 +425,46 @@ def test_storage_copy_moves_held_mail_and_holds_to_postgres(
             wait_until(lambda: len(_delivered(setup, user)) == 6, 30, what="released mail")
         finally:
             node.stop()
+
+
+def test_two_workers_a_hold_by_one_stops_what_the_other_still_accepts(
+    setup: Setup, servers: ServerPool
+) -> None:
+    toml = delivery_toml(
+        {"mode": "smarthost", "retry_schedule": [60]},
+        smarthost={"host": "127.0.0.1", "port": setup.sink.port, "tls": "none"},
+    )
+    # A long refresh: a worker that did not make the hold keeps accepting as queued
+    # for a while; the queue must still never claim those.
+    server = DeliveryServer(servers.base / "defence-workers", extra_toml=toml, workers=2)
+    servers.servers.append(server)
+    server.sections["defence"] = {"volume_floor": 3, "new_recipient_min": 0, "refresh_seconds": 30}
+    server.write_config()
+    user = User("twoworkers@example.test", "Defence-workers-pw-6Wm1")
+    server.add_user(user)
+    server.start()
+    ids: list[str] = []
+    for n in range(12):  # one connection each: the kernel spreads them over both workers
+        with session(server, user=user) as client:
+            to = ["friend@example.net"]
+            message = make_message(from_addr=user.address, to=to, subject=f"w{n}")
+            ids.append(client.send_mail(user.address, to, message))
+
+    def statuses() -> dict[str, str]:
+        out = server.cli("messages", "list", "--json").stdout
+        return {m["id"]: m["status"] for m in json.loads(out)}
+
+    wait_until(lambda: "sending" not in statuses().values(), 30, what="settled")
+    time.sleep(2)
+    final = statuses()
+    delivered = [i for i in ids if final[i] == "delivered"]
+    assert len(_delivered(setup, user)) == len(delivered) <= 3 * 2  # each worker's own count
+    assert user.address in {
+        h["account"] for h in json.loads(server.cli("held", "list", "--json").stdout)
+    }
+    waiting = sorted(i for i in ids if final[i] != "delivered")
+    assert set(final[i] for i in waiting) <= {"held", "queued"}
+    purged = json.loads(server.cli("held", "purge", user.address, "--json").stdout)["purged"]
+    assert sorted(purged) == waiting  # held, and queued by the worker that had not seen it
+    time.sleep(1)
+    assert len(_delivered(setup, user)) == len(delivered)

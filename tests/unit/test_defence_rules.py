@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from relaygate.config import DefenceConfig
 from relaygate.defence import (
@@ -104,3 +105,30 @@ def test_client_names_are_printable_and_bounded() -> None:
     assert client_name("x\r\ny z\x00") == "x??y?z?"
     assert len(client_name("a" * 5000)) == 100
     assert client_name("") == "-"
+
+
+def test_the_defence_section_is_validated_one_line_per_problem(tmp_path: Path) -> None:
+    from relaygate.config import ConfigError, config_from_dict
+
+    good = config_from_dict(
+        {"defence": {"enabled": False, "volume_factor": 4, "new_recipient_share": 1}}, tmp_path
+    )
+    assert not good.defence.enabled and good.defence.volume_factor == 4.0
+    assert config_from_dict({}, tmp_path).defence == DefenceConfig()
+    bad = {
+        "enabled": "yes",
+        "volume_factor": -1,
+        "volume_floor": 1.5,
+        "new_recipient_share": 1.5,
+        "remote_reject_rate": True,
+        "refresh_seconds": 0,
+        "hold_everything": True,
+    }
+    try:
+        config_from_dict({"defence": bad}, tmp_path)
+    except ConfigError as exc:
+        problems = exc.problems
+    else:
+        raise AssertionError("accepted")
+    assert len(problems) == len(bad), problems
+    assert all("\n" not in p and p.startswith("defence") for p in problems)
