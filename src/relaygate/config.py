@@ -343,8 +343,8 @@ class Config:
     shared: SharedConfig = field(default_factory=SharedConfig)
     http: HTTPConfig | None = None
     webhooks: tuple[WebhookConfig, ...] = ()
-    retention: RetentionConfig = field(default_factory=RetentionConfig)
     defence: DefenceConfig = field(default_factory=DefenceConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     node_name: str = field(default_factory=default_node_name)
     quickstart: bool = False
     source: Path | None = None  # the file this came from, None in quickstart
@@ -414,8 +414,8 @@ _TOP_KEYS = {
     "shared",
     "http",
     "webhooks",
-    "retention",
     "defence",
+    "retention",
 }
 
 
@@ -1113,8 +1113,8 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
     webhooks = _webhooks(
         data.get("webhooks"), check, base, http is not None and http.allow_private_targets
     )
-    retention = _retention(check, data)
     defence = _defence(check, data)
+    retention = _retention(check, data)
     if http is not None and any((x.host, x.port) == (http.host, http.port) for x in listeners):
         check.problem("http.address", f"{http.address} is also an SMTP listener")
 
@@ -1137,8 +1137,8 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
         shared=shared,
         http=http,
         webhooks=webhooks,
-        retention=retention,
         defence=defence,
+        retention=retention,
         node_name=node_name,
         source=source,
     )

@@ -252,21 +252,6 @@ DOCS: dict[str, Doc] = {
     "webhooks.secret_file": Doc(
         "File holding the signing secret, whsec_<base64>.", example="/etc/relaygate/webhook.secret"
     ),
-    # [retention]
-    "retention": Doc(
-        "How long mail is kept, applied in the background a few hundred rows at a time (by the"
-        " delivery process, else worker 0); a message still waiting for delivery is never"
-        ' removed. Durations: 30d, 12h, 90m, 45s, 1w, or "off".'
-    ),
-    "retention.max_age": Doc(
-        "A message (record, body, delivery history) goes this long after it arrived; settled"
-        ' webhook rows too (after an hour at least). "off": kept however old.'
-    ),
-    "retention.max_messages": Doc("The newest this many records are kept at most; 0 = no cap."),
-    "retention.body_max_age": Doc(
-        "Bodies of messages nothing waits to deliver go earlier than their records (which"
-        ' then say so); "off": a body is kept as long as its record.'
-    ),
     # [defence]
     "defence": Doc(
         "Compromised-account defence (docs/security.md): an account whose sending looks stolen"
@@ -301,6 +286,21 @@ DOCS: dict[str, Doc] = {
     "defence.refresh_seconds": Doc(
         "How old a worker's view of an account's counts and hold may get (the window in which"
         " other workers and nodes may still see an account as not held)."
+    ),
+    # [retention]
+    "retention": Doc(
+        "How long mail is kept, applied in the background a few hundred rows at a time (by the"
+        " delivery process, else worker 0); a message still waiting for delivery is never"
+        ' removed. Durations: 30d, 12h, 90m, 45s, 1w, or "off".'
+    ),
+    "retention.max_age": Doc(
+        "A message (record, body, delivery history) goes this long after it arrived; settled"
+        ' webhook rows too (after an hour at least). "off": kept however old.'
+    ),
+    "retention.max_messages": Doc("The newest this many records are kept at most; 0 = no cap."),
+    "retention.body_max_age": Doc(
+        "Bodies of messages nothing waits to deliver go earlier than their records (which"
+        ' then say so); "off": a body is kept as long as its record.'
     ),
 }
 
