@@ -787,6 +787,7 @@ class SMTPConnection(asyncio.Protocol):
                 rcpts=len(stored.recipients),
                 size=stored.size,
                 credential=stored.credential,
+                held=stored.status == "held" or None,  # the defence holds the account's mail
                 reply="250",
             )
             self.session.message_queued(stored.id)
