@@ -307,15 +307,28 @@ def test_parallel_sessions_during_the_trigger_leak_nothing(setup: Setup) -> None
         thread.join(60)
     assert not errors and len(results) == 4
     ids = [i for r in results for i in r]
-    statuses = _settled(setup, user, ids)
-    time.sleep(1)
+    wait_until(lambda: user.address in _held_list(setup), 30, what="the hold")
+
+    def quiet() -> bool:
+        statuses = _statuses(setup, user)
+        sent = sum(1 for i in ids if statuses[i] == "delivered")
+        return "sending" not in statuses.values() and len(_delivered(setup, user)) == sent
+
+    wait_until(quiet, 30, what="deliveries in progress to finish")
+    time.sleep(2)
+    statuses = _statuses(setup, user)
     sent = [i for i in ids if statuses[i] == "delivered"]
-    held = [i for i in ids if statuses[i] == "held"]
-    assert len(sent) + len(held) == 32
+    # Held, or queued by a commit that landed just after the hold: the queue never
+    # claims a held account's rows either way.
+    waiting = sorted(i for i in ids if statuses[i] in ("held", "queued"))
+    assert len(sent) + len(waiting) == 32, statuses
     assert len(_delivered(setup, user)) == len(sent)  # nothing held went out
     assert len(sent) <= FLOOR + 4  # the floor, and at most one in flight per session
-    assert _held_list(setup)[user.address]["held_messages"] == len(held)
-    setup.server.cli("held", "purge", user.address)
+    assert _held_list(setup)[user.address]["held_messages"] == len(waiting)
+    purged = json.loads(setup.server.cli("held", "purge", user.address, "--json").stdout)
+    assert sorted(purged["purged"]) == waiting
+    time.sleep(1)
+    assert len(_delivered(setup, user)) == len(sent)
 
 
 def test_many_recipients_refused_by_the_remote_server_hold_the_account(setup: Setup) -> None:

@@ -112,6 +112,13 @@ def held(db: sqlite3.Connection) -> list[HeldAccount]:
             " GROUP BY lower(account)"
         ).fetchall()
     )
+    # A held account's mail still 'queued' (committed just after the hold) waits too.
+    for account, number in db.execute(
+        "SELECT h.account, count(*) FROM defence_accounts h JOIN messages m"
+        " ON lower(m.account) = h.account WHERE h.held_at IS NOT NULL"
+        " AND m.status = 'queued' AND m.mail_from <> '' GROUP BY h.account"
+    ):
+        counts[account] = counts.get(account, 0) + number
     found: list[HeldAccount] = []
     for account, since, reason, detail, numbers in db.execute(
         "SELECT account, held_at, reason, detail, counts FROM defence_accounts"
@@ -153,12 +160,13 @@ def release(
 ) -> list[str] | None:
     with write_transaction(db):
         flagged = _is_held(db, account)
+        # Held, and (the account flagged) still queued: the queue claimed neither.
         ids = [
             str(r[0])
             for r in db.execute(
-                "SELECT id FROM messages WHERE lower(account) = ? AND status = 'held'"
-                " ORDER BY created_at",
-                (account,),
+                "SELECT id FROM messages WHERE lower(account) = ? AND (status = 'held'"
+                " OR (? AND status = 'queued' AND mail_from <> '')) ORDER BY created_at",
+                (account, flagged),
             )
         ]
         if not flagged and not ids:

@@ -111,6 +111,14 @@ class PostgresDefence:
                 " GROUP BY lower(account)"
             )
             counts: dict[str, int] = {str(a): int(n) for a, n in await cursor.fetchall()}
+            # A held account's mail still 'queued' (committed just after the hold) waits too.
+            cursor = await connection.execute(
+                "SELECT h.account, count(*) FROM defence_accounts h JOIN messages m"
+                " ON lower(m.account) = h.account WHERE h.held_at IS NOT NULL"
+                " AND m.status = 'queued' AND m.mail_from <> '' GROUP BY h.account"
+            )
+            for a, n in await cursor.fetchall():
+                counts[str(a)] = counts.get(str(a), 0) + int(n)
             cursor = await connection.execute(
                 "SELECT account, held_at, reason, detail, counts FROM defence_accounts"
                 " WHERE held_at IS NOT NULL ORDER BY held_at"
@@ -140,7 +148,7 @@ class PostgresDefence:
         return row is not None and bool(row[0])
 
     async def release(self, account: str, now: float, expected_until: float) -> list[str] | None:
-        params = {
+        params: dict[str, object] = {
             "account": account,
             "now": now,
             "until": expected_until,
@@ -149,12 +157,20 @@ class PostgresDefence:
         }
         async with self._pool.connection() as connection, connection.transaction():
             flagged = await self._flag(connection, account)
+            params["flagged"] = flagged
+            # Held, and (the account flagged) still queued: the queue claimed neither.
             cursor = await connection.execute(
-                "UPDATE messages SET status = 'queued' WHERE lower(account) = %(account)s"
-                " AND status = 'held' RETURNING id, created_at",
+                "SELECT id FROM messages WHERE lower(account) = %(account)s AND (status = 'held'"
+                " OR (%(flagged)s AND status = 'queued' AND mail_from <> ''))"
+                " ORDER BY created_at, id",
                 params,
             )
-            ids = [str(r[0]) for r in sorted(await cursor.fetchall(), key=lambda r: r[1])]
+            ids = [str(r[0]) for r in await cursor.fetchall()]
+            await connection.execute(
+                "UPDATE messages SET status = 'queued' WHERE lower(account) = %(account)s"
+                " AND status = 'held'",
+                params,
+            )
             if not flagged and not ids:
                 return None
             await connection.execute(
