@@ -362,6 +362,9 @@ def test_the_ui_lists_held_accounts_and_releases_with_its_csrf_token(setup: Setu
     opener.open(setup.base + "/login", login.encode(), timeout=20).read()
     page = opener.open(setup.base + "/held", timeout=20).read().decode()
     assert user.address in page and "volume" in page
+    query = urllib.parse.urlencode({"q": user.address, "status": "held"})
+    listed = opener.open(f"{setup.base}/messages?{query}", timeout=20).read().decode()
+    assert all(i in listed for i in held)
     csrf = re.search(r'name="csrf" value="([^"]+)"', page)
     assert csrf is not None
     form = {"action": "release", "account": user.address}
