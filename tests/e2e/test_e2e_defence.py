@@ -488,3 +488,23 @@ def test_two_workers_a_hold_by_one_stops_what_the_other_still_accepts(
     assert sorted(purged) == waiting  # held, and queued by the worker that had not seen it
     time.sleep(1)
     assert len(_delivered(setup, user)) == len(delivered)
+
+
+def test_the_api_checks_tokens_and_input_of_the_held_routes(setup: Setup) -> None:
+    user = _user(setup, "apiexpect")
+    out = setup.server.cli("token", "add", "defence-reader", "--read-only").stdout
+    reader = Setup(
+        setup.server, setup.sink, setup.hooks, setup.base, out.splitlines()[0].split()[-1]
+    )
+    assert _api(reader, "GET", "/api/v1/held")[0] == 200
+    assert _api(reader, "POST", f"/api/v1/held/{user.address}/release")[0] == 403
+    assert _api(reader, "POST", f"/api/v1/held/{user.address}/expect", {})[0] == 403
+    path = f"/api/v1/held/{user.address}/expect"
+    for body in ({"for": "soon"}, {"for": 5}, {"messages": -1}, {"messages": True}, {"x": 1}):
+        status, answer = _api(setup, "POST", path, body)
+        assert status == 400 and "\\n" not in answer["error"], (body, answer)
+    assert _api(setup, "POST", "/api/v1/held/nobody@example.test/expect", {})[0] == 404
+    status, answer = _api(setup, "POST", path, {"for": "3h", "messages": 40})
+    assert status == 200 and answer["messages"] == 40 and answer["until"].endswith("Z")
+    changes = [e for e in setup.server.log_events("admin.change") if e["action"] == "held.expect"]
+    assert changes and changes[-1]["by"] == "token:defence"
