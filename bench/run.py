@@ -903,6 +903,12 @@ def build_parser() -> argparse.ArgumentParser:
         " max_messages = 2000, a round every second), and report the ratio to relaygate without",
     )
     parser.add_argument(
+        "--compare-defence",
+        action="store_true",
+        help="also bench relaygate with the compromised-account defence off ([defence]"
+        " enabled = false), and report the ratio of on (the default) to off",
+    )
+    parser.add_argument(
         "--relaygate-only-port",
         type=int,
         metavar="PORT",
@@ -971,6 +977,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     postfix: PostfixServer | None = None
     http_server: RelaygateServer | None = None
     retention_server: RelaygateServer | None = None
+    nodefence_server: RelaygateServer | None = None
     poller: DashboardPoller | None = None
     info: dict[str, Any] = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -1092,6 +1099,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                         [retention_server.process.pid],
                     )
                 )
+            if args.compare_defence:
+                nodefence_server = RelaygateServer(
+                    args.python,
+                    args.workers,
+                    args.users,
+                    args.log_level,
+                    extra_toml="\n[defence]\nenabled = false\n",
+                )
+                nodefence_server.write_config()
+                print(f"creating {args.users} users (defence off) ...", file=sys.stderr)
+                nodefence_server.create_users()
+                nodefence_server.start()
+                assert nodefence_server.process is not None
+                targets.append(
+                    Target(
+                        "relaygate-nodefence",
+                        nodefence_server.starttls_port
+                        if args.mode == "starttls"
+                        else nodefence_server.implicit_port,
+                        args.mode,
+                        [nodefence_server.process.pid],
+                    )
+                )
             if args.compare_postfix:
                 postfix = PostfixServer()
                 print("starting Postfix + Dovecot ...", file=sys.stderr)
@@ -1167,6 +1197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if stop_problem:
                     problems.append(f"with retention: {stop_problem}")
                 retention_server.cleanup(args.keep_temp or bool(problems))
+            if nodefence_server is not None:
+                stop_problem = nodefence_server.stop()
+                if stop_problem:
+                    problems.append(f"with the defence off: {stop_problem}")
+                nodefence_server.cleanup(args.keep_temp or bool(problems))
             if scratch is not None:
                 scratch.drop()
             if postfix is not None:
@@ -1178,6 +1213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pg_ratios = compute_ratios(measurements, "relaygate-pg", "relaygate")
     http_ratios = compute_ratios(measurements, "relaygate-http", "relaygate")
     retention_ratios = compute_ratios(measurements, "relaygate-retention", "relaygate")
+    defence_ratios = compute_ratios(measurements, "relaygate", "relaygate-nodefence")
     if measurements:
         print()
         print(format_table(table_rows(measurements, ratios, pg_ratios)))
@@ -1211,6 +1247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"retention pruning all the time / retention idle, scenario {scenario}: "
             + ", ".join(f"{key} {cell(value)}" for key, value in figures.items())
         )
+    for scenario, figures in defence_ratios.items():
+        print(
+            f"defence on / defence off, scenario {scenario}: "
+            + ", ".join(f"{key} {cell(value)}" for key, value in figures.items())
+        )
     if "retention" in info:
         print(f"retention rounds that removed something: {info['retention']['pruned_events']}")
     if "dashboard" in info:
@@ -1231,6 +1272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratios_postgresql_over_sqlite": pg_ratios,
         "ratios_http_on_over_off": http_ratios,
         "ratios_retention_pruning_over_idle": retention_ratios,
+        "ratios_defence_on_over_off": defence_ratios,
         "problems": problems,
     }
     args.results_dir.mkdir(parents=True, exist_ok=True)

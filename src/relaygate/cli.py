@@ -46,6 +46,7 @@ from relaygate.delivery.dkim import (
     DKIMError,
 )
 from relaygate.durations import format_duration, parse_duration
+from relaygate.held_cli import add_held_commands
 from relaygate.json_views import (
     account_json,
     credential_json,
@@ -260,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_queue_commands(commands, common)
     _add_dkim_commands(commands, common)
     _add_token_commands(commands, common)
+    add_held_commands(commands, common)
     return parser
 
 

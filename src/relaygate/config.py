@@ -401,6 +401,25 @@ def _oauth(check: _Checker, data: dict[str, Any], base: Path) -> OAuthConfig | N
 
 
 @dataclass(frozen=True)
+class DefenceConfig:
+    """Compromised-account defence (``relaygate.defence``): when an account's
+    sending looks stolen its outbound mail is held (accepted, not delivered)
+    until an admin releases or purges it. A count or share of 0 turns that
+    trigger off."""
+
+    enabled: bool = True
+    volume_factor: float = 10.0  # an hour above factor x the busiest hour of 14 days ...
+    volume_floor: int = 200  # ... and above this many messages
+    new_recipient_share: float = 0.9  # share of this hour's recipients never sent to before
+    new_recipient_min: int = 200  # ... once at least this many new recipients
+    new_network_burst: int = 50  # messages in the hour after a login from a new network
+    remote_reject_rate: float = 0.3  # share of recipients refused (5xx) by remote MX in an hour
+    remote_reject_min: int = 20  # ... once at least this many were refused
+    expect_hours: float = 24.0  # a release or `held expect` raises the baseline this long
+    refresh_seconds: float = 2.0  # how stale a worker's view of counts and holds may get
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: Literal["logfmt", "json"] = "logfmt"
@@ -425,6 +444,7 @@ class Config:
     shared: SharedConfig = field(default_factory=SharedConfig)
     http: HTTPConfig | None = None
     webhooks: tuple[WebhookConfig, ...] = ()
+    defence: DefenceConfig = field(default_factory=DefenceConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     oauth: OAuthConfig | None = None
     ldap: LDAPConfig | None = None  # directory accounts; see the [ldap] block below
@@ -497,6 +517,7 @@ _TOP_KEYS = {
     "shared",
     "http",
     "webhooks",
+    "defence",
     "retention",
     "oauth",
     "ldap",
@@ -961,6 +982,37 @@ def _retention(check: _Checker, data: dict[str, Any]) -> RetentionConfig:
     )
 
 
+# ------------------------------------------------------- [defence] (compromised accounts)
+
+
+def _defence(check: _Checker, data: dict[str, Any]) -> DefenceConfig:
+    where = "defence"
+    raw = check.table(data, where, where)
+    defaults = DefenceConfig()
+    check.unknown(raw, {f.name for f in dataclasses.fields(defaults)}, where)
+    enabled = raw.get("enabled", defaults.enabled)
+    if not isinstance(enabled, bool):
+        check.problem(f"{where}.enabled", f"must be true or false (got {enabled!r})")
+        enabled = defaults.enabled
+    values: dict[str, Any] = {"enabled": enabled}
+    for name in ("new_recipient_share", "remote_reject_rate"):
+        value = raw.get(name, getattr(defaults, name))
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            check.problem(f"{where}.{name}", f"must be a share from 0 to 1 (got {value!r})")
+            value = getattr(defaults, name)
+        values[name] = float(value)
+    factor = raw.get("volume_factor", defaults.volume_factor)
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or factor < 0:
+        check.problem(f"{where}.volume_factor", f"must be a number >= 0 (got {factor!r})")
+        factor = defaults.volume_factor
+    values["volume_factor"] = float(factor)
+    for name in ("volume_floor", "new_recipient_min", "new_network_burst", "remote_reject_min"):
+        values[name] = check.integer(raw, name, where, getattr(defaults, name))
+    for name in ("expect_hours", "refresh_seconds"):
+        values[name] = check.number(raw, name, where, getattr(defaults, name))
+    return DefenceConfig(**values)
+
+
 def _storage(check: _Checker, data: dict[str, Any]) -> StorageConfig:
     raw = check.table(data, "storage", "storage")
     check.unknown(raw, {"url", "pool_size"}, "storage")
@@ -1297,6 +1349,7 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
     webhooks = _webhooks(
         data.get("webhooks"), check, base, http is not None and http.allow_private_targets
     )
+    defence = _defence(check, data)
     retention = _retention(check, data)
     oauth = _oauth(check, data, base)
     ldap = _ldap(check, data, base)
@@ -1322,6 +1375,7 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
         shared=shared,
         http=http,
         webhooks=webhooks,
+        defence=defence,
         retention=retention,
         oauth=oauth,
         ldap=ldap,

@@ -252,6 +252,41 @@ DOCS: dict[str, Doc] = {
     "webhooks.secret_file": Doc(
         "File holding the signing secret, whsec_<base64>.", example="/etc/relaygate/webhook.secret"
     ),
+    # [defence]
+    "defence": Doc(
+        "Compromised-account defence (docs/security.md): an account whose sending looks stolen"
+        " gets its outbound mail held (accepted with 250, not delivered) until `relaygate held"
+        " release` or `held purge`. A count or share of 0 turns that trigger off."
+    ),
+    "defence.enabled": Doc("Watch accounts and hold their mail when a trigger fires."),
+    "defence.volume_factor": Doc(
+        "Hold when an hour's messages pass this many times the account's busiest hour of the"
+        " last 14 days (its baseline) ..."
+    ),
+    "defence.volume_floor": Doc(
+        "... and this many messages: the threshold is max(factor x baseline, floor), so a new"
+        " account (baseline 0) gets the floor; 0 = no volume trigger."
+    ),
+    "defence.new_recipient_share": Doc(
+        "Hold when this share of an hour's recipients are addresses the account never sent to ..."
+    ),
+    "defence.new_recipient_min": Doc("... once at least this many of them are new."),
+    "defence.new_network_burst": Doc(
+        "Hold when, in the hour after a login from a network (/24, /48) the account never used"
+        " before, it sends more than this many messages (or its baseline, if higher)."
+    ),
+    "defence.remote_reject_rate": Doc(
+        "Hold when remote mail servers refused (5xx) this share of the account's recipients in"
+        " the last hour ..."
+    ),
+    "defence.remote_reject_min": Doc("... once at least this many were refused."),
+    "defence.expect_hours": Doc(
+        "How long a release or `relaygate held expect` raises the account's baseline."
+    ),
+    "defence.refresh_seconds": Doc(
+        "How old a worker's view of an account's counts and hold may get (the window in which"
+        " other workers and nodes may still see an account as not held)."
+    ),
     # [retention]
     "retention": Doc(
         "How long mail is kept, applied in the background a few hundred rows at a time (by the"

@@ -50,7 +50,9 @@ __all__ = [
 
 HOUR = 3600
 DAY = 86400
-KEEP_SECONDS = 2 * DAY  # counter rows older than this go at prune()
+KEEP_SECONDS = 2 * DAY  # counter rows older than this go at prune() ...
+# ... except an account's hours: the defence baseline looks back 14 days (defence.py).
+BASELINE_KEEP_SECONDS = 15 * DAY
 
 UNLIMITED = SendingLimits(0, 0, 0, 0)
 # Limit overrides as stored: JSON text (the column) or decoded (accounts.credentials).
@@ -394,10 +396,12 @@ class Quotas:
     def prune(self, now: float) -> None:
         """Delete counter rows of windows that ended over two days ago (periodic, not hot)."""
         hour_cut, day_cut = window_keys(now - KEEP_SECONDS)
+        baseline_cut = window_keys(now - BASELINE_KEEP_SECONDS)[0]
         # "d…" sorts before "h…", so the first test sees only day rows.
         self.db.execute(
-            "DELETE FROM send_counters WHERE window < ? OR (window >= 'h' AND window < ?)",
-            (day_cut, hour_cut),
+            "DELETE FROM send_counters WHERE window < ? OR (window >= 'h' AND window < ?"
+            " AND (scope NOT LIKE 'account:%' OR window < ?))",
+            (day_cut, hour_cut, baseline_cut),
         )
 
 

@@ -127,7 +127,12 @@ class Spool:
                     _store_body(db, m, in_file=m.id in spilled)
                 if self._deliver:
                     delivery_queue.enqueue_many(
-                        db, [(m.id, m.recipients) for m in messages], messages[0].created_at
+                        db,
+                        [
+                            (m.id, m.recipients, "held" if m.status == "held" else "queued")
+                            for m in messages
+                        ],
+                        messages[0].created_at,
                     )
                 # Sending-limit counters commit with the messages they count.
                 quotas.record_many(db, [m.usage for m in messages if m.usage is not None])

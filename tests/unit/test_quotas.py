@@ -388,7 +388,8 @@ def test_counters_survive_reopening(tmp_path: Path) -> None:
 
 
 def test_prune(db: sqlite3.Connection) -> None:
-    scope = account_scope(ALICE, None, SendingLimits())
+    scope = credential_scope(3, "script", ALICE, '{"messages_per_hour": 9}')
+    assert scope is not None
     for when in (NOW - 3 * DAY, NOW - 2 * DAY - HOUR, NOW - 2 * DAY, NOW - DAY, NOW):
         send(db, [scope], when)
     Quotas(db).prune(NOW)
@@ -399,5 +400,19 @@ def test_prune(db: sqlite3.Connection) -> None:
         "d20261129",
         "h2026112713",
         "h2026112813",
+        "h2026112913",
+    ]
+
+
+def test_prune_keeps_an_accounts_hours_for_the_defence_baseline(db: sqlite3.Connection) -> None:
+    scope = account_scope(ALICE, None, SendingLimits())
+    for when in (NOW - 16 * DAY, NOW - 14 * DAY, NOW - 3 * DAY, NOW):
+        send(db, [scope], when)
+    Quotas(db).prune(NOW)
+    # Its days go after two days like any scope's; its hours stay 15 days (defence.py).
+    assert sorted(window for _, window in counters(db)) == [
+        "d20261129",
+        "h2026111513",
+        "h2026112613",
         "h2026112913",
     ]

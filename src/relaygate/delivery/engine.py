@@ -36,11 +36,13 @@ from relaygate.delivery.remote_text import clean
 from relaygate.eventloop import new_event_loop
 from relaygate.server import reload
 from relaygate.services import retention
+from relaygate.services.defence import RejectWatch
 from relaygate.storage import bodies
 from relaygate.storage.api import LeaseLost, Notice
 from relaygate.storage.errors import STORAGE_ERRORS
 from relaygate.storage.node import DeliveryStorage, open_delivery_storage
 from relaygate.webhooks.configured import config_endpoints
+from relaygate.webhooks.notices import EventNotices
 from relaygate.webhooks.sender import WebhookSender
 
 DSN_HEAD_BYTES = 256 * 1024  # of the original message read for its header section
@@ -81,6 +83,12 @@ class DeliveryEngine:
         self._next_recover = 0.0
         self._next_renew = 0.0
         self._resumed_logged = False
+        # Compromised-account defence: many recipients refused by remote servers.
+        self.rejects = RejectWatch(
+            config.defence,
+            storage.defence,
+            EventNotices(storage.webhooks, config_endpoints(config.webhooks, with_secrets=False)),
+        )
 
     # ------------------------------------------------------------ main loop
 
@@ -168,6 +176,10 @@ class DeliveryEngine:
                 https_port=config.delivery.mta_sts_port,
             )
         self._next_keys = 0.0
+        self.rejects.config = config.defence
+        self.rejects.notices = EventNotices(
+            self.storage.webhooks, config_endpoints(config.webhooks, with_secrets=False)
+        )
 
     async def _keep_leases(self) -> None:
         """Rows whose holder is gone go back to the queue (on a shared database,
@@ -553,6 +565,12 @@ class DeliveryEngine:
                     reason=clean(repr(again)),
                 )
             return
+        if delivery.mail_from:  # a bounce's refusals say nothing of the account
+            self.rejects.outcome(
+                delivery.account,
+                sum(1 for _, reply in outcome.failed if reply.startswith("5")),
+                len(outcome.delivered) + len(outcome.failed) + len(outcome.deferred),
+            )
         counted = metrics.current()
         counted.delivered("delivered", len(outcome.delivered))
         counted.delivered("deferred", len(outcome.deferred))

@@ -71,23 +71,31 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
-def enqueue(db: sqlite3.Connection, message_id: str, recipients: Sequence[str], now: float) -> None:
-    """Add delivery rows for a new message; the caller holds the transaction."""
+def enqueue(
+    db: sqlite3.Connection,
+    message_id: str,
+    recipients: Sequence[str],
+    now: float,
+    status: str = "queued",
+) -> None:
+    """Add delivery rows for a new message; the caller holds the transaction.
+    ``status`` "held": the account's mail is held (relaygate/defence.py)."""
     by_domain: dict[str, list[str]] = {}
     for recipient in recipients:
         by_domain.setdefault(domain_of(recipient), []).append(recipient)
     db.executemany(
         "INSERT INTO deliveries (message_id, domain, recipients, status, next_attempt,"
-        " created_at, updated_at) VALUES (?, ?, ?, 'queued', ?, ?, ?)",
-        [(message_id, d, json.dumps(r), now, now, now) for d, r in by_domain.items()],
+        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(message_id, d, json.dumps(r), status, now, now, now) for d, r in by_domain.items()],
     )
 
 
 def enqueue_many(
-    db: sqlite3.Connection, items: Iterable[tuple[str, Sequence[str]]], now: float
+    db: sqlite3.Connection, items: Iterable[tuple[str, Sequence[str], str]], now: float
 ) -> None:
-    for message_id, recipients in items:
-        enqueue(db, message_id, recipients, now)
+    """(message id, recipients, "queued" or "held") each."""
+    for message_id, recipients, status in items:
+        enqueue(db, message_id, recipients, now, status)
 
 
 def reset_interrupted(db: sqlite3.Connection) -> list[str]:
@@ -135,13 +143,24 @@ def _delivery(row: Sequence[object]) -> Delivery:
     )
 
 
+# A held account's rows are never claimed, whatever their status says: a worker
+# may have stored a message as queued a moment after another held the account.
+# Bounces (empty sender) go to the account's own sender and are never held.
+NOT_HELD_SQLITE = (
+    " AND (m.mail_from = '' OR lower(m.account) NOT IN"
+    " (SELECT account FROM defence_accounts WHERE held_at IS NOT NULL))"
+)
+
+
 def claim_due(db: sqlite3.Connection, now: float, limit: int) -> list[Delivery]:
     """Take up to ``limit`` rows whose time has come and mark them ``sending``."""
     db.execute("BEGIN IMMEDIATE")
     try:
         rows = db.execute(
-            _SELECT + " WHERE d.status = 'queued' AND d.next_attempt <= ?"
-            " ORDER BY d.next_attempt LIMIT ?",
+            _SELECT
+            + " WHERE d.status = 'queued' AND d.next_attempt <= ?"
+            + NOT_HELD_SQLITE
+            + " ORDER BY d.next_attempt LIMIT ?",
             (now, limit),
         ).fetchall()
         db.executemany(
@@ -401,7 +420,7 @@ def delete(db: sqlite3.Connection, message_id: str, now: float) -> int:
     try:
         cursor = db.execute(
             "UPDATE deliveries SET status = 'deleted', recipients = '[]', updated_at = ?"
-            " WHERE message_id = ? AND status IN ('queued', 'sending')",
+            " WHERE message_id = ? AND status IN ('queued', 'sending', 'held')",
             (now, message_id),
         )
         if cursor.rowcount:

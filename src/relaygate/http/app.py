@@ -16,12 +16,20 @@ from starlette.staticfiles import StaticFiles
 
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.config import Config
-from relaygate.http import api_admin, api_messages, api_stats, api_webhooks, health, openapi
+from relaygate.http import (
+    api_admin,
+    api_held,
+    api_messages,
+    api_stats,
+    api_webhooks,
+    health,
+    openapi,
+)
 from relaygate.http import metrics as metrics_route
 from relaygate.http.api import error_handlers
 from relaygate.http.context import HttpContext
 from relaygate.http.limits import BodyLimit
-from relaygate.http.ui import auth, dashboard, manage, messages, webhooks
+from relaygate.http.ui import auth, dashboard, held, manage, messages, webhooks
 from relaygate.services.admin import admin_services
 from relaygate.services.login import LoginService
 from relaygate.services.web_login import WebLogin
@@ -67,6 +75,7 @@ def create_app(config: Config) -> Starlette:
         *api_stats.routes(),
         *api_admin.routes(),
         *api_webhooks.routes(),
+        *api_held.routes(),
         *openapi.routes(),
         *health.routes(),
         *metrics_route.routes(config),
@@ -75,6 +84,7 @@ def create_app(config: Config) -> Starlette:
         *messages.routes(),
         *manage.routes(),
         *webhooks.routes(),
+        *held.routes(),
         Mount("/ui/static", StaticFiles(packages=[("relaygate.http.ui", "static")]), name="static"),
     ]
     return Starlette(

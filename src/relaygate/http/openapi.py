@@ -197,6 +197,41 @@ OPERATIONS: list[Op] = [
         "queue",
         write=True,
     ),
+    Op(
+        "get",
+        "/api/v1/held",
+        "Accounts whose outbound mail is held (compromised-account defence), and why",
+        "held",
+    ),
+    Op(
+        "post",
+        "/api/v1/held/{account}/release",
+        "Deliver the account's held mail (each message once) and lift the hold",
+        "held",
+        write=True,
+    ),
+    Op(
+        "post",
+        "/api/v1/held/{account}/purge",
+        "Drop the account's held mail (status purged, no bounce) and lift the hold",
+        "held",
+        write=True,
+    ),
+    Op(
+        "post",
+        "/api/v1/held/{account}/expect",
+        "Mark a burst as expected: raise the account's baseline for a while",
+        "held",
+        write=True,
+        body={
+            "type": "object",
+            "properties": {
+                "for": {**_STR, "description": "a duration: 12h, 1d (default expect_hours)"},
+                "messages": {**_NUM, "description": "messages an hour (default 1000)"},
+            },
+            "additionalProperties": False,
+        },
+    ),
     Op("get", "/api/v1/dkim", "DKIM keys and the TXT records to publish", "dkim"),
     Op(
         "post",

@@ -538,6 +538,7 @@ class SMTPConnection(asyncio.Protocol):
         account = result.account
         if account is not None:
             self.login = self.worker.submission.login(account, result.credential)
+            self.worker.submission.logged_in(self.login, self.client_ip, self.session.helo_name)
             self.login_generation = self.worker.generation()
             self.session.auth_succeeded(account.address)
             self.metrics.auth_attempt(mechanism, "ok")
@@ -801,6 +802,7 @@ class SMTPConnection(asyncio.Protocol):
                 rcpts=len(stored.recipients),
                 size=stored.size,
                 credential=stored.credential,
+                held=stored.status == "held" or None,  # the defence holds the account's mail
                 reply="250",
             )
             self.session.message_queued(stored.id)

@@ -35,6 +35,7 @@ from relaygate.server.tls import (
     server_context,
 )
 from relaygate.services import retention
+from relaygate.services.defence import DefenceService
 from relaygate.services.login import LoginService
 from relaygate.services.submission import SubmissionService
 from relaygate.smtp.session import Settings
@@ -119,6 +120,7 @@ class Worker:
             counters=self.storage.counters,
             acceptance=self.storage.acceptance,
             notices=notices,
+            defence=DefenceService(config.defence, self.storage.defence, notices=notices),
         )
         self.oauth = OAuthTokens(config.oauth) if config.oauth is not None else None
         if self.oauth is not None:
@@ -255,6 +257,8 @@ class Worker:
         self.max_connections = new.limits.max_connections
         notices = self._notices()
         self.submission.reconfigure(new.hostname, new.sending_limits, notices)
+        if self.submission.defence is not None:
+            self.submission.defence.reconfigure(new.defence, notices)
         self.logins.config = new.auth_throttle
         self.logins.notices = notices
         self.certificates.check()

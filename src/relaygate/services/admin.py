@@ -32,6 +32,7 @@ from relaygate.config import PasswordHashConfig, WebhookConfig
 from relaygate.delivery.dkim import DKIMKey, KeyType, normalize_domain, txt_record
 from relaygate.sasl import StoredKeys, stored_keys_for_password
 from relaygate.services import retention
+from relaygate.services.held import HeldAdmin
 from relaygate.services.webhooks import WebhooksAdmin
 from relaygate.stats import HourStats
 from relaygate.storage.api import (
@@ -511,6 +512,7 @@ class AdminServices:
     stats: StatsAdmin
     nodes: NodesAdmin
     webhooks: WebhooksAdmin
+    held: HeldAdmin
 
 
 def admin_services(
@@ -529,4 +531,5 @@ def admin_services(
         StatsAdmin(store.stats),
         NodesAdmin(getattr(store, "nodes", None)),
         WebhooksAdmin(store.webhooks, webhooks, allow_private_targets),
+        HeldAdmin(store.defence, store.accounts),
     )

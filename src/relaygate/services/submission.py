@@ -32,6 +32,7 @@ from relaygate.accounts.credentials import Credential
 from relaygate.accounts.store import Account
 from relaygate.config import SendingLimits
 from relaygate.quotas import Scope, Usage, account_scope, credential_scope
+from relaygate.services.defence import DefenceService
 from relaygate.storage.api import Acceptance, SendingCounters
 from relaygate.webhooks.events import ACCOUNT_LIMIT_REACHED
 from relaygate.webhooks.notices import EventNotices
@@ -83,8 +84,10 @@ class SubmissionService:
         counters: SendingCounters,
         acceptance: Acceptance,
         notices: EventNotices | None = None,
+        defence: DefenceService | None = None,
     ) -> None:
         self.notices = notices  # account.limit_reached webhooks (one per account a minute)
+        self.defence = defence  # compromised-account defence: may hold the account's mail
         self._hostname = hostname
         self._node = node
         self._defaults = sending_limits
@@ -235,6 +238,21 @@ class SubmissionService:
             usage=Usage(login.scopes, address, envelope.recipients, candidates, now),
         )
 
+    def logged_in(self, login: Login, client_ip: str, helo: str) -> None:
+        """A login succeeded from ``client_ip`` after EHLO ``helo`` (the defence's baseline)."""
+        if self.defence is not None:
+            self.defence.logged_in(login.account.address, client_ip, helo)
+
     def accept(self, stored: SpooledMessage) -> asyncio.Future[None]:
-        """Completes once the message (and what it counts) is durable: then 250."""
-        return self._acceptance.store(stored)
+        """Completes once the message (and what it counts) is durable: then 250.
+
+        A held account's message is stored all the same (status ``held``), and
+        answered 250 like any other: the sender's software carries on."""
+        screening = None if self.defence is None else self.defence.screen(stored)
+        if screening is None:
+            return self._acceptance.store(stored)
+        return asyncio.ensure_future(self._screened(screening, stored))
+
+    async def _screened(self, screening: Awaitable[None], stored: SpooledMessage) -> None:
+        await screening
+        await self._acceptance.store(stored)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from relaygate.accounts.credentials import Credential
 from relaygate.accounts.store import Account
+from relaygate.defence import Activity, Trigger
 from relaygate.delivery.dkim import DKIMKey, KeyType
 from relaygate.delivery.queue import Delivery, Outcome
 from relaygate.quotas import Scope
@@ -46,7 +47,7 @@ class MessageRecord:
     rcpt_to: tuple[str, ...]
     subject: str
     size: int
-    status: str  # captured | queued | delivered | failed | ...
+    status: str  # captured | queued | held | purged | delivered | failed | ...
     body_removed_at: float | None = None  # when retention removed the stored body
 
 
@@ -628,6 +629,64 @@ class Webhooks(Protocol):
         ...
 
 
+# ------------------------------------------------------------ defence
+
+
+@dataclass(frozen=True, slots=True)
+class HeldAccount:
+    """An account whose outbound mail is held (relaygate/defence.py)."""
+
+    account: str  # lower case
+    since: float | None  # when it was held; None: held mail left without a hold (see list)
+    reason: str | None
+    detail: str | None
+    counts: dict[str, int]
+    messages: int  # messages held now
+
+
+class Defence(Protocol):
+    """Compromised-account defence: baselines, holds, releases (services/defence.py).
+
+    Counts of the hour and the baseline are the account rows of send_counters
+    (quotas.py), which acceptance writes anyway; this adds the networks and
+    client names an account was seen with and the hold flag. A held account's
+    delivery rows are never claimed (DeliveryQueue.claim checks the flag), and
+    new delivery rows of a message accepted as ``held`` start out held.
+    """
+
+    async def activity(self, account: str, now: float) -> Activity:
+        """This hour's counts, the baseline, a recent new network, the flag: one round trip."""
+        ...
+
+    async def seen(self, account: str, network: str, client: str, now: float) -> None:
+        """A login from ``network`` with EHLO ``client``: remembered (first and last seen)."""
+        ...
+
+    async def hold(self, account: str, trigger: Trigger, now: float) -> int | None:
+        """Flag the account and hold its queued mail; how many messages were held,
+        None if it was held already (another worker or node was first)."""
+        ...
+
+    async def held(self) -> list[HeldAccount]:
+        """Accounts held or with held mail, oldest hold first."""
+        ...
+
+    async def release(self, account: str, now: float, expected_until: float) -> list[str] | None:
+        """Clear the flag and queue the held mail again, exactly once; the released
+        message ids (None: nothing held). The baseline is raised until ``expected_until``
+        to this hour's volume, so the account is not held again at once."""
+        ...
+
+    async def purge(self, account: str, now: float) -> list[str] | None:
+        """Clear the flag and drop the held mail (status purged, no bounce);
+        the purged message ids (None: nothing held)."""
+        ...
+
+    async def expect(self, account: str, until: float, messages: int) -> None:
+        """An admin expects a burst: the baseline is at least ``messages`` an hour until then."""
+        ...
+
+
 class AdminStorage(Protocol):
     """What the admin edges (CLI, HTTP API, web UI) work on; both backends are one."""
 
@@ -651,6 +710,8 @@ class AdminStorage(Protocol):
     def sessions(self) -> UiSessions: ...
     @property
     def webhooks(self) -> Webhooks: ...
+    @property
+    def defence(self) -> Defence: ...
 
     async def close(self) -> None: ...
 

@@ -5,8 +5,9 @@ The way from one machine to a cluster: stop ``serve``, copy, point every node's
 service moves: accounts with their sender patterns, password hashes, SCRAM
 keys and limits; app credentials (their keyed hashes stay valid because the
 server secrets move too); DKIM keys; the message log with bodies and delivery
-history; the delivery queue; sending counters and known recipients (so limits
-carry on where they were); the MTA-STS cache; the hourly stats. Failed-login windows are
+history; the delivery queue (held rows stay held); sending counters and known
+recipients (so limits carry on where they were); the defence's holds and seen
+networks; the MTA-STS cache; the hourly stats. Failed-login windows are
 short-lived and stay behind.
 
 The target must be empty (no accounts, messages or secrets): a copy into a
@@ -137,16 +138,21 @@ def _copy(
 
     deliveries = source.execute(
         "SELECT message_id, domain, recipients, status, attempts, next_attempt, created_at,"
-        " updated_at, last_reply, warned FROM deliveries WHERE status IN ('queued', 'sending')"
+        " updated_at, last_reply, warned FROM deliveries"
+        " WHERE status IN ('queued', 'sending', 'held')"
     ).fetchall()
-    # A row caught 'sending' (a crash) is queued again, as a restart would.
+    # A row caught 'sending' (a crash) is queued again, as a restart would; held stays held.
     target.cursor().executemany(
         "INSERT INTO deliveries (message_id, domain, recipients, status, attempts, next_attempt,"
         " created_at, updated_at, last_reply, warned)"
-        " VALUES (%s, %s, %s, 'queued', %s, %s, %s, %s, %s, %s)",
-        [(r[0], r[1], r[2], *r[4:9], bool(r[9])) for r in deliveries],
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        [
+            (r[0], r[1], r[2], "held" if r[3] == "held" else "queued", *r[4:9], bool(r[9]))
+            for r in deliveries
+        ],
     )
     report.add("queued deliveries", len(deliveries))
+    _copy_defence(source, target, report)
 
     counters = source.execute(
         "SELECT scope, window, messages, recipients, new_recipients FROM send_counters"
@@ -175,6 +181,33 @@ def _copy(
             policies,
         )
         report.add("MTA-STS policies", len(policies))
+
+
+def _copy_defence(
+    source: sqlite3.Connection, target: psycopg.Connection[Any], report: CopyReport
+) -> None:
+    """Holds and baselines of the compromised-account defence (schema 12)."""
+    if not _has_table(source, "defence_accounts"):
+        return
+    holds = source.execute(
+        "SELECT account, held_at, reason, detail, counts, expected_until, expected_messages"
+        " FROM defence_accounts"
+    ).fetchall()
+    target.cursor().executemany(
+        "INSERT INTO defence_accounts (account, held_at, reason, detail, counts,"
+        " expected_until, expected_messages) VALUES (%s, %s, %s, %s, %s::jsonb, %s, %s)",
+        holds,
+    )
+    report.add("held or expected accounts", len(holds))
+    seen = source.execute(
+        "SELECT account, kind, value, first_seen, last_seen, novel FROM defence_seen"
+    ).fetchall()
+    target.cursor().executemany(
+        "INSERT INTO defence_seen (account, kind, value, first_seen, last_seen, novel)"
+        " VALUES (%s, %s, %s, %s, %s, %s)",
+        [(*r[:5], bool(r[5])) for r in seen],
+    )
+    report.add("networks and clients seen", len(seen))
 
 
 def _copy_messages(

@@ -24,10 +24,11 @@ class MessageQuery:
 
 
 # Both backends, for retention and prune (messages aliased m): nothing waits to
-# deliver the message - no queue row that is queued or being sent.
+# deliver the message - no queue row that is queued, being sent, or held (the
+# compromised-account defence: it waits for an admin's release or purge).
 SETTLED = (
     "NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = m.id"
-    " AND d.status IN ('queued', 'sending'))"
+    " AND d.status IN ('queued', 'sending', 'held'))"
 )
 
 

@@ -34,6 +34,7 @@ from relaygate.storage.api import (
     Acceptance,
     Accounts,
     Credentials,
+    Defence,
     DeliveryQueue,
     DKIMKeys,
     HourlyStats,
@@ -57,6 +58,7 @@ from relaygate.storage.sqlite_accounts import SQLiteAccounts, same
 from relaygate.storage.sqlite_backend import SQLiteStorage
 from relaygate.storage.sqlite_counters import SQLiteSendingCounters
 from relaygate.storage.sqlite_credentials import SQLiteCredentials
+from relaygate.storage.sqlite_defence import SQLiteDefence
 from relaygate.storage.sqlite_queue import SQLiteDeliveryQueue, SQLitePolicyCache
 from relaygate.storage.sqlite_stats import SQLiteHourlyStats
 from relaygate.storage.sqlite_throttle import SQLiteLoginFailures
@@ -114,6 +116,7 @@ class NodeStorage:
     secrets: Secrets
     nodes: PostgresNodes | None  # None: one machine, nobody to tell
     stats: HourlyStats
+    defence: Defence
     _closers: list[Callable[[], Awaitable[None]]]
     webhooks: Webhooks | None = None  # account and login events (webhooks/notices.py)
     redis: redis.asyncio.Redis | None = None  # [shared] redis_url: the process's client
@@ -173,6 +176,7 @@ async def _open_node_storage(
             secrets=SQLiteSecrets(service, data),
             nodes=None,
             stats=SQLiteHourlyStats(service, data),
+            defence=SQLiteDefence(service, data),
             _closers=[close_service],
             webhooks=SQLiteWebhooks(service, data),
         )
@@ -204,6 +208,7 @@ async def _open_node_storage(
         secrets=shared.secrets,
         nodes=shared.nodes,
         stats=shared.stats,
+        defence=shared.defence,
         _closers=[shared.close, close_state],
         webhooks=shared.webhooks,
     )
@@ -222,6 +227,7 @@ class DeliveryStorage:
     dkim_keys: DKIMKeys
     stats: HourlyStats
     webhooks: Webhooks
+    defence: Defence
     close: Callable[[], Awaitable[None]]
 
 
@@ -249,6 +255,7 @@ async def open_delivery_storage(config: Config, loop: asyncio.AbstractEventLoop)
             dkim_keys=FileDKIMKeys(key_directory(config.data_dir)),
             stats=SQLiteHourlyStats(thread, same),
             webhooks=SQLiteWebhooks(hooks, same),
+            defence=SQLiteDefence(hooks, same),
             close=close_thread,
         )
     shared = await PostgresStorage.open(
@@ -260,6 +267,7 @@ async def open_delivery_storage(config: Config, loop: asyncio.AbstractEventLoop)
         dkim_keys=shared.dkim_keys,
         stats=shared.stats,
         webhooks=PostgresWebhooks(shared.pool, config.node_name),
+        defence=shared.defence,
         close=shared.close,
     )
 

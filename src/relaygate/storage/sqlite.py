@@ -16,7 +16,7 @@ from pathlib import Path
 
 from relaygate.storage.files import private_file
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -214,6 +214,28 @@ CREATE TABLE webhook_cursor (       -- how far collect has read messages / deliv
     11: """
 ALTER TABLE messages ADD COLUMN body_removed_at REAL; -- retention removed the stored body then
 CREATE INDEX messages_body_kept ON messages(created_at) WHERE body_removed_at IS NULL;
+""",
+    12: """
+CREATE TABLE defence_accounts (     -- compromised-account defence (storage/sqlite_defence.py)
+    account           TEXT PRIMARY KEY,  -- lower case
+    held_at           REAL,              -- NULL: not held
+    reason            TEXT,              -- volume | new_recipients | new_network | remote_rejects
+    detail            TEXT,
+    counts            TEXT,              -- JSON: the counts that fired the trigger
+    expected_until    REAL,              -- a release or `held expect` raised the baseline ...
+    expected_messages INTEGER NOT NULL DEFAULT 0  -- ... to this many messages an hour
+);
+CREATE TABLE defence_seen (         -- networks (/24, /48) and EHLO names an account logged in with
+    account    TEXT NOT NULL,
+    kind       TEXT NOT NULL,           -- network | client
+    value      TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    last_seen  REAL NOT NULL,
+    novel      INTEGER NOT NULL DEFAULT 0, -- 1: the account had used other networks before
+    PRIMARY KEY (account, kind, value)
+);
+CREATE INDEX messages_held ON messages(lower(account)) WHERE status = 'held';
+CREATE INDEX deliveries_held ON deliveries(message_id) WHERE status = 'held';
 """,
 }
 

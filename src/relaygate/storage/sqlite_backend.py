@@ -19,6 +19,7 @@ from relaygate.storage.dkim_files import FileDKIMKeys
 from relaygate.storage.secrets import SQLiteSecrets
 from relaygate.storage.sqlite_accounts import SQLiteAccounts, same
 from relaygate.storage.sqlite_credentials import SQLiteCredentials
+from relaygate.storage.sqlite_defence import SQLiteDefence
 from relaygate.storage.sqlite_messages import SQLiteMessageLog
 from relaygate.storage.sqlite_queue import SQLiteDeliveryQueue
 from relaygate.storage.sqlite_sessions import SQLiteUiSessions
@@ -43,6 +44,7 @@ class SQLiteStorage:
         self.sessions = SQLiteUiSessions(self._thread, same)
         self.stats = SQLiteHourlyStats(self._thread, same)
         self.webhooks = SQLiteWebhooks(self._thread, same)
+        self.defence = SQLiteDefence(self._thread, same)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._thread.close)

@@ -21,6 +21,7 @@ MESSAGE_DELIVERED = "message.delivered"
 MESSAGE_DEFERRED = "message.deferred"
 MESSAGE_BOUNCED = "message.bounced"
 ACCOUNT_LIMIT_REACHED = "account.limit_reached"
+ACCOUNT_HELD = "account.held"
 AUTH_THROTTLED = "auth.throttled"
 TEST = "webhook.test"
 
@@ -30,6 +31,7 @@ EVENTS = (
     MESSAGE_DEFERRED,
     MESSAGE_BOUNCED,
     ACCOUNT_LIMIT_REACHED,
+    ACCOUNT_HELD,
     AUTH_THROTTLED,
 )
 _OUTCOME_EVENT = {

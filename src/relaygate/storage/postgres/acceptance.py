@@ -178,15 +178,15 @@ _MESSAGES = (
 _QUEUE = (
     "queue AS (INSERT INTO deliveries (message_id, domain, recipients, status,"
     " next_attempt, created_at, updated_at) SELECT q.message_id, q.domain, q.recipients,"
-    " 'queued', q.due, q.due, q.due FROM unnest(%(queue_ids)b::text[],"
-    " %(queue_domains)b::text[], %(queue_rcpts)b::jsonb[], %(queue_due)b::float8[])"
-    " AS q(message_id, domain, recipients, due))"
+    " q.status, q.due, q.due, q.due FROM unnest(%(queue_ids)b::text[],"
+    " %(queue_domains)b::text[], %(queue_rcpts)b::jsonb[], %(queue_status)b::text[],"
+    " %(queue_due)b::float8[]) AS q(message_id, domain, recipients, status, due))"
 )
 
 
 def _queue_rows(messages: list[SpooledMessage]) -> dict[str, list[Any]]:
     """Delivery rows, one per message and recipient domain, due now."""
-    ids, domains, recipients, due = [], [], [], []
+    ids, domains, recipients, statuses, due = [], [], [], [], []
     for m in messages:
         by_domain: dict[str, list[str]] = defaultdict(list)
         for recipient in m.recipients:
@@ -195,8 +195,15 @@ def _queue_rows(messages: list[SpooledMessage]) -> dict[str, list[Any]]:
             ids.append(m.id)
             domains.append(domain)
             recipients.append(json.dumps(group))
+            statuses.append("held" if m.status == "held" else "queued")
             due.append(m.created_at)
-    return {"queue_ids": ids, "queue_domains": domains, "queue_rcpts": recipients, "queue_due": due}
+    return {
+        "queue_ids": ids,
+        "queue_domains": domains,
+        "queue_rcpts": recipients,
+        "queue_status": statuses,
+        "queue_due": due,
+    }
 
 
 # The sending counters a batch adds (quotas.py decides what counts). A recipient

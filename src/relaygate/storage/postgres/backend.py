@@ -14,6 +14,7 @@ from relaygate.storage.postgres.acceptance import PostgresAcceptance
 from relaygate.storage.postgres.accounts import Announce, PostgresAccounts, PostgresSecrets
 from relaygate.storage.postgres.counters import PostgresSendingCounters
 from relaygate.storage.postgres.credentials import PostgresCredentials
+from relaygate.storage.postgres.defence import PostgresDefence
 from relaygate.storage.postgres.dkim import PostgresDKIMKeys
 from relaygate.storage.postgres.messages import PostgresMessageLog
 from relaygate.storage.postgres.nodes import PostgresNodes
@@ -44,6 +45,7 @@ class PostgresStorage:
         self.sessions = PostgresUiSessions(pool)
         self.stats = PostgresHourlyStats(pool)
         self.webhooks = PostgresWebhooks(pool)
+        self.defence = PostgresDefence(pool)
 
         self.policies = PostgresPolicyCache(pool)
         # Admin commands list, retry and delete; a delivery process claims with

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from psycopg_pool import AsyncConnectionPool
 
 from relaygate.quotas import (
+    BASELINE_KEEP_SECONDS,
     KEEP_SECONDS,
     Counts,
     Scope,
@@ -74,9 +75,11 @@ class PostgresSendingCounters:
 
     async def prune(self, now: float) -> None:
         hour_cut, day_cut = window_keys(now - KEEP_SECONDS)
+        baseline_cut = window_keys(now - BASELINE_KEEP_SECONDS)[0]
         async with self._pool.connection() as connection:
             await connection.execute(
                 'DELETE FROM send_counters WHERE "window" < %s'
-                ' OR ("window" >= %s AND "window" < %s)',
-                (day_cut, "h", hour_cut),
+                ' OR ("window" >= %s AND "window" < %s'
+                " AND (scope NOT LIKE 'account:%%' OR \"window\" < %s))",
+                (day_cut, "h", hour_cut, baseline_cut),
             )

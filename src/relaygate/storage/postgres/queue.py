@@ -105,7 +105,14 @@ class PostgresDeliveryQueue:
                 "UPDATE deliveries AS d SET status = 'sending', lease_node = %(node)s,"
                 " lease_until = %(until)s, updated_at = %(now)s"
                 " FROM (SELECT id FROM deliveries WHERE status = 'queued'"
-                " AND next_attempt <= %(now)s ORDER BY next_attempt LIMIT %(limit)s"
+                " AND next_attempt <= %(now)s"
+                # A held account's rows are never claimed, whatever their status
+                # says: a node may have stored one as queued just after a hold.
+                # Bounces (empty sender) go to the account's own sender: never held.
+                " AND NOT EXISTS (SELECT 1 FROM messages AS hm JOIN defence_accounts AS h"
+                " ON h.account = lower(hm.account) AND h.held_at IS NOT NULL"
+                " WHERE hm.id = deliveries.message_id AND hm.mail_from <> '')"
+                " ORDER BY next_attempt LIMIT %(limit)s"
                 " FOR UPDATE SKIP LOCKED) AS due, messages AS m"
                 " WHERE d.id = due.id AND m.id = d.message_id RETURNING d.id, d.message_id,"
                 " d.domain, d.recipients, d.attempts, d.created_at, m.mail_from, m.account,"
@@ -303,7 +310,7 @@ class PostgresDeliveryQueue:
             cursor = await connection.execute(
                 "UPDATE deliveries SET status = 'deleted', recipients = '[]', updated_at = %s,"
                 " lease_node = NULL, lease_until = NULL"
-                " WHERE message_id = %s AND status IN ('queued', 'sending')",
+                " WHERE message_id = %s AND status IN ('queued', 'sending', 'held')",
                 (now, message_id),
             )
             count = cursor.rowcount

@@ -310,6 +310,30 @@ CREATE INDEX delivery_attempts_ts ON delivery_attempts (ts)
 ALTER TABLE messages ADD COLUMN body_removed_at DOUBLE PRECISION;
 CREATE INDEX messages_body_kept ON messages (created_at) WHERE body_removed_at IS NULL
 """,
+    # Compromised-account defence (storage/postgres/defence.py): holds and what
+    # an account was seen logging in with; held messages and delivery rows.
+    12: """
+CREATE TABLE defence_accounts (
+    account           TEXT PRIMARY KEY,
+    held_at           DOUBLE PRECISION,
+    reason            TEXT,
+    detail            TEXT,
+    counts            JSONB,
+    expected_until    DOUBLE PRECISION,
+    expected_messages BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE defence_seen (
+    account    TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    value      TEXT NOT NULL,
+    first_seen DOUBLE PRECISION NOT NULL,
+    last_seen  DOUBLE PRECISION NOT NULL,
+    novel      BOOLEAN NOT NULL DEFAULT FALSE,
+    PRIMARY KEY (account, kind, value)
+);
+CREATE INDEX messages_held ON messages (lower(account)) WHERE status = 'held';
+CREATE INDEX deliveries_held ON deliveries (message_id) WHERE status = 'held'
+""",
 }
 SCHEMA_VERSION = max(STEPS)
 

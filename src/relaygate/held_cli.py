@@ -1,0 +1,169 @@
+"""`relaygate held ...`: accounts whose mail the compromised-account defence holds.
+
+cli.py registers these (``add_held_commands``) and dispatches to the handlers
+here; the use cases are services/held.py's, shared with the API and the UI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from relaygate.config import Config
+from relaygate.durations import parse_duration
+from relaygate.services.admin import AdminServices, admin_services
+from relaygate.services.held import NotHeld, held_json
+from relaygate.storage.node import open_admin_storage
+from relaygate.times import rfc3339
+
+T = TypeVar("T")
+PROG = "relaygate"
+
+
+def add_held_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    held = commands.add_parser(
+        "held",
+        parents=[common],
+        help="accounts whose outbound mail is held (compromised-account defence)",
+        description="Accounts whose outbound mail the defence holds (docs/security.md):"
+        " held mail was accepted with 250 but is not delivered until released.",
+    )
+    actions = held.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", parents=[common], help="held accounts and why")
+    listing.set_defaults(only_reads=True, handler=held_list)
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    release = actions.add_parser(
+        "release",
+        parents=[common],
+        help="deliver the account's held mail and lift the hold (raises its baseline a while)",
+    )
+    release.add_argument("account", metavar="ACCOUNT")
+    release.add_argument("--json", action="store_true", help="print the released message ids")
+    release.set_defaults(handler=held_release)
+    purge = actions.add_parser(
+        "purge",
+        parents=[common],
+        help="drop the account's held mail (no bounce) and lift the hold",
+    )
+    purge.add_argument("account", metavar="ACCOUNT")
+    purge.add_argument("--json", action="store_true", help="print the purged message ids")
+    purge.set_defaults(handler=held_purge)
+    expect = actions.add_parser(
+        "expect",
+        parents=[common],
+        help="mark a burst as expected: raise the account's baseline for a while",
+    )
+    expect.add_argument("account", metavar="ACCOUNT")
+    expect.add_argument(
+        "--for",
+        dest="duration",
+        metavar="DURATION",
+        default=None,
+        help="how long (30m, 12h, 1d, ...; default [defence] expect_hours)",
+    )
+    expect.add_argument(
+        "--messages",
+        type=int,
+        metavar="N",
+        default=None,
+        help="messages an hour to expect (default 1000); the threshold is volume_factor x N",
+    )
+    expect.set_defaults(handler=held_expect)
+
+
+def _fail(text: str, status: int) -> int:
+    print(f"{PROG}: {text}", file=sys.stderr)
+    return status
+
+
+def _run(config: Config, work: Callable[[AdminServices], Awaitable[T]]) -> T:
+    async def run() -> T:
+        store = await open_admin_storage(config)
+        try:
+            return await work(admin_services(store, config.password_hash))
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def held_list(args: argparse.Namespace, config: Config) -> int:
+    rows = _run(config, lambda admin: admin.held.accounts())
+    if args.json:
+        print(json.dumps([held_json(r) for r in rows], indent=2))
+        return 0
+    if not rows:
+        print("no account is held")
+        return 0
+    header = ("ACCOUNT", "SINCE", "REASON", "HELD MESSAGES", "DETAIL")
+    lines = [
+        (
+            r.account,
+            "-" if r.since is None else rfc3339(r.since),
+            r.reason or "-",
+            str(r.messages),
+            r.detail or "held mail without a hold (accepted as the hold was lifted)",
+        )
+        for r in rows
+    ]
+    widths = [max(len(x[i]) for x in (header, *lines)) for i in range(len(header))]
+    for line in (header, *lines):
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+def _report(args: argparse.Namespace, ids: list[str], what: str) -> None:
+    if args.json:
+        print(json.dumps({"account": args.account.lower(), what: ids}, indent=2))
+    else:
+        print(f"{what} {len(ids)} held message(s) of {args.account.lower()}")
+
+
+def held_release(args: argparse.Namespace, config: Config) -> int:
+    seconds = config.defence.expect_hours * 3600
+    try:
+        ids = _run(config, lambda admin: admin.held.release(args.account, seconds))
+    except NotHeld as exc:
+        return _fail(str(exc), 1)
+    _report(args, ids, "released")
+    return 0
+
+
+def held_purge(args: argparse.Namespace, config: Config) -> int:
+    try:
+        ids = _run(config, lambda admin: admin.held.purge(args.account))
+    except NotHeld as exc:
+        return _fail(str(exc), 1)
+    _report(args, ids, "purged")
+    return 0
+
+
+def held_expect(args: argparse.Namespace, config: Config) -> int:
+    seconds: float = config.defence.expect_hours * 3600
+    if args.duration is not None:
+        try:
+            seconds = parse_duration(args.duration)
+        except ValueError as exc:
+            return _fail(f"--for: {exc}", 2)
+        if seconds <= 0:
+            return _fail("--for: must be longer than 0s", 2)
+    if args.messages is not None and args.messages < 0:
+        return _fail("--messages must be a whole number >= 0", 2)
+    try:
+        done = _run(config, lambda admin: admin.held.expect(args.account, seconds, args.messages))
+    except NotHeld as exc:
+        return _fail(str(exc), 1)
+    left = max(0, round((done.until - time.time()) / 3600, 1))
+    print(
+        f"{done.account}: {done.messages} messages an hour expected until {rfc3339(done.until)}"
+        f" ({left} h)"
+    )
+    return 0

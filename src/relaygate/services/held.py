@@ -1,0 +1,85 @@
+"""Held accounts (compromised-account defence): list, release, purge, expect.
+
+One method per use case, called alike by `relaygate held ...`, the HTTP API
+(/api/v1/held) and the web UI (/ui/held). Errors are NotHeld ("no such
+account", "no such held account") or AccountError (an address worded wrong).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from relaygate import logs
+from relaygate.accounts.store import normalize_address
+from relaygate.storage.api import Accounts, Defence, HeldAccount
+from relaygate.times import rfc3339
+
+
+class NotHeld(LookupError):
+    """No such account, or nothing of it is held; the text says which."""
+
+
+DEFAULT_EXPECT_MESSAGES = 1000  # `held expect` without --messages: an hour's baseline
+
+
+@dataclass(frozen=True, slots=True)
+class Expected:
+    account: str
+    until: float
+    messages: int
+
+
+class HeldAdmin:
+    def __init__(self, store: Defence, accounts: Accounts) -> None:
+        self._store = store
+        self._accounts = accounts
+
+    async def accounts(self) -> list[HeldAccount]:
+        """Accounts held, or with held mail, oldest hold first."""
+        return await self._store.held()
+
+    async def release(self, account: str, expect_seconds: float) -> list[str]:
+        """Deliver the held mail (each message once) and clear the hold; the
+        baseline is raised for ``expect_seconds`` so it is not held again at once."""
+        key = normalize_address(account).lower()
+        now = time.time()
+        released = await self._store.release(key, now, now + expect_seconds)
+        if released is None:
+            raise NotHeld(f"no such held account: {key}")
+        logs.event("account.released", account=key, messages=len(released))
+        return released
+
+    async def purge(self, account: str) -> list[str]:
+        """Drop the held mail (status purged; no bounce) and clear the hold."""
+        key = normalize_address(account).lower()
+        purged = await self._store.purge(key, time.time())
+        if purged is None:
+            raise NotHeld(f"no such held account: {key}")
+        logs.event("account.purged", account=key, messages=len(purged))
+        return purged
+
+    async def expect(self, account: str, seconds: float, messages: int | None) -> Expected:
+        """An expected burst: the account's baseline is at least ``messages`` an
+        hour for ``seconds`` (its volume threshold is factor x that)."""
+        address = normalize_address(account)
+        if await self._accounts.get(address) is None:
+            raise NotHeld(f"no such account: {address}")
+        key = address.lower()
+        count = DEFAULT_EXPECT_MESSAGES if messages is None else messages
+        until = time.time() + seconds
+        await self._store.expect(key, until, count)
+        logs.event("account.expected", account=key, messages=count, until=rfc3339(until))
+        return Expected(key, until, count)
+
+
+def held_json(item: HeldAccount) -> dict[str, object]:
+    return {
+        "account": item.account,
+        "held": item.since is not None,
+        "since": None if item.since is None else rfc3339(item.since),
+        "reason": item.reason,
+        "detail": item.detail,
+        "counts": item.counts,
+        "held_messages": item.messages,
+    }
