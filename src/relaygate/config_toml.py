@@ -30,6 +30,7 @@ from relaygate.config import (
     ListenerConfig,
     RetentionConfig,
     RouteConfig,
+    VerifyConfig,
     config_from_dict,
 )
 from relaygate.durations import format_duration
@@ -95,6 +96,8 @@ _ENCODERS = {
     (DeliveryConfig, "resolvers"): _resolvers,
     (RetentionConfig, "max_age"): _age,
     (RetentionConfig, "body_max_age"): _age,
+    (VerifyConfig, "cache_ttl"): _age,
+    (VerifyConfig, "negative_cache_ttl"): _age,
 }
 
 

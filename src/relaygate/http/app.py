@@ -16,7 +16,15 @@ from starlette.staticfiles import StaticFiles
 
 from relaygate.accounts.passwords import PasswordHasher
 from relaygate.config import Config
-from relaygate.http import api_admin, api_messages, api_stats, api_webhooks, health, openapi
+from relaygate.http import (
+    api_admin,
+    api_messages,
+    api_stats,
+    api_verify,
+    api_webhooks,
+    health,
+    openapi,
+)
 from relaygate.http import metrics as metrics_route
 from relaygate.http.api import error_handlers
 from relaygate.http.context import HttpContext
@@ -67,6 +75,7 @@ def create_app(config: Config) -> Starlette:
         *api_stats.routes(),
         *api_admin.routes(),
         *api_webhooks.routes(),
+        *api_verify.routes(),
         *openapi.routes(),
         *health.routes(),
         *metrics_route.routes(config),
