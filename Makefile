@@ -22,7 +22,7 @@ run: $(STAMP)
 # (a database of its own each; RELAYGATE_TEST_POSTGRES says where).
 E2E_POSTGRES := accounts credentials clients scram refusals revocation large_messages bounces reload \
 	login_races throttle proxy quotas limits http http_api webui webui_login metrics webhooks \
-	retention
+	retention verify
 E2E_POSTGRES_FILES := $(foreach m,$(E2E_POSTGRES),tests/e2e/test_e2e_$(m).py)
 
 # The second stream also takes these slow SQLite modules (none uses Redis, which
