@@ -42,7 +42,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    roles = ["good", "catchall", "grey", "implicit", "fallback", "idn", "bulk", "hostile"]
+    roles = ["good", "catchall", "grey", "implicit", "fallback", "idn", "bulk", "hostile", "slow"]
     hosts = [loopback_address() for _ in roles]
     dead, silent = loopback_address(), loopback_address()
     # The "good" MX offers STARTTLS with a certificate nobody trusts: probes use it.
@@ -192,6 +192,22 @@ def test_each_result_over_dns_and_smtp(world: World) -> None:
     assert "MAIL FROM:<probe@relay.verify.test>" in lines(world.sinks["good"])
     assert "RSET" in good and "QUIT" in good
     assert good[:3] == ["EHLO", "STARTTLS", "EHLO"]  # the rest went encrypted
+    assert_no_data(world)
+
+
+def test_a_server_that_stops_answering_costs_one_timeout(world: World) -> None:
+    sink = world.sinks["slow"]
+    sink.delay_reply("RCPT", 30, times=None)  # banner, EHLO and MAIL answered; RCPT never
+    addresses = [f"user{n}@slow.test" for n in range(20)]
+    started = time.monotonic()
+    run = verify(world, "--json", "--smtp", *addresses)
+    elapsed = time.monotonic() - started
+    assert run.returncode == 0, run.stderr
+    got = json_lines(run.stdout)
+    assert {(v["result"], tuple(v["reasons"])) for v in got.values()} == {("unknown", ("timeout",))}
+    # [verify] timeout = 2, per_host = 2: two connections wait once each, in parallel.
+    assert elapsed < 15, elapsed
+    assert sink.connections <= 2
     assert_no_data(world)
 
 

@@ -19,6 +19,8 @@ from relaygate.verify.cache import TTLCache
 from relaygate.verify.classify import Parsed, Probe, Verdict, catch_all_from, decide, parse
 from relaygate.verify.probe import ProbeFailed, ProbeSession, random_local_part
 
+MAX_HOSTS = 10_000  # per-host connection slots kept before idle ones are forgotten
+
 
 @dataclass(frozen=True, slots=True)
 class DomainAnswer:
@@ -198,7 +200,18 @@ class Verifier:
                         )
                     except ProbeFailed as exc:
                         work.probes[index] = Probe(failure=exc.reason, failure_text=exc.text)
-                        work.pending[:0] = batch[position + 1 :]  # a new connection for them
+                        rest = batch[position + 1 :]
+                        if exc.reason == "timeout":
+                            # A server this slow would keep every other address waiting
+                            # as long: they are all reported at once.
+                            rest += work.pending
+                            work.pending.clear()
+                            for other, _ in rest:
+                                work.probes[other] = Probe(
+                                    failure=exc.reason, failure_text=exc.text
+                                )
+                        else:
+                            work.pending[:0] = rest  # a new connection for them
                         break
                     if probe.random_rcpt is not None:
                         catch_all = catch_all_from(probe.random_rcpt)
@@ -216,6 +229,10 @@ class Verifier:
         failure: ProbeFailed | None = None
         settings = self.settings
         for target in work.answer.targets:
+            if len(self._host_slots) > MAX_HOSTS and not any(
+                s.locked() for s in self._host_slots.values()
+            ):
+                self._host_slots.clear()  # a long-lived process: forget idle hosts
             slot = self._host_slots.setdefault(target.address, asyncio.Semaphore(settings.per_host))
             await slot.acquire()
             session = ProbeSession(
