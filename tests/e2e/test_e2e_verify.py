@@ -396,3 +396,28 @@ def test_the_verify_api_route(checking_server: tuple[Server, str, str], world: W
         call("POST", f"{base}/api/v1/verify", "wrong-token", {"addresses": ["a@b.test"]})[0] == 401
     )
     assert_no_data(world)
+
+
+def test_the_rcpt_check_is_turned_on_by_a_reload(fresh_servers: ServerPool, world: World) -> None:
+    server = fresh_servers.create(
+        "verify-reload",
+        workers=2,
+        users=[ALICE],
+        sections={"delivery": {"resolvers": [world.dns.address]}},
+    )
+
+    def rcpt_reply(recipient: str) -> tuple[int, bytes]:
+        with smtplib.SMTP_SSL(
+            "127.0.0.1", server.implicit_port, context=server.client_context(), timeout=20
+        ) as client:
+            client.login(ALICE.address, ALICE.password)
+            client.mail(ALICE.address)
+            return client.rcpt(recipient)
+
+    assert rcpt_reply("x@missing.test")[0] == 250  # off by default
+    server.sections["submission"] = {"check_recipient_domains": True}
+    server.write_config()
+    result = server.cli("reload")
+    assert "restart" not in result.stdout, result.stdout
+    for _ in range(4):  # whichever worker takes the connection
+        assert rcpt_reply("x@missing.test") == (550, b"5.1.2 Domain missing.test does not exist")
