@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -326,6 +327,8 @@ def checking_server(servers: ServerPool, world: World) -> Iterator[tuple[Server,
             },
             "submission": {"check_recipient_domains": True},
             "verify": {"pace": 0, "timeout": 2, "max_api_addresses": 5},
+            # A recipient limit too: RCPT then passes the domain check, then the limit.
+            "sending_limits": {"recipients_per_day": 1000},
         },
     )
     out = server.cli("token", "add", "verifier").stdout
@@ -421,3 +424,21 @@ def test_the_rcpt_check_is_turned_on_by_a_reload(fresh_servers: ServerPool, worl
     assert "restart" not in result.stdout, result.stdout
     for _ in range(4):  # whichever worker takes the connection
         assert rcpt_reply("x@missing.test") == (550, b"5.1.2 Domain missing.test does not exist")
+
+
+def test_parallel_api_requests_share_one_dns_look_up(
+    checking_server: tuple[Server, str, str], world: World
+) -> None:
+    _, base, token = checking_server
+    world.dns.add_a("mx.parallel.test", world.sinks["good"].host)
+    world.dns.add_mx("parallel.test", [(10, "mx.parallel.test")])
+    world.dns.clear_queries()
+    body = {"addresses": [f"user{n}@parallel.test" for n in range(5)]}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(lambda _: call("POST", f"{base}/api/v1/verify", token, body), range(8))
+        )
+    assert {status for status, _ in answers} == {200}
+    for _, answer in answers:
+        assert [r["result"] for r in answer["results"]] == ["deliverable"] * 5
+    assert world.dns.queries.count(("parallel.test", "MX")) == 1

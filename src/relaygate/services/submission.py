@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from relaygate import message, policy, quotas
@@ -168,27 +168,28 @@ class SubmissionService:
         """The check RCPT needs: (a refusal or None, whether the recipient is new for
         the account); None if nothing needs checking. The domain check comes first
         (when on): a cached answer decides at once, else one DNS look-up."""
-        limits = self._recipient_limits(
-            login, recipient, accepted_so_far=accepted_so_far, new_so_far=new_so_far
-        )
-        if self._domains is None:
-            return limits
-        domain = self._domains.check(recipient)
+
+        def limits() -> Awaitable[tuple[bytes | None, bool]] | None:
+            return self._recipient_limits(
+                login, recipient, accepted_so_far=accepted_so_far, new_so_far=new_so_far
+            )
+
+        domain = None if self._domains is None else self._domains.check(recipient)
         if domain is None:
-            return limits
+            return limits()
         return self._domain_then_limits(domain, limits)
 
     async def _domain_then_limits(
         self,
         domain: bytes | Awaitable[bytes | None],
-        limits: Awaitable[tuple[bytes | None, bool]] | None,
+        limits: Callable[[], Awaitable[tuple[bytes | None, bool]] | None],
     ) -> tuple[bytes | None, bool]:
+        """The domain first: the limits are asked only for a domain that takes mail."""
         reply = domain if isinstance(domain, bytes) else await domain
         if reply is not None:
-            if limits is not None and hasattr(limits, "close"):
-                limits.close()  # a coroutine never awaited: nothing was counted
             return reply, False
-        return (None, False) if limits is None else await limits
+        check = limits()
+        return (None, False) if check is None else await check
 
     @staticmethod
     def refusal_reason(reply: bytes) -> str:
