@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from fakes.dns_server import FakeDNS
-from fakes.smtp_sink import SMTPSink, make_tls_context, sinks_on_one_port
+from fakes.smtp_sink import DEFAULT_EXTENSIONS, SMTPSink, make_tls_context, sinks_on_one_port
 
 from .delivery_helpers import loopback_address
 from .helpers import ALICE, Server, ServerPool, clean_env, free_ports, make_message
@@ -48,9 +48,16 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     dead, silent = loopback_address(), loopback_address()
     # The "good" MX offers STARTTLS with a certificate nobody trusts: probes use it.
     tls, _ = make_tls_context("mx.untrusted.test", tmp_path_factory.mktemp("tls"), ips=())
-    good_host = hosts[0]
+    good_host, grey_host = hosts[0], hosts[2]
+    without_utf8 = ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "SIZE")
     started = sinks_on_one_port(
-        hosts, lambda h, p: SMTPSink(h, p, tls=tls if h == good_host else None)
+        hosts,
+        lambda h, p: SMTPSink(
+            h,
+            p,
+            tls=tls if h == good_host else None,
+            extensions=without_utf8 if h == grey_host else DEFAULT_EXTENSIONS,
+        ),
     )
     sinks = dict(zip(roles, started, strict=True))
     port = started[0].port
@@ -141,6 +148,8 @@ def test_each_result_over_dns_and_smtp(world: World) -> None:
         "alice@implicit.test",
         "alice@fallback.test",
         "user@bücher.test",
+        "usér@catchall.test",
+        "usér@grey.test",
         "throwaway@mailinator.com",
         "x@silent.test",
         "x@slowdns.test",
@@ -184,6 +193,11 @@ def test_each_result_over_dns_and_smtp(world: World) -> None:
     assert got["alice@fallback.test"]["mx"] == ["mx-dead.fallback.test", "mx.fallback.test"]
     assert summary("user@bücher.test") == ("deliverable", [], False)
     assert "RCPT TO:<user@xn--bcher-kva.test>" in lines(world.sinks["idn"])
+    assert summary("usér@catchall.test") == ("risky", ["catch_all"], True)
+    assert "RCPT TO:<usér@catchall.test>" in lines(world.sinks["catchall"])
+    assert "MAIL FROM:<probe@relay.verify.test> SMTPUTF8" in lines(world.sinks["catchall"])
+    assert summary("usér@grey.test") == ("unknown", ["probe_refused"], None)
+    assert "SMTPUTF8" in got["usér@grey.test"]["detail"]
     assert summary("throwaway@mailinator.com") == ("risky", ["disposable", "catch_all"], True)
     assert summary("x@silent.test") == ("unknown", ["timeout"], None)
     assert summary("x@slowdns.test") == ("unknown", ["timeout"], None)

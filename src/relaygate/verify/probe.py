@@ -80,7 +80,12 @@ class ProbeSession:
     async def ask(self, sender: str, address: str, random_address: str | None) -> Probe:
         """One transaction: MAIL, RCPT address [, RCPT random], RSET."""
         client = self._client
-        options = ["SMTPUTF8"] if self._smtputf8 and not (sender + address).isascii() else []
+        needs_utf8 = not (sender + address).isascii()
+        if needs_utf8 and not self._smtputf8:
+            # Asking anyway would get a 553 that says nothing about the mailbox.
+            text = f"{self.target.host} does not offer SMTPUTF8, needed for this address"
+            return Probe(failure="probe_refused", failure_text=text)
+        options = ["SMTPUTF8"] if needs_utf8 else []
         try:
             mail = await client.execute_command(
                 b"MAIL", b"FROM:<" + sender.encode() + b">", *[o.encode() for o in options]

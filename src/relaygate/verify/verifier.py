@@ -217,7 +217,7 @@ class Verifier:
                         catch_all = catch_all_from(probe.random_rcpt)
                         if catch_all is not None:
                             self._catch_all.put(work.name, catch_all, settings.cache_ttl)
-                    else:
+                    elif probe.rcpt is not None:
                         probe = Probe(rcpt=probe.rcpt, catch_all=known)
                     work.probes[index] = probe
             finally:
