@@ -8,6 +8,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import pty
+import select
 import smtplib
 import socket
 import subprocess
@@ -107,9 +110,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         dns.stop()
 
 
+def verify_command(world: World) -> list[str]:
+    return [sys.executable, "-m", "relaygate", "--config", str(world.config), "verify"]
+
+
 def verify(world: World, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "relaygate", "--config", str(world.config), "verify", *args],
+        [*verify_command(world), *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -456,3 +463,38 @@ def test_parallel_api_requests_share_one_dns_look_up(
     for _, answer in answers:
         assert [r["result"] for r in answer["results"]] == ["deliverable"] * 5
     assert world.dns.queries.count(("parallel.test", "MX")) == 1
+
+
+def test_a_progress_bar_on_a_terminal_only(world: World, tmp_path: Path) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"x{n}@nullmx.test\n" for n in range(60)))
+    leader, follower = pty.openpty()
+    try:
+        run = subprocess.run(
+            [*verify_command(world), "--file", str(listing)],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            text=True,
+            timeout=PROCESS_TIMEOUT,
+            env=clean_env(),
+            check=False,
+        )
+        os.close(follower)
+        follower = -1
+        seen = b""
+        while select.select([leader], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the terminal's other end is closed: all read
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if follower >= 0:
+            os.close(follower)
+        os.close(leader)
+    assert run.returncode == 0
+    assert b"60/60" in seen and b"[####" in seen
+    assert "60/60" not in run.stdout and len(run.stdout.splitlines()) == 61  # header + rows
+    assert "60/60" not in verify(world, "--file", str(listing)).stderr  # not a terminal
