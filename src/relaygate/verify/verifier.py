@@ -10,6 +10,7 @@ implicit MX behave exactly as on delivery.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -113,17 +114,19 @@ class Verifier:
         by_domain: dict[str, list[tuple[int, Parsed]]] = {}
         for index, text in enumerate(addresses):
             parsed = parse(text)
+            found: Verdict | None
             if isinstance(parsed, str):
-                verdicts[index] = decide(text.strip(), parsed)
+                found = decide(text.strip(), parsed)
+            else:
+                found = self._results.get(self._result_key(parsed, smtp))
+                if found is not None:  # as this request spelled the address
+                    found = dataclasses.replace(found, address=parsed.address)
+            if found is not None:
+                verdicts[index] = found
                 if progress:
-                    progress(verdicts[index])  # type: ignore[arg-type]
+                    progress(found)
                 continue
-            cached = self._results.get(self._result_key(parsed, smtp))
-            if cached is not None:
-                verdicts[index] = cached
-                if progress:
-                    progress(cached)
-                continue
+            assert not isinstance(parsed, str)
             by_domain.setdefault(parsed.domain, []).append((index, parsed))
         slots = asyncio.Semaphore(max(1, concurrency))
 
@@ -162,7 +165,7 @@ class Verifier:
                 probe=work.probes.get(index) if smtp else None,
             )
             if smtp and answer.kind is None and index not in work.probes:
-                verdict.result = "unknown"  # never reached: cannot happen, said plainly
+                verdict.result, verdict.reasons = "unknown", ["unreachable"]  # not asked
             final = verdict.result in ("deliverable", "undeliverable", "risky")
             ttl = self.settings.cache_ttl if final else self.settings.negative_cache_ttl
             self._results.put(self._result_key(parsed, smtp), verdict, ttl)
