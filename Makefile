@@ -22,9 +22,8 @@ run: $(STAMP)
 # (a database of its own each; RELAYGATE_TEST_POSTGRES says where).
 E2E_POSTGRES := accounts credentials clients scram oauth refusals revocation large_messages bounces reload \
 	login_races throttle proxy quotas limits http http_api webui webui_login metrics webhooks \
-	retention ldap
+	retention ldap verify defence
 E2E_POSTGRES_FILES := $(foreach m,$(E2E_POSTGRES),tests/e2e/test_e2e_$(m).py)
-E2E_POSTGRES_FILES += tests/e2e/test_e2e_defence.py  # issue 12 (a line of its own: merges)
 
 # The second stream also takes these slow SQLite modules (none uses Redis, which
 # the first stream's cluster and contract tests flush), so both end about together.

@@ -338,6 +338,7 @@ class RelaygateServer:
         env: dict[str, str] | None = None,
     ) -> None:
         self.extra_toml = extra_toml  # more config text, appended
+        self.delivery_toml = ""  # more [delivery] keys
         self.env = env  # more environment for serve
         self.storage_url = storage_url  # None: the embedded SQLite database
         self.redis_url = redis_url  # [shared] redis_url, as a cluster node has
@@ -373,7 +374,7 @@ class RelaygateServer:
             f'address = "127.0.0.1:{self.implicit_port}"\n'
             'tls = "implicit"\n\n'
             "[delivery]\n"
-            'mode = "capture"\n\n'
+            'mode = "capture"\n' + self.delivery_toml + "\n"
             "# A benchmark sends far more than a person would: no sending limits.\n"
             "[sending_limits]\n"
             "messages_per_hour = 0\n"
@@ -909,6 +910,13 @@ def build_parser() -> argparse.ArgumentParser:
         " enabled = false), and report the ratio of on (the default) to off",
     )
     parser.add_argument(
+        "--compare-domain-check",
+        action="store_true",
+        help="also bench relaygate with [submission] check_recipient_domains = true (a"
+        " loopback DNS server in this process answers; the answer is cached after the first"
+        " RCPT), and report the ratio to relaygate without",
+    )
+    parser.add_argument(
         "--relaygate-only-port",
         type=int,
         metavar="PORT",
@@ -932,6 +940,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="relaygate with an [http] section (admin API process, /metrics on)",
     )
     return parser
+
+
+def start_fake_dns() -> Any:
+    """The tests' loopback DNS server (tests/fakes/dns_server.py), with the MX of the
+    load generator's recipient domain, for --compare-domain-check."""
+    path = BENCH_DIR.parent / "tests" / "fakes" / "dns_server.py"
+    spec = importlib.util.spec_from_file_location("bench_fake_dns", path)
+    if spec is None or spec.loader is None:
+        raise BenchError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    dns = module.FakeDNS().start()
+    dns.add_mx("remote.example.net", [(10, "mx.remote.example.net")])
+    dns.add_a("mx.remote.example.net", "127.0.0.1")
+    return dns
 
 
 @contextlib.contextmanager
@@ -978,6 +1001,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     http_server: RelaygateServer | None = None
     retention_server: RelaygateServer | None = None
     nodefence_server: RelaygateServer | None = None
+    domain_server: RelaygateServer | None = None
+    fake_dns: Any = None
     poller: DashboardPoller | None = None
     info: dict[str, Any] = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -1122,6 +1147,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                         [nodefence_server.process.pid],
                     )
                 )
+            if args.compare_domain_check:
+                fake_dns = start_fake_dns()
+                domain_server = RelaygateServer(
+                    args.python,
+                    args.workers,
+                    args.users,
+                    args.log_level,
+                    extra_toml="\n[submission]\ncheck_recipient_domains = true\n",
+                )
+                domain_server.delivery_toml = (
+                    f'resolvers = ["{fake_dns.address}"]\nallow_private_targets = true\n'
+                )
+                domain_server.write_config()
+                print(f"creating {args.users} users (domain check) ...", file=sys.stderr)
+                domain_server.create_users()
+                domain_server.start()
+                assert domain_server.process is not None
+                targets.append(
+                    Target(
+                        "relaygate-domain-check",
+                        domain_server.starttls_port
+                        if args.mode == "starttls"
+                        else domain_server.implicit_port,
+                        args.mode,
+                        [domain_server.process.pid],
+                    )
+                )
             if args.compare_postfix:
                 postfix = PostfixServer()
                 print("starting Postfix + Dovecot ...", file=sys.stderr)
@@ -1202,6 +1254,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if stop_problem:
                     problems.append(f"with the defence off: {stop_problem}")
                 nodefence_server.cleanup(args.keep_temp or bool(problems))
+            if domain_server is not None:
+                stop_problem = domain_server.stop()
+                if stop_problem:
+                    problems.append(f"with the domain check: {stop_problem}")
+                domain_server.cleanup(args.keep_temp or bool(problems))
+            if fake_dns is not None:
+                info["domain_check"] = {"dns_queries": len(fake_dns.queries)}
+                fake_dns.stop()
             if scratch is not None:
                 scratch.drop()
             if postfix is not None:
@@ -1214,6 +1274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     http_ratios = compute_ratios(measurements, "relaygate-http", "relaygate")
     retention_ratios = compute_ratios(measurements, "relaygate-retention", "relaygate")
     defence_ratios = compute_ratios(measurements, "relaygate", "relaygate-nodefence")
+    domain_ratios = compute_ratios(measurements, "relaygate-domain-check", "relaygate")
     if measurements:
         print()
         print(format_table(table_rows(measurements, ratios, pg_ratios)))
@@ -1252,6 +1313,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"defence on / defence off, scenario {scenario}: "
             + ", ".join(f"{key} {cell(value)}" for key, value in figures.items())
         )
+    for scenario, figures in domain_ratios.items():
+        print(
+            f"check_recipient_domains on / off, scenario {scenario}: "
+            + ", ".join(f"{key} {cell(value)}" for key, value in figures.items())
+        )
+    if "domain_check" in info:
+        print(f"DNS queries the domain check made: {info['domain_check']['dns_queries']}")
     if "retention" in info:
         print(f"retention rounds that removed something: {info['retention']['pruned_events']}")
     if "dashboard" in info:
@@ -1273,6 +1341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratios_http_on_over_off": http_ratios,
         "ratios_retention_pruning_over_idle": retention_ratios,
         "ratios_defence_on_over_off": defence_ratios,
+        "ratios_domain_check_on_over_off": domain_ratios,
         "problems": problems,
     }
     args.results_dir.mkdir(parents=True, exist_ok=True)

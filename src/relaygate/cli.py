@@ -78,6 +78,7 @@ from relaygate.storage.postgres.nodes import ALIVE_FOR as NODE_ALIVE_FOR
 from relaygate.storage.postgres.pool import PostgresUnavailable
 from relaygate.storage.sqlite import DatabaseError
 from relaygate.times import rfc3339
+from relaygate.verify import command as verify_command
 
 PROG = "relaygate"
 # Exit statuses (README "Exit status"): 0 done, 1 a runtime error (no such
@@ -262,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dkim_commands(commands, common)
     _add_token_commands(commands, common)
     add_held_commands(commands, common)
+    verify_command.add_parser(commands, common)
     return parser
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from relaygate.durations import parse_duration
+from relaygate.smtp.address import AddressSyntaxError, check_mailbox
 from relaygate.webhooks.events import EVENTS
 from relaygate.webhooks.signing import SecretError, secret_key
 from relaygate.webhooks.targets import TargetError, check_url
@@ -426,6 +427,90 @@ class LogConfig:
     file: Path | None = None  # None: standard error
 
 
+# ------------------------------------------------------------ [verify], [submission]
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """``relaygate verify``, its API route and the RCPT-time domain check
+    (relaygate.verify, docs/verify.md)."""
+
+    probe_from: str | None = None  # MAIL FROM of SMTP probes; None: postmaster@<hostname>
+    cache_ttl: int = 3600  # seconds a result (and a domain's catch-all answer) is reused
+    negative_cache_ttl: int = 300  # seconds for failures (no domain, timeouts, refusals)
+    cache_entries: int = 100_000  # per process; the least recently used go first
+    per_host: int = 2  # SMTP probe connections open at once to one MX host
+    pace: float = 0.05  # seconds between probe transactions on one connection
+    rcpts_per_connection: int = 100  # addresses probed on one connection, then a new one
+    timeout: float = 20.0  # seconds for the connection and each SMTP reply
+    max_api_addresses: int = 100  # addresses one POST /api/v1/verify may ask about
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    check_recipient_domains: bool = False  # RCPT: refuse domains that cannot take mail
+
+
+def _duration_setting(
+    raw: dict[str, Any], key: str, where: str, check: _Checker, default: int
+) -> int:
+    value = raw.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        check.problem(f"{where}.{key}", f'must be a duration such as "1h" (got {value!r})')
+        return default
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        check.problem(f"{where}.{key}", str(exc))
+        return default
+    return seconds
+
+
+def _verify(check: _Checker, data: dict[str, Any]) -> VerifyConfig:
+    where = "verify"
+    raw = check.table(data, where, where)
+    defaults = VerifyConfig()
+    check.unknown(raw, {f.name for f in dataclasses.fields(defaults)}, where)
+    probe_from = raw.get("probe_from")
+    if probe_from is not None:
+        if not isinstance(probe_from, str) or "@" not in probe_from.strip("@"):
+            check.problem(f"{where}.probe_from", f"must be an address (got {probe_from!r})")
+            probe_from = None
+        else:
+            try:
+                check_mailbox(probe_from, smtputf8=False)
+            except AddressSyntaxError as exc:
+                check.problem(f"{where}.probe_from", f"{exc} (got {probe_from!r})")
+                probe_from = None
+    return VerifyConfig(
+        probe_from=probe_from,
+        cache_ttl=_duration_setting(raw, "cache_ttl", where, check, defaults.cache_ttl),
+        negative_cache_ttl=_duration_setting(
+            raw, "negative_cache_ttl", where, check, defaults.negative_cache_ttl
+        ),
+        cache_entries=check.integer(raw, "cache_entries", where, defaults.cache_entries, 1),
+        per_host=check.integer(raw, "per_host", where, defaults.per_host, 1),
+        pace=_non_negative(raw, "pace", where, check, defaults.pace),
+        rcpts_per_connection=check.integer(
+            raw, "rcpts_per_connection", where, defaults.rcpts_per_connection, 1
+        ),
+        timeout=check.number(raw, "timeout", where, defaults.timeout),
+        max_api_addresses=check.integer(
+            raw, "max_api_addresses", where, defaults.max_api_addresses, 1
+        ),
+    )
+
+
+def _submission(check: _Checker, data: dict[str, Any]) -> SubmissionConfig:
+    raw = check.table(data, "submission", "submission")
+    check.unknown(raw, {"check_recipient_domains"}, "submission")
+    return SubmissionConfig(
+        check_recipient_domains=_boolean(raw, "check_recipient_domains", "submission", check, False)
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     hostname: str
@@ -448,6 +533,8 @@ class Config:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     oauth: OAuthConfig | None = None
     ldap: LDAPConfig | None = None  # directory accounts; see the [ldap] block below
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    submission: SubmissionConfig = field(default_factory=SubmissionConfig)
     node_name: str = field(default_factory=default_node_name)
     quickstart: bool = False
     source: Path | None = None  # the file this came from, None in quickstart
@@ -521,6 +608,8 @@ _TOP_KEYS = {
     "retention",
     "oauth",
     "ldap",
+    "verify",
+    "submission",
 }
 
 
@@ -1353,6 +1442,8 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
     retention = _retention(check, data)
     oauth = _oauth(check, data, base)
     ldap = _ldap(check, data, base)
+    verify = _verify(check, data)
+    submission = _submission(check, data)
     if http is not None and any((x.host, x.port) == (http.host, http.port) for x in listeners):
         check.problem("http.address", f"{http.address} is also an SMTP listener")
 
@@ -1379,6 +1470,8 @@ def config_from_dict(data: dict[str, Any], base: Path, source: Path | None = Non
         retention=retention,
         oauth=oauth,
         ldap=ldap,
+        verify=verify,
+        submission=submission,
         node_name=node_name,
         source=source,
     )

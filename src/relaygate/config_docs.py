@@ -396,6 +396,41 @@ DOCS: dict[str, Doc] = {
         "Whole seconds for each directory operation (connect, StartTLS, bind, search); a login"
         " gives up (454 4.7.0) after three times this."
     ),
+    # [verify]
+    "verify": Doc(
+        "relaygate verify, POST /api/v1/verify and the RCPT-time domain check"
+        " (docs/verify.md). DNS goes through [delivery] resolvers, probes to [delivery] mx_port."
+        " Results are cached in memory, per process. Reloadable with SIGHUP."
+    ),
+    "verify.probe_from": Doc(
+        "MAIL FROM of SMTP probes (never <>, which many servers refuse). Use a real mailbox"
+        " that reads replies; unset: postmaster@ + [server] hostname.",
+        example="postmaster@mail.example.com",
+    ),
+    "verify.cache_ttl": Doc(
+        "How long a result, a domain's DNS answer and its catch-all answer are reused."
+    ),
+    "verify.negative_cache_ttl": Doc(
+        "The same for failures (no domain, null MX, DNS timeouts, 4xx): shorter, so a fixed"
+        " domain is seen soon."
+    ),
+    "verify.cache_entries": Doc("Cached entries per process at most; the least recently used go."),
+    "verify.per_host": Doc("Probe connections open at once to one MX host."),
+    "verify.pace": Doc("Seconds between probe transactions on one connection (be polite)."),
+    "verify.rcpts_per_connection": Doc(
+        "Addresses probed on one connection (MAIL, RCPT, RSET each) before a new one."
+    ),
+    "verify.timeout": Doc("Seconds for a probe's connection and for each SMTP reply."),
+    "verify.max_api_addresses": Doc(
+        "Addresses one POST /api/v1/verify may ask about; more get 400."
+    ),
+    # [submission]
+    "submission": Doc("Checks on mail submitted by logged-in senders. Reloadable with SIGHUP."),
+    "submission.check_recipient_domains": Doc(
+        "At RCPT, refuse a recipient whose domain does not exist, has a null MX or neither MX"
+        " nor address records (550 5.1.2); a DNS timeout gets 451 4.4.3. Saves bounces and"
+        " the sending reputation they cost. Answers are cached ([verify] cache_ttl)."
+    ),
 }
 
 PREFACE = (

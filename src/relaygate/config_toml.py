@@ -31,6 +31,7 @@ from relaygate.config import (
     ListenerConfig,
     RetentionConfig,
     RouteConfig,
+    VerifyConfig,
     config_from_dict,
 )
 from relaygate.durations import format_duration
@@ -97,6 +98,8 @@ _ENCODERS = {
     (RetentionConfig, "max_age"): _age,
     (RetentionConfig, "body_max_age"): _age,
     (LDAPConfig, "cache_ttl"): _age,
+    (VerifyConfig, "cache_ttl"): _age,
+    (VerifyConfig, "negative_cache_ttl"): _age,
 }
 
 

@@ -38,6 +38,7 @@ REFUSAL_REASONS: Final = (
     "auth_required",  # MAIL without logging in first (a client trying to relay)
     "size",  # larger than limits.max_message_size
     "recipients",  # more than limits.max_recipients
+    "recipient_domain",  # [submission] check_recipient_domains: the domain takes no mail
     "protocol",  # MAIL, RCPT, DATA or BDAT refused by the SMTP rules (syntax, order)
     "error",  # the message could not be stored (a 451)
 )

@@ -272,6 +272,7 @@ class SMTPSink:
         self._replies: dict[str, list[_Scripted]] = {}
         self._delays: dict[str, list[_Scripted]] = {}
         self._recipient_rules: dict[str, str] = {}
+        self._known_recipients: tuple[set[str], str] | None = None
         self._drops = 0
         self._refuse = False
 
@@ -511,6 +512,16 @@ class SMTPSink:
         with self._lock:
             self._recipient_rules[address.lower()] = reply
 
+    def only_recipients(
+        self, addresses: Iterable[str], reply: str = "550 5.1.1 No such user"
+    ) -> None:
+        """Refuse every RCPT except ``addresses`` (a server with real mailboxes,
+        no catch-all); ``reject_recipient`` rules still come first."""
+        if _check_reply(reply) < 400:
+            raise ValueError("a recipient rule must refuse (4xx or 5xx)")
+        with self._lock:
+            self._known_recipients = ({a.lower() for a in addresses}, reply)
+
     def accept_recipient(self, address: str) -> None:
         """Undo ``reject_recipient``."""
         with self._lock:
@@ -533,6 +544,7 @@ class SMTPSink:
             self._replies.clear()
             self._delays.clear()
             self._recipient_rules.clear()
+            self._known_recipients = None
             self._drops = 0
             self._refuse = False
 
@@ -567,7 +579,11 @@ class SMTPSink:
 
     def _recipient_rule(self, address: str) -> str | None:
         with self._lock:
-            return self._recipient_rules.get(address.lower())
+            rule = self._recipient_rules.get(address.lower())
+            if rule is None and self._known_recipients is not None:
+                known, reply = self._known_recipients
+                rule = None if address.lower() in known else reply
+            return rule
 
     def _event(self, connection_id: int, kind: str, text: str) -> None:
         with self._changed:

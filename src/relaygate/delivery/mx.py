@@ -42,12 +42,24 @@ class Target:
     preference: int
 
 
-class PermanentDNSError(Exception):
+class DNSFailure(Exception):
+    """A DNS answer that gives no target. ``kind`` names the fact for callers that
+    need more than the reply text (relaygate verify, the RCPT-time domain check):
+    ``no_domain``, ``null_mx``, ``no_mx`` (neither MX nor address records),
+    ``no_mx_address`` (MX hosts without addresses), ``private`` (only non-public
+    addresses), ``timeout`` or ``dns_error``."""
+
+    def __init__(self, text: str, kind: str = "dns_error") -> None:
+        super().__init__(text)
+        self.kind = kind
+
+
+class PermanentDNSError(DNSFailure):
     """The domain cannot take our mail (no such domain, null MX, a name DNS cannot
     hold, only non-public addresses): bounce at once."""
 
 
-class TemporaryDNSError(Exception):
+class TemporaryDNSError(DNSFailure):
     """DNS did not answer properly: try again later."""
 
 
@@ -76,11 +88,13 @@ class MXResolver:
             raise
         except _BAD_NAME as exc:
             raise PermanentDNSError(
-                f"550 5.1.2 Domain {clean(domain)} is not a valid DNS name: {_reason(exc)}"
+                f"550 5.1.2 Domain {clean(domain)} is not a valid DNS name: {_reason(exc)}",
+                "no_domain",
             ) from None
         except Exception as exc:  # any other resolver failure: try again later
             raise TemporaryDNSError(
-                f"451 4.4.3 DNS lookup of {clean(domain)} failed: {_reason(exc)}"
+                f"451 4.4.3 DNS lookup of {clean(domain)} failed: {_reason(exc)}",
+                _temporary_kind(exc),
             ) from None
         if self._allow_private:
             return targets
@@ -92,7 +106,8 @@ class MXResolver:
             refused = ", ".join(addresses[:4]) + (", ..." if len(addresses) > 4 else "")
             raise PermanentDNSError(
                 f"554 5.4.4 MX hosts of {clean(domain)} have only non-public addresses"
-                f" ({refused}), refused by [delivery] allow_private_targets = false"
+                f" ({refused}), refused by [delivery] allow_private_targets = false",
+                "private",
             )
         return public
 
@@ -100,12 +115,20 @@ class MXResolver:
         try:
             answer = await self._resolver.resolve(domain, "MX")
         except dns.resolver.NXDOMAIN:
-            raise PermanentDNSError(f"550 5.1.2 Domain {clean(domain)} does not exist") from None
+            raise PermanentDNSError(
+                f"550 5.1.2 Domain {clean(domain)} does not exist", "no_domain"
+            ) from None
         except dns.resolver.NoAnswer:
-            return await self._addresses(domain, 0)  # implicit MX: the domain itself
+            try:
+                return await self._addresses(domain, 0)  # implicit MX: the domain itself
+            except PermanentDNSError as exc:
+                exc.kind = "no_mx" if exc.kind == "no_address" else exc.kind
+                raise
         records = [(int(r.preference), clean(str(r.exchange)).rstrip(".").lower()) for r in answer]
         if any(host in ("", ".") for _, host in records):
-            raise PermanentDNSError(f"556 5.1.10 Domain {clean(domain)} accepts no mail (null MX)")
+            raise PermanentDNSError(
+                f"556 5.1.10 Domain {clean(domain)} accepts no mail (null MX)", "null_mx"
+            )
         random.shuffle(records)
         records.sort(key=lambda item: item[0])
         targets: list[Target] = []
@@ -119,7 +142,8 @@ class MXResolver:
                 errors.append(f"550 5.1.2 Host {host} is not a valid DNS name: {_reason(exc)}")
         if not targets:
             raise TemporaryDNSError(
-                f"451 4.4.4 No address for any MX host of {clean(domain)}: {'; '.join(errors)}"
+                f"451 4.4.4 No address for any MX host of {clean(domain)}: {'; '.join(errors)}",
+                "no_mx_address",
             )
         return targets
 
@@ -130,7 +154,9 @@ class MXResolver:
             try:
                 answer = await self._resolver.resolve(host, rdtype)
             except dns.resolver.NXDOMAIN:
-                raise PermanentDNSError(f"550 5.1.2 Host {clean(host)} does not exist") from None
+                raise PermanentDNSError(
+                    f"550 5.1.2 Host {clean(host)} does not exist", "no_domain"
+                ) from None
             except dns.resolver.NoAnswer:
                 missing += 1
                 continue
@@ -138,12 +164,17 @@ class MXResolver:
                 raise
             except Exception as exc:  # timeout, SERVFAIL, anything: try again later
                 raise TemporaryDNSError(
-                    f"451 4.4.3 DNS lookup of {clean(host)} failed: {_reason(exc)}"
+                    f"451 4.4.3 DNS lookup of {clean(host)} failed: {_reason(exc)}",
+                    _temporary_kind(exc),
                 ) from None
             found += [Target(clean(host), r.to_text(), preference) for r in answer]
         if not found:
-            raise PermanentDNSError(f"550 5.1.2 Host {clean(host)} has no address")
+            raise PermanentDNSError(f"550 5.1.2 Host {clean(host)} has no address", "no_address")
         return found
+
+
+def _temporary_kind(exc: BaseException) -> str:
+    return "timeout" if isinstance(exc, dns.exception.Timeout) else "dns_error"
 
 
 def _reason(exc: BaseException) -> str:

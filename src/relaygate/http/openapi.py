@@ -260,6 +260,21 @@ OPERATIONS: list[Op] = [
         query={"hours": (_INT, "1 to 2160, default 24")},
     ),
     Op("get", "/api/v1/tokens", "API tokens (never their secrets)", "tokens"),
+    Op(
+        "post",
+        "/api/v1/verify",
+        "Check addresses as relaygate verify --json does (smtp: true needs a write token)",
+        "verify",
+        body={
+            "type": "object",
+            "required": ["addresses"],
+            "properties": {
+                "addresses": {**_STRS, "minItems": 1},
+                "smtp": {**_BOOL, "description": "also ask each domain's MX (RCPT, never DATA)"},
+            },
+            "additionalProperties": False,
+        },
+    ),
     Op("get", "/api/v1/webhooks", "Webhooks, from the config and made here", "webhooks"),
     Op(
         "post",

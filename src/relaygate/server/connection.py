@@ -742,14 +742,15 @@ class SMTPConnection(asyncio.Protocol):
             self.session.accept_recipient()
             return
         self.session.refuse(refusal)
-        self.metrics.message_refused("limit")
+        reason = self.worker.submission.refusal_reason(refusal)
+        self.metrics.message_refused("limit" if reason == "quota" else "recipient_domain")
         logs.event(
             "rcpt.refused",
             session=self.session_id,
             client_ip=self.client_ip,
             user=self.account.address if self.account else None,
             rcpt=event.address,
-            reason="quota",
+            reason=reason,
             reply=replies.status(refusal),
             text=replies.text(refusal),
         )

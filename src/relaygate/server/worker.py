@@ -45,6 +45,7 @@ from relaygate.storage.postgres.nodes import HEARTBEAT, PostgresNodes
 from relaygate.storage.redis.changes import ChangeRelay
 from relaygate.storage.redis.connections import RedisConnectionCounts
 from relaygate.storage.redis.fallback import SHARED_ERRORS, SharedHealth
+from relaygate.verify.domain_check import RecipientDomains
 from relaygate.webhooks.configured import config_endpoints
 from relaygate.webhooks.notices import EventNotices
 
@@ -121,6 +122,7 @@ class Worker:
             acceptance=self.storage.acceptance,
             notices=notices,
             defence=DefenceService(config.defence, self.storage.defence, notices=notices),
+            recipient_domains=_recipient_domains(config),
         )
         self.oauth = OAuthTokens(config.oauth) if config.oauth is not None else None
         if self.oauth is not None:
@@ -256,7 +258,9 @@ class Worker:
         self.config = self.certificates.config = new
         self.max_connections = new.limits.max_connections
         notices = self._notices()
-        self.submission.reconfigure(new.hostname, new.sending_limits, notices)
+        self.submission.reconfigure(
+            new.hostname, new.sending_limits, notices, _recipient_domains(new)
+        )
         if self.submission.defence is not None:
             self.submission.defence.reconfigure(new.defence, notices)
         self.logins.config = new.auth_throttle
@@ -416,3 +420,8 @@ def run_worker(
             profiler.dump_stats(f"{profile_path}.{index}")
         loop.close()
     return 0
+
+
+def _recipient_domains(config: Config) -> RecipientDomains | None:
+    """The RCPT-time domain check, when [submission] check_recipient_domains is on."""
+    return RecipientDomains(config) if config.submission.check_recipient_domains else None

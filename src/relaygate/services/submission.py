@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from relaygate import message, policy, quotas
@@ -34,6 +34,7 @@ from relaygate.config import SendingLimits
 from relaygate.quotas import Scope, Usage, account_scope, credential_scope
 from relaygate.services.defence import DefenceService
 from relaygate.storage.api import Acceptance, SendingCounters
+from relaygate.verify.domain_check import DOMAIN_REFUSAL_PREFIXES, RecipientDomains
 from relaygate.webhooks.events import ACCOUNT_LIMIT_REACHED
 from relaygate.webhooks.notices import EventNotices
 
@@ -85,9 +86,11 @@ class SubmissionService:
         acceptance: Acceptance,
         notices: EventNotices | None = None,
         defence: DefenceService | None = None,
+        recipient_domains: RecipientDomains | None = None,
     ) -> None:
         self.notices = notices  # account.limit_reached webhooks (one per account a minute)
         self.defence = defence  # compromised-account defence: may hold the account's mail
+        self._domains = recipient_domains  # [submission] check_recipient_domains
         self._hostname = hostname
         self._node = node
         self._defaults = sending_limits
@@ -96,9 +99,14 @@ class SubmissionService:
         self._acceptance = acceptance
 
     def reconfigure(
-        self, hostname: str, sending_limits: SendingLimits, notices: EventNotices | None
+        self,
+        hostname: str,
+        sending_limits: SendingLimits,
+        notices: EventNotices | None,
+        recipient_domains: RecipientDomains | None = None,
     ) -> None:
         """A reload: logins from now on get these defaults (sessions keep theirs)."""
+        self._domains = recipient_domains
         self._hostname = hostname
         self._defaults = sending_limits
         self.notices = notices
@@ -161,7 +169,39 @@ class SubmissionService:
         self, login: Login, recipient: str, *, accepted_so_far: int, new_so_far: int
     ) -> Awaitable[tuple[bytes | None, bool]] | None:
         """The check RCPT needs: (a refusal or None, whether the recipient is new for
-        the account); None if no recipient limit applies."""
+        the account); None if nothing needs checking. The domain check comes first
+        (when on): a cached answer decides at once, else one DNS look-up."""
+
+        def limits() -> Awaitable[tuple[bytes | None, bool]] | None:
+            return self._recipient_limits(
+                login, recipient, accepted_so_far=accepted_so_far, new_so_far=new_so_far
+            )
+
+        domain = None if self._domains is None else self._domains.check(recipient)
+        if domain is None:
+            return limits()
+        return self._domain_then_limits(domain, limits)
+
+    async def _domain_then_limits(
+        self,
+        domain: bytes | Awaitable[bytes | None],
+        limits: Callable[[], Awaitable[tuple[bytes | None, bool]] | None],
+    ) -> tuple[bytes | None, bool]:
+        """The domain first: the limits are asked only for a domain that takes mail."""
+        reply = domain if isinstance(domain, bytes) else await domain
+        if reply is not None:
+            return reply, False
+        check = limits()
+        return (None, False) if check is None else await check
+
+    @staticmethod
+    def refusal_reason(reply: bytes) -> str:
+        """For the log: why RCPT was refused (the domain check or a limit)."""
+        return "domain" if reply.startswith(DOMAIN_REFUSAL_PREFIXES) else "quota"
+
+    def _recipient_limits(
+        self, login: Login, recipient: str, *, accepted_so_far: int, new_so_far: int
+    ) -> Awaitable[tuple[bytes | None, bool]] | None:
         if not quotas.recipient_limited(login.scopes):
             return None
         check = self._counters.check_recipient(
