@@ -16,7 +16,7 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiosmtplib
@@ -214,34 +214,52 @@ def test_aiosmtplib_xoauth2_and_oauthbearer(server: Server) -> None:
 OTHER_RSA = SigningKey.rsa("k1")  # the same kid as the real key: a forgery
 
 
-def _refused_cases() -> list[tuple[str, str, str, str | None]]:
-    """(case, token, the reason logged, the a= name the client gives)."""
-    now = time.time()
+def _refused_cases() -> list[tuple[str, Callable[[], str], str, str | None]]:
+    """(case, how to make the token, the reason logged, the a= name the client gives).
+
+    Tokens are made when the test runs, not when it is collected: a slow run
+    would otherwise present "valid" tokens that expired while it waited."""
     return [
-        ("expired", token(now=now - 3600, lifetime=600), "expired", ALICE.address),
-        ("wrong audience", token(audience="someone-else"), "audience", ALICE.address),
-        ("wrong issuer", token(issuer="https://evil.example/realms/mail"), "issuer", ALICE.address),
-        ("wrong key", token(OTHER_RSA), "signature", ALICE.address),
-        ("alg none", _noted(unsigned_token(claims(ALICE.address))), "algorithm", ALICE.address),
         (
-            "HS256 with the public key",
-            _noted(hmac_token(claims(ALICE.address), RSA.public_pem())),
+            "expired",
+            lambda: token(now=time.time() - 3600, lifetime=600),
+            "expired",
+            ALICE.address,
+        ),
+        ("wrong audience", lambda: token(audience="someone-else"), "audience", ALICE.address),
+        (
+            "wrong issuer",
+            lambda: token(issuer="https://evil.example/realms/mail"),
+            "issuer",
+            ALICE.address,
+        ),
+        ("wrong key", lambda: token(OTHER_RSA), "signature", ALICE.address),
+        (
+            "alg none",
+            lambda: _noted(unsigned_token(claims(ALICE.address))),
             "algorithm",
             ALICE.address,
         ),
-        ("unknown account", token(email="nobody@oauth.test"), "unknown_account", None),
-        ("disabled account", token(email=DORA.address), "disabled_account", None),
-        ("a= mismatch", token(email=DORA.address), "authzid_mismatch", ALICE.address),
-        ("no address claim", token(email=None), "claim_missing", None),
-        ("unverified email", token(email_verified=False), "email_unverified", None),
+        (
+            "HS256 with the public key",
+            lambda: _noted(hmac_token(claims(ALICE.address), RSA.public_pem())),
+            "algorithm",
+            ALICE.address,
+        ),
+        ("unknown account", lambda: token(email="nobody@oauth.test"), "unknown_account", None),
+        ("disabled account", lambda: token(email=DORA.address), "disabled_account", None),
+        ("a= mismatch", lambda: token(email=DORA.address), "authzid_mismatch", ALICE.address),
+        ("no address claim", lambda: token(email=None), "claim_missing", None),
+        ("unverified email", lambda: token(email_verified=False), "email_unverified", None),
     ]
 
 
 @pytest.mark.parametrize("case", _refused_cases(), ids=lambda c: c[0])
 def test_refused_token_gets_the_error_challenge_then_535(
-    server: Server, case: tuple[str, str, str, str | None]
+    server: Server, case: tuple[str, Callable[[], str], str, str | None]
 ) -> None:
-    _, bad, reason, user = case
+    _, make_token, reason, user = case
+    bad = make_token()
     mark = server.log_mark()
     with _tls_client(server, implicit=False) as client:
         challenge = _challenge(client.command(f"AUTH OAUTHBEARER {_oauthbearer(bad, user)}"))
