@@ -10,13 +10,17 @@ import json
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fakes.bad_smtp import BadSMTPServer
 
-from .check_helpers import details, run_check, statuses
+from .check_helpers import CHECK_TIMEOUT, details, run_check, statuses
 from .helpers import ALICE, HOST, TLS_NAME, Server, ServerPool, clean_env, free_ports
 
 
@@ -368,3 +372,128 @@ def test_usage_errors_exit_2(args: list[str], error: str) -> None:
     assert result.returncode == 2
     assert result.stderr.startswith(f"relaygate: {error}")
     assert len(result.stderr.splitlines()) == 1
+
+
+# ------------------------------------------------------------------ over the API
+
+
+def _post(base: str, token: str, body: object) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        f"{base}/api/v1/check",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=CHECK_TIMEOUT) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture(scope="module")
+def api_server(servers: ServerPool) -> tuple[Server, str, str, str]:
+    (http_port,) = free_ports(1)
+    server = servers.create(
+        "check-api", users=[ALICE], sections={"http": {"address": f"{HOST}:{http_port}"}}
+    )
+
+    def token(*args: str) -> str:
+        return server.cli("token", "add", *args).stdout.splitlines()[0].rsplit(" ", 1)[1]
+
+    writer, reader = token("auditor"), token("watcher", "--read-only")
+    return server, f"http://{HOST}:{http_port}", writer, reader
+
+
+def test_the_api_checks_like_the_cli(api_server: tuple[Server, str, str, str]) -> None:
+    server, base, token, _ = api_server
+    body = {
+        "target": f"{HOST}:{server.starttls_port}",
+        "servername": TLS_NAME,
+        "ca_pem": server.ca_bundle().read_text(),
+        "user": ALICE.address,
+        "password": ALICE.password,
+    }
+    status, document = _post(base, token, body)
+    assert status == 200, document
+    assert (document["host"], document["port"]) == (HOST, server.starttls_port)
+    assert {c["id"]: c["status"] for c in document["checks"]} == {
+        "starttls.offered": "pass",
+        "tls.versions": "pass",
+        "tls.certificate": "pass",
+        "auth.before_tls": "pass",
+        "auth.mechanisms": "pass",
+        "relay.unauthenticated": "pass",
+        "smuggling.bare_lf": "pass",
+        "banner": "pass",
+        "limits.size": "pass",
+    }, document
+    # The CLI's --json says the same of the same server (details may name times).
+    cli = run_check(
+        f"{HOST}:{server.starttls_port}",
+        "--servername",
+        TLS_NAME,
+        "--ca-file",
+        str(server.ca_bundle()),
+        "--json",
+    )
+    assert [c["id"] for c in json.loads(cli.stdout)["checks"]] == [
+        c["id"] for c in document["checks"] if c["id"] != "smuggling.bare_lf"
+    ]
+    # Implicit TLS, no CA given: the self-signed chain fails, the rest passes.
+    status, document = _post(
+        base, token, {"target": f"{HOST}:{server.implicit_port}", "implicit": True}
+    )
+    assert status == 200, document
+    found = {c["id"]: c["status"] for c in document["checks"]}
+    assert found.pop("tls.certificate") == "fail"
+    assert set(found.values()) == {"pass"}, document
+    # Who asked is logged; the password never is.
+    runs = server.log_events("check.run")
+    assert any(e["target"] == f"{HOST}:{server.starttls_port}" for e in runs), runs
+    assert all(e["by"] == "token:auditor" for e in runs), runs
+    assert ALICE.password not in server.log_text()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error"),
+    [
+        ({}, 400, "target is required"),
+        ({"target": "a b"}, 400, "not a host name"),
+        ({"target": "x.test", "implicit": "yes"}, 400, "implicit must be true or false"),
+        ({"target": "x.test", "timeout": 0}, 400, "timeout must be"),
+        ({"target": "x.test", "timeout": 61}, 400, "timeout must be"),
+        ({"target": "x.test", "user": "a@b.test"}, 400, "user and password go together"),
+        ({"target": "x.test", "ca_pem": "not a certificate"}, 400, "ca_pem holds no PEM"),
+        ({"target": "x.test", "ca_file": "/etc/passwd"}, 400, "unknown field 'ca_file'"),
+        ({"target": f"{HOST}:1", "timeout": 2}, 502, f"cannot check {HOST}:1"),
+    ],
+)
+def test_the_api_refuses_bad_requests_clearly(
+    api_server: tuple[Server, str, str, str], body: dict[str, object], status: int, error: str
+) -> None:
+    _, base, token, _ = api_server
+    got, answer = _post(base, token, body)
+    assert got == status and error in answer["error"], answer
+
+
+def test_the_api_check_needs_a_write_token(api_server: tuple[Server, str, str, str]) -> None:
+    server, base, _, reader = api_server
+    body = {"target": f"{HOST}:{server.starttls_port}"}
+    status, answer = _post(base, reader, body)
+    assert (status, answer["error"]) == (403, "token watcher is read-only")
+    assert _post(base, "rgt_wrong", body)[0] == 401
+
+
+def test_the_api_runs_four_checks_at_once_at_most(
+    api_server: tuple[Server, str, str, str], tmp_path: Path
+) -> None:
+    _, base, token, _ = api_server
+    # A server that never greets holds each check for its timeout (then 502).
+    with BadSMTPServer(tmp_path, behaviour="silent") as slow:
+        body = {"target": f"{slow.host}:{slow.port}", "timeout": 3}
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda _: _post(base, token, body), range(6)))
+    codes = sorted(code for code, _ in answers)
+    assert codes.count(429) >= 2 and codes.count(502) >= 1, answers
+    assert set(codes) <= {429, 502}, answers

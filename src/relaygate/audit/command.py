@@ -8,7 +8,7 @@ import json
 import ssl
 import sys
 
-from relaygate.audit.findings import evaluate, failed
+from relaygate.audit.findings import evaluate, failed, report
 from relaygate.audit.probe import Settings, Unreachable, gather
 from relaygate.audit.target import SUBMISSION_PORT, SUBMISSIONS_PORT, parse_target
 from relaygate.audit.text import clean
@@ -94,12 +94,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"cannot check {target}: {clean(str(exc), 200)}")
     results = evaluate(observations)
     if args.json:
-        document = {
-            "host": target.host,
-            "port": target.port,
-            "checks": [{"id": r.id, "status": r.status, "detail": r.detail} for r in results],
-        }
-        print(json.dumps(document, indent=2))
+        print(json.dumps(report(target.host, target.port, results), indent=2))
     else:
         width = max(len(r.id) for r in results)
         for r in results:

@@ -326,5 +326,14 @@ def limits_size(obs: Observations) -> Result:
     return Result(rid, "warn", f"SIZE advertised with a malformed value: {clean(value, 40)}")
 
 
+def report(host: str, port: int, results: list[Result]) -> dict[str, object]:
+    """The --json document (and the API's answer): host, port and each check."""
+    return {
+        "host": host,
+        "port": port,
+        "checks": [{"id": r.id, "status": r.status, "detail": r.detail} for r in results],
+    }
+
+
 def failed(results: list[Result]) -> bool:
     return any(r.status == "fail" for r in results)

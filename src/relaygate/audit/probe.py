@@ -51,6 +51,7 @@ class Settings:
     timeout: float = 10.0
     servername: str | None = None  # the name the certificate must carry (default: host)
     ca_file: str | None = None
+    ca_pem: str | None = None  # CA certificates as PEM text (the API's way: no file path)
     user: str | None = None
     password: str | None = None
 
@@ -73,8 +74,8 @@ def unverified_context(
     return context
 
 
-def verifying_context(ca_file: str | None) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=ca_file)
+def verifying_context(ca_file: str | None, ca_pem: str | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca_file, cadata=ca_pem)
     context.check_hostname = False  # names are matched in findings, to tell the two apart
     return context
 
@@ -301,7 +302,7 @@ async def _verify_chain(settings: Settings, obs: Observations) -> None:
     if obs.certificate is None:
         return
     try:
-        client = await _handshake(settings, verifying_context(settings.ca_file))
+        client = await _handshake(settings, verifying_context(settings.ca_file, settings.ca_pem))
     except ProbeError as exc:
         obs.certificate.chain_error = str(exc)
         return

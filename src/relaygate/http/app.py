@@ -18,6 +18,7 @@ from relaygate.accounts.passwords import PasswordHasher
 from relaygate.config import Config
 from relaygate.http import (
     api_admin,
+    api_check,
     api_held,
     api_messages,
     api_stats,
@@ -76,6 +77,7 @@ def create_app(config: Config) -> Starlette:
         *api_stats.routes(),
         *api_admin.routes(),
         *api_webhooks.routes(),
+        *api_check.routes(),
         *api_held.routes(),
         *api_verify.routes(),
         *openapi.routes(),

@@ -259,6 +259,27 @@ OPERATIONS: list[Op] = [
         "stats",
         query={"hours": (_INT, "1 to 2160, default 24")},
     ),
+    Op(
+        "post",
+        "/api/v1/check",
+        "Audit a submission server as relaygate check --json does (502: no SMTP session)",
+        "check",
+        write=True,
+        body={
+            "type": "object",
+            "required": ["target"],
+            "properties": {
+                "target": {**_STR, "description": "host, host:port or [v6]:port (587, 465)"},
+                "implicit": {**_BOOL, "description": "TLS at connect (465 style)"},
+                "servername": {**_STR, "description": "the name the certificate must carry"},
+                "ca_pem": {**_STR, "description": "CA certificates (PEM) to trust as well"},
+                "user": {**_STR, "description": "with password: the smuggling probe"},
+                "password": _STR,
+                "timeout": {"type": "number", "description": "seconds a step, at most 60"},
+            },
+            "additionalProperties": False,
+        },
+    ),
     Op("get", "/api/v1/tokens", "API tokens (never their secrets)", "tokens"),
     Op(
         "post",
