@@ -362,6 +362,10 @@ def test_ipv6_literal_is_parsed_and_tried() -> None:
         (["host:99999"], "not a port number (1 to 65535): '99999'"),
         (["host", "--user", "a@example.com"], "--user and --password-stdin go together"),
         (["host", "--password-stdin"], "--user and --password-stdin go together"),
+        (
+            ["host", "--user", "a@b.test>\r\nRCPT TO:<x@y.test>", "--password-stdin"],
+            "--user must be an address, without control characters",
+        ),
         (["host", "--timeout", "0"], "--timeout must be more than 0 and at most 300 seconds"),
         (["host", "--ca-file", "/nonexistent/ca.pem"], "--ca-file /nonexistent/ca.pem: "),
         (["host", "--user", "a@example.com", "--password-stdin"], "--password-stdin: no "),
@@ -466,6 +470,13 @@ def test_the_api_checks_like_the_cli(api_server: tuple[Server, str, str, str]) -
         ({"target": "x.test", "user": "a@b.test"}, 400, "user and password go together"),
         ({"target": "x.test", "ca_pem": "not a certificate"}, 400, "ca_pem holds no PEM"),
         ({"target": "x.test", "ca_file": "/etc/passwd"}, 400, "unknown field 'ca_file'"),
+        # A CR LF in the login would put commands of the caller's own on the line.
+        (
+            {"target": "x.test", "user": "a@b.test>\r\nDATA\r\n", "password": "x"},
+            400,
+            "user must not hold control characters",
+        ),
+        ({"target": "x.test", "servername": "a\x00b"}, 400, "servername must not hold"),
         ({"target": f"{HOST}:1", "timeout": 2}, 502, f"cannot check {HOST}:1"),
     ],
 )

@@ -10,7 +10,12 @@ import sys
 
 from relaygate.audit.findings import evaluate, failed, report
 from relaygate.audit.probe import Settings, Unreachable, gather
-from relaygate.audit.target import SUBMISSION_PORT, SUBMISSIONS_PORT, parse_target
+from relaygate.audit.target import (
+    SUBMISSION_PORT,
+    SUBMISSIONS_PORT,
+    has_control,
+    parse_target,
+)
 from relaygate.audit.text import clean
 
 EXIT_OK = 0
@@ -66,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         target = parse_target(args.target, implicit=args.implicit)
     except ValueError as exc:
         return _fail(str(exc))
+    if args.user is not None and (not args.user or has_control(args.user)):
+        return _fail("--user must be an address, without control characters")
     if (args.user is None) != (not args.password_stdin):
         return _fail("--user and --password-stdin go together")
     if not 0 < args.timeout <= 300:

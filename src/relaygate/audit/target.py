@@ -64,3 +64,9 @@ def parse_target(text: str, *, implicit: bool) -> Target:
             raise ValueError(f"not a port number (1 to 65535): {port_text!r}")
         port = int(port_text)
     return Target(host=host, port=port, implicit=implicit)
+
+
+def has_control(text: str) -> bool:
+    """CR, LF, NUL, ESC ...: never in a name we put on an SMTP command line (a CR LF
+    in --user would let it inject commands of its own into the session)."""
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)

@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute
 from relaygate import logs
 from relaygate.audit.findings import evaluate, report
 from relaygate.audit.probe import Settings, Unreachable, gather
-from relaygate.audit.target import parse_target
+from relaygate.audit.target import has_control, parse_target
 from relaygate.audit.text import clean
 from relaygate.http.api import ApiError, api_route, json_body
 from relaygate.http.context import Caller, HttpContext
@@ -37,6 +37,8 @@ def _text(data: dict[str, object], name: str, limit: int = MAX_TEXT) -> str | No
         return None
     if not isinstance(value, str) or not value or len(value) > limit:
         raise ApiError(400, f"{name} must be a non-empty string of at most {limit} characters")
+    if name != "ca_pem" and has_control(value):
+        raise ApiError(400, f"{name} must not hold control characters (CR, LF, ...)")
     return value
 
 
