@@ -20,9 +20,8 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime, timedelta
-from typing import TypeVar
 
 import psycopg
 
@@ -61,8 +60,8 @@ from relaygate.services.admin import (
     MessageView,
     NotFound,
     TokenError,
-    admin_services,
     no_body_text,
+    run_admin,
 )
 from relaygate.services.errors import error_kind
 from relaygate.stats import MAX_HOURS
@@ -99,7 +98,6 @@ class CommandFailed(Exception):
 
 Handler = Callable[[argparse.Namespace, Config], int]
 Standalone = Callable[[argparse.Namespace], int]  # reads no config first (`config check`)
-T = TypeVar("T")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1194,17 +1192,7 @@ def _credential_limits(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _with_admin(config: Config, work: Callable[[AdminServices], Awaitable[T]]) -> T:
-    """Run one admin use case and close what it opened."""
-
-    async def run() -> T:
-        store = await open_admin_storage(config)
-        try:
-            return await work(admin_services(store, config.password_hash))
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
+_with_admin = run_admin  # one admin use case, its storage opened and closed
 
 
 def _list_time(text: str | None, option: str) -> float | None:

@@ -7,21 +7,16 @@ here; the use cases are services/held.py's, shared with the API and the UI.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 from relaygate.config import Config
 from relaygate.durations import parse_duration
-from relaygate.services.admin import AdminServices, admin_services
+from relaygate.services.admin import run_admin
 from relaygate.services.held import NotHeld, held_json
-from relaygate.storage.node import open_admin_storage
 from relaygate.times import rfc3339
 
-T = TypeVar("T")
 PROG = "relaygate"
 
 
@@ -84,15 +79,7 @@ def _fail(text: str, status: int) -> int:
     return status
 
 
-def _run(config: Config, work: Callable[[AdminServices], Awaitable[T]]) -> T:
-    async def run() -> T:
-        store = await open_admin_storage(config)
-        try:
-            return await work(admin_services(store, config.password_hash))
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
+_run = run_admin
 
 
 def held_list(args: argparse.Namespace, config: Config) -> int:

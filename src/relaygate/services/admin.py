@@ -15,8 +15,9 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from relaygate import mail_parts, stats
 from relaygate.accounts.credentials import Credential, looks_like_credential
@@ -28,7 +29,7 @@ from relaygate.accounts.store import (
     normalize_sender_pattern,
     normalize_senders,
 )
-from relaygate.config import PasswordHashConfig, WebhookConfig
+from relaygate.config import Config, PasswordHashConfig, WebhookConfig
 from relaygate.delivery.dkim import DKIMKey, KeyType, normalize_domain, txt_record
 from relaygate.sasl import StoredKeys, stored_keys_for_password
 from relaygate.services import retention
@@ -56,7 +57,10 @@ from relaygate.storage.api import (
     TokenExists,
 )
 from relaygate.storage.message_query import MessageQuery
+from relaygate.storage.node import open_admin_storage
 from relaygate.times import rfc3339
+
+T = TypeVar("T")
 
 
 class NotFound(LookupError):
@@ -533,3 +537,17 @@ def admin_services(
         WebhooksAdmin(store.webhooks, webhooks, allow_private_targets),
         HeldAdmin(store.defence, store.accounts),
     )
+
+
+def run_admin(config: Config, work: Callable[[AdminServices], Awaitable[T]]) -> T:
+    """Run one admin use case from a command line: open the storage ``config``
+    names, hand ``work`` the services, close what was opened."""
+
+    async def run() -> T:
+        store = await open_admin_storage(config)
+        try:
+            return await work(admin_services(store, config.password_hash))
+        finally:
+            await store.close()
+
+    return asyncio.run(run())

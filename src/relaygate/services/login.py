@@ -249,6 +249,17 @@ class LoginService:
         await self._failures.release(reservation)
         await self._failures.record_success(ip, account, time.time())
 
+    async def _settle(self, reservation: Reservation, outcome: str, ip: str, account: str) -> None:
+        """A password attempt's end: a failure counts, anything else only frees
+        its reservation ("busy" and "error" are our side's, not the client's)."""
+        try:
+            if outcome in ("ok", "busy", "error"):
+                await self._release(reservation, ip, account)
+            else:
+                await self._failures.fail(reservation)
+        except STORAGE_ERRORS:
+            pass  # a pending attempt left behind stops counting after PENDING_TTL
+
     async def prune(self) -> None:
         await self._failures.prune(time.time())
 
@@ -329,13 +340,7 @@ class LoginService:
             outcome = await self._slow_verify(account, password, suspect)
         except VERIFY_ERRORS:
             outcome = "error"
-        try:
-            if outcome in ("ok", "busy", "error"):
-                await self._release(reserved, client_ip, username)
-            else:
-                await self._failures.fail(reserved)
-        except STORAGE_ERRORS:
-            pass  # a pending attempt left behind stops counting after PENDING_TTL
+        await self._settle(reserved, outcome, client_ip, username)
         if outcome == "ok" and account is not None:
             if len(self._cache) >= CACHE_SIZE:
                 self._cache.pop(next(iter(self._cache)))  # drop the oldest entry
@@ -598,13 +603,7 @@ class LoginService:
                     outcome = "busy"
             except VERIFY_ERRORS:
                 outcome = "error"
-        try:
-            if outcome in ("ok", "busy", "error"):
-                await self._release(reserved, client_ip, username)
-            else:
-                await self._failures.fail(reserved)
-        except STORAGE_ERRORS:
-            pass  # a pending attempt left behind stops counting after PENDING_TTL
+        await self._settle(reserved, outcome, client_ip, username)
         if outcome == "ok" and account is not None:
             self._remember_directory(account, key)
             return LoginResult(account, "ok")
