@@ -26,31 +26,38 @@ E2E_POSTGRES := accounts credentials clients scram oauth refusals revocation lar
 	retention defence
 E2E_POSTGRES_FILES := $(foreach m,$(E2E_POSTGRES),tests/e2e/test_e2e_$(m).py)
 
-# The second stream also takes these slow SQLite modules (none uses Redis, which
-# the first stream's cluster and contract tests flush), so both end about together.
-SECOND_STREAM := delivery delivery_hostile delivery_mx postgres lifecycle defence
-SECOND_STREAM_FILES := $(foreach m,$(SECOND_STREAM),tests/e2e/test_e2e_$(m).py)
+# The suite runs in three streams at once (the e2e tests mostly wait on servers and
+# sockets; two streams left a third of the two cores idle). The first: tests/ but the
+# third stream's modules. The second: the e2e storage modules on PostgreSQL. The third:
+# these SQLite e2e modules, none of which uses Redis (the first stream's cluster, shared
+# and contract tests flush its db). Each stream prints its slowest tests, to rebalance by.
+THIRD_STREAM := delivery delivery_hostile delivery_mx postgres lifecycle defence \
+	check check_postfix oauth ldap verify reload webui
+THIRD_STREAM_FILES := $(foreach m,$(THIRD_STREAM),tests/e2e/test_e2e_$(m).py)
 SECOND_LOG := test-artifacts/second-stream.log
-# Short: Unix socket paths made under it stay within 108 bytes.
+THIRD_LOG := test-artifacts/third-stream.log
+# Short: Unix socket paths made under them stay within 108 bytes.
 SECOND_TMP := /tmp/relaygate-second-stream
+THIRD_TMP := /tmp/relaygate-third-stream
 
-## test: lint (ruff, mypy --strict), then the whole test suite in two streams at once (the
-## e2e tests mostly wait on servers and sockets, so two fit two cores): the first runs tests/
-## but SECOND_STREAM; the second runs the e2e storage modules on PostgreSQL, then SECOND_STREAM.
-## The second's output (also in test-artifacts/second-stream.log) is printed after the first's.
+## test: lint (ruff, mypy --strict), then the whole suite in three streams at once: tests/
+## but THIRD_STREAM; the e2e storage modules on PostgreSQL; THIRD_STREAM. The second's and
+## third's output (also in test-artifacts/) is printed after the first's.
 test: lint
 	@mkdir -p test-artifacts
-	@( RELAYGATE_E2E_STORAGE=postgresql $(BIN)/pytest -q -p no:cacheprovider --durations=5 \
-		--basetemp=$(SECOND_TMP) -m "not sqlite_only" $(E2E_POSTGRES_FILES); pg=$$?; \
-	  $(BIN)/pytest -q -p no:cacheprovider --durations=5 --basetemp=$(SECOND_TMP) \
-		$(SECOND_STREAM_FILES); \
-	  slow=$$?; [ $$pg -eq 0 ] && [ $$slow -eq 0 ] ) > $(SECOND_LOG) 2>&1 & second=$$!; \
-	trap 'kill $$second 2>/dev/null' INT TERM; \
-	$(BIN)/pytest -q --durations=10 tests $(foreach f,$(SECOND_STREAM_FILES),--ignore=$(f)); first=$$?; \
-	wait $$second; second=$$?; \
-	echo "--- the e2e storage modules on PostgreSQL, then $(SECOND_STREAM) ($(SECOND_LOG)):"; \
+	@RELAYGATE_E2E_STORAGE=postgresql $(BIN)/pytest -q -p no:cacheprovider --durations=5 \
+		--basetemp=$(SECOND_TMP) -m "not sqlite_only" $(E2E_POSTGRES_FILES) \
+		> $(SECOND_LOG) 2>&1 & second=$$!; \
+	$(BIN)/pytest -q -p no:cacheprovider --durations=5 --basetemp=$(THIRD_TMP) \
+		$(THIRD_STREAM_FILES) > $(THIRD_LOG) 2>&1 & third=$$!; \
+	trap 'kill $$second $$third 2>/dev/null' INT TERM; \
+	$(BIN)/pytest -q --durations=10 tests $(foreach f,$(THIRD_STREAM_FILES),--ignore=$(f)); first=$$?; \
+	wait $$second; second=$$?; wait $$third; third=$$?; \
+	echo "--- the e2e storage modules on PostgreSQL ($(SECOND_LOG)):"; \
 	cat $(SECOND_LOG); \
-	[ $$first -eq 0 ] && [ $$second -eq 0 ]
+	echo "--- $(THIRD_STREAM) ($(THIRD_LOG)):"; \
+	cat $(THIRD_LOG); \
+	[ $$first -eq 0 ] && [ $$second -eq 0 ] && [ $$third -eq 0 ]
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
