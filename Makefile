@@ -32,7 +32,7 @@ E2E_POSTGRES_FILES := $(foreach m,$(E2E_POSTGRES),tests/e2e/test_e2e_$(m).py)
 # these SQLite e2e modules, none of which uses Redis (the first stream's cluster, shared
 # and contract tests flush its db). Each stream prints its slowest tests, to rebalance by.
 THIRD_STREAM := delivery delivery_hostile delivery_mx postgres lifecycle defence \
-	check check_postfix oauth ldap verify reload webui
+	check check_postfix oauth ldap verify reload webui webhooks retention
 THIRD_STREAM_FILES := $(foreach m,$(THIRD_STREAM),tests/e2e/test_e2e_$(m).py)
 SECOND_LOG := test-artifacts/second-stream.log
 THIRD_LOG := test-artifacts/third-stream.log
