@@ -9,9 +9,10 @@ with one account, its auth service on a free loopback port), so the AUTH
 checks and the bare-LF smuggling probe run against Postfix too; the probe's
 messages go to Postfix's ``discard`` transport, never anywhere else.
 
-The one allowed skip of the suite: where Postfix or Dovecot is not installed
-(the bench setup in /work/shared/bench/postfix/ installs both), these tests
-skip with that reason. Starting them needs root.
+Postfix and Dovecot are installed by .ci/run (and by the bench setup in
+/work/shared/bench/postfix/): where either is missing these tests fail with
+that reason, never skip, like the suite's other real peers. Starting them needs
+root, as CI has.
 """
 
 from __future__ import annotations
@@ -39,11 +40,6 @@ from .helpers import HOST, free_ports, wait_until
 
 POSTFIX = Path("/usr/sbin/postfix")
 DOVECOT = Path("/usr/sbin/dovecot")
-pytestmark = pytest.mark.skipif(
-    not (POSTFIX.exists() and DOVECOT.exists()),
-    reason="Postfix or Dovecot is not installed (/usr/sbin/postfix, /usr/sbin/dovecot);"
-    " the bench setup /work/shared/bench/postfix/setup.sh installs both",
-)
 USER = "probe@example.test"
 PASSWORD = "Probe-pw-4Kd8sWq2"
 DOVECOT_CONF = """\
@@ -178,6 +174,12 @@ def postfix(config: Path, action: str) -> subprocess.CompletedProcess[str]:
 def postfix_dir() -> Iterator[Path]:
     """Not under pytest's tmp_path: its parents are private to root, and Postfix's
     daemons run as the postfix user."""
+    missing = [str(p) for p in (POSTFIX, DOVECOT) if not p.exists()]
+    if missing:
+        pytest.fail(
+            f"not installed: {', '.join(missing)} (apt-get install postfix dovecot-core;"
+            " .ci/run does)"
+        )
     directory = Path(tempfile.mkdtemp(prefix="relaygate-check-postfix-"))
     directory.chmod(0o755)
     yield directory
