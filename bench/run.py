@@ -999,9 +999,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     scratch: ScratchPostgres | None = None
     postfix: PostfixServer | None = None
     http_server: RelaygateServer | None = None
+    # Same-config-but-one-section comparisons: (target name, why, its server).
+    variants: list[tuple[str, str, RelaygateServer]] = []
     retention_server: RelaygateServer | None = None
-    nodefence_server: RelaygateServer | None = None
-    domain_server: RelaygateServer | None = None
     fake_dns: Any = None
     poller: DashboardPoller | None = None
     info: dict[str, Any] = {
@@ -1098,81 +1098,49 @@ def main(argv: Sequence[str] | None = None) -> int:
                 targets.append(
                     Target("relaygate-http", http_smtp, args.mode, [http_server.process.pid])
                 )
+
+            def variant(
+                name: str, why: str, delivery_toml: str = "", **settings: Any
+            ) -> RelaygateServer:
+                """Another relaygate differing by ``settings``, loaded like the first."""
+                server = RelaygateServer(
+                    args.python, args.workers, args.users, args.log_level, **settings
+                )
+                if delivery_toml:
+                    server.delivery_toml = delivery_toml
+                server.write_config()
+                print(f"creating {args.users} users ({why}) ...", file=sys.stderr)
+                server.create_users()
+                server.start()
+                assert server.process is not None
+                port = server.starttls_port if args.mode == "starttls" else server.implicit_port
+                targets.append(Target(name, port, args.mode, [server.process.pid]))
+                variants.append((name, why, server))
+                return server
+
             if args.compare_retention:
                 # Past 2,000 messages every round (each second) deletes the oldest in
                 # batches while the load goes on: the worst case for the SQLite lock.
-                retention_server = RelaygateServer(
-                    args.python,
-                    args.workers,
-                    args.users,
-                    args.log_level,
+                retention_server = variant(
+                    "relaygate-retention",
+                    "retention",
                     extra_toml='\n[retention]\nmax_messages = 2000\nbody_max_age = "1m"\n',
                     env={"RELAYGATE_RETENTION_INTERVAL": "1"},
                 )
-                retention_server.write_config()
-                print(f"creating {args.users} users (retention) ...", file=sys.stderr)
-                retention_server.create_users()
-                retention_server.start()
-                assert retention_server.process is not None
-                targets.append(
-                    Target(
-                        "relaygate-retention",
-                        retention_server.starttls_port
-                        if args.mode == "starttls"
-                        else retention_server.implicit_port,
-                        args.mode,
-                        [retention_server.process.pid],
-                    )
-                )
             if args.compare_defence:
-                nodefence_server = RelaygateServer(
-                    args.python,
-                    args.workers,
-                    args.users,
-                    args.log_level,
+                variant(
+                    "relaygate-nodefence",
+                    "defence off",
                     extra_toml="\n[defence]\nenabled = false\n",
-                )
-                nodefence_server.write_config()
-                print(f"creating {args.users} users (defence off) ...", file=sys.stderr)
-                nodefence_server.create_users()
-                nodefence_server.start()
-                assert nodefence_server.process is not None
-                targets.append(
-                    Target(
-                        "relaygate-nodefence",
-                        nodefence_server.starttls_port
-                        if args.mode == "starttls"
-                        else nodefence_server.implicit_port,
-                        args.mode,
-                        [nodefence_server.process.pid],
-                    )
                 )
             if args.compare_domain_check:
                 fake_dns = start_fake_dns()
-                domain_server = RelaygateServer(
-                    args.python,
-                    args.workers,
-                    args.users,
-                    args.log_level,
+                variant(
+                    "relaygate-domain-check",
+                    "domain check",
+                    delivery_toml=f'resolvers = ["{fake_dns.address}"]\n'
+                    "allow_private_targets = true\n",
                     extra_toml="\n[submission]\ncheck_recipient_domains = true\n",
-                )
-                domain_server.delivery_toml = (
-                    f'resolvers = ["{fake_dns.address}"]\nallow_private_targets = true\n'
-                )
-                domain_server.write_config()
-                print(f"creating {args.users} users (domain check) ...", file=sys.stderr)
-                domain_server.create_users()
-                domain_server.start()
-                assert domain_server.process is not None
-                targets.append(
-                    Target(
-                        "relaygate-domain-check",
-                        domain_server.starttls_port
-                        if args.mode == "starttls"
-                        else domain_server.implicit_port,
-                        args.mode,
-                        [domain_server.process.pid],
-                    )
                 )
             if args.compare_postfix:
                 postfix = PostfixServer()
@@ -1237,28 +1205,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if stop_problem:
                     problems.append(f"with HTTP on: {stop_problem}")
                 http_server.cleanup(args.keep_temp or bool(problems))
-            if retention_server is not None:
-                info["retention"] = {
-                    "pruned_events": retention_server.log_file.read_text(errors="replace").count(
-                        "retention.pruned"
-                    )
-                    if retention_server.log_file.exists()
-                    else 0
-                }
-                stop_problem = retention_server.stop()
+            if retention_server is not None and retention_server.log_file.exists():
+                log = retention_server.log_file.read_text(errors="replace")
+                info["retention"] = {"pruned_events": log.count("retention.pruned")}
+            for _, why, server_ in variants:
+                stop_problem = server_.stop()
                 if stop_problem:
-                    problems.append(f"with retention: {stop_problem}")
-                retention_server.cleanup(args.keep_temp or bool(problems))
-            if nodefence_server is not None:
-                stop_problem = nodefence_server.stop()
-                if stop_problem:
-                    problems.append(f"with the defence off: {stop_problem}")
-                nodefence_server.cleanup(args.keep_temp or bool(problems))
-            if domain_server is not None:
-                stop_problem = domain_server.stop()
-                if stop_problem:
-                    problems.append(f"with the domain check: {stop_problem}")
-                domain_server.cleanup(args.keep_temp or bool(problems))
+                    problems.append(f"with {why}: {stop_problem}")
+                server_.cleanup(args.keep_temp or bool(problems))
             if fake_dns is not None:
                 info["domain_check"] = {"dns_queries": len(fake_dns.queries)}
                 fake_dns.stop()
