@@ -27,6 +27,8 @@ def refusal(domain: str, answer: DomainAnswer) -> bytes | None:
     hosts without addresses, private addresses) is left to delivery, which
     retries and reports it.
     """
+    if answer.kind not in ("no_domain", "null_mx", "no_mx", "timeout", "dns_error"):
+        return None  # every RCPT to a good cached domain ends here: keep it cheap
     name = clean(domain, 255)
     text: str | None = None
     if answer.kind == "no_domain":
@@ -47,6 +49,11 @@ class RecipientDomains:
 
     def check(self, recipient: str) -> bytes | Awaitable[bytes | None] | None:
         """The reply now (None: accept), or an awaitable when DNS must be asked."""
+        domain = recipient.rpartition("@")[2]
+        if domain.isascii():  # the usual case: the cache decides, no parse on each RCPT
+            cached = self.verifier.cached_domain(domain)
+            if cached is not None:
+                return refusal(domain, cached)
         parsed = parse(recipient)
         if isinstance(parsed, str):
             return None  # the session checked the syntax; a literal or such: not ours
