@@ -34,6 +34,8 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -653,6 +655,11 @@ class Server:
             self.worker_pids(), {self.starttls_port, self.implicit_port}, client_port
         )
 
+    def api_token(self, name: str, *flags: str) -> str:
+        """A new HTTP API token (``relaygate token add NAME [--read-only]``): its secret."""
+        out = self.cli("token", "add", name, *flags).stdout
+        return out.splitlines()[0].rsplit(" ", 1)[1]
+
     # logs
 
     def log_text(self) -> str:
@@ -1117,3 +1124,28 @@ def sigterm_right_after_start(
         if outcomes[-1] != 0:
             break
     return outcomes
+
+
+def api_call(
+    method: str,
+    url: str,
+    token: str,
+    body: Any = None,
+    raw: bytes | None = None,
+    timeout: float = 20,
+) -> tuple[int, Any]:
+    """One HTTP API request as a script would make it: (status, the JSON answer or None).
+    Error answers must be JSON too."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            text = response.read()
+            return response.status, json.loads(text) if text else None
+    except urllib.error.HTTPError as exc:
+        text = exc.read()
+        assert exc.headers.get("Content-Type") == "application/json", (exc.code, text[:200])
+        return exc.code, json.loads(text)

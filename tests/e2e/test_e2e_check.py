@@ -10,8 +10,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ import pytest
 from fakes.bad_smtp import BadSMTPServer
 
 from .check_helpers import CHECK_TIMEOUT, details, run_check, statuses
-from .helpers import ALICE, HOST, TLS_NAME, Server, ServerPool, clean_env, free_ports
+from .helpers import ALICE, HOST, TLS_NAME, Server, ServerPool, api_call, clean_env, free_ports
 
 
 @pytest.fixture(scope="module")
@@ -381,18 +379,8 @@ def test_usage_errors_exit_2(args: list[str], error: str) -> None:
 # ------------------------------------------------------------------ over the API
 
 
-def _post(base: str, token: str, body: object) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(
-        f"{base}/api/v1/check",
-        data=json.dumps(body).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=CHECK_TIMEOUT) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+def _post(base: str, token: str, body: object) -> tuple[int, Any]:
+    return api_call("POST", f"{base}/api/v1/check", token, body, timeout=CHECK_TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -402,10 +390,7 @@ def api_server(servers: ServerPool) -> tuple[Server, str, str, str]:
         "check-api", users=[ALICE], sections={"http": {"address": f"{HOST}:{http_port}"}}
     )
 
-    def token(*args: str) -> str:
-        return server.cli("token", "add", *args).stdout.splitlines()[0].rsplit(" ", 1)[1]
-
-    writer, reader = token("auditor"), token("watcher", "--read-only")
+    writer, reader = server.api_token("auditor"), server.api_token("watcher", "--read-only")
     return server, f"http://{HOST}:{http_port}", writer, reader
 
 

@@ -34,7 +34,7 @@ from fakes.smtp_sink import SMTPSink
 from relaygate.quotas import window_keys
 
 from .delivery_helpers import DeliveryServer, delivery_toml, new_server
-from .helpers import ServerPool, User, free_ports, make_message, session, wait_until
+from .helpers import ServerPool, User, api_call, free_ports, make_message, session, wait_until
 
 OTHER_NETWORK = "127.77.0.5"  # another /24 than 127.0.0.1
 FLOOR = 12
@@ -117,8 +117,7 @@ def setup(servers: ServerPool, tmp_path_factory: pytest.TempPathFactory) -> Iter
     server.add_user(ADMIN)
     server.cli("user", "admin", ADMIN.address, "on")
     server.start()
-    out = server.cli("token", "add", "defence").stdout
-    token = out.splitlines()[0].rsplit(" ", 1)[1]
+    token = server.api_token("defence")
     yield Setup(server, sink, hooks, f"http://127.0.0.1:{port}", token)
     http_server.shutdown()
     sink.stop()
@@ -172,17 +171,7 @@ def _settled(setup: Setup, user: User, ids: list[str]) -> dict[str, str]:
 
 
 def _api(setup: Setup, method: str, path: str, data: Any = None) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        setup.base + path,
-        method=method,
-        data=None if data is None else json.dumps(data).encode(),
-        headers={"Authorization": f"Bearer {setup.token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=20) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return api_call(method, setup.base + path, setup.token, data)
 
 
 def _seed_baseline(setup: Setup, user: User, per_hour: int) -> None:

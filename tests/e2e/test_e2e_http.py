@@ -40,11 +40,6 @@ def api(servers: ServerPool) -> Iterator[tuple[Server, str]]:
     yield server, f"http://127.0.0.1:{port}"
 
 
-def _token(server: Server, name: str, *flags: str) -> str:
-    out = server.cli("token", "add", name, *flags).stdout
-    return out.splitlines()[0].rsplit(" ", 1)[1]
-
-
 def _get(url: str, token: str | None = None, raw_header: str | None = None) -> tuple[int, Any]:
     request = urllib.request.Request(url)
     if token is not None:
@@ -74,7 +69,7 @@ def test_no_token_or_a_wrong_one_is_401_json(api: tuple[Server, str]) -> None:
     assert head.startswith("HTTP/1.1 401"), head
     assert "www-authenticate: bearer" in head.lower()
     assert json.loads(body)["error"].startswith("a valid API token is needed")
-    good = _token(server, "reader", "--read-only")
+    good = server.api_token("reader", "--read-only")
     for header in (
         "Bearer rgt_" + "A" * 43,
         "Bearer " + good + "x",
@@ -89,7 +84,7 @@ def test_no_token_or_a_wrong_one_is_401_json(api: tuple[Server, str]) -> None:
 
 def test_messages_list_show_and_raw(api: tuple[Server, str]) -> None:
     server, base = api
-    token = _token(server, "ops")
+    token = server.api_token("ops")
     with session(server, user=ALICE) as client:
         queue_id = client.send_mail(
             ALICE.address,
@@ -134,14 +129,14 @@ def test_errors_are_json_with_the_right_status(
     api: tuple[Server, str], path: str, status: int, error: str
 ) -> None:
     server, base = api
-    token = _token(server, f"t-{abs(hash(path)) % 10_000_000}")
+    token = server.api_token(f"t-{abs(hash(path)) % 10_000_000}")
     assert _get(base + path, token)[0:1] == (status,)
     assert _get(base + path, token)[1]["error"] == error
 
 
 def test_a_revoked_token_stops_working_at_once(api: tuple[Server, str]) -> None:
     server, base = api
-    token = _token(server, "short-lived")
+    token = server.api_token("short-lived")
     assert _get(f"{base}/api/v1/messages", token)[0] == 200
     server.cli("token", "revoke", "short-lived")
     assert _get(f"{base}/api/v1/messages", token)[0] == 401
@@ -172,7 +167,7 @@ def test_failed_tokens_are_throttled_like_smtp_logins(fresh_servers: ServerPool)
         },
     )
     base = f"http://127.0.0.1:{port}"
-    good = _token(server, "ops")
+    good = server.api_token("ops")
     assert _get(f"{base}/api/v1/messages", good)[0] == 200
     guesses = ["rgt_" + c * 43 for c in "ABC"]
     for guess in guesses:
@@ -229,7 +224,7 @@ def test_oversized_and_malformed_requests_are_refused_and_it_keeps_serving(
     assert _raw_http(port, b"\x16\x03\x01\x00\xff garbage\r\n\r\n")[:12] in (b"HTTP/1.1 400", b"")
     long_header = b"GET / HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 200_000 + b"\r\n\r\n"
     assert _raw_http(port, long_header)[:12] in (b"HTTP/1.1 400", b"HTTP/1.1 431", b"")
-    token = _token(server, "after-abuse")
+    token = server.api_token("after-abuse")
     assert _get(f"{base}/api/v1/messages", token)[0] == 200
 
 
@@ -237,7 +232,7 @@ def test_message_filters_and_cursor_pages(api: tuple[Server, str]) -> None:
     """Thirty messages paged seven at a time: each exactly once, newest first,
     while more arrive; the filters combine; bad input is a 400 saying why."""
     server, base = api
-    token = _token(server, "pager")
+    token = server.api_token("pager")
     tag = f"batch-{time.time_ns()}"
     with session(server, user=ALICE) as client:
         ids = [
@@ -290,7 +285,7 @@ def test_message_headers_and_parts(api: tuple[Server, str]) -> None:
     """Decoded headers, the text and HTML bodies, and each attachment as a
     download that no browser would render (an HTML attachment is octets)."""
     server, base = api
-    token = _token(server, "parts")
+    token = server.api_token("parts")
     message = EmailMessage()
     message["From"] = ALICE.address
     message["To"] = RCPT

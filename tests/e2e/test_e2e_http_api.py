@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import smtplib
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from .helpers import ALICE, Server, ServerPool, free_ports, make_message, session
+from .helpers import ALICE, Server, ServerPool, api_call, free_ports, make_message, session
 
 RCPT = "someone@example.net"
 
@@ -31,32 +29,12 @@ def api(servers: ServerPool) -> Iterator[tuple[Server, str, str, str]]:
             "delivery.smarthost": {"host": "127.0.0.1", "port": refusing, "tls": "none"},
         },
     )
-    writer = _token(server, "ops")
-    reader = _token(server, "grafana", "--read-only")
+    writer = server.api_token("ops")
+    reader = server.api_token("grafana", "--read-only")
     yield server, f"http://127.0.0.1:{http_port}", writer, reader
 
 
-def _token(server: Server, name: str, *flags: str) -> str:
-    out = server.cli("token", "add", name, *flags).stdout
-    return out.splitlines()[0].rsplit(" ", 1)[1]
-
-
-def call(
-    method: str, url: str, token: str, body: Any = None, raw: bytes | None = None
-) -> tuple[int, Any]:
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    request = urllib.request.Request(url, data=data, method=method)
-    request.add_header("Authorization", f"Bearer {token}")
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=20) as response:
-            text = response.read()
-            return response.status, json.loads(text) if text else None
-    except urllib.error.HTTPError as exc:
-        text = exc.read()
-        assert exc.headers.get("Content-Type") == "application/json", (exc.code, text[:200])
-        return exc.code, json.loads(text)
+call = api_call  # the name these tests were written with
 
 
 def _smtp_login(server: Server, user: str, secret: str) -> bool:

@@ -96,8 +96,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 def _api_token(server: Server) -> str:
-    out = server.cli("token", "add", "stats-reader", "--read-only").stdout
-    return out.splitlines()[0].rsplit(" ", 1)[1]
+    return server.api_token("stats-reader", "--read-only")
 
 
 def _stats(base: str, token: str, hours: str = "2") -> tuple[int, Any]:

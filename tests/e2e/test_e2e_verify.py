@@ -28,8 +28,7 @@ from fakes.dns_server import FakeDNS
 from fakes.smtp_sink import DEFAULT_EXTENSIONS, SMTPSink, make_tls_context, sinks_on_one_port
 
 from .delivery_helpers import loopback_address
-from .helpers import ALICE, Server, ServerPool, clean_env, free_ports, make_message
-from .test_e2e_http_api import call
+from .helpers import ALICE, Server, ServerPool, api_call, clean_env, free_ports, make_message
 
 PROCESS_TIMEOUT = 60
 
@@ -352,8 +351,7 @@ def checking_server(servers: ServerPool, world: World) -> Iterator[tuple[Server,
             "sending_limits": {"recipients_per_day": 1000},
         },
     )
-    out = server.cli("token", "add", "verifier").stdout
-    token = out.splitlines()[0].rsplit(" ", 1)[1]
+    token = server.api_token("verifier")
     yield server, f"http://127.0.0.1:{http_port}", token
 
 
@@ -395,7 +393,7 @@ def test_rcpt_time_domain_check(checking_server: tuple[Server, str, str], world:
 
 def test_the_verify_api_route(checking_server: tuple[Server, str, str], world: World) -> None:
     _, base, token = checking_server
-    status, body = call(
+    status, body = api_call(
         "POST",
         f"{base}/api/v1/verify",
         token,
@@ -406,7 +404,7 @@ def test_the_verify_api_route(checking_server: tuple[Server, str, str], world: W
     assert results["alice@good.test"]["result"] == "deliverable"
     assert results["bob@good.test"]["smtp"] == {"code": 550, "text": "5.1.1 No such user"}
     assert results["x@nullmx.test"]["reasons"] == ["null_mx"]
-    status, body = call("POST", f"{base}/api/v1/verify", token, {"addresses": ["a@b.test"] * 6})
+    status, body = api_call("POST", f"{base}/api/v1/verify", token, {"addresses": ["a@b.test"] * 6})
     assert status == 400 and "at most 5 addresses" in body["error"]
     bad_bodies: list[dict[str, Any]] = [
         {"addresses": []},
@@ -415,9 +413,10 @@ def test_the_verify_api_route(checking_server: tuple[Server, str, str], world: W
         {"addresses": ["a@b.test"], "smtp": "yes"},
     ]
     for bad in bad_bodies:
-        assert call("POST", f"{base}/api/v1/verify", token, bad)[0] == 400
+        assert api_call("POST", f"{base}/api/v1/verify", token, bad)[0] == 400
     assert (
-        call("POST", f"{base}/api/v1/verify", "wrong-token", {"addresses": ["a@b.test"]})[0] == 401
+        api_call("POST", f"{base}/api/v1/verify", "wrong-token", {"addresses": ["a@b.test"]})[0]
+        == 401
     )
     assert_no_data(world)
 
@@ -457,7 +456,7 @@ def test_parallel_api_requests_share_one_dns_look_up(
     body = {"addresses": [f"user{n}@parallel.test" for n in range(5)]}
     with ThreadPoolExecutor(8) as pool:
         answers = list(
-            pool.map(lambda _: call("POST", f"{base}/api/v1/verify", token, body), range(8))
+            pool.map(lambda _: api_call("POST", f"{base}/api/v1/verify", token, body), range(8))
         )
     assert {status for status, _ in answers} == {200}
     for _, answer in answers:

@@ -14,8 +14,6 @@ import json
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +28,7 @@ from .delivery_helpers import DeliveryServer, delivery_toml, new_server, submit
 from .helpers import (
     ALICE,
     ServerPool,
+    api_call,
     clean_env,
     free_ports,
     make_message,
@@ -138,8 +137,7 @@ def setup(servers: ServerPool, tmp_path_factory: pytest.TempPathFactory) -> Iter
         users=[ALICE],
         env={"RELAYGATE_WEBHOOK_TIME_SCALE": "600"},
     )
-    out = server.cli("token", "add", "hooks").stdout
-    token = out.splitlines()[0].rsplit(" ", 1)[1]
+    token = server.api_token("hooks")
     yield Setup(server, receiver, sink, f"http://127.0.0.1:{port}", token)
     receiver.release.set()
     http_server.shutdown()
@@ -155,17 +153,7 @@ def hooks(setup: Setup) -> Setup:
 
 
 def _api(setup: Setup, method: str, path: str, data: Any = None) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        setup.base + path,
-        method=method,
-        data=None if data is None else json.dumps(data).encode(),
-        headers={"Authorization": f"Bearer {setup.token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return api_call(method, setup.base + path, setup.token, data)
 
 
 def test_accepted_and_delivered_arrive_signed_with_stable_ids(hooks: Setup) -> None:
@@ -310,7 +298,7 @@ def test_private_targets_are_refused_without_allow_private_targets(
     server.extra_toml = http
     server.write_config()
     server.start()
-    token = server.cli("token", "add", "t").stdout.splitlines()[0].rsplit(" ", 1)[1]
+    token = server.api_token("t")
     setup = Setup(server, Receiver(), None, f"http://127.0.0.1:{port}", token)  # type: ignore[arg-type]
     for url in ("http://127.0.0.1:8080/", "http://10.0.0.1/", "http://[fe80::1]/", "ftp://x/"):
         status, error = _api(setup, "POST", "/api/v1/webhooks", {"url": url})
@@ -333,7 +321,7 @@ def test_limit_and_throttle_events_once_a_minute(
             "auth_throttle": {"ip_per_minute": 2},
         },
     )
-    token = server.cli("token", "add", "t").stdout.splitlines()[0].rsplit(" ", 1)[1]
+    token = server.api_token("t")
     receiver = Receiver()
     http_server, url = receiver.start()
     try:
