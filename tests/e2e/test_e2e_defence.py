@@ -65,10 +65,11 @@ class Hooks:
         return server, f"http://127.0.0.1:{server.server_address[1]}/hook"
 
     def held(self, account: str) -> list[dict[str, Any]]:
+        return self.about("account.held", account)
+
+    def about(self, event_type: str, account: str) -> list[dict[str, Any]]:
         return [
-            e
-            for e in self.events
-            if e["type"] == "account.held" and e["data"]["account"] == account
+            e for e in self.events if e["type"] == event_type and e["data"]["account"] == account
         ]
 
 
@@ -95,7 +96,8 @@ def setup(servers: ServerPool, tmp_path_factory: pytest.TempPathFactory) -> Iter
     )
     toml += (
         f'\n[http]\naddress = "127.0.0.1:{port}"\nallow_private_targets = true\n'
-        f'\n[[webhooks]]\nurl = "{url}"\nsecret_file = "{secret}"\nevents = ["account.held"]\n'
+        f'\n[[webhooks]]\nurl = "{url}"\nsecret_file = "{secret}"\n'
+        'events = ["account.held", "account.released", "account.purged"]\n'
     )
     server = new_server(
         servers,
@@ -256,6 +258,14 @@ def test_a_burst_from_a_new_network_is_held_and_release_delivers_it_once(setup: 
     assert {_settled(setup, user, more)[i] for i in more} == {"delivered"}
     again = setup.server.cli("held", "release", user.address, check=False)
     assert again.returncode == 1 and "no such held account" in again.stderr
+    # The CLI's release reached the config's webhook, once (the refused second did not).
+    wait_until(
+        lambda: bool(setup.hooks.about("account.released", user.address)), 30, what="the webhook"
+    )
+    time.sleep(1)
+    [event] = setup.hooks.about("account.released", user.address)
+    assert event["data"]["messages"] == len(held)
+    assert event["data"]["expected_until"].endswith("Z")
 
 
 def test_volume_over_the_floor_is_held_and_purge_delivers_none(setup: Setup) -> None:
@@ -275,6 +285,12 @@ def test_volume_over_the_floor_is_held_and_purge_delivers_none(setup: Setup) -> 
     status, body = _api(setup, "GET", "/api/v1/held")
     assert status == 200 and user.address not in {h["account"] for h in body["held"]}
     assert _api(setup, "POST", f"/api/v1/held/{user.address}/purge")[0] == 404
+    wait_until(
+        lambda: bool(setup.hooks.about("account.purged", user.address)), 30, what="the webhook"
+    )
+    [event] = setup.hooks.about("account.purged", user.address)
+    assert event["data"] == {"account": user.address, "messages": len(held)}
+    assert not setup.hooks.about("account.released", user.address)
     assert _api(setup, "POST", "/api/v1/held/a%0d%0ab/release")[0] == 400
 
 

@@ -525,6 +525,7 @@ def admin_services(
     webhooks: Sequence[WebhookConfig] = (),
     allow_private_targets: bool = False,
 ) -> AdminServices:
+    webhooks_admin = WebhooksAdmin(store.webhooks, webhooks, allow_private_targets)
     return AdminServices(
         MessagesAdmin(store.messages),
         AccountsAdmin(store.accounts, hashing),
@@ -534,8 +535,8 @@ def admin_services(
         TokensAdmin(store.tokens, store.secrets),
         StatsAdmin(store.stats),
         NodesAdmin(getattr(store, "nodes", None)),
-        WebhooksAdmin(store.webhooks, webhooks, allow_private_targets),
-        HeldAdmin(store.defence, store.accounts),
+        webhooks_admin,
+        HeldAdmin(store.defence, store.accounts, webhooks_admin.announce),
     )
 
 
@@ -546,7 +547,8 @@ def run_admin(config: Config, work: Callable[[AdminServices], Awaitable[T]]) -> 
     async def run() -> T:
         store = await open_admin_storage(config)
         try:
-            return await work(admin_services(store, config.password_hash))
+            # The config's [[webhooks]] too: `held release` announces account.released.
+            return await work(admin_services(store, config.password_hash, config.webhooks))
         finally:
             await store.close()
 

@@ -7,13 +7,19 @@ account", "no such held account") or AccountError (an address worded wrong).
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from relaygate import logs
 from relaygate.accounts.store import normalize_address
 from relaygate.storage.api import Accounts, Defence, HeldAccount
 from relaygate.times import rfc3339
+from relaygate.webhooks.events import ACCOUNT_PURGED, ACCOUNT_RELEASED
+
+# Queues a webhook event: (type, key, data); services/webhooks.WebhooksAdmin.announce.
+Announce = Callable[[str, str, dict[str, object]], Awaitable[None]]
 
 
 class NotHeld(LookupError):
@@ -31,9 +37,12 @@ class Expected:
 
 
 class HeldAdmin:
-    def __init__(self, store: Defence, accounts: Accounts) -> None:
+    def __init__(
+        self, store: Defence, accounts: Accounts, announce: Announce | None = None
+    ) -> None:
         self._store = store
         self._accounts = accounts
+        self._announce = announce
 
     async def accounts(self) -> list[HeldAccount]:
         """Accounts held, or with held mail, oldest hold first."""
@@ -48,6 +57,15 @@ class HeldAdmin:
         if released is None:
             raise NotHeld(f"no such held account: {key}")
         logs.event("account.released", account=key, messages=len(released))
+        await self._tell(
+            ACCOUNT_RELEASED,
+            key,
+            {
+                "account": key,
+                "messages": len(released),
+                "expected_until": rfc3339(now + expect_seconds),
+            },
+        )
         return released
 
     async def purge(self, account: str) -> list[str]:
@@ -57,6 +75,7 @@ class HeldAdmin:
         if purged is None:
             raise NotHeld(f"no such held account: {key}")
         logs.event("account.purged", account=key, messages=len(purged))
+        await self._tell(ACCOUNT_PURGED, key, {"account": key, "messages": len(purged)})
         return purged
 
     async def expect(self, account: str, seconds: float, messages: int | None) -> Expected:
@@ -71,6 +90,16 @@ class HeldAdmin:
         await self._store.expect(key, until, count)
         logs.event("account.expected", account=key, messages=count, until=rfc3339(until))
         return Expected(key, until, count)
+
+    async def _tell(self, event_type: str, key: str, data: dict[str, object]) -> None:
+        # The release or purge is done and stays done: a webhook that cannot be
+        # queued is logged, not raised to the admin as if the action failed.
+        if self._announce is None:
+            return
+        try:
+            await self._announce(event_type, key, data)
+        except Exception as exc:
+            logs.event("webhook.error", logging.ERROR, reason=f"{event_type} not queued: {exc}")
 
 
 def held_json(item: HeldAccount) -> dict[str, object]:

@@ -115,6 +115,15 @@ class WebhooksAdmin:
         await self._store.enqueue(endpoint_id, event, time.time())
         return event.id
 
+    async def announce(self, event_type: str, key: str, data: dict[str, object]) -> None:
+        """Queue an event an admin's action raised for every webhook that wants it
+        (config-defined and API-made); the sender delivers it like any other."""
+        now = time.time()
+        event = ev.admin_event(event_type, key, data, now)
+        for endpoint in await self.list():
+            if endpoint.wants(event_type):
+                await self._store.enqueue(endpoint.id, event, now)
+
     async def attempts(self, endpoint_id: str, limit: int = 50) -> builtins.list[WebhookAttempt]:
         await self.get(endpoint_id)
         return await self._store.attempts(endpoint_id, min(limit, MAX_ATTEMPTS_SHOWN))

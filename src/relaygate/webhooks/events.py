@@ -9,6 +9,7 @@ with ids derived from those rows, so a re-read yields the same ``webhook-id``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterable, Sequence
@@ -22,6 +23,8 @@ MESSAGE_DEFERRED = "message.deferred"
 MESSAGE_BOUNCED = "message.bounced"
 ACCOUNT_LIMIT_REACHED = "account.limit_reached"
 ACCOUNT_HELD = "account.held"
+ACCOUNT_RELEASED = "account.released"
+ACCOUNT_PURGED = "account.purged"
 AUTH_THROTTLED = "auth.throttled"
 TEST = "webhook.test"
 
@@ -32,6 +35,8 @@ EVENTS = (
     MESSAGE_BOUNCED,
     ACCOUNT_LIMIT_REACHED,
     ACCOUNT_HELD,
+    ACCOUNT_RELEASED,
+    ACCOUNT_PURGED,
     AUTH_THROTTLED,
 )
 _OUTCOME_EVENT = {
@@ -168,6 +173,16 @@ def group_attempts(
 def fan_out(endpoints: Sequence[Endpoint], events: Iterable[Event]) -> list[tuple[str, Event]]:
     """(endpoint id, event) for each subscription that wants each event."""
     return [(e.id, event) for event in events for e in endpoints if e.wants(event.type)]
+
+
+def admin_event(event_type: str, key: str, data: dict[str, object], now: float) -> Event:
+    """An event a person's action raised (a release, a purge): each action its own id."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Event(
+        f"evt_{event_type.replace('.', '_')}_{digest}_{int(now * 1000)}",
+        event_type,
+        body(event_type, now, data),
+    )
 
 
 def ping_event(endpoint_id: str, now: float | None = None) -> Event:
