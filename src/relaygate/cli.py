@@ -1465,7 +1465,7 @@ def _queue_list(args: argparse.Namespace, config: Config) -> int:
                 ", ".join(r.recipients),
                 r.status if r.node is None else f"{r.status} ({r.node})",
                 str(r.attempts),
-                _local_time(r.next_attempt),
+                "on release" if r.status == "held" else _local_time(r.next_attempt),
                 _shorten(r.last_reply or "", 60),
             )
             for r in rows
@@ -1497,6 +1497,9 @@ def _queue_show(args: argparse.Namespace, config: Config) -> int:
     print(f"id: {args.message_id}")
     print(f"status: {view.record.status}")
     for row in pending:
+        if row.status == "held":
+            print(f"waiting: {row.domain} (held by the defence: relaygate held list)")
+            continue
         held = f", held by {row.node}" if row.node else ""
         print(
             f"waiting: {row.domain} ({row.status}{held}, {row.attempts} tries, next"

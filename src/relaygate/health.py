@@ -117,14 +117,16 @@ async def check_storage(
         return [Check("storage", "fail", f"{backend}: no answer within {CONNECT_TIMEOUT * 2:g} s")]
     except Exception as exc:  # any storage error is the answer here
         return [Check("storage", "fail", f"{backend}: {' '.join(str(exc).split())[:200]}")]
-    waiting = sum(summary.counts.values())
+    held = summary.counts.get("held", 0)
+    waiting = sum(summary.counts.values()) - held
+    also_held = f", {held} held (relaygate held list)" if held else ""
     checks = [Check("storage", "ok", f"{backend} answers")]
     if summary.oldest is None:
-        checks.append(Check("queue", "ok", "empty"))
+        checks.append(Check("queue", "ok", "empty" + also_held))
         return checks
     age = max(0.0, time.time() - summary.oldest)
     stuck = config.delivery.delay_warning_after or STUCK_AFTER
-    detail = f"{waiting} waiting, oldest {_duration(age)} old"
+    detail = f"{waiting} waiting, oldest {_duration(age)} old{also_held}"
     checks.append(Check("queue", "warn" if age > stuck else "ok", detail))
     return checks
 

@@ -106,7 +106,8 @@ def queue_entry_json(entry: QueueEntry) -> dict[str, Any]:
         "recipients": list(entry.recipients),
         "status": entry.status,
         "attempts": entry.attempts,
-        "next_attempt": rfc3339(entry.next_attempt),
+        # Held: no try is planned; `held release` queues it due at once.
+        "next_attempt": None if entry.status == "held" else rfc3339(entry.next_attempt),
         "created_at": rfc3339(entry.created_at),
         "last_reply": entry.last_reply,
         "mail_from": entry.mail_from,

@@ -276,6 +276,13 @@ def test_volume_over_the_floor_is_held_and_purge_delivers_none(setup: Setup) -> 
     sent = len(_delivered(setup, user))
     assert sent <= FLOOR and len(held) == 20 - sent  # queued ones were held with the rest
     assert _held_list(setup)[user.address]["reason"] == "volume"
+    # The queue shows the held mail as held, with no try planned; retry says why not.
+    status, body = _api(setup, "GET", "/api/v1/queue")
+    waiting = {e["id"]: e for e in body["queue"] if e["id"] in held}
+    assert status == 200 and sorted(waiting) == sorted(held)
+    assert {(e["status"], e["next_attempt"]) for e in waiting.values()} == {("held", None)}
+    retry = setup.server.cli("queue", "retry", held[0], check=False)
+    assert retry.returncode == 1 and "is held: relaygate held release" in retry.stderr
     status, body = _api(setup, "POST", f"/api/v1/held/{user.address}/purge")
     assert status == 200 and sorted(body["purged"]) == sorted(held)
     time.sleep(2)
@@ -367,6 +374,11 @@ def test_the_ui_lists_held_accounts_and_releases_with_its_csrf_token(setup: Setu
     opener.open(setup.base + "/login", login.encode(), timeout=20).read()
     page = opener.open(setup.base + "/held", timeout=20).read().decode()
     assert user.address in page and "volume" in page
+    # The dashboard counts held mail apart from the waiting queue, with a link here
+    # (other tests' accounts may hold mail too).
+    dashboard = opener.open(setup.base + "/", timeout=20).read().decode()
+    linked = re.search(r'href="/ui/held" data-testid="queue-held">(\d+) held<', dashboard)
+    assert linked is not None and int(linked.group(1)) >= len(held), dashboard
     query = urllib.parse.urlencode({"q": user.address, "status": "held"})
     listed = opener.open(f"{setup.base}/messages?{query}", timeout=20).read().decode()
     assert all(i in listed for i in held)

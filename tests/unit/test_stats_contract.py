@@ -110,7 +110,7 @@ def test_queue_summary_counts_rows_by_state_and_the_oldest(backend: Backend) -> 
     async def go() -> None:
         async with _stores(backend) as (_, queue):
             empty = await queue.summary()
-            assert empty.counts == {"queued": 0, "deferred": 0, "sending": 0}
+            assert empty.counts == {"queued": 0, "deferred": 0, "sending": 0, "held": 0}
             assert empty.oldest is None
         old = time.time() - 50
         messages = [_message(["r@example.net", "s@example.org"], now=old + i) for i in range(3)]
@@ -118,7 +118,7 @@ def test_queue_summary_counts_rows_by_state_and_the_oldest(backend: Backend) -> 
             await asyncio.gather(*(opened.acceptance.store(m) for m in messages))
         async with _stores(backend) as (_, queue):
             summary = await queue.summary()
-            assert summary.counts == {"queued": 6, "deferred": 0, "sending": 0}
+            assert summary.counts == {"queued": 6, "deferred": 0, "sending": 0, "held": 0}
             assert summary.oldest == pytest.approx(old, abs=1)
             now = time.time()
             claimed = await queue.claim(now, 3)
@@ -128,6 +128,18 @@ def test_queue_summary_counts_rows_by_state_and_the_oldest(backend: Backend) -> 
             done = Outcome(delivered=claimed[1].recipients, reply="250 ok")
             await queue.finish(claimed[1], done, now, now, None)
             summary = await queue.summary()
-            assert summary.counts == {"queued": 3, "deferred": 1, "sending": 1}
+            assert summary.counts == {"queued": 3, "deferred": 1, "sending": 1, "held": 0}
+        # Held by the defence: counted apart, and older than the rest without
+        # being "the oldest waiting" (it waits on a person, not on delivery).
+        held = _message(["r@example.net"], now=old - 3600)
+        held.status = "held"
+        async with backend.open() as opened:  # type: ignore[attr-defined]
+            await opened.acceptance.store(held)
+        async with _stores(backend) as (_, queue):
+            summary = await queue.summary()
+            assert summary.counts == {"queued": 3, "deferred": 1, "sending": 1, "held": 1}
+            assert summary.oldest == pytest.approx(old, abs=1)
+            entries = {e.id: e.status for e in await queue.entries()}
+            assert entries[held.id] == "held" and len(entries) == 4
 
     asyncio.run(go())

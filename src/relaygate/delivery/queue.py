@@ -371,7 +371,7 @@ def queue_rows(db: sqlite3.Connection) -> list[dict[str, object]]:
     rows = db.execute(
         "SELECT d.message_id, d.domain, d.recipients, d.status, d.attempts, d.next_attempt,"
         " d.created_at, d.last_reply, m.mail_from FROM deliveries AS d JOIN messages AS m"
-        " ON m.id = d.message_id WHERE d.status IN ('queued', 'sending')"
+        " ON m.id = d.message_id WHERE d.status IN ('queued', 'sending', 'held')"
         " ORDER BY d.created_at, d.message_id"
     ).fetchall()
     return [

@@ -416,6 +416,8 @@ class QueueAdmin:
             message_id = normalize_message_id(message_id)
         count = await self._queue.retry_now(message_id, time.time())
         if count == 0 and message_id is not None:
+            if any(e.status == "held" for e in await self.pending(message_id)):
+                raise NotFound(f"{message_id} is held: relaygate held release ACCOUNT sends it")
             raise NotFound(f"nothing queued for {message_id}")
         return count
 

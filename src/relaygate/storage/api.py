@@ -431,7 +431,7 @@ class QueueEntry:
     id: str  # the message's queue id
     domain: str
     recipients: tuple[str, ...]
-    status: str  # queued | sending
+    status: str  # queued | sending | held (the defence: waits for `held release`)
     attempts: int
     next_attempt: float
     created_at: float
@@ -442,7 +442,8 @@ class QueueEntry:
 
 @dataclass(frozen=True, slots=True)
 class QueueSummary:
-    # queued: never tried; deferred: tried, waiting for a retry; sending: being tried
+    # queued: never tried; deferred: tried, waiting for a retry; sending: being tried;
+    # held: the compromised-account defence holds it (not in ``oldest``)
     counts: dict[str, int]
     oldest: float | None  # created_at of the oldest row still to deliver
 

@@ -52,7 +52,7 @@ async def _dashboard(request: Request, ctx: HttpContext, who: Viewer) -> Respons
     charts: list[tuple[str, int, Markup]] = []
     reasons: list[tuple[str, int]] = []
     statuses: list[tuple[str, int]] = []
-    queued = 0
+    queued = held = 0
     oldest = None
     if who.admin:  # the stats are the whole server's: for admins only
         report = await ctx.admin.stats.hourly(RANGES[span])
@@ -63,7 +63,8 @@ async def _dashboard(request: Request, ctx: HttpContext, who: Viewer) -> Respons
         reasons = totals.most_common()
         accepted_today = sum(h.accepted for h in report[-24:])
         summary = await ctx.admin.queue.summary()
-        queued = sum(summary.counts.values())
+        held = summary.counts.get("held", 0)
+        queued = sum(summary.counts.values()) - held
         oldest = summary.oldest
     else:
         today, _ = await ctx.admin.messages.search(
@@ -84,6 +85,7 @@ async def _dashboard(request: Request, ctx: HttpContext, who: Viewer) -> Respons
         accepted_today=accepted_today,
         recent=latest,
         queued=queued,
+        held=held,
         oldest=oldest,
         now=now,
     )

@@ -272,7 +272,8 @@ class PostgresDeliveryQueue:
                 "SELECT d.message_id, d.domain, d.recipients, d.status, d.attempts,"
                 " d.next_attempt, d.created_at, d.last_reply, m.mail_from, d.lease_node"
                 " FROM deliveries AS d JOIN messages AS m ON m.id = d.message_id"
-                " WHERE d.status IN ('queued', 'sending') ORDER BY d.created_at, d.message_id"
+                " WHERE d.status IN ('queued', 'sending', 'held')"
+                " ORDER BY d.created_at, d.message_id"
             )
             rows = await cursor.fetchall()
         return [
