@@ -231,6 +231,19 @@ def _normalize_network(text: str) -> str:
     return str(network)
 
 
+def new_credential_input(
+    name: str, expires_at: float | None, networks: Sequence[str] | None, now: float
+) -> tuple[str, list[str] | None]:
+    """A new credential's name and networks, normalised, once its expiry is checked
+    (every backend's ``add``); CredentialError says what is wrong."""
+    if expires_at is not None:
+        if not math.isfinite(expires_at):
+            raise CredentialError("the expiry time must be a finite unix time")
+        if expires_at <= now:
+            raise CredentialError("the expiry time is in the past")
+    return normalize_name(name), None if networks is None else normalize_networks(networks)
+
+
 def normalize_networks(networks: Sequence[str]) -> list[str]:
     if isinstance(networks, str):
         raise TypeError("networks must be a sequence of CIDRs, not one string")
@@ -386,14 +399,7 @@ class CredentialStore:
         networks: Sequence[str] | None,
     ) -> tuple[Credential, str]:
         """Create a credential; returns it and its secret, which is never shown again."""
-        name = normalize_name(name)
-        now = time.time()
-        if expires_at is not None:
-            if not math.isfinite(expires_at):
-                raise CredentialError("the expiry time must be a finite unix time")
-            if expires_at <= now:
-                raise CredentialError("the expiry time is in the past")
-        network_list = None if networks is None else normalize_networks(networks)
+        name, network_list = new_credential_input(name, expires_at, networks, now := time.time())
         secret = new_secret()
         with self._transaction():
             account = self._account(address)

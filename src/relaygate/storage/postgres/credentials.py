@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -28,9 +27,8 @@ from relaygate.accounts.credentials import (
     encode_limits,
     looks_like_credential,
     merge_limits,
+    new_credential_input,
     new_secret,
-    normalize_name,
-    normalize_networks,
 )
 from relaygate.accounts.store import Account, AccountError, normalize_address
 from relaygate.storage.postgres.accounts import Announce, get_account
@@ -68,14 +66,7 @@ class PostgresCredentials:
         senders: Sequence[str] | None,
         networks: Sequence[str] | None,
     ) -> tuple[Credential, str]:
-        name = normalize_name(name)
-        now = time.time()
-        if expires_at is not None:
-            if not math.isfinite(expires_at):
-                raise CredentialError("the expiry time must be a finite unix time")
-            if expires_at <= now:
-                raise CredentialError("the expiry time is in the past")
-        network_list = None if networks is None else normalize_networks(networks)
+        name, network_list = new_credential_input(name, expires_at, networks, now := time.time())
         secret = new_secret()
         async with self._pool.connection() as connection, connection.transaction():
             account = await _account(connection, address)
