@@ -38,6 +38,7 @@ class Activity:
     new_recipients: int  # of those, addresses the account never sent to before
     baseline: int  # messages in its busiest hour of the last 14 days (this hour left out)
     new_network_at: float | None  # first login from a never-used network, in the last hour
+    new_network: str | None = None  # ... that network (a /24 or /48), for the admin
     expected_until: float | None = None  # an admin said a burst is expected until then
     expected_messages: int = 0  # ... of about this many messages an hour
     held: bool = False
@@ -90,10 +91,11 @@ def decide(config: DefenceConfig, activity: Activity, now: float) -> Trigger | N
         # defence_seen) does not excuse the burst that follows the login.
         limit = max(config.new_network_burst, activity.baseline)
         if activity.messages > limit:
+            where = f" {activity.new_network}" if activity.new_network else ""
             return Trigger(
                 NEW_NETWORK,
                 f"{activity.messages} messages this hour since a login from a new network"
-                f" > {limit}",
+                f"{where} > {limit}",
                 counts,
             )
     if (

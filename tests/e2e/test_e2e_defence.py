@@ -230,6 +230,7 @@ def test_a_burst_from_a_new_network_is_held_and_release_delivers_it_once(setup: 
     wait_until(lambda: bool(setup.hooks.held(user.address)), 30, what="account.held webhook")
     [event] = setup.hooks.held(user.address)
     assert event["data"]["reason"] == "new_network"
+    assert "from a new network 127.77.0.0/24 >" in event["data"]["detail"]  # which one
     assert event["data"]["counts"]["messages"] == BURST + 1
     [line] = [e for e in setup.server.log_events("account.held") if e["account"] == user.address]
     assert line["reason"] == "new_network"

@@ -162,7 +162,9 @@ def test_activity_baseline_and_new_networks(backend: Backend) -> None:
             assert (await defence.activity(KEY, now)).new_network_at is None  # the first one
             await defence.seen(KEY, "192.0.2.0/24", "laptop", now + 1)
             await defence.seen(KEY, "198.51.100.0/24", "bot\r\nx", now + 2)
-            assert (await defence.activity(KEY, now + 3)).new_network_at == now + 2
+            await defence.seen(KEY, "192.0.2.0/24", "laptop", now + 2.5)  # known: not new
+            roaming = await defence.activity(KEY, now + 3)
+            assert (roaming.new_network_at, roaming.new_network) == (now + 2, "198.51.100.0/24")
             assert (await defence.activity(KEY, now + 3700)).new_network_at is None
             # An hour later this hour is part of the baseline.
             assert (await defence.activity(KEY, now + 3600)).baseline == 4

@@ -41,10 +41,13 @@ def test_volume_is_k_times_the_baseline_above_the_floor() -> None:
 
 
 def test_a_burst_after_a_login_from_a_new_network() -> None:
-    roaming = replace(QUIET, new_network_at=NOW - 600)
+    roaming = replace(QUIET, new_network_at=NOW - 600, new_network="203.0.113.0/24")
     assert decide(RULES, replace(roaming, messages=50), NOW) is None
     trigger = decide(RULES, replace(roaming, messages=51), NOW)
     assert trigger is not None and trigger.reason == "new_network"
+    assert trigger.detail == (
+        "51 messages this hour since a login from a new network 203.0.113.0/24 > 50"
+    )
     # An hour after that login the network is no longer new.
     assert decide(RULES, replace(roaming, messages=51, new_network_at=NOW - 3601), NOW) is None
     # A busy account's own baseline is its burst allowance.

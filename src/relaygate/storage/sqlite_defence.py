@@ -40,11 +40,11 @@ def activity(db: sqlite3.Connection, account: str, now: float) -> Activity:
         " WHERE scope = ? AND window >= ? AND window < ?",
         (scope, first, hour),
     ).fetchone()
-    (novel,) = db.execute(
-        "SELECT max(first_seen) FROM defence_seen WHERE account = ? AND kind = 'network'"
+    novel, network = db.execute(
+        "SELECT max(first_seen), value FROM defence_seen WHERE account = ? AND kind = 'network'"
         " AND novel = 1 AND first_seen > ?",
         (account, now - HOUR),
-    ).fetchone()
+    ).fetchone()  # SQLite: value comes from the row holding the max
     state = db.execute(
         "SELECT held_at, expected_until, expected_messages FROM defence_accounts WHERE account = ?",
         (account,),
@@ -56,6 +56,7 @@ def activity(db: sqlite3.Connection, account: str, now: float) -> Activity:
         new_recipients=int(new),
         baseline=int(peak),
         new_network_at=None if novel is None else float(novel),
+        new_network=None if novel is None else str(network),
         expected_until=None if state is None or state[1] is None else float(state[1]),
         expected_messages=0 if state is None else int(state[2]),
         held=state is not None and state[0] is not None,

@@ -26,6 +26,9 @@ SELECT
         WHERE scope = %(scope)s AND "window" >= %(first)s AND "window" < %(hour)s),
     (SELECT max(first_seen) FROM defence_seen WHERE account = %(account)s
         AND kind = 'network' AND novel AND first_seen > %(recent)s),
+    (SELECT value FROM defence_seen WHERE account = %(account)s
+        AND kind = 'network' AND novel AND first_seen > %(recent)s
+        ORDER BY first_seen DESC LIMIT 1),
     (SELECT array[held_at, expected_until, expected_messages] FROM defence_accounts
         WHERE account = %(account)s)
 """
@@ -49,7 +52,7 @@ class PostgresDefence:
                 },
             )
             row: Any = await cursor.fetchone()
-        counts, peak, novel, state = row
+        counts, peak, novel, network, state = row
         messages, recipients, new = counts if counts is not None else (0, 0, 0)
         return Activity(
             messages=int(messages),
@@ -57,6 +60,7 @@ class PostgresDefence:
             new_recipients=int(new),
             baseline=int(peak),
             new_network_at=None if novel is None else float(novel),
+            new_network=None if network is None else str(network),
             expected_until=None if state is None or state[1] is None else float(state[1]),
             expected_messages=0 if state is None else int(state[2]),
             held=state is not None and state[0] is not None,
