@@ -378,8 +378,12 @@ def test_the_ui_lists_held_accounts_and_releases_with_its_csrf_token(setup: Setu
     # The dashboard counts held mail apart from the waiting queue, with a link here
     # (other tests' accounts may hold mail too).
     dashboard = opener.open(setup.base + "/", timeout=20).read().decode()
-    linked = re.search(r'href="/ui/held" data-testid="queue-held">(\d+) held<', dashboard)
+    linked = re.search(r'href="/held" data-testid="queue-held">(\d+) held<', dashboard)
     assert linked is not None and int(linked.group(1)) >= len(held), dashboard
+    queue = opener.open(setup.base + "/queue", timeout=20).read().decode()
+    row = re.search(rf'<tr data-id="{held[0]}">(.*?)</tr>', queue, re.S)
+    assert row is not None and "on release" in row.group(1)
+    assert 'value="retry"' not in row.group(1) and 'value="delete"' in row.group(1)
     query = urllib.parse.urlencode({"q": user.address, "status": "held"})
     listed = opener.open(f"{setup.base}/messages?{query}", timeout=20).read().decode()
     assert all(i in listed for i in held)
