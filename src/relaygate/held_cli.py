@@ -11,10 +11,11 @@ import json
 import sys
 import time
 
+from relaygate.accounts.store import AccountError
 from relaygate.config import Config
 from relaygate.durations import parse_duration
 from relaygate.services.admin import run_admin
-from relaygate.services.held import NotHeld, held_json
+from relaygate.services.held import NotHeld, held_json, is_new, watch_json
 from relaygate.times import rfc3339
 
 PROG = "relaygate"
@@ -35,6 +36,14 @@ def add_held_commands(
     listing = actions.add_parser("list", parents=[common], help="held accounts and why")
     listing.set_defaults(only_reads=True, handler=held_list)
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    show = actions.add_parser(
+        "show",
+        parents=[common],
+        help="an account's hold and the networks and client names it logged in with",
+    )
+    show.add_argument("account", metavar="ACCOUNT")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(only_reads=True, handler=held_show)
     release = actions.add_parser(
         "release",
         parents=[common],
@@ -104,6 +113,30 @@ def held_list(args: argparse.Namespace, config: Config) -> int:
     widths = [max(len(x[i]) for x in (header, *lines)) for i in range(len(header))]
     for line in (header, *lines):
         print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+def held_show(args: argparse.Namespace, config: Config) -> int:
+    try:
+        watch = _run(config, lambda admin: admin.held.show(args.account))
+    except (NotHeld, AccountError) as exc:
+        return _fail(str(exc), 1)
+    now = time.time()
+    if args.json:
+        print(json.dumps(watch_json(watch, now), indent=2))
+        return 0
+    print(f"account: {watch.account}")
+    h = watch.held
+    if h is None:
+        print("held: no")
+    else:
+        since = "(held mail without a hold)" if h.since is None else f"since {rfc3339(h.since)}"
+        print(f"held: {since}, {h.reason or '-'}, {h.messages} message(s): {h.detail or '-'}")
+    for title, rows in (("networks", watch.networks), ("clients (EHLO)", watch.clients)):
+        print(f"{title}, most recent first:" if rows else f"{title}: none seen")
+        for s in rows:
+            mark = "  new" if s.kind == "network" and is_new(s, now) else ""
+            print(f"  {s.value}  first {rfc3339(s.first_seen)}  last {rfc3339(s.last_seen)}{mark}")
     return 0
 
 

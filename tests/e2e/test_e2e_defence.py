@@ -231,6 +231,17 @@ def test_a_burst_from_a_new_network_is_held_and_release_delivers_it_once(setup: 
     [event] = setup.hooks.held(user.address)
     assert event["data"]["reason"] == "new_network"
     assert "from a new network 127.77.0.0/24 >" in event["data"]["detail"]  # which one
+    # `held show` (and the API) lists where and with what the account logged in.
+    shown = json.loads(setup.server.cli("held", "show", user.address, "--json").stdout)
+    assert shown["held"]["reason"] == "new_network" and shown["account"] == user.address
+    networks = {n["network"]: n["new"] for n in shown["networks"]}
+    assert networks == {"127.77.0.0/24": True, "127.0.0.0/24": False}, shown
+    assert shown["networks"][0]["network"] == "127.77.0.0/24"  # most recent first
+    assert shown["clients"] and all(c["client"] for c in shown["clients"])
+    status, body = _api(setup, "GET", f"/api/v1/held/{user.address}")
+    assert status == 200 and body["networks"] == shown["networks"]
+    text = setup.server.cli("held", "show", user.address).stdout
+    assert "127.77.0.0/24  first " in text and text.count("  new") == 1, text
     assert event["data"]["counts"]["messages"] == BURST + 1
     [line] = [e for e in setup.server.log_events("account.held") if e["account"] == user.address]
     assert line["reason"] == "new_network"
@@ -375,6 +386,8 @@ def test_the_ui_lists_held_accounts_and_releases_with_its_csrf_token(setup: Setu
     opener.open(setup.base + "/login", login.encode(), timeout=20).read()
     page = opener.open(setup.base + "/held", timeout=20).read().decode()
     assert user.address in page and "volume" in page
+    row = re.search(rf'<tr data-account="{re.escape(user.address)}">(.*?)</tr>', page, re.S)
+    assert row is not None and "127.0.0.0/24" in row.group(1) and "EHLO:" in row.group(1)
     # The dashboard counts held mail apart from the waiting queue, with a link here
     # (other tests' accounts may hold mail too).
     dashboard = opener.open(setup.base + "/", timeout=20).read().decode()
@@ -402,6 +415,13 @@ def test_the_ui_lists_held_accounts_and_releases_with_its_csrf_token(setup: Setu
 
 
 def test_held_commands_report_bad_input_in_one_line(setup: Setup) -> None:
+    unknown = setup.server.cli("held", "show", "nobody@example.com", check=False)
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip() == "relaygate: no such account: nobody@example.com"
+    assert _api(setup, "GET", "/api/v1/held/nobody@example.com")[0] == 404
+    assert _api(setup, "GET", "/api/v1/held/a%0d%0ab")[0] == 400
+    steady = json.loads(setup.server.cli("held", "show", ADMIN.address, "--json").stdout)
+    assert steady["held"] is None
     bad = setup.server.cli("held", "release", "not an address", check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
     unknown = setup.server.cli("held", "expect", "nobody@example.test", check=False)

@@ -165,6 +165,18 @@ def test_activity_baseline_and_new_networks(backend: Backend) -> None:
             await defence.seen(KEY, "192.0.2.0/24", "laptop", now + 2.5)  # known: not new
             roaming = await defence.activity(KEY, now + 3)
             assert (roaming.new_network_at, roaming.new_network) == (now + 2, "198.51.100.0/24")
+            seen = [
+                (s.kind, s.value, s.first_seen, s.last_seen, s.novel)
+                for s in await defence.sightings(KEY, 10)
+            ]
+            assert seen == [
+                ("network", "192.0.2.0/24", now, now + 2.5, False),
+                ("client", "laptop", now, now + 2.5, False),
+                ("network", "198.51.100.0/24", now + 2, now + 2, True),
+                ("client", "bot\r\nx", now + 2, now + 2, False),  # stored as given
+            ]
+            assert len(await defence.sightings(KEY, 1)) == 1
+            assert await defence.sightings("nobody@example.com", 10) == []
             assert (await defence.activity(KEY, now + 3700)).new_network_at is None
             # An hour later this hour is part of the baseline.
             assert (await defence.activity(KEY, now + 3600)).baseline == 4

@@ -10,7 +10,7 @@ from relaygate.accepted import SpooledMessage, new_queue_id
 from relaygate.config import DefenceConfig
 from relaygate.defence import Activity, Trigger
 from relaygate.services.defence import DefenceService, RejectWatch
-from relaygate.storage.api import HeldAccount
+from relaygate.storage.api import HeldAccount, Sighting
 
 CONFIG = DefenceConfig(volume_floor=3, new_network_burst=2, remote_reject_min=2)
 
@@ -35,6 +35,9 @@ class MemoryDefence:
         await asyncio.sleep(0.01)
         self.seen_calls.append((account, network, client))
         self.activity_now = replace(self.activity_now, new_network_at=now)
+
+    async def sightings(self, account: str, limit: int) -> list[Sighting]:
+        return []
 
     async def hold(self, account: str, trigger: Trigger, now: float) -> int | None:
         if any(a == account for a, _ in self.holds):

@@ -7,6 +7,8 @@ admin.change log line.
 
 from __future__ import annotations
 
+import time
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
@@ -14,7 +16,7 @@ from starlette.routing import BaseRoute
 from relaygate.durations import parse_duration
 from relaygate.http.api import ApiError, api_route, audit, json_body
 from relaygate.http.context import Caller, HttpContext
-from relaygate.services.held import NotHeld, held_json
+from relaygate.services.held import NotHeld, held_json, watch_json
 from relaygate.times import rfc3339
 
 MAX_EXPECTED = 10_000_000  # messages an hour: anything more is a typo
@@ -22,6 +24,14 @@ MAX_EXPECTED = 10_000_000  # messages an hour: anything more is a typo
 
 async def _held(request: Request, ctx: HttpContext, caller: Caller) -> Response:
     return JSONResponse({"held": [held_json(h) for h in await ctx.admin.held.accounts()]})
+
+
+async def _show(request: Request, ctx: HttpContext, caller: Caller) -> Response:
+    try:
+        watch = await ctx.admin.held.show(request.path_params["account"])
+    except NotHeld as exc:
+        raise ApiError(404, str(exc)) from None
+    return JSONResponse(watch_json(watch, time.time()))
 
 
 async def _release(request: Request, ctx: HttpContext, caller: Caller) -> Response:
@@ -82,6 +92,7 @@ async def _expect(request: Request, ctx: HttpContext, caller: Caller) -> Respons
 def routes() -> list[BaseRoute]:
     return [
         api_route("/api/v1/held", _held),
+        api_route("/api/v1/held/{account}", _show),
         api_route("/api/v1/held/{account}/release", _release, methods=("POST",), write=True),
         api_route("/api/v1/held/{account}/purge", _purge, methods=("POST",), write=True),
         api_route("/api/v1/held/{account}/expect", _expect, methods=("POST",), write=True),

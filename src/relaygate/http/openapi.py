@@ -204,6 +204,12 @@ OPERATIONS: list[Op] = [
         "held",
     ),
     Op(
+        "get",
+        "/api/v1/held/{account}",
+        "One account's hold (or null) and the networks and client names it logged in with",
+        "held",
+    ),
+    Op(
         "post",
         "/api/v1/held/{account}/release",
         "Deliver the account's held mail (each message once) and lift the hold",

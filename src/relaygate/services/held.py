@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from relaygate import logs
 from relaygate.accounts.store import normalize_address
-from relaygate.storage.api import Accounts, Defence, HeldAccount
+from relaygate.storage.api import Accounts, Defence, HeldAccount, Sighting
 from relaygate.times import rfc3339
 from relaygate.webhooks.events import ACCOUNT_PURGED, ACCOUNT_RELEASED
 
@@ -27,6 +27,8 @@ class NotHeld(LookupError):
 
 
 DEFAULT_EXPECT_MESSAGES = 1000  # `held expect` without --messages: an hour's baseline
+SIGHTINGS_SHOWN = 50  # networks and client names `held show` lists, most recent first
+NEW_FOR = 86400.0  # a network first seen this recently (after others) is marked new
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,16 @@ class Expected:
     account: str
     until: float
     messages: int
+
+
+@dataclass(frozen=True, slots=True)
+class AccountWatch:
+    """What the defence knows of one account, for a person judging a hold."""
+
+    account: str
+    held: HeldAccount | None
+    networks: list[Sighting]  # most recent first
+    clients: list[Sighting]  # EHLO names, most recent first
 
 
 class HeldAdmin:
@@ -47,6 +59,22 @@ class HeldAdmin:
     async def accounts(self) -> list[HeldAccount]:
         """Accounts held, or with held mail, oldest hold first."""
         return await self._store.held()
+
+    async def show(self, account: str) -> AccountWatch:
+        """The account's hold (if any) and the networks and client names it logged
+        in with: where a person looks before releasing or purging."""
+        key = normalize_address(account).lower()
+        held = next((h for h in await self._store.held() if h.account == key), None)
+        seen = await self._store.sightings(key, SIGHTINGS_SHOWN)
+        # A directory (LDAP) account has no local row but is watched all the same.
+        if held is None and not seen and await self._accounts.get(key) is None:
+            raise NotHeld(f"no such account: {key}")
+        return AccountWatch(
+            key,
+            held,
+            [s for s in seen if s.kind == "network"],
+            [s for s in seen if s.kind == "client"],
+        )
 
     async def release(self, account: str, expect_seconds: float) -> list[str]:
         """Deliver the held mail (each message once) and clear the hold; the
@@ -112,3 +140,32 @@ def held_json(item: HeldAccount) -> dict[str, object]:
         "counts": item.counts,
         "held_messages": item.messages,
     }
+
+
+def watch_json(watch: AccountWatch, now: float) -> dict[str, object]:
+    return {
+        "account": watch.account,
+        "held": None if watch.held is None else held_json(watch.held),
+        "networks": [
+            {
+                "network": s.value,
+                "first_seen": rfc3339(s.first_seen),
+                "last_seen": rfc3339(s.last_seen),
+                "new": is_new(s, now),
+            }
+            for s in watch.networks
+        ],
+        "clients": [
+            {
+                "client": s.value,
+                "first_seen": rfc3339(s.first_seen),
+                "last_seen": rfc3339(s.last_seen),
+            }
+            for s in watch.clients
+        ],
+    }
+
+
+def is_new(sighting: Sighting, now: float) -> bool:
+    """A network that appeared in the last day when the account already had others."""
+    return sighting.novel and now - sighting.first_seen < NEW_FOR

@@ -645,6 +645,17 @@ class HeldAccount:
     messages: int  # messages held now
 
 
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """A network (/24, /48) or client name (EHLO) an account logged in with."""
+
+    kind: str  # network | client
+    value: str
+    first_seen: float
+    last_seen: float
+    novel: bool  # a network first seen when the account already had others
+
+
 class Defence(Protocol):
     """Compromised-account defence: baselines, holds, releases (services/defence.py).
 
@@ -661,6 +672,10 @@ class Defence(Protocol):
 
     async def seen(self, account: str, network: str, client: str, now: float) -> None:
         """A login from ``network`` with EHLO ``client``: remembered (first and last seen)."""
+        ...
+
+    async def sightings(self, account: str, limit: int) -> list[Sighting]:
+        """The networks and client names the account was seen with, most recent first."""
         ...
 
     async def hold(self, account: str, trigger: Trigger, now: float) -> int | None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from relaygate.defence import BASELINE_DAYS, HOUR, Activity, Trigger
 from relaygate.quotas import window_keys
-from relaygate.storage.api import HeldAccount
+from relaygate.storage.api import HeldAccount, Sighting
 from relaygate.storage.sqlite import write_transaction
 from relaygate.storage.thread import DatabaseThread
 
@@ -78,6 +78,17 @@ def seen(db: sqlite3.Connection, account: str, network: str, client: str, now: f
             " ON CONFLICT (account, kind, value) DO UPDATE SET last_seen = excluded.last_seen",
             (account, client, now),
         )
+
+
+SIGHTINGS_SQL = (
+    "SELECT kind, value, first_seen, last_seen, novel FROM defence_seen WHERE account = {a}"
+    " ORDER BY last_seen DESC, value LIMIT {n}"
+)
+
+
+def sighting(row: Any) -> Sighting:
+    kind, value, first, last, novel = row
+    return Sighting(str(kind), str(value), float(first), float(last), bool(novel))
 
 
 def hold(db: sqlite3.Connection, account: str, trigger: Trigger, now: float) -> int | None:
@@ -252,6 +263,13 @@ class SQLiteDefence:
 
     async def seen(self, account: str, network: str, client: str, now: float) -> None:
         await self._thread.run(lambda c: seen(self._connection(c), account, network, client, now))
+
+    async def sightings(self, account: str, limit: int) -> list[Sighting]:
+        sql = SIGHTINGS_SQL.format(a="?", n="?")
+        rows = await self._thread.run(
+            lambda c: self._connection(c).execute(sql, (account, limit)).fetchall()
+        )
+        return [sighting(r) for r in rows]
 
     async def hold(self, account: str, trigger: Trigger, now: float) -> int | None:
         return await self._thread.run(lambda c: hold(self._connection(c), account, trigger, now))

@@ -16,18 +16,32 @@ from relaygate.http.context import HttpContext
 from relaygate.http.ui.auth import Viewer, form_text, ui_page
 from relaygate.http.ui.manage import redirect_to
 from relaygate.http.ui.render import page
-from relaygate.services.held import NotHeld
+from relaygate.services.held import NotHeld, is_new
+
+SHOWN_WITH_SIGHTINGS = 100  # held accounts whose networks and clients the page lists
+SIGHTINGS_PER_ROW = 5
 
 
 async def _held(request: Request, ctx: HttpContext, who: Viewer, error: str = "") -> Response:
+    held = await ctx.admin.held.accounts()
+    # Where each held account logged in from, and with what: a person judges by these.
+    seen = {h.account: await ctx.admin.held.show(h.account) for h in held[:SHOWN_WITH_SIGHTINGS]}
+    now = time.time()
     return page(
         "held.html",
         400 if error else 200,
         viewer=who,
-        held=await ctx.admin.held.accounts(),
+        held=held,
+        seen={
+            account: (
+                [(s.value, is_new(s, now)) for s in w.networks[:SIGHTINGS_PER_ROW]],
+                [s.value for s in w.clients[:SIGHTINGS_PER_ROW]],
+            )
+            for account, w in seen.items()
+        },
         error=error,
         done=request.query_params.get("done", ""),
-        now=time.time(),
+        now=now,
     )
 
 

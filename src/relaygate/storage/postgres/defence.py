@@ -15,8 +15,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from relaygate.defence import HOUR, Activity, Trigger
 from relaygate.quotas import window_keys
-from relaygate.storage.api import HeldAccount
-from relaygate.storage.sqlite_defence import baseline_window
+from relaygate.storage.api import HeldAccount, Sighting
+from relaygate.storage.sqlite_defence import SIGHTINGS_SQL, baseline_window, sighting
 
 _ACTIVITY = """
 SELECT
@@ -81,6 +81,13 @@ class PostgresDefence:
                 " ON CONFLICT (account, kind, value) DO UPDATE SET last_seen = excluded.last_seen",
                 {"a": account, "c": client, "now": now},
             )
+
+    async def sightings(self, account: str, limit: int) -> list[Sighting]:
+        async with self._pool.connection() as connection:
+            cursor = await connection.execute(
+                SIGHTINGS_SQL.format(a="%s", n="%s"), (account, limit)
+            )
+            return [sighting(r) for r in await cursor.fetchall()]
 
     async def hold(self, account: str, trigger: Trigger, now: float) -> int | None:
         params = {"account": account, "now": now}
