@@ -65,16 +65,17 @@ class HeldAdmin:
         in with: where a person looks before releasing or purging."""
         key = normalize_address(account).lower()
         held = next((h for h in await self._store.held() if h.account == key), None)
-        seen = await self._store.sightings(key, SIGHTINGS_SHOWN)
+        networks, clients = await self.sightings(key)
         # A directory (LDAP) account has no local row but is watched all the same.
-        if held is None and not seen and await self._accounts.get(key) is None:
+        if held is None and not networks and not clients and not await self._accounts.get(key):
             raise NotHeld(f"no such account: {key}")
-        return AccountWatch(
-            key,
-            held,
-            [s for s in seen if s.kind == "network"],
-            [s for s in seen if s.kind == "client"],
-        )
+        return AccountWatch(key, held, networks, clients)
+
+    async def sightings(self, key: str) -> tuple[list[Sighting], list[Sighting]]:
+        """The networks and the client names ``key`` (as ``held list`` names it) was
+        seen with, most recent first."""
+        seen = await self._store.sightings(key, SIGHTINGS_SHOWN)
+        return [s for s in seen if s.kind == "network"], [s for s in seen if s.kind == "client"]
 
     async def release(self, account: str, expect_seconds: float) -> list[str]:
         """Deliver the held mail (each message once) and clear the hold; the

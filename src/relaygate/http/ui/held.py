@@ -25,7 +25,9 @@ SIGHTINGS_PER_ROW = 5
 async def _held(request: Request, ctx: HttpContext, who: Viewer, error: str = "") -> Response:
     held = await ctx.admin.held.accounts()
     # Where each held account logged in from, and with what: a person judges by these.
-    seen = {h.account: await ctx.admin.held.show(h.account) for h in held[:SHOWN_WITH_SIGHTINGS]}
+    seen = {
+        h.account: await ctx.admin.held.sightings(h.account) for h in held[:SHOWN_WITH_SIGHTINGS]
+    }
     now = time.time()
     return page(
         "held.html",
@@ -34,10 +36,10 @@ async def _held(request: Request, ctx: HttpContext, who: Viewer, error: str = ""
         held=held,
         seen={
             account: (
-                [(s.value, is_new(s, now)) for s in w.networks[:SIGHTINGS_PER_ROW]],
-                [s.value for s in w.clients[:SIGHTINGS_PER_ROW]],
+                [(s.value, is_new(s, now)) for s in networks[:SIGHTINGS_PER_ROW]],
+                [s.value for s in clients[:SIGHTINGS_PER_ROW]],
             )
-            for account, w in seen.items()
+            for account, (networks, clients) in seen.items()
         },
         error=error,
         done=request.query_params.get("done", ""),
