@@ -256,8 +256,7 @@ def submit_one(
 
 
 def queue_rows(server: Server) -> list[dict[str, Any]]:
-    out = server.cli("queue", "list", "--json").stdout
-    return cast(list[dict[str, Any]], json.loads(out))
+    return cast(list[dict[str, Any]], server.quick_json("queue", "list", "--json"))
 
 
 def queue_rows_for(server: Server, queue_id: str) -> list[dict[str, Any]]:
@@ -291,7 +290,7 @@ def wait_status(
 
 def history_lines(server: Server, queue_id: str) -> list[str]:
     """The ``delivery history:`` lines of ``messages show ID`` (stripped)."""
-    out = server.cli("messages", "show", queue_id).stdout
+    out = server.quick_cli("messages", "show", queue_id).stdout.decode()
     lines: list[str] = []
     inside = False
     for line in out.splitlines():
