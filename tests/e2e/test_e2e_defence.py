@@ -153,12 +153,12 @@ def _delivered(setup: Setup, user: User) -> Counter[str]:
 
 
 def _statuses(setup: Setup, user: User) -> dict[str, str]:
-    out = setup.server.cli("messages", "list", "--json", "--account", user.address).stdout
-    return {m["id"]: m["status"] for m in json.loads(out)}
+    listed = setup.server.quick_json("messages", "list", "--json", "--account", user.address)
+    return {m["id"]: m["status"] for m in listed}
 
 
 def _held_list(setup: Setup) -> dict[str, dict[str, Any]]:
-    return {h["account"]: h for h in json.loads(setup.server.cli("held", "list", "--json").stdout)}
+    return {h["account"]: h for h in setup.server.quick_json("held", "list", "--json")}
 
 
 def _settled(setup: Setup, user: User, ids: list[str]) -> dict[str, str]:
