@@ -157,7 +157,7 @@ def scram_exchange(
 
 def new_credential(server: Server, address: str, name: str, *options: str) -> str:
     """``credential add``; the secret it prints once (remembered as a secret)."""
-    out = server.cli("credential", "add", address, "--name", name, *options).stdout
+    out = server.quick_cli("credential", "add", address, "--name", name, *options).stdout.decode()
     found = SECRET.findall(out)
     assert len(found) == 1, out
     secret: str = found[0]

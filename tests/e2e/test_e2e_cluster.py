@@ -133,8 +133,7 @@ class Cluster:
             return client.auth_plain(ALICE.address, password)
 
     def nodes_json(self, via: str = "node-a") -> list[dict[str, Any]]:
-        result = self.nodes[via].cli("nodes", "--json")
-        return list(json.loads(result.stdout))
+        return list(self.nodes[via].quick_json("nodes", "--json"))
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.database) as db:

@@ -7,7 +7,6 @@ credentials (names are unique per account) on one module server.
 
 from __future__ import annotations
 
-import json
 import smtplib
 import time
 from datetime import UTC, datetime, timedelta
@@ -46,8 +45,8 @@ def cred_server(servers: ServerPool) -> Server:
 
 
 def _credentials(server: Server, address: str) -> dict[str, dict[str, Any]]:
-    out = server.cli("credential", "list", address, "--json").stdout
-    return {c["name"]: c for c in cast(list[dict[str, Any]], json.loads(out))}
+    listed = server.quick_json("credential", "list", address, "--json")
+    return {c["name"]: c for c in cast(list[dict[str, Any]], listed)}
 
 
 def _send_with_smtplib(

@@ -24,10 +24,10 @@ from .helpers import (
     ServerPool,
     User,
     make_message,
-    remember_credentials,
     session,
     wait_until,
 )
+from .security_helpers import new_credential
 
 RCPT = "rcpt@example.net"
 NO_THROTTLE = {
@@ -217,15 +217,6 @@ def test_concurrent_connections_per_ip(per_ip: Server) -> None:
 # ------------------------------------------------------------------ app credentials
 
 
-def _new_credential(server: Server, address: str, name: str, *options: str) -> str:
-    out = server.cli("credential", "add", address, "--name", name, *options).stdout
-    match = re.search(r"secret \(shown only now\): (\S+)", out)
-    assert match is not None, out
-    secret = match.group(1)
-    remember_credentials(address, secret)
-    return secret
-
-
 @pytest.fixture(scope="module")
 def credentials_server(servers: ServerPool) -> Server:
     return servers.create("credentials", workers=2, users=[ALICE, BOB])
@@ -233,7 +224,7 @@ def credentials_server(servers: ServerPool) -> Server:
 
 def test_app_credential_login_and_revoke(credentials_server: Server) -> None:
     server = credentials_server
-    secret = _new_credential(server, ALICE.address, "mailer")
+    secret = new_credential(server, ALICE.address, "mailer")
     subject = "sent with an app credential"
     for _ in range(4):  # several connections, so both workers see it
         assert _login(server, ALICE.address, secret, "127.0.0.1").status == "235 2.7.0"
@@ -255,7 +246,7 @@ def test_app_credential_login_and_revoke(credentials_server: Server) -> None:
 
 def test_app_credential_network_and_senders(credentials_server: Server) -> None:
     server = credentials_server
-    secret = _new_credential(
+    secret = new_credential(
         server, BOB.address, "office", "--network", "127.0.11.0/24", "--sender", "bob@alias.test"
     )
     assert _login(server, BOB.address, secret, "127.0.0.1").status == "535 5.7.8"
