@@ -40,7 +40,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1019,6 +1019,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     with interrupts_as_errors():
         try:
             targets: list[Target] = []
+
+            def launch(
+                name: str,
+                why: str,
+                delivery_toml: str = "",
+                extra_roots: Sequence[int] = (),
+                before_start: Callable[[RelaygateServer], object] | None = None,
+                **settings: Any,
+            ) -> RelaygateServer:
+                """A relaygate with ``settings``, its users made, started and measured
+                as target ``name`` (with ``extra_roots``: its database's processes)."""
+                started = RelaygateServer(
+                    args.python, args.workers, args.users, args.log_level, **settings
+                )
+                started.delivery_toml = delivery_toml
+                started.write_config()
+                print(
+                    f"creating {args.users} users" + (f" ({why})" if why else "") + " ...",
+                    file=sys.stderr,
+                )
+                started.create_users()
+                if before_start is not None:
+                    before_start(started)
+                started.start()
+                assert started.process is not None
+                port = started.starttls_port if args.mode == "starttls" else started.implicit_port
+                roots = [started.process.pid, *extra_roots]
+                targets.append(Target(name, port, args.mode, roots))
+                return started
+
             if args.relaygate_only_port:
                 port = args.relaygate_only_port
                 pids = listening_pids(port)
@@ -1028,16 +1058,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 targets.append(Target("relaygate", port, args.mode, roots))
                 info["relaygate"] = {"port": port, "pids": roots}
             else:
-                server = RelaygateServer(
-                    args.python, args.workers, args.users, args.log_level, http=args.http
-                )
-                server.write_config()
-                print(f"creating {args.users} users ...", file=sys.stderr)
-                server.create_users()
-                server.start()
-                assert server.process is not None
-                port = server.starttls_port if args.mode == "starttls" else server.implicit_port
-                targets.append(Target("relaygate", port, args.mode, [server.process.pid]))
+                server = launch("relaygate", "", http=args.http)
                 info["relaygate"] = {
                     "version": server.version(),
                     "workers": args.workers,
@@ -1049,74 +1070,41 @@ def main(argv: Sequence[str] | None = None) -> int:
                 redis_url = None
                 if args.redis:
                     redis_url, redis_roots = scratch_redis()
-                pg_server = RelaygateServer(
-                    args.python, args.workers, args.users, args.log_level, scratch.url, redis_url
-                )
-                pg_server.write_config()
-                print(f"creating {args.users} users on PostgreSQL ...", file=sys.stderr)
-                pg_server.create_users()
-                pg_server.start()
-                assert pg_server.process is not None
-                pg_port = (
-                    pg_server.starttls_port if args.mode == "starttls" else pg_server.implicit_port
-                )
-                targets.append(
-                    Target(
-                        "relaygate-pg",
-                        pg_port,
-                        args.mode,
-                        [pg_server.process.pid, *scratch.roots, *redis_roots],
-                    )
+                pg_server = launch(
+                    "relaygate-pg",
+                    "on PostgreSQL",
+                    extra_roots=[*scratch.roots, *redis_roots],
+                    storage_url=scratch.url,
+                    redis_url=redis_url,
                 )
             if args.compare_http:
                 http_port = free_port()
-                http_server = RelaygateServer(
-                    args.python, args.workers, args.users, args.log_level, http_port=http_port
+                http_server = launch(
+                    "relaygate-http",
+                    "HTTP on",
+                    # The dashboard poller logs in as user 1: an admin sees it all.
+                    before_start=lambda s: subprocess.run(
+                        s.cli("user", "admin", USER_PATTERN.format(i=1), "on"),
+                        capture_output=True,
+                        timeout=60,
+                        check=True,
+                    ),
+                    http_port=http_port,
                 )
-                http_server.write_config()
-                print(f"creating {args.users} users (HTTP on) ...", file=sys.stderr)
-                http_server.create_users()
-                subprocess.run(
-                    http_server.cli("user", "admin", USER_PATTERN.format(i=1), "on"),
-                    capture_output=True,
-                    timeout=60,
-                    check=True,
-                )
-                http_server.start()
-                assert http_server.process is not None
                 poller = DashboardPoller(
                     f"http://127.0.0.1:{http_port}",
                     USER_PATTERN.format(i=1),
                     PASSWORD_PATTERN.format(i=1),
                 )
                 poller.start()
-                http_smtp = (
-                    http_server.starttls_port
-                    if args.mode == "starttls"
-                    else http_server.implicit_port
-                )
-                targets.append(
-                    Target("relaygate-http", http_smtp, args.mode, [http_server.process.pid])
-                )
 
             def variant(
                 name: str, why: str, delivery_toml: str = "", **settings: Any
             ) -> RelaygateServer:
                 """Another relaygate differing by ``settings``, loaded like the first."""
-                server = RelaygateServer(
-                    args.python, args.workers, args.users, args.log_level, **settings
-                )
-                if delivery_toml:
-                    server.delivery_toml = delivery_toml
-                server.write_config()
-                print(f"creating {args.users} users ({why}) ...", file=sys.stderr)
-                server.create_users()
-                server.start()
-                assert server.process is not None
-                port = server.starttls_port if args.mode == "starttls" else server.implicit_port
-                targets.append(Target(name, port, args.mode, [server.process.pid]))
-                variants.append((name, why, server))
-                return server
+                started = launch(name, why, delivery_toml, **settings)
+                variants.append((name, why, started))
+                return started
 
             if args.compare_retention:
                 # Past 2,000 messages every round (each second) deletes the oldest in

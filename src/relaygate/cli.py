@@ -701,7 +701,7 @@ def _add_token_commands(
 
 
 def _token_add(args: argparse.Namespace, config: Config) -> int:
-    stored, secret = _with_admin(
+    stored, secret = run_admin(
         config, lambda admin: admin.tokens.add(args.name, read_only=args.read_only)
     )
     kind = "read-only" if stored.read_only else "read-write"
@@ -711,7 +711,7 @@ def _token_add(args: argparse.Namespace, config: Config) -> int:
 
 
 def _token_list(args: argparse.Namespace, config: Config) -> int:
-    tokens = _with_admin(config, lambda admin: admin.tokens.list())
+    tokens = run_admin(config, lambda admin: admin.tokens.list())
     if args.json:
         print(json.dumps([token_json(t) for t in tokens], indent=2))
     elif not tokens:
@@ -733,7 +733,7 @@ def _token_list(args: argparse.Namespace, config: Config) -> int:
 
 
 def _token_revoke(args: argparse.Namespace, config: Config) -> int:
-    _with_admin(config, lambda admin: admin.tokens.revoke(args.name))
+    run_admin(config, lambda admin: admin.tokens.revoke(args.name))
     print(f"token {args.name} revoked")
     return 0
 
@@ -951,7 +951,7 @@ def _user_add(args: argparse.Namespace, config: Config) -> int:
             account = await admin.accounts.set_admin(address, True)
         return account, password, generated
 
-    account, password, generated = _with_admin(config, add)
+    account, password, generated = run_admin(config, add)
     role = " (admin)" if account.admin else ""
     print(f"added {account.address}{role}, may send as: {', '.join(account.senders)}")
     if generated:
@@ -960,7 +960,7 @@ def _user_add(args: argparse.Namespace, config: Config) -> int:
 
 
 def _user_admin(args: argparse.Namespace, config: Config) -> int:
-    account = _with_admin(
+    account = run_admin(
         config, lambda admin: admin.accounts.set_admin(args.address, args.state == "on")
     )
     if account.admin:
@@ -976,7 +976,7 @@ def _user_passwd(args: argparse.Namespace, config: Config) -> int:
         password, generated = _new_password(args.password_stdin)
         return await admin.accounts.set_password(args.address, password), password, generated
 
-    account, password, generated = _with_admin(config, change)
+    account, password, generated = run_admin(config, change)
     print(f"password changed for {account.address}")
     if generated:
         print(f"password: {password}")
@@ -992,19 +992,19 @@ def _user_enable(args: argparse.Namespace, config: Config) -> int:
 
 
 def _set_disabled(address: str, config: Config, *, disabled: bool) -> int:
-    _with_admin(config, lambda admin: admin.accounts.set_disabled(address, disabled))
+    run_admin(config, lambda admin: admin.accounts.set_disabled(address, disabled))
     print(f"{'disabled' if disabled else 'enabled'} {address}")
     return 0
 
 
 def _user_remove(args: argparse.Namespace, config: Config) -> int:
-    _with_admin(config, lambda admin: admin.accounts.remove(args.address))
+    run_admin(config, lambda admin: admin.accounts.remove(args.address))
     print(f"removed {args.address}")
     return 0
 
 
 def _user_senders(args: argparse.Namespace, config: Config) -> int:
-    account = _with_admin(
+    account = run_admin(
         config, lambda admin: admin.accounts.set_senders(args.address, args.patterns)
     )
     print(f"{args.address} may send as: {', '.join(account.senders)}")
@@ -1015,7 +1015,7 @@ def _user_list(args: argparse.Namespace, config: Config) -> int:
     async def read(admin: AdminServices) -> tuple[list[Account], dict[str, dict[str, int] | None]]:
         return await admin.accounts.list(), await admin.credentials.all_account_limits()
 
-    accounts, limits = _with_admin(config, read)
+    accounts, limits = run_admin(config, read)
     if args.json:
         print(
             json.dumps([account_json(a, limits.get(a.address.lower())) for a in accounts], indent=2)
@@ -1045,7 +1045,7 @@ def _limit_changes(args: argparse.Namespace) -> dict[str, int]:
 
 def _user_limits(args: argparse.Namespace, config: Config) -> int:
     changes = _limit_changes(args)
-    account, limits = _with_admin(
+    account, limits = run_admin(
         config,
         lambda admin: admin.credentials.account_limits(args.address, changes, clear=args.clear),
     )
@@ -1078,7 +1078,7 @@ def _limits_summary(limits: dict[str, int] | None) -> str:
 
 def _credential_add(args: argparse.Namespace, config: Config) -> int:
     expires_at = _parse_expiry(args.expires, time.time()) if args.expires else None
-    credential, secret = _with_admin(
+    credential, secret = run_admin(
         config,
         lambda admin: admin.credentials.add(
             args.address,
@@ -1133,7 +1133,7 @@ def _parse_expiry(text: str, now: float) -> float:
 
 
 def _credential_list(args: argparse.Namespace, config: Config) -> int:
-    credentials = _with_admin(config, lambda admin: admin.credentials.list(args.address))
+    credentials = run_admin(config, lambda admin: admin.credentials.list(args.address))
     now = time.time()
     if args.json:
         print(json.dumps([credential_json(c, now) for c in credentials], indent=2))
@@ -1171,16 +1171,14 @@ def _credential_networks(credential: Credential) -> str:
 
 
 def _credential_revoke(args: argparse.Namespace, config: Config) -> int:
-    credential = _with_admin(
-        config, lambda admin: admin.credentials.revoke(args.address, args.name)
-    )
+    credential = run_admin(config, lambda admin: admin.credentials.revoke(args.address, args.name))
     print(f"revoked credential {credential.name!r} of {credential.account_address}")
     return 0
 
 
 def _credential_limits(args: argparse.Namespace, config: Config) -> int:
     changes = _limit_changes(args)
-    credential = _with_admin(
+    credential = run_admin(
         config,
         lambda admin: admin.credentials.limits(args.address, args.name, changes, clear=args.clear),
     )
@@ -1190,9 +1188,6 @@ def _credential_limits(args: argparse.Namespace, config: Config) -> int:
         "only the account's limits apply",
     )
     return 0
-
-
-_with_admin = run_admin  # one admin use case, its storage opened and closed
 
 
 def _list_time(text: str | None, option: str) -> float | None:
@@ -1226,7 +1221,7 @@ def _messages_list(args: argparse.Namespace, config: Config) -> int:
     async def search(admin: AdminServices) -> list[MessageRecord]:
         return (await admin.messages.search(query))[0]
 
-    records = _with_admin(config, search)
+    records = run_admin(config, search)
     if args.json:
         print(json.dumps([message_json(record) for record in records], indent=2))
     elif not records:
@@ -1260,15 +1255,15 @@ def _messages_show(args: argparse.Namespace, config: Config) -> int:
                 return await admin.messages.text(message_id)
             return await admin.messages.html(message_id)
 
-        text = _with_admin(config, read)
+        text = run_admin(config, read)
         print(_printable(text, keep="\n\t"), end="" if not text or text.endswith("\n") else "\n")
         return 0
     if args.part is not None:
-        _, data = _with_admin(config, lambda admin: admin.messages.part(message_id, args.part))
+        _, data = run_admin(config, lambda admin: admin.messages.part(message_id, args.part))
         _write_bytes(data)
         return 0
     if args.headers or args.json:
-        view, found = _with_admin(
+        view, found = run_admin(
             config, lambda admin: admin.messages.content(message_id, need_body=args.headers)
         )
         if args.headers:
@@ -1277,7 +1272,7 @@ def _messages_show(args: argparse.Namespace, config: Config) -> int:
         else:
             print(json.dumps(message_detail_json(view.record, view.history, found), indent=2))
         return 0
-    view = _with_admin(config, lambda admin: admin.messages.show(message_id))
+    view = run_admin(config, lambda admin: admin.messages.show(message_id))
     body = view.body
     if args.raw:
         if body is None:
@@ -1317,7 +1312,7 @@ def _write_bytes(data: bytes) -> None:
 
 
 def _messages_delete(args: argparse.Namespace, config: Config) -> int:
-    result = _with_admin(config, lambda admin: admin.messages.delete(args.message_ids))
+    result = run_admin(config, lambda admin: admin.messages.delete(args.message_ids))
     for message_id in result.removed:
         print(f"deleted {message_id}")
     for message_id in result.unknown:
@@ -1332,7 +1327,7 @@ def _messages_delete(args: argparse.Namespace, config: Config) -> int:
 
 
 def _messages_prune(args: argparse.Namespace, config: Config) -> int:
-    count = _with_admin(config, lambda admin: admin.messages.prune(args.older_than, time.time()))
+    count = run_admin(config, lambda admin: admin.messages.prune(args.older_than, time.time()))
     age = format_duration(args.older_than)
     print(f"removed {count} message{'' if count == 1 else 's'} older than {age}")
     return 0
@@ -1342,7 +1337,7 @@ def _messages_prune(args: argparse.Namespace, config: Config) -> int:
 
 
 def _dkim_generate(args: argparse.Namespace, config: Config) -> int:
-    stored = _with_admin(
+    stored = run_admin(
         config, lambda admin: admin.dkim.generate(args.domain, args.selector, args.algorithm)
     )
     key = stored.key
@@ -1354,7 +1349,7 @@ def _dkim_generate(args: argparse.Namespace, config: Config) -> int:
 
 
 def _dkim_list(args: argparse.Namespace, config: Config) -> int:
-    keys = _with_admin(config, lambda admin: admin.dkim.all())
+    keys = run_admin(config, lambda admin: admin.dkim.all())
     if args.json:
         print(
             json.dumps(
@@ -1382,7 +1377,7 @@ def _dkim_list(args: argparse.Namespace, config: Config) -> int:
 
 
 def _dkim_show(args: argparse.Namespace, config: Config) -> int:
-    for stored in _with_admin(config, lambda admin: admin.dkim.show(args.domain)):
+    for stored in run_admin(config, lambda admin: admin.dkim.show(args.domain)):
         print(stored.record)
     return 0
 
@@ -1426,7 +1421,7 @@ def _optional_time(timestamp: float | None, missing: str) -> str:
 def _stats(args: argparse.Namespace, config: Config) -> int:
     if not 1 <= args.hours <= MAX_HOURS:
         raise CommandError(f"--hours must be 1 to {MAX_HOURS}")
-    report = _with_admin(config, lambda admin: admin.stats.hourly(args.hours))
+    report = run_admin(config, lambda admin: admin.stats.hourly(args.hours))
     if args.json:
         print(json.dumps({"hours": [hour.as_json() for hour in report]}, indent=2))
         return 0
@@ -1449,7 +1444,7 @@ def _stats(args: argparse.Namespace, config: Config) -> int:
 
 
 def _queue_list(args: argparse.Namespace, config: Config) -> int:
-    rows = _with_admin(config, lambda admin: admin.queue.entries())
+    rows = run_admin(config, lambda admin: admin.queue.entries())
     if args.json:
         print(json.dumps([queue_entry_json(r) for r in rows], indent=2))
         return 0
@@ -1493,7 +1488,7 @@ def _queue_show(args: argparse.Namespace, config: Config) -> int:
             await admin.queue.pending(args.message_id),
         )
 
-    view, pending = _with_admin(config, show)
+    view, pending = run_admin(config, show)
     print(f"id: {args.message_id}")
     print(f"status: {view.record.status}")
     for row in pending:
@@ -1510,7 +1505,7 @@ def _queue_show(args: argparse.Namespace, config: Config) -> int:
 
 
 def _queue_retry(args: argparse.Namespace, config: Config) -> int:
-    count = _with_admin(
+    count = run_admin(
         config, lambda admin: admin.queue.retry(None if args.all else args.message_id)
     )
     print(f"{count} delivery(ies) will be tried now")
@@ -1518,6 +1513,6 @@ def _queue_retry(args: argparse.Namespace, config: Config) -> int:
 
 
 def _queue_delete(args: argparse.Namespace, config: Config) -> int:
-    count = _with_admin(config, lambda admin: admin.queue.delete(args.message_id))
+    count = run_admin(config, lambda admin: admin.queue.delete(args.message_id))
     print(f"deleted {args.message_id} from the queue ({count} destination(s)); no bounce sent")
     return 0

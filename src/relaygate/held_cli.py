@@ -36,30 +36,31 @@ def add_held_commands(
     listing = actions.add_parser("list", parents=[common], help="held accounts and why")
     listing.set_defaults(only_reads=True, handler=held_list)
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    show = actions.add_parser(
-        "show",
-        parents=[common],
-        help="an account's hold and the networks and client names it logged in with",
-    )
-    show.add_argument("account", metavar="ACCOUNT")
-    show.add_argument("--json", action="store_true", help="print JSON")
-    show.set_defaults(only_reads=True, handler=held_show)
-    release = actions.add_parser(
-        "release",
-        parents=[common],
-        help="deliver the account's held mail and lift the hold (raises its baseline a while)",
-    )
-    release.add_argument("account", metavar="ACCOUNT")
-    release.add_argument("--json", action="store_true", help="print the released message ids")
-    release.set_defaults(handler=held_release)
-    purge = actions.add_parser(
-        "purge",
-        parents=[common],
-        help="drop the account's held mail (no bounce) and lift the hold",
-    )
-    purge.add_argument("account", metavar="ACCOUNT")
-    purge.add_argument("--json", action="store_true", help="print the purged message ids")
-    purge.set_defaults(handler=held_purge)
+    # The commands on one ACCOUNT with a --json output: (name, help, --json help, handler).
+    for name, text, json_text, handler in (
+        (
+            "show",
+            "an account's hold and the networks and client names it logged in with",
+            "print JSON",
+            held_show,
+        ),
+        (
+            "release",
+            "deliver the account's held mail and lift the hold (raises its baseline a while)",
+            "print the released message ids",
+            held_release,
+        ),
+        (
+            "purge",
+            "drop the account's held mail (no bounce) and lift the hold",
+            "print the purged message ids",
+            held_purge,
+        ),
+    ):
+        action = actions.add_parser(name, parents=[common], help=text)
+        action.add_argument("account", metavar="ACCOUNT")
+        action.add_argument("--json", action="store_true", help=json_text)
+        action.set_defaults(handler=handler, only_reads=name == "show")
     expect = actions.add_parser(
         "expect",
         parents=[common],
@@ -88,11 +89,8 @@ def _fail(text: str, status: int) -> int:
     return status
 
 
-_run = run_admin
-
-
 def held_list(args: argparse.Namespace, config: Config) -> int:
-    rows = _run(config, lambda admin: admin.held.accounts())
+    rows = run_admin(config, lambda admin: admin.held.accounts())
     if args.json:
         print(json.dumps([held_json(r) for r in rows], indent=2))
         return 0
@@ -118,7 +116,7 @@ def held_list(args: argparse.Namespace, config: Config) -> int:
 
 def held_show(args: argparse.Namespace, config: Config) -> int:
     try:
-        watch = _run(config, lambda admin: admin.held.show(args.account))
+        watch = run_admin(config, lambda admin: admin.held.show(args.account))
     except (NotHeld, AccountError) as exc:
         return _fail(str(exc), 1)
     now = time.time()
@@ -150,7 +148,7 @@ def _report(args: argparse.Namespace, ids: list[str], what: str) -> None:
 def held_release(args: argparse.Namespace, config: Config) -> int:
     seconds = config.defence.expect_hours * 3600
     try:
-        ids = _run(config, lambda admin: admin.held.release(args.account, seconds))
+        ids = run_admin(config, lambda admin: admin.held.release(args.account, seconds))
     except NotHeld as exc:
         return _fail(str(exc), 1)
     _report(args, ids, "released")
@@ -159,7 +157,7 @@ def held_release(args: argparse.Namespace, config: Config) -> int:
 
 def held_purge(args: argparse.Namespace, config: Config) -> int:
     try:
-        ids = _run(config, lambda admin: admin.held.purge(args.account))
+        ids = run_admin(config, lambda admin: admin.held.purge(args.account))
     except NotHeld as exc:
         return _fail(str(exc), 1)
     _report(args, ids, "purged")
@@ -178,7 +176,9 @@ def held_expect(args: argparse.Namespace, config: Config) -> int:
     if args.messages is not None and args.messages < 0:
         return _fail("--messages must be a whole number >= 0", 2)
     try:
-        done = _run(config, lambda admin: admin.held.expect(args.account, seconds, args.messages))
+        done = run_admin(
+            config, lambda admin: admin.held.expect(args.account, seconds, args.messages)
+        )
     except NotHeld as exc:
         return _fail(str(exc), 1)
     left = max(0, round((done.until - time.time()) / 3600, 1))

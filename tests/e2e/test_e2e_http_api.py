@@ -34,9 +34,6 @@ def api(servers: ServerPool) -> Iterator[tuple[Server, str, str, str]]:
     yield server, f"http://127.0.0.1:{http_port}", writer, reader
 
 
-call = api_call  # the name these tests were written with
-
-
 def _smtp_login(server: Server, user: str, secret: str) -> bool:
     try:
         with smtplib.SMTP_SSL(
@@ -52,7 +49,7 @@ def test_accounts_made_and_changed_over_the_api_log_in_over_smtp(
     api: tuple[Server, str, str, str],
 ) -> None:
     server, base, token, _ = api
-    status, made = call(
+    status, made = api_call(
         "POST",
         f"{base}/api/v1/accounts",
         token,
@@ -63,17 +60,19 @@ def test_accounts_made_and_changed_over_the_api_log_in_over_smtp(
     assert account["address"] == "App@shop.example" and account["senders"] == ["@shop.example"]
     assert "password_hash" not in json.dumps(made).lower().replace('"password"', "")
     assert _smtp_login(server, "app@shop.example", password)
-    status, body = call("POST", f"{base}/api/v1/accounts", token, {"address": "app@shop.example"})
+    status, body = api_call(
+        "POST", f"{base}/api/v1/accounts", token, {"address": "app@shop.example"}
+    )
     assert status == 409 and body["error"] == "account already exists: app@shop.example"
     # The CLI sees the same account.
     listed = json.loads(server.cli("user", "list", "--json").stdout)
     assert any(a["address"] == "App@shop.example" for a in listed)
-    status, body = call(
+    status, body = api_call(
         "PATCH", f"{base}/api/v1/accounts/app@shop.example", token, {"disabled": True}
     )
     assert status == 200 and body["disabled"] is True
     assert not _smtp_login(server, "app@shop.example", password)
-    status, body = call(
+    status, body = api_call(
         "PATCH",
         f"{base}/api/v1/accounts/app@shop.example",
         token,
@@ -83,26 +82,26 @@ def test_accounts_made_and_changed_over_the_api_log_in_over_smtp(
     assert _smtp_login(server, "app@shop.example", "a-new-long-password")
     # One refused value refuses the whole PATCH: nothing of it is stored.
     for refused in ({"password": ""}, {"senders": ["not a pattern"]}):
-        status, body = call(
+        status, body = api_call(
             "PATCH",
             f"{base}/api/v1/accounts/app@shop.example",
             token,
             {"senders": ["@other.example"], "admin": False, "disabled": True, **refused},
         )
         assert status == 400, body
-        status, body = call("GET", f"{base}/api/v1/accounts/app@shop.example", token)
+        status, body = api_call("GET", f"{base}/api/v1/accounts/app@shop.example", token)
         assert body["senders"] == ["@shop.example"] and body["admin"] is True, body
         assert body["disabled"] is False
         assert _smtp_login(server, "app@shop.example", "a-new-long-password")
-    status, body = call(
+    status, body = api_call(
         "PATCH", f"{base}/api/v1/accounts/app@shop.example/limits", token, {"messages_per_hour": 5}
     )
     assert status == 200 and body["limits"] == {"messages_per_hour": 5}
-    assert call("GET", f"{base}/api/v1/accounts/app@shop.example", token)[1]["limits"] == {
+    assert api_call("GET", f"{base}/api/v1/accounts/app@shop.example", token)[1]["limits"] == {
         "messages_per_hour": 5
     }
-    assert call("DELETE", f"{base}/api/v1/accounts/app@shop.example", token)[0] == 204
-    assert call("GET", f"{base}/api/v1/accounts/app@shop.example", token)[0] == 404
+    assert api_call("DELETE", f"{base}/api/v1/accounts/app@shop.example", token)[0] == 204
+    assert api_call("GET", f"{base}/api/v1/accounts/app@shop.example", token)[0] == 404
     assert not _smtp_login(server, "app@shop.example", "a-new-long-password")
     changes = [
         e
@@ -125,7 +124,9 @@ def test_credentials_made_over_the_api_send_mail_and_stop_when_revoked(
 ) -> None:
     server, base, token, reader = api
     url = f"{base}/api/v1/accounts/{ALICE.address}/credentials"
-    status, made = call("POST", url, token, {"name": "shop-backend", "networks": ["127.0.0.0/8"]})
+    status, made = api_call(
+        "POST", url, token, {"name": "shop-backend", "networks": ["127.0.0.0/8"]}
+    )
     assert status == 201, made
     secret = made["secret"]
     assert secret.startswith("rgc_") and made["credential"]["status"] == "active"
@@ -136,16 +137,18 @@ def test_credentials_made_over_the_api_send_mail_and_stop_when_revoked(
             [RCPT],
             make_message(from_addr=ALICE.address, to=[RCPT], subject="via app"),
         )
-    listed = call("GET", url, reader)[1]["credentials"]
+    listed = api_call("GET", url, reader)[1]["credentials"]
     assert [c["name"] for c in listed] == ["shop-backend"] and listed[0]["last_used_at"]
     assert "secret" not in json.dumps(listed)
-    status, body = call("PATCH", f"{url}/shop-backend/limits", token, {"messages_per_day": 9})
+    status, body = api_call("PATCH", f"{url}/shop-backend/limits", token, {"messages_per_day": 9})
     assert status == 200 and body["limits"] == {"messages_per_day": 9}
-    status, body = call("DELETE", f"{url}/shop-backend", token)
+    status, body = api_call("DELETE", f"{url}/shop-backend", token)
     assert status == 200 and body["status"] == "revoked"
     assert not _smtp_login(server, ALICE.address, secret)
-    assert call("DELETE", f"{url}/nothing-here", token)[0] == 404
-    assert call("GET", f"{base}/api/v1/accounts/nobody@example.com/credentials", token)[0] == 404
+    assert api_call("DELETE", f"{url}/nothing-here", token)[0] == 404
+    assert (
+        api_call("GET", f"{base}/api/v1/accounts/nobody@example.com/credentials", token)[0] == 404
+    )
     assert server.secrets_in_log([secret]) == []
 
 
@@ -155,22 +158,24 @@ def test_queue_retry_and_delete(api: tuple[Server, str, str, str]) -> None:
         queued = client.send_mail(
             ALICE.address, [RCPT], make_message(from_addr=ALICE.address, to=[RCPT], subject="waits")
         )
-    status, body = call("GET", f"{base}/api/v1/queue", token)
+    status, body = api_call("GET", f"{base}/api/v1/queue", token)
     assert status == 200 and any(e["id"] == queued for e in body["queue"])
-    status, body = call("POST", f"{base}/api/v1/queue/{queued}/retry", token)
+    status, body = api_call("POST", f"{base}/api/v1/queue/{queued}/retry", token)
     assert status == 200 and body["rows"] == 1
-    assert call("POST", f"{base}/api/v1/queue/retry", token)[0] == 200
-    status, body = call("DELETE", f"{base}/api/v1/queue/{queued}", token)
+    assert api_call("POST", f"{base}/api/v1/queue/retry", token)[0] == 200
+    status, body = api_call("DELETE", f"{base}/api/v1/queue/{queued}", token)
     assert status == 200 and body["rows"] == 1
-    assert all(e["id"] != queued for e in call("GET", f"{base}/api/v1/queue", token)[1]["queue"])
-    assert call("DELETE", f"{base}/api/v1/queue/{queued}", token)[0] == 404
+    assert all(
+        e["id"] != queued for e in api_call("GET", f"{base}/api/v1/queue", token)[1]["queue"]
+    )
+    assert api_call("DELETE", f"{base}/api/v1/queue/{queued}", token)[0] == 404
     cli = server.cli("queue", "list", "--json").stdout
     assert queued not in cli
 
 
 def test_dkim_keys_and_tokens(api: tuple[Server, str, str, str]) -> None:
     _, base, token, _ = api
-    status, key = call(
+    status, key = api_call(
         "POST", f"{base}/api/v1/dkim", token, {"domain": "Mail.Example", "algorithm": "ed25519"}
     )
     assert status == 201, key
@@ -179,13 +184,13 @@ def test_dkim_keys_and_tokens(api: tuple[Server, str, str, str]) -> None:
         and key["dns_name"] == "relaygate-ed25519._domainkey.mail.example"
     )
     assert key["txt"].startswith("v=DKIM1; k=ed25519; p=")
-    status, body = call("GET", f"{base}/api/v1/dkim/mail.example", token)
+    status, body = api_call("GET", f"{base}/api/v1/dkim/mail.example", token)
     assert status == 200 and body["keys"][0]["txt"] == key["txt"]
     assert body["keys"][0]["dns"] in ("missing", "unknown")  # nothing publishes it
-    assert call("GET", f"{base}/api/v1/dkim/none.example", token)[0] == 404
-    status, body = call("POST", f"{base}/api/v1/dkim", token, {"domain": "../etc"})
+    assert api_call("GET", f"{base}/api/v1/dkim/none.example", token)[0] == 404
+    status, body = api_call("POST", f"{base}/api/v1/dkim", token, {"domain": "../etc"})
     assert status == 400 and body["error"].startswith("invalid domain")
-    names = [t["name"] for t in call("GET", f"{base}/api/v1/tokens", token)[1]["tokens"]]
+    names = [t["name"] for t in api_call("GET", f"{base}/api/v1/tokens", token)[1]["tokens"]]
     assert {"ops", "grafana"} <= set(names)
 
 
@@ -209,7 +214,7 @@ def test_a_read_only_token_writes_nothing(
     api: tuple[Server, str, str, str], method: str, path: str, body: Any
 ) -> None:
     server, base, _, reader = api
-    status, answer = call(method, base + path, reader, body)
+    status, answer = api_call(method, base + path, reader, body)
     assert status == 403 and answer["error"] == "token grafana is read-only"
     assert _smtp_login(server, ALICE.address, ALICE.password)
 
@@ -233,7 +238,7 @@ def test_bad_bodies_are_400_with_a_reason(
     api: tuple[Server, str, str, str], body: bytes, error: str
 ) -> None:
     _, base, token, _ = api
-    status, answer = call("POST", f"{base}/api/v1/accounts", token, raw=body)
+    status, answer = api_call("POST", f"{base}/api/v1/accounts", token, raw=body)
     assert status == 400 and answer["error"].startswith(error), answer
 
 
@@ -248,5 +253,7 @@ def test_bad_bodies_are_400_with_a_reason(
 )
 def test_bad_limits_are_400(api: tuple[Server, str, str, str], body: Any, error: str) -> None:
     _, base, token, _ = api
-    status, answer = call("PATCH", f"{base}/api/v1/accounts/{ALICE.address}/limits", token, body)
+    status, answer = api_call(
+        "PATCH", f"{base}/api/v1/accounts/{ALICE.address}/limits", token, body
+    )
     assert status == 400 and answer["error"].startswith(error), answer

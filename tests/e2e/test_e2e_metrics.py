@@ -95,10 +95,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def _api_token(server: Server) -> str:
-    return server.api_token("stats-reader", "--read-only")
-
-
 def _stats(base: str, token: str, hours: str = "2") -> tuple[int, Any]:
     status, body = _http(f"{base}/api/v1/stats?hours={hours}", token)
     return status, json.loads(body)
@@ -205,7 +201,7 @@ _TOKENS: dict[str, str] = {}
 
 def _api_token_once(server: Server) -> str:
     if "api" not in _TOKENS:
-        _TOKENS["api"] = _api_token(server)
+        _TOKENS["api"] = server.api_token("stats-reader", "--read-only")
     return _TOKENS["api"]
 
 

@@ -13,6 +13,7 @@ from relaygate.storage.api import WebhookAttempt, WebhookNotFound, Webhooks
 from relaygate.webhooks import events as ev
 from relaygate.webhooks.configured import config_endpoints
 from relaygate.webhooks.events import Endpoint
+from relaygate.webhooks.notices import enqueue
 from relaygate.webhooks.signing import SecretError, new_secret, secret_key
 from relaygate.webhooks.targets import TargetError, check_url
 
@@ -119,10 +120,8 @@ class WebhooksAdmin:
         """Queue an event an admin's action raised for every webhook that wants it
         (config-defined and API-made); the sender delivers it like any other."""
         now = time.time()
-        event = ev.admin_event(event_type, key, data, now)
-        for endpoint in await self.list():
-            if endpoint.wants(event_type):
-                await self._store.enqueue(endpoint.id, event, now)
+        event = ev.keyed_event(event_type, key, int(now * 1000), data, now)
+        await enqueue(self._store, await self.list(), event, now)
 
     async def attempts(self, endpoint_id: str, limit: int = 50) -> builtins.list[WebhookAttempt]:
         await self.get(endpoint_id)

@@ -20,27 +20,27 @@ from relaygate.verify.verifier import DomainAnswer, Verifier
 DOMAIN_REFUSAL_PREFIXES = (b"550 5.1.2 ", b"451 4.4.3 ")
 
 
+# The DNS answers that refuse a recipient, and the reply for each ({} is the domain).
+_REFUSALS = {
+    "no_domain": "550 5.1.2 Domain {} does not exist",
+    "null_mx": "550 5.1.2 Domain {} accepts no mail (null MX)",
+    "no_mx": "550 5.1.2 Domain {} has no MX and no address records",
+    "timeout": "451 4.4.3 DNS lookup for {} timed out, try again later",
+    "dns_error": "451 4.4.3 DNS lookup for {} failed, try again later",
+}
+
+
 def refusal(domain: str, answer: DomainAnswer) -> bytes | None:
     """The reply for a domain's DNS answer; None: the domain may take mail.
 
     Only facts that make delivery impossible refuse; other DNS trouble (MX
     hosts without addresses, private addresses) is left to delivery, which
-    retries and reports it.
+    retries and reports it. Every RCPT to a good cached domain is one dict miss.
     """
-    if answer.kind not in ("no_domain", "null_mx", "no_mx", "timeout", "dns_error"):
-        return None  # every RCPT to a good cached domain ends here: keep it cheap
-    name = clean(domain, 255)
-    text: str | None = None
-    if answer.kind == "no_domain":
-        text = f"550 5.1.2 Domain {name} does not exist"
-    elif answer.kind == "null_mx":
-        text = f"550 5.1.2 Domain {name} accepts no mail (null MX)"
-    elif answer.kind == "no_mx":
-        text = f"550 5.1.2 Domain {name} has no MX and no address records"
-    elif answer.kind in ("timeout", "dns_error"):
-        what = "timed out" if answer.kind == "timeout" else "failed"
-        text = f"451 4.4.3 DNS lookup for {name} {what}, try again later"
-    return None if text is None else (text + "\r\n").encode()
+    template = None if answer.kind is None else _REFUSALS.get(answer.kind)
+    if template is None:
+        return None
+    return (template.format(clean(domain, 255)) + "\r\n").encode()
 
 
 class RecipientDomains:

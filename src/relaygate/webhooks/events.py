@@ -175,11 +175,15 @@ def fan_out(endpoints: Sequence[Endpoint], events: Iterable[Event]) -> list[tupl
     return [(e.id, event) for event in events for e in endpoints if e.wants(event.type)]
 
 
-def admin_event(event_type: str, key: str, data: dict[str, object], now: float) -> Event:
-    """An event a person's action raised (a release, a purge): each action its own id."""
+def keyed_event(
+    event_type: str, key: str, stamp: int, data: dict[str, object], now: float
+) -> Event:
+    """An event about ``key`` (an account, an IP) whose id is the same for the same
+    (type, key, stamp): the workers' per-minute notices pass the minute, so nodes that
+    see one storm queue it once; an admin's action passes its millisecond."""
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Event(
-        f"evt_{event_type.replace('.', '_')}_{digest}_{int(now * 1000)}",
+        f"evt_{event_type.replace('.', '_')}_{digest}_{stamp}",
         event_type,
         body(event_type, now, data),
     )

@@ -11,7 +11,6 @@ queue it once (the outbox's (endpoint, event id) key).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Coroutine, Sequence
@@ -53,18 +52,8 @@ class EventNotices:
         if len(self._last) > _MAX_REMEMBERED:
             self._last.clear()
         self._last[(event_type, key)] = minute
-        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-        event = ev.Event(
-            f"evt_{event_type.replace('.', '_')}_{digest}_{minute}",
-            event_type,
-            ev.body(event_type, now, data),
-        )
-        targets = [e.id for e in self._endpoints if e.wants(event_type)]
-        self._later(self._enqueue(targets, event, now))
-
-    async def _enqueue(self, targets: list[str], event: ev.Event, now: float) -> None:
-        for endpoint_id in targets:
-            await self._store.enqueue(endpoint_id, event, now)
+        event = ev.keyed_event(event_type, key, minute, data, now)
+        self._later(enqueue(self._store, self._endpoints, event, now))
 
     def _maybe_refresh(self) -> None:
         now = time.time()
@@ -94,3 +83,11 @@ class EventNotices:
 def _report(future: asyncio.Future[None]) -> None:
     if not future.cancelled() and future.exception() is not None:
         logs.event("webhook.error", logging.ERROR, reason=str(future.exception())[:200])
+
+
+async def enqueue(
+    store: Webhooks, endpoints: Sequence[Endpoint], event: ev.Event, now: float
+) -> None:
+    """Queue ``event`` for each endpoint that wants it (the sender delivers it)."""
+    for endpoint_id, wanted in ev.fan_out(endpoints, [event]):
+        await store.enqueue(endpoint_id, wanted, now)
